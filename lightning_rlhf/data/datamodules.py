@@ -1,0 +1,152 @@
+"""Datasets of prompts, demonstrations and preference pairs, from the hub, local files or the built-in task.
+
+A ``dataset`` is one of:
+
+* ``"builtin:<name>"`` (see :mod:`lightning_rlhf.data.builtin`);
+* a local ``.jsonl``/``.json``/``.parquet``/``.csv`` file or a folder of them;
+* a Hugging Face Hub dataset id (optionally ``"id:config"``).
+
+Rows are yielded as plain dicts with canonical keys (``prompt``, and
+``completion`` or ``chosen``/``rejected``) plus every other column, so rule
+rewards can read e.g. GSM8k's ``answer``. The columns are checked when the
+data module is built, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from lightning_rlhf.models import BUILTIN_PREFIX, ConfigError
+
+_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_rows(dataset: str, split: str = "train"):
+    """Load a dataset split as a ``datasets.Dataset``.
+
+    Raises:
+        ConfigError: If a local path does not exist or has an unsupported format.
+    """
+    import datasets
+
+    if dataset.startswith(BUILTIN_PREFIX):
+        from lightning_rlhf.data.builtin import builtin_artifact
+
+        return datasets.load_dataset("json", data_files=builtin_artifact(dataset[len(BUILTIN_PREFIX):]), split="train")
+    path = os.path.expanduser(dataset)
+    if os.path.isfile(path):
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in _FILE_BUILDERS:
+            raise ConfigError(f"Dataset file '{dataset}' has an unsupported extension; use one of {', '.join(_FILE_BUILDERS)}.")
+        return datasets.load_dataset(_FILE_BUILDERS[ext], data_files=path, split="train")
+    if os.path.isdir(path):
+        return datasets.load_dataset(path, split=split)
+    if dataset.startswith((".", "/", "~")) or dataset.endswith(tuple(_FILE_BUILDERS)):
+        raise ConfigError(f"Dataset path '{dataset}' does not exist; pass an existing file or folder, a hub dataset id or 'builtin:prompts'.")
+    name, _, config = dataset.partition(":")
+    try:
+        return datasets.load_dataset(name, config or None, split=split)
+    except Exception as err:  # datasets raises many types for unreachable ids
+        raise ConfigError(f"Could not load dataset '{dataset}' (split '{split}'): {str(err).splitlines()[0]}; pass a local file or a reachable hub id.") from err
+
+
+def _collate(rows: list[dict]) -> list[dict]:
+    return rows
+
+
+class _TextDataModule(L.LightningDataModule):
+    """Shared loading, column checks and the (shuffled) dataloader; see the subclasses."""
+
+    def __init__(self, dataset: str, columns: dict[str, str], split: str, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {batch_size}.")
+        self.dataset_name = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.num_workers = num_workers
+        self.seed = seed
+        rows = load_rows(dataset, split)
+        missing = [(key, column) for key, column in columns.items() if column not in rows.column_names]
+        if missing:
+            key, column = missing[0]
+            raise ConfigError(
+                f"Dataset '{dataset}' has no column '{column}' (columns: {', '.join(rows.column_names)}); "
+                f"set `{key}_column` to the column that holds the {key}s."
+            )
+        renames = {column: key for key, column in columns.items() if column != key}
+        self.rows = rows.rename_columns(renames) if renames else rows
+
+    def train_dataloader(self) -> DataLoader:
+        import torch
+
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.rows,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            drop_last=True,
+            collate_fn=_collate,
+            num_workers=self.num_workers,
+            generator=generator,
+        )
+
+
+class PromptDataModule(_TextDataModule):
+    """Prompts for RL (online DPO, RLOO, PPO).
+
+    Args:
+        dataset: ``builtin:prompts``, a local file/folder, or a hub id.
+        prompt_column: Column that holds the prompt text.
+        split: Split to read from a hub dataset or folder.
+        batch_size: Prompts per training step (each gets ``k`` completions).
+        shuffle: Shuffle every epoch (seeded by ``seed``).
+        num_workers: DataLoader worker processes.
+        seed: Seed of the shuffling order.
+
+    Raises:
+        ConfigError: If the dataset cannot be found or lacks the prompt column.
+    """
+
+    def __init__(self, dataset: str = "builtin:prompts", prompt_column: str = "prompt", split: str = "train", batch_size: int = 16, shuffle: bool = True, num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__(dataset, {"prompt": prompt_column}, split, batch_size, shuffle, num_workers, seed)
+
+
+class DemonstrationDataModule(_TextDataModule):
+    """Prompt/completion pairs for supervised fine-tuning.
+
+    Args:
+        dataset: ``builtin:demonstrations``, a local file/folder, or a hub id.
+        prompt_column: Column that holds the prompt text.
+        completion_column: Column that holds the demonstrated completion.
+        split: Split to read from a hub dataset or folder.
+        batch_size: Pairs per step.
+        shuffle: Shuffle every epoch.
+        num_workers: DataLoader worker processes.
+        seed: Seed of the shuffling order.
+    """
+
+    def __init__(self, dataset: str = "builtin:demonstrations", prompt_column: str = "prompt", completion_column: str = "completion", split: str = "train", batch_size: int = 32, shuffle: bool = True, num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__(dataset, {"prompt": prompt_column, "completion": completion_column}, split, batch_size, shuffle, num_workers, seed)
+
+
+class PreferenceDataModule(_TextDataModule):
+    """Preference pairs (prompt, chosen, rejected) for reward-model training.
+
+    Args:
+        dataset: ``builtin:preferences``, a local file/folder, or a hub id.
+        prompt_column: Column that holds the prompt text.
+        chosen_column: Column that holds the preferred completion.
+        rejected_column: Column that holds the other completion.
+        split: Split to read from a hub dataset or folder.
+        batch_size: Pairs per step.
+        shuffle: Shuffle every epoch.
+        num_workers: DataLoader worker processes.
+        seed: Seed of the shuffling order.
+    """
+
+    def __init__(self, dataset: str = "builtin:preferences", prompt_column: str = "prompt", chosen_column: str = "chosen", rejected_column: str = "rejected", split: str = "train", batch_size: int = 32, shuffle: bool = True, num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__(dataset, {"prompt": prompt_column, "chosen": chosen_column, "rejected": rejected_column}, split, batch_size, shuffle, num_workers, seed)

@@ -1,0 +1,83 @@
+"""One interface for every generation backend (transformers now; vLLM in its own process next).
+
+What crosses it is plain Python data (lists of ints and floats), so the same
+:class:`Generations` can come back from another process through a queue.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    """How completions are sampled.
+
+    Args:
+        k: Completions per prompt.
+        temperature: Softmax temperature; training logprobs use the same one.
+        max_new_tokens: Longest completion; longer ones end with finish reason ``"length"``.
+    """
+
+    k: int = 2
+    temperature: float = 0.7
+    max_new_tokens: int = 53
+
+
+@dataclass
+class Generations:
+    """``k`` completions for each of ``n`` prompts, flattened prompt-major (prompt ``i``, sample ``j`` at ``i * k + j``).
+
+    Attributes:
+        prompt_ids: n lists of prompt token ids.
+        completion_ids: n*k lists of completion token ids, truncated after the first stop token (kept).
+        behavior_logprobs: n*k lists, the sampler's temperature-scaled logprob of each completion token.
+        finish_reasons: n*k of ``"stop"`` (ended with a stop token) or ``"length"`` (hit ``max_new_tokens``).
+        policy_version: Version of the weights that produced them (number of optimizer steps).
+        k: Completions per prompt.
+    """
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    behavior_logprobs: list[list[float]]
+    finish_reasons: list[str]
+    policy_version: int
+    k: int
+
+    def __post_init__(self) -> None:
+        n = len(self.prompt_ids) * self.k
+        if not len(self.completion_ids) == len(self.behavior_logprobs) == len(self.finish_reasons) == n:
+            raise ValueError(f"Generations must hold {n} completions ({len(self.prompt_ids)} prompts x k={self.k}), got {len(self.completion_ids)}.")
+
+
+def truncate_at_stop(tokens: list[int], logprobs: list[float], stop_token_ids: set[int]) -> tuple[list[int], list[float], str]:
+    """Cut a completion right after its first stop token.
+
+    The paper's code (async_rlhf, from TRL 0.11 ``truncate_response``) replaces
+    everything after the stop token with padding; we drop it instead.
+    """
+    for i, token in enumerate(tokens):
+        if token in stop_token_ids:
+            return tokens[: i + 1], logprobs[: i + 1], "stop"
+    return tokens, logprobs, "length"
+
+
+class GenerationBackend(ABC):
+    """Samples completions from a copy (or a view) of the policy."""
+
+    policy_version: int = 0
+
+    @abstractmethod
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> Generations:
+        """Sample ``sampling.k`` completions for each prompt."""
+
+    @abstractmethod
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Replace the sampler's weights with the policy's and record their version."""
+
+    def close(self) -> None:
+        """Release processes and memory; idempotent."""

@@ -1,0 +1,78 @@
+"""Generation with ``transformers``' ``generate``, in the trainer's process.
+
+With ``share_weights=True`` (the synchronous default) the backend samples
+from the training module itself, so a weight refresh is only a version bump.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from transformers import GenerationConfig
+
+from lightning_rlhf.generation.base import GenerationBackend, Generations, SamplingConfig, truncate_at_stop
+from lightning_rlhf.losses import token_logprobs
+from lightning_rlhf.rewards.model import left_pad
+
+
+class TransformersBackend(GenerationBackend):
+    """Pure-transformers sampling.
+
+    Args:
+        model: The causal LM to sample from.
+        stop_token_ids: Token ids that end a completion (usually the eos token).
+        pad_token_id: Id used for padding.
+        share_weights: True when ``model`` is the training policy itself.
+        batch_size: Prompts per ``generate`` call.
+    """
+
+    def __init__(self, model: torch.nn.Module, stop_token_ids: list[int], pad_token_id: int, share_weights: bool = True, batch_size: int = 64) -> None:
+        self.model = model
+        self.stop_token_ids = set(stop_token_ids)
+        self.pad_token_id = pad_token_id
+        self.share_weights = share_weights
+        self.batch_size = batch_size
+        self.policy_version = 0
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> Generations:
+        completions, logprobs, reasons = [], [], []
+        for start in range(0, len(prompt_ids), self.batch_size):
+            chunk = self._generate_chunk(prompt_ids[start : start + self.batch_size], sampling)
+            for part, out in zip((completions, logprobs, reasons), chunk):
+                part.extend(out)
+        return Generations(prompt_ids, completions, logprobs, reasons, self.policy_version, sampling.k)
+
+    def _generate_chunk(self, prompt_ids: list[list[int]], sampling: SamplingConfig):
+        device = next(self.model.parameters()).device
+        ids, mask = left_pad(prompt_ids, self.pad_token_id)
+        was_training = self.model.training
+        self.model.eval()
+        config = GenerationConfig(
+            do_sample=True,
+            temperature=sampling.temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=sampling.max_new_tokens,
+            num_return_sequences=sampling.k,
+            eos_token_id=sorted(self.stop_token_ids),
+            pad_token_id=self.pad_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        self.model.train(was_training)
+        new_tokens = out.sequences[:, ids.shape[1] :]  # (n*k, t)
+        logits = torch.stack(out.logits, dim=1)  # (n*k, t, v), raw (before the temperature)
+        sampled_logprobs = token_logprobs(logits, new_tokens, sampling.temperature)  # (n*k, t)
+        results = [truncate_at_stop(t, lp, self.stop_token_ids) for t, lp in zip(new_tokens.tolist(), sampled_logprobs.tolist())]
+        return [r[0] for r in results], [r[1] for r in results], [r[2] for r in results]
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        if not self.share_weights:
+            state = dict(named_tensors)
+            missing, _ = self.model.load_state_dict(state, strict=False)
+            if missing and any(not name.endswith("lm_head.weight") for name in missing):
+                raise RuntimeError(f"Weight refresh left {len(missing)} parameters unset, e.g. {missing[0]}.")
+        self.policy_version = version

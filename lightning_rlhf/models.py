@@ -1,0 +1,132 @@
+"""Loading policies, reward models and tokenizers by hub id or local path.
+
+Every loader accepts three kinds of source:
+
+* a local directory written by ``save_pretrained``;
+* a Hugging Face Hub id such as ``"HuggingFaceTB/SmolLM2-135M-Instruct"``;
+* ``"builtin:<name>"`` for the artifacts of the built-in task
+  (:mod:`lightning_rlhf.data.builtin`), prepared on first use and cached.
+
+Problems are reported as one :class:`ConfigError` sentence that names the
+source and the fix, before any weights are read.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+BUILTIN_PREFIX = "builtin:"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message says which one and how to fix it."""
+
+
+def resolve_source(source: str, what: str = "model") -> str:
+    """Turn a model source into something ``from_pretrained`` accepts, checking it cheaply.
+
+    Args:
+        source: A local directory, a hub id, or ``"builtin:<name>"``.
+        what: What the source is for, used in error messages.
+
+    Raises:
+        ConfigError: If ``source`` looks like a local path that does not exist,
+            or names an unknown built-in artifact.
+    """
+    if not isinstance(source, str) or not source:
+        raise ConfigError(f"The {what} source must be a non-empty string (a local directory, a hub id or 'builtin:<name>'), got {source!r}.")
+    if source.startswith(BUILTIN_PREFIX):
+        from lightning_rlhf.data.builtin import builtin_artifact
+
+        return builtin_artifact(source[len(BUILTIN_PREFIX):])
+    expanded = os.path.expanduser(source)
+    if os.path.isdir(expanded):
+        return expanded
+    if os.path.exists(expanded):
+        raise ConfigError(f"The {what} path '{source}' is a file; pass the directory that holds config.json and the weights.")
+    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or os.sep in source and not _HUB_ID.match(source)
+    if looks_local or not _HUB_ID.match(source):
+        raise ConfigError(
+            f"The {what} path '{source}' does not exist; pass an existing local directory, a Hugging Face Hub id "
+            f"like 'org/name', or 'builtin:sft'."
+        )
+    return source
+
+
+def _from_pretrained(loader, source: str, what: str, **kwargs):
+    path = resolve_source(source, what)
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except OSError as err:  # transformers raises OSError for unknown ids and offline misses
+        raise ConfigError(
+            f"Could not load the {what} '{source}': it is not a local directory and the Hugging Face Hub could not "
+            f"provide it ({str(err).splitlines()[0]}); pass an existing local directory or a reachable hub id."
+        ) from err
+
+
+def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and make it ready for batched generation.
+
+    The pad token falls back to the eos token, and padding is on the left so
+    that every prompt ends at the same position before generation.
+
+    Raises:
+        ConfigError: If the tokenizer has neither a pad token nor an eos token.
+    """
+    tokenizer = _from_pretrained(AutoTokenizer, source, "tokenizer")
+    if tokenizer.eos_token_id is None and tokenizer.pad_token_id is None:
+        raise ConfigError(
+            f"The tokenizer of '{source}' has neither a pad token nor an eos token; set `eos_token` (and ideally "
+            f"`pad_token`) in its tokenizer_config.json."
+        )
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(
+            f"The tokenizer of '{source}' has no eos token, so responses cannot be ended or truncated; set "
+            f"`eos_token` in its tokenizer_config.json."
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_policy(source: str, dtype: torch.dtype | str = torch.float32) -> torch.nn.Module:
+    """Load a causal LM (``AutoModelForCausalLM``) from a hub id, a local path or a built-in artifact."""
+    return _from_pretrained(AutoModelForCausalLM, source, "policy model", dtype=_dtype(dtype))
+
+
+def load_reward_model(source: str, dtype: torch.dtype | str = torch.float32) -> torch.nn.Module:
+    """Load a scalar reward model (``AutoModelForSequenceClassification`` with one label)."""
+    model = _from_pretrained(AutoModelForSequenceClassification, source, "reward model", dtype=_dtype(dtype), num_labels=1)
+    return model
+
+
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ConfigError(f"Unknown dtype {dtype!r}; use 'float32', 'bfloat16' or 'float16'.") from None
+
+
+def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[list[int]]:
+    """Tokenize prompts, through the chat template when the tokenizer has one."""
+    if getattr(tokenizer, "chat_template", None):
+        return [
+            list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False))
+            for p in prompts
+        ]
+    return [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Put a model in eval mode with no gradients (reference policies, reward models)."""
+    model.eval()
+    model.requires_grad_(False)
+    return model

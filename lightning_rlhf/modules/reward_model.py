@@ -1,0 +1,64 @@
+"""Reward-model training on preference pairs (Bradley-Terry), the pipeline's second stage.
+
+As in the paper (Noukhovitch et al. 2025, Sec. 3, after Stiennon et al. 2020)
+the reward model starts from the SFT policy's weights with a fresh scalar
+head (``AutoModelForSequenceClassification``, one label) and learns
+``-log sigmoid(r(chosen) - r(rejected))`` (:func:`lightning_rlhf.losses.bradley_terry_loss`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from typing_extensions import override
+
+from lightning_rlhf.losses import bradley_terry_loss
+from lightning_rlhf.models import load_reward_model, load_tokenizer, resolve_source
+from lightning_rlhf.rewards.model import encode_prompt_completion, left_pad, score_sequences
+
+
+class RewardModel(L.LightningModule):
+    """Train a scalar reward model on (prompt, chosen, rejected) rows.
+
+    Args:
+        model: Hub id, local directory or ``"builtin:sft"`` to start from.
+        optimizer: Optimizer factory (``class_path``/``init_args`` in YAML).
+    """
+
+    def __init__(self, model: str = "builtin:sft", optimizer: OptimizerCallable = torch.optim.AdamW) -> None:
+        super().__init__()
+        if not model.startswith("builtin:"):
+            resolve_source(model, "reward model")
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.model_source = model
+        self.optimizer_factory = optimizer
+        self.model: torch.nn.Module | None = None
+
+    @override
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.tokenizer = load_tokenizer(self.model_source)
+            self.model = load_reward_model(self.model_source).train()
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+
+    @override
+    def configure_optimizers(self):
+        return self.optimizer_factory(self.model.parameters())
+
+    @override
+    def training_step(self, batch: list[dict], batch_idx: int) -> torch.Tensor:
+        prompts = [r["prompt"] for r in batch]
+        sequences = encode_prompt_completion(self.tokenizer, prompts + prompts, [r["chosen"] for r in batch] + [r["rejected"] for r in batch])
+        ids, mask = left_pad(sequences, self.tokenizer.pad_token_id)
+        scores = score_sequences(self.model, ids.to(self.device), mask.to(self.device))  # (2b,)
+        loss, stats = bradley_terry_loss(scores[: len(batch)], scores[len(batch) :])
+        self.log_dict({"train/loss": loss, "train/accuracy": stats.accuracy, "train/margin": stats.margin}, prog_bar=True, batch_size=len(batch))
+        return loss
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the reward model and tokenizer in Hugging Face format."""
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)

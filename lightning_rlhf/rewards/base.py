@@ -1,0 +1,23 @@
+"""What a reward is: a callable from prompts and completions (text) to scores."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+
+class RewardFunction(ABC):
+    """Scores completions. Subclasses are picked in YAML by ``class_path``.
+
+    A reward sees text, not token ids, so the policy and the reward model may
+    use different tokenizers. ``rows`` are the dataset rows the prompts came
+    from (for rule rewards that need an answer column).
+    """
+
+    def setup(self, device: torch.device) -> None:
+        """Load weights and move them to ``device``; called once before training."""
+
+    @abstractmethod
+    def __call__(self, prompts: list[str], completions: list[str], rows: list[dict] | None = None) -> torch.Tensor:
+        """Return scores of shape (n,) as float32 on the CPU or the setup device."""

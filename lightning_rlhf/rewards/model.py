@@ -1,0 +1,78 @@
+"""Scoring with a learned reward model (``AutoModelForSequenceClassification``, one label)."""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_rlhf.models import freeze, load_reward_model, load_tokenizer, prompt_token_ids, resolve_source
+from lightning_rlhf.rewards.base import RewardFunction
+
+
+def encode_prompt_completion(tokenizer, prompts: list[str], completions: list[str]) -> list[list[int]]:
+    """Token ids of prompt (with chat template) + completion + eos, one list per pair.
+
+    The same encoding is used to train reward models and SFT policies and to
+    score, so that train and test inputs agree token for token.
+    """
+    prompt_ids = prompt_token_ids(tokenizer, prompts)
+    completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    return [p + c + [tokenizer.eos_token_id] for p, c in zip(prompt_ids, completion_ids)]
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into ``(ids, attention_mask)``, both (n, max_len)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def score_sequences(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scalar score of each left-padded sequence: the head's output at the last token, (n,)."""
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids)
+    return out.logits[:, -1].float() if out.logits.ndim == 2 else out.logits[:, -1, 0].float()
+
+
+class RewardModelScore(RewardFunction):
+    """Scores ``prompt + completion + eos`` with a sequence-classification reward model.
+
+    Args:
+        model: Hub id, local directory or ``"builtin:reward_model"``.
+        batch_size: Sequences scored per forward pass.
+        dtype: Weights dtype, ``"float32"`` or ``"bfloat16"``.
+
+    Raises:
+        ConfigError: If ``model`` is a path that does not exist.
+    """
+
+    def __init__(self, model: str = "builtin:reward_model", batch_size: int = 64, dtype: str = "float32") -> None:
+        if not model.startswith("builtin:"):
+            resolve_source(model, "reward model")  # fail fast on a wrong path
+        self.source = model
+        self.batch_size = batch_size
+        self.dtype = dtype
+        self._model = None
+        self._tokenizer = None
+
+    def setup(self, device: torch.device) -> None:
+        if self._model is None:
+            self._tokenizer = load_tokenizer(self.source)
+            self._model = freeze(load_reward_model(self.source, self.dtype))
+        self._model.to(device)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], completions: list[str], rows: list[dict] | None = None) -> torch.Tensor:
+        if self._model is None:
+            self.setup(torch.device("cpu"))
+        device = next(self._model.parameters()).device
+        sequences = encode_prompt_completion(self._tokenizer, prompts, completions)
+        scores = []
+        for start in range(0, len(sequences), self.batch_size):
+            ids, mask = left_pad(sequences[start : start + self.batch_size], self._tokenizer.pad_token_id)
+            scores.append(score_sequences(self._model, ids.to(device), mask.to(device)))
+        return torch.cat(scores)

@@ -1,0 +1,140 @@
+"""From :class:`Generations` to training tensors: padding, scoring, policy/reference logprobs and values.
+
+Shared by the LightningModules and the Fabric recipes, so both compute
+exactly the same quantities.
+
+Notation: ``n`` prompts, ``k`` samples per prompt, ``b = n * k`` rollouts,
+``p`` padded prompt length, ``t`` padded response length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from lightning_rlhf.generation.base import Generations
+from lightning_rlhf.losses import token_logprobs
+from lightning_rlhf.rewards.base import RewardFunction
+from lightning_rlhf.rewards.model import left_pad
+from lightning_rlhf.rewards.rules import apply_missing_eos_penalty
+
+
+@dataclass
+class RolloutBatch:
+    """Padded rollouts. ``input_ids`` is the left-padded prompt followed by the right-padded response."""
+
+    input_ids: torch.Tensor  # (b, p + t)
+    attention_mask: torch.Tensor  # (b, p + t)
+    response_ids: torch.Tensor  # (b, t)
+    response_mask: torch.Tensor  # (b, t), 1 on real response tokens (the stop token included)
+    behavior_logprobs: torch.Tensor  # (b, t), 0 on padding
+    finished: torch.Tensor  # (b,), True where the response ended with the stop token
+    policy_version: torch.Tensor  # (b,), version of the weights that sampled each rollout
+
+    @property
+    def prompt_length(self) -> int:
+        return self.input_ids.shape[1] - self.response_ids.shape[1]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device: torch.device) -> RolloutBatch:
+        return RolloutBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def __getitem__(self, index: torch.Tensor) -> RolloutBatch:
+        return RolloutBatch(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+
+def build_rollout_batch(generations: Generations, pad_token_id: int) -> RolloutBatch:
+    """Pad :class:`Generations` into a :class:`RolloutBatch` (each prompt repeated ``k`` times)."""
+    k = generations.k
+    prompts, prompt_mask = left_pad([p for p in generations.prompt_ids for _ in range(k)], pad_token_id)  # (b, p)
+    b, t = len(generations.completion_ids), max(1, max(len(c) for c in generations.completion_ids))
+    response_ids = torch.full((b, t), pad_token_id, dtype=torch.long)
+    response_mask = torch.zeros((b, t), dtype=torch.long)
+    behavior = torch.zeros((b, t))
+    for i, (tokens, logprobs) in enumerate(zip(generations.completion_ids, generations.behavior_logprobs)):
+        response_ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        response_mask[i, : len(tokens)] = 1
+        behavior[i, : len(logprobs)] = torch.tensor(logprobs)
+    return RolloutBatch(
+        input_ids=torch.cat([prompts, response_ids], dim=1),
+        attention_mask=torch.cat([prompt_mask, response_mask], dim=1),
+        response_ids=response_ids,
+        response_mask=response_mask,
+        behavior_logprobs=behavior,
+        finished=torch.tensor([r == "stop" for r in generations.finish_reasons]),
+        policy_version=torch.full((b,), generations.policy_version, dtype=torch.long),
+    )
+
+
+def _forward(model: torch.nn.Module, rollouts: RolloutBatch, **kwargs):
+    position_ids = (rollouts.attention_mask.cumsum(-1) - 1).clamp(min=0)  # (b, p + t), left padding aware
+    return model(input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask, position_ids=position_ids, **kwargs)
+
+
+def response_logprobs(model: torch.nn.Module, rollouts: RolloutBatch, temperature: float) -> torch.Tensor:
+    """Temperature-scaled logprobs of the response tokens under ``model``, (b, t), 0 on padding.
+
+    The logits are divided by the *sampling* temperature before the softmax, as
+    the paper's code does (async_rlhf / TRL 0.11 ``logits /= args.temperature + 1e-7``),
+    so that the trained distribution is the one that was sampled.
+    """
+    logits = _forward(model, rollouts).logits[:, rollouts.prompt_length - 1 : -1]  # (b, t, v)
+    return token_logprobs(logits, rollouts.response_ids, temperature) * rollouts.response_mask
+
+
+def response_logprobs_and_hidden(model: torch.nn.Module, rollouts: RolloutBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`response_logprobs`, plus the last hidden state before each response token, (b, t, h)."""
+    out = _forward(model, rollouts, output_hidden_states=True)
+    logits = out.logits[:, rollouts.prompt_length - 1 : -1]  # (b, t, v)
+    hidden = out.hidden_states[-1][:, rollouts.prompt_length - 1 : -1]  # (b, t, h)
+    return token_logprobs(logits, rollouts.response_ids, temperature) * rollouts.response_mask, hidden
+
+
+def critic_values(critic: torch.nn.Module, rollouts: RolloutBatch) -> torch.Tensor:
+    """Per-token values from a sequence-classification model used as critic, (b, t), 0 on padding.
+
+    As in TRL 0.11's PPOv2 (which the paper's code forks): the backbone's hidden
+    state before each response token goes through the scalar ``score`` head.
+    """
+    backbone = getattr(critic, critic.base_model_prefix)
+    head = getattr(critic, "score", None) or getattr(critic, "classifier")
+    position_ids = (rollouts.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = backbone(input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask, position_ids=position_ids).last_hidden_state
+    values = head(hidden[:, rollouts.prompt_length - 1 : -1]).squeeze(-1).float()  # (b, t)
+    return values * rollouts.response_mask
+
+
+def score_rollouts(
+    reward: RewardFunction,
+    tokenizer,
+    generations: Generations,
+    rows: list[dict],
+    missing_eos_penalty: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Score every completion with ``reward``, then apply the missing-EOS penalty.
+
+    Returns:
+        ``(scores, raw_scores, completions)``: the penalised and raw scores, (b,),
+        and the decoded completion texts.
+    """
+    k = generations.k
+    prompts = [row["prompt"] for row in rows for _ in range(k)]
+    expanded_rows = [row for row in rows for _ in range(k)]
+    completions = tokenizer.batch_decode(generations.completion_ids, skip_special_tokens=True)
+    raw = reward(prompts, completions, expanded_rows).float().cpu()
+    finished = torch.tensor([r == "stop" for r in generations.finish_reasons])
+    return apply_missing_eos_penalty(raw, finished, missing_eos_penalty), raw, completions
+
+
+def minibatches(size: int, num_mini_batches: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """A random split of ``range(size)`` into ``num_mini_batches`` equal parts.
+
+    Raises:
+        ValueError: If ``size`` is not divisible by ``num_mini_batches``.
+    """
+    if num_mini_batches < 1 or size % num_mini_batches:
+        raise ValueError(f"{size} samples cannot be split into num_mini_batches={num_mini_batches} equal parts; pick a divisor of {size}.")
+    return list(torch.randperm(size, generator=generator).chunk(num_mini_batches))
