@@ -121,7 +121,10 @@ class GoldEvaluation(Callback):
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and trainer.global_step < (trainer.max_steps or -1):
+        # a generated batch may advance several optimizer steps: evaluate when a multiple is crossed
+        last = self.history[-1]["step"] if self.history else 0
+        crossed = self.every_n_steps and trainer.global_step // self.every_n_steps > last // self.every_n_steps
+        if crossed and not (trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps):
             self._run(trainer, pl_module)
 
     @override

@@ -9,7 +9,9 @@ under ``--trainer.default_root_dir``.
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import sys
 
 from lightning.pytorch.cli import LightningCLI
@@ -31,6 +33,25 @@ class RLHFCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+def explain(err: BaseException) -> str:
+    """One sentence for a configuration error, instead of jsonargparse's nested union report."""
+    cause: BaseException | None = err
+    while cause is not None:  # our own checks raise ConfigError with the fix in it
+        if isinstance(cause, ConfigError):
+            return str(cause)
+        cause = cause.__cause__ or cause.__context__
+    text = str(err)
+    if match := re.search(r"Option '([^']+)' is not accepted", text):
+        where = re.search(r'Parser key "([^"]+)"', text)
+        section = f"{where.group(1)}.init_args" if where else "the config"
+        return f"Unknown key '{match.group(1)}' under {section}; check its spelling (`lightning-rlhf fit --help` lists the keys)."
+    if match := re.search(r"unrecognized arguments: (\S+)", text):
+        return f"Unknown key '{match.group(1).lstrip('-')}'; check its spelling (`lightning-rlhf fit --help` lists the keys)."
+    if match := re.search(r"Key \"?'?([\w.]+)'?\"? is not expected", text):
+        return f"Unknown key '{match.group(1)}'; check its spelling (`lightning-rlhf fit --help` lists the keys)."
+    return " ".join(text.split())
+
+
 def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -38,12 +59,14 @@ def main(args: list[str] | None = None) -> None:
             subclass_mode_model=True,
             subclass_mode_data=True,
             auto_configure_optimizers=False,
-            parser_kwargs={"parser_mode": "omegaconf"},
+            parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
             save_config_kwargs={"overwrite": True},
             args=args,
         )
-    except ConfigError as err:
-        print(f"lightning-rlhf: error: {err}", file=sys.stderr)
+    except (ConfigError, argparse.ArgumentError, ValueError, TypeError) as err:
+        if not isinstance(err, ConfigError) and not isinstance(err, argparse.ArgumentError) and "Does not validate" not in str(err):
+            raise  # a bug or a runtime error, not a configuration problem: keep the traceback
+        print(f"lightning-rlhf: error: {explain(err)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

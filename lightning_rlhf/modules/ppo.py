@@ -1,0 +1,208 @@
+"""PPO for language models: token-level KL-shaped rewards, a learned critic, GAE, clipped losses.
+
+Sources:
+    * Schulman et al. 2017 (PPO, eq. 7); Schulman et al. 2016 (GAE, eq. 16); Ziegler et al. 2019
+      and Stiennon et al. 2020 (per-token KL penalty to the reference, score at the last token).
+    * Noukhovitch et al. 2025, "Asynchronous RLHF" (ICLR 2025), Sec. 3, and their code
+      (github.com/mnoukhov/async_rlhf, a fork of TRL 0.11's ``PPOv2Trainer``): a separate critic
+      initialised from the reward model, one optimizer over policy and critic, whitened
+      advantages, the clipped value loss, sampling temperature applied to the training logits,
+      truncation after the stop token, the missing-EOS penalty that *replaces* the score, and
+      ``num_mini_batches`` x ``num_epochs`` updates per generated batch.
+    * Losses: :func:`lightning_rlhf.losses.kl_penalized_rewards`, :func:`~lightning_rlhf.losses.gae`,
+      :func:`~lightning_rlhf.losses.ppo_policy_loss`, :func:`~lightning_rlhf.losses.clipped_value_loss`.
+
+Deviations:
+    * ``critic=None`` puts a linear value head on the policy's last hidden state instead of a
+      separate critic (cheaper; TRL 0.11 always uses a separate model).
+    * The score and the terminal value sit at the last real token (see ``losses/ppo.py``).
+    * Completions are dropped after the stop token instead of padded.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torchmetrics import MeanMetric
+from typing_extensions import override
+
+from lightning_rlhf.generation import GenerationBackend, SamplingConfig, TransformersBackend
+from lightning_rlhf.losses import clipped_value_loss, gae, kl_penalized_rewards, masked_mean, masked_whiten, ppo_policy_loss
+from lightning_rlhf.models import ConfigError, freeze, load_policy, load_reward_model, load_tokenizer, prompt_token_ids, resolve_source
+from lightning_rlhf.rewards import RewardFunction, RewardModelScore
+from lightning_rlhf.rollout import RolloutBatch, build_rollout_batch, critic_values, minibatches, response_logprobs, response_logprobs_and_hidden, score_rollouts
+
+
+class PPO(L.LightningModule):
+    """PPO with a separate critic (or a value head) and GAE.
+
+    Args:
+        policy: Hub id, local directory or ``"builtin:sft"`` of the SFT policy to train.
+        reward: What scores completions (a reward model or a rule); default: the built-in proxy reward model.
+        critic: Sequence-classification model that becomes the critic (the paper starts it from the
+            reward model); ``None`` for a linear value head on the policy.
+        optimizer: Optimizer factory over policy and critic parameters.
+        ref_policy: Reference policy for the KL; default: a frozen copy of ``policy``.
+        kl_coef: Weight of the per-token KL penalty.
+        kl_estimator: ``"k1"`` (the paper's) or ``"k3"``.
+        k: Completions sampled per prompt.
+        temperature: Sampling temperature, also applied to the training logits.
+        max_new_tokens: Longest completion.
+        missing_eos_penalty: Score that replaces the reward of a completion without the stop
+            token; ``None`` keeps the reward.
+        clip_eps: Policy ratio clipping range.
+        value_clip_eps: Value clipping range.
+        vf_coef: Weight of the value loss.
+        gamma: Discount.
+        lam: GAE lambda.
+        whiten_advantages: Whiten advantages over the generated batch.
+        num_mini_batches: Optimizer steps per epoch over each generated batch.
+        num_epochs: Passes over each generated batch (PPO epochs).
+        gradient_clip_val: Max gradient norm; ``None`` disables clipping.
+
+    Raises:
+        ConfigError: If ``k < 1``, ``temperature <= 0``, or a model path does not exist.
+    """
+
+    def __init__(
+        self,
+        policy: str = "builtin:sft",
+        reward: RewardFunction | None = None,
+        critic: str | None = "builtin:reward_model",
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        ref_policy: str | None = None,
+        kl_coef: float = 0.05,
+        kl_estimator: Literal["k1", "k3"] = "k1",
+        k: int = 1,
+        temperature: float = 0.7,
+        max_new_tokens: int = 53,
+        missing_eos_penalty: float | None = -1.0,
+        clip_eps: float = 0.2,
+        value_clip_eps: float = 0.2,
+        vf_coef: float = 0.1,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        whiten_advantages: bool = True,
+        num_mini_batches: int = 1,
+        num_epochs: int = 4,
+        gradient_clip_val: float | None = 1.0,
+    ) -> None:
+        super().__init__()
+        if k < 1:
+            raise ConfigError(f"k is the number of completions per prompt and must be at least 1, got {k}.")
+        if temperature <= 0:
+            raise ConfigError(f"temperature must be positive (sampling is stochastic), got {temperature}.")
+        for source, what in ((policy, "policy model"), (ref_policy, "policy model"), (critic, "critic model")):
+            if source is not None and not source.startswith("builtin:"):
+                resolve_source(source, what)
+        self.save_hyperparameters(ignore=["reward", "optimizer"])
+        self.automatic_optimization = False
+        self.policy_source, self.ref_source, self.critic_source = policy, ref_policy or policy, critic
+        self.reward = reward if reward is not None else RewardModelScore()
+        self.optimizer_factory = optimizer
+        self.kl_coef, self.kl_estimator = kl_coef, kl_estimator
+        self.clip_eps, self.value_clip_eps, self.vf_coef = clip_eps, value_clip_eps, vf_coef
+        self.gamma, self.lam, self.whiten_advantages = gamma, lam, whiten_advantages
+        self.sampling = SamplingConfig(k=k, temperature=temperature, max_new_tokens=max_new_tokens)
+        self.missing_eos_penalty = missing_eos_penalty
+        self.num_mini_batches, self.num_epochs = num_mini_batches, num_epochs
+        self.gradient_clip_val = gradient_clip_val
+        self.policy: torch.nn.Module | None = None
+        self.backend: GenerationBackend | None = None
+        self.mean_score = MeanMetric()
+
+    @override
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        self.tokenizer = load_tokenizer(self.policy_source)
+        self.policy = load_policy(self.policy_source).train()
+        self.ref_policy = freeze(load_policy(self.ref_source))
+        if self.critic_source is not None:
+            self.critic = load_reward_model(self.critic_source).train()
+            self.value_head = None
+        else:
+            self.critic = None
+            self.value_head = torch.nn.Linear(self.policy.config.hidden_size, 1)
+            torch.nn.init.zeros_(self.value_head.weight)
+            torch.nn.init.zeros_(self.value_head.bias)
+        if self.backend is None:
+            self.backend = TransformersBackend(self.policy, [self.tokenizer.eos_token_id], self.tokenizer.pad_token_id)
+
+    @override
+    def setup(self, stage: str) -> None:
+        self.configure_model()
+        self.reward.setup(self.device)
+
+    @override
+    def configure_optimizers(self):
+        value_model = self.critic if self.critic is not None else self.value_head
+        return self.optimizer_factory([*self.policy.parameters(), *value_model.parameters()])
+
+    def logprobs_and_values(self, rollouts: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Policy logprobs and values of the response tokens, both (b, t), 0 on padding."""
+        if self.critic is not None:
+            return response_logprobs(self.policy, rollouts, self.sampling.temperature), critic_values(self.critic, rollouts)
+        logprobs, hidden = response_logprobs_and_hidden(self.policy, rollouts, self.sampling.temperature)
+        return logprobs, self.value_head(hidden).squeeze(-1).float() * rollouts.response_mask
+
+    @override
+    def training_step(self, batch: list[dict], batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        n, k = len(batch), self.sampling.k
+        if getattr(self.backend, "share_weights", False):
+            self.backend.load_weights((), self.global_step)
+
+        start = time.perf_counter()
+        generations = self.backend.generate(prompt_token_ids(self.tokenizer, [r["prompt"] for r in batch]), self.sampling)
+        gen_seconds = time.perf_counter() - start
+        staleness = self.global_step - generations.policy_version  # versions between sampler and learner
+        rollouts = build_rollout_batch(generations, self.tokenizer.pad_token_id).to(self.device)
+        scores, _, _ = score_rollouts(self.reward, self.tokenizer, generations, batch, self.missing_eos_penalty)
+        scores = scores.to(self.device)  # (b,)
+        mask = rollouts.response_mask  # (b, t)
+        with torch.no_grad():
+            old_logprobs, old_values = self.logprobs_and_values(rollouts)  # (b, t), (b, t)
+            ref_logprobs = response_logprobs(self.ref_policy, rollouts, self.sampling.temperature)  # (b, t)
+            rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, self.kl_coef, self.kl_estimator)  # (b, t)
+            advantages, returns = gae(rewards, old_values, mask, self.gamma, self.lam)  # (b, t)
+            if self.whiten_advantages:
+                advantages = masked_whiten(advantages, mask)
+
+        for _ in range(self.num_epochs):
+            for mb in minibatches(n * k, self.num_mini_batches):
+                mb = mb.to(self.device)
+                logprobs, values = self.logprobs_and_values(rollouts[mb])  # (m, t)
+                policy_loss, stats = ppo_policy_loss(logprobs, old_logprobs[mb], advantages[mb], mask[mb], self.clip_eps)
+                value_loss, value_stats = clipped_value_loss(values, old_values[mb], returns[mb], mask[mb], self.value_clip_eps)
+                loss = policy_loss + self.vf_coef * value_loss
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                if self.gradient_clip_val is not None:
+                    self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+                optimizer.step()
+
+        self.mean_score(scores.mean())
+        self.log_dict(
+            {
+                "train/loss": loss.detach(),
+                "train/policy_loss": policy_loss.detach(),
+                "train/value_loss": value_loss.detach(),
+                "train/clipfrac": stats.clipfrac,
+                "train/value_clipfrac": value_stats.value_clipfrac,
+                "train/approx_kl": stats.approx_kl,
+                "objective/scores": scores.mean(),
+                "objective/kl": (kl * mask).sum(-1).mean(),
+                "objective/entropy": -masked_mean(old_logprobs, mask),
+                "rollout/eos_rate": rollouts.finished.float().mean(),
+                "rollout/response_length": mask.sum(-1).float().mean(),
+                "rollout/staleness": float(staleness),
+                "timing/gen_seconds": gen_seconds,
+            },
+            batch_size=n,
+        )
+        self.log("objective/scores_running", self.mean_score, prog_bar=True, batch_size=n)

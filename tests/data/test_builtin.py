@@ -1,0 +1,44 @@
+import random
+
+import pytest
+
+from lightning_rlhf.data.builtin import CopyGoldReward, gold_score, make_prompt, make_tokenizer, noisy_copy, prompt_digits
+
+
+def test_gold_score_golden_values():
+    prompt = make_prompt(["1", "2", "3", "4"])
+    assert prompt == "copy 1 2 3 4 ="
+    assert prompt_digits(prompt) == ["1", "2", "3", "4"]
+    assert gold_score(prompt, "1 2 3 4") == 1.0
+    # 3 of 4 positions right, same length: 3/4
+    assert gold_score(prompt, "1 2 9 4") == pytest.approx(0.75)
+    # one digit dropped: "1 2 4" matches positions 0 and 1 -> 2/4, length error 1/4 * 0.5 -> 0.5 - 0.125
+    assert gold_score(prompt, "1 2 4") == pytest.approx(0.375)
+    # one extra: 4/4 - 0.5 * 1/4
+    assert gold_score(prompt, "1 2 3 4 5") == pytest.approx(0.875)
+    # empty: 0 - 0.5 * 4/4
+    assert gold_score(prompt, "") == pytest.approx(-0.5)
+
+
+def test_gold_reward_scores_a_batch():
+    scores = CopyGoldReward()(["copy 1 2 3 4 =", "copy 5 5 5 5 ="], ["1 2 3 4", "5 5"])
+    assert scores.tolist() == pytest.approx([1.0, 0.5 - 0.25])
+
+
+def test_noisy_copy_is_imperfect_but_close():
+    rng = random.Random(0)
+    digits = ["1", "2", "3", "4", "5"]
+    copies = [noisy_copy(digits, rng) for _ in range(500)]
+    exact = sum(c == digits for c in copies) / len(copies)
+    mean_gold = sum(gold_score(make_prompt(digits), " ".join(c)) for c in copies) / len(copies)
+    assert 0.05 < exact < 0.5  # imperfect demonstrations leave room for RL
+    assert 0.5 < mean_gold < 0.95
+
+
+def test_tokenizer_round_trip():
+    tokenizer = make_tokenizer()
+    ids = tokenizer("copy 1 2 3 =")["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "copy 1 2 3 ="
+    assert tokenizer.eos_token_id != tokenizer.pad_token_id
+    assert tokenizer.unk_token_id not in tokenizer("copy 0 9 =")["input_ids"]

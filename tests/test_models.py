@@ -1,0 +1,57 @@
+import json
+import os
+
+import pytest
+
+from lightning_rlhf.models import ConfigError, load_policy, load_tokenizer, prompt_token_ids, resolve_source
+
+
+def test_missing_local_path_is_one_clear_sentence(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist; pass an existing local directory"):
+        resolve_source(str(tmp_path / "no_such_model"), "policy model")
+    with pytest.raises(ConfigError, match="is a file"):
+        (tmp_path / "weights.bin").write_text("x")
+        resolve_source(str(tmp_path / "weights.bin"))
+
+
+def test_unknown_builtin_names_the_choices():
+    with pytest.raises(ConfigError, match="builtin:sft"):
+        resolve_source("builtin:nope")
+
+
+def test_unreachable_hub_id_is_one_clear_sentence(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="Could not load the policy model 'no-such-org/no-such-model'"):
+        load_policy("no-such-org/no-such-model")
+
+
+def _copy_tokenizer(src: str, dst, **overrides):
+    tokenizer = load_tokenizer(src)
+    tokenizer.save_pretrained(dst)
+    config_path = os.path.join(dst, "tokenizer_config.json")
+    config = json.load(open(config_path))
+    config.update(overrides)
+    json.dump(config, open(config_path, "w"))
+    return dst
+
+
+def test_tokenizer_without_pad_and_eos_is_rejected(tiny_model_dir, tmp_path):
+    path = _copy_tokenizer(tiny_model_dir, tmp_path / "tok", eos_token=None, pad_token=None)
+    with pytest.raises(ConfigError, match="neither a pad token nor an eos token"):
+        load_tokenizer(str(path))
+
+
+def test_tokenizer_without_pad_falls_back_to_eos_and_pads_left(tiny_model_dir, tmp_path):
+    path = _copy_tokenizer(tiny_model_dir, tmp_path / "tok", pad_token=None)
+    tokenizer = load_tokenizer(str(path))
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    assert tokenizer.padding_side == "left"
+
+
+def test_chat_template_is_used_when_present(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    plain = prompt_token_ids(tokenizer, ["1 2 3"])[0]
+    assert plain == tokenizer("1 2 3")["input_ids"]
+    tokenizer.chat_template = "{% for m in messages %}copy {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}={% endif %}"
+    templated = prompt_token_ids(tokenizer, ["1 2 3"])[0]
+    assert tokenizer.decode(templated) == "copy 1 2 3 ="
