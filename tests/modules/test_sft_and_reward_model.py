@@ -1,0 +1,49 @@
+import csv
+import os
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_rlhf.data import DemonstrationDataModule, PreferenceDataModule
+from lightning_rlhf.modules import SFT, RewardModel
+
+
+def _metric(logger, key):
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        return [float(r[key]) for r in csv.DictReader(f) if r.get(key)]
+
+
+def _trainer(steps, logger):
+    return L.Trainer(max_steps=steps, accelerator="cpu", logger=logger, log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+
+
+def test_sft_lowers_the_completion_loss_and_saves(tiny_model_dir, tmp_path):
+    L.seed_everything(0)
+    module = SFT(policy=tiny_model_dir, optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
+    logger = CSVLogger(tmp_path, name="sft")
+    _trainer(60, logger).fit(module, DemonstrationDataModule(batch_size=32))
+    losses = _metric(logger, "train/loss")
+    assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10
+    module.save_pretrained(tmp_path / "out")
+    assert (tmp_path / "out" / "config.json").exists() and (tmp_path / "out" / "tokenizer.json").exists()
+
+
+def test_sft_masks_the_prompt_out_of_the_labels(tiny_model_dir):
+    module = SFT(policy=tiny_model_dir)
+    module.configure_model()
+    ids, mask, labels = module.encode([{"prompt": "copy 1 2 =", "completion": "1 2"}, {"prompt": "copy 3 =", "completion": "3"}])
+    tok = module.tokenizer
+    # row 0: <s> copy 1 2 = | 1 2 </s> -> labels only on the last three tokens
+    assert labels[0].tolist() == [-100] * 5 + tok("1 2", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    # row 1: <s> copy 3 = | 3 </s> -> 6 real tokens, then padding
+    assert mask[1].sum() == 6 and (labels[1][mask[1] == 0] == -100).all()
+
+
+def test_reward_model_learns_the_preferences(builtin_models, tmp_path):
+    L.seed_everything(0)
+    module = RewardModel(model=builtin_models["sft"], optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    logger = CSVLogger(tmp_path, name="rm")
+    _trainer(60, logger).fit(module, PreferenceDataModule(batch_size=64))
+    accuracy = _metric(logger, "train/accuracy")
+    assert sum(accuracy[-10:]) / 10 > 0.65  # chance is 0.5

@@ -1,0 +1,86 @@
+"""The `lightning-rlhf` CLI: every YAML instantiates, the quickstart runs, bad input gets one sentence."""
+
+import csv
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    # a subprocess, like a user's shell, with a timeout so a hang fails the test
+    code = "import sys; from lightning_rlhf.cli import main; main(sys.argv[1:])"
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_there_is_a_config_per_algorithm_and_stage():
+    names = {os.path.relpath(c, os.path.join(ROOT, "configs")) for c in CONFIGS}
+    assert {"quickstart.yaml", "builtin/online_dpo.yaml", "builtin/rloo.yaml", "builtin/ppo.yaml", "builtin/sft.yaml", "builtin/reward_model.yaml"} <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: os.path.relpath(c, ROOT))
+def test_every_config_parses_and_instantiates(config, tmp_path):
+    import lightning as L
+
+    from lightning_rlhf.cli import RLHFCLI
+
+    with open(config) as f:
+        first_line = f.readline()
+    assert first_line.startswith(f"# lightning-rlhf fit --config {os.path.relpath(config, ROOT)}")
+    cli = RLHFCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        args=["--config", config, "--trainer.default_root_dir", str(tmp_path)],
+        run=False,
+    )
+    assert isinstance(cli.model, L.LightningModule) and isinstance(cli.datamodule, L.LightningDataModule)
+    assert {type(lg).__name__ for lg in cli.trainer.loggers} == {"CSVLogger", "TensorBoardLogger"}
+    assert all(lg.save_dir.startswith(str(tmp_path)) for lg in cli.trainer.loggers)
+
+
+def test_quickstart_runs_and_reports_gold_win_rate(builtin_models, tmp_path):
+    out = run_cli("fit", "--config", "configs/quickstart.yaml", "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "4", "--trainer.callbacks.1.init_args.every_n_steps", "2", "--trainer.callbacks.1.init_args.num_prompts", "32")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "gold win rate:" in out.stdout
+    summary = json.load(open(glob.glob(str(tmp_path / "csv" / "version_*" / "eval_summary.json"))[0]))
+    assert [h["step"] for h in summary["history"]] == [0, 2, 4]
+    assert summary["before"]["eval/kl"] == pytest.approx(0.0, abs=1e-5)  # the policy starts as the reference
+    assert summary["after"]["eval/kl"] != 0.0
+    rows = list(csv.DictReader(open(glob.glob(str(tmp_path / "csv" / "version_*" / "metrics.csv"))[0])))
+    keys = set().union(*(r.keys() for r in rows))
+    assert {"train/loss", "objective/scores", "objective/kl", "eval/gold_win_rate", "rollout/staleness"} <= keys
+    assert glob.glob(str(tmp_path / "tensorboard" / "version_*" / "events.*"))
+
+
+@pytest.mark.parametrize(
+    "args, sentence",
+    [
+        (["--model.init_args.betta", "0.3"], "Unknown key 'betta' under model.init_args"),
+        (["--trainer.max_stepz", "3"], "Unknown key 'trainer.max_stepz'"),
+        (["--model.init_args.k", "1"], "set k >= 2"),
+        (["--model.init_args.policy", "./no/such/model"], "The policy model path './no/such/model' does not exist"),
+        (["--data.init_args.prompt_column", "question"], "has no column 'question' (columns: prompt); set `prompt_column`"),
+    ],
+)
+def test_bad_input_is_one_sentence_before_training(args, sentence, tmp_path):
+    out = run_cli("fit", "--config", "configs/quickstart.yaml", "--trainer.default_root_dir", str(tmp_path), *args, timeout=120)
+    assert out.returncode == 2
+    error_lines = [line for line in out.stderr.splitlines() if line.startswith("lightning-rlhf: error:")]
+    assert len(error_lines) == 1 and sentence in error_lines[0], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert not glob.glob(str(tmp_path / "csv" / "version_*" / "metrics.csv"))  # nothing trained
+
+
+def test_unknown_key_in_a_yaml_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  init_args:\n    betta: 0.3\n")
+    out = run_cli("fit", "--config", "configs/quickstart.yaml", "--config", str(bad), timeout=120)
+    assert out.returncode == 2 and "Unknown key 'betta'" in out.stderr
