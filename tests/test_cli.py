@@ -15,7 +15,7 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recurs
 
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     # a subprocess, like a user's shell, with a timeout so a hang fails the test
-    code = "import sys; from lightning_rlhf.cli import main; main(sys.argv[1:])"
+    code = "from lightning_rlhf.cli import main; main()"
     return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
@@ -47,7 +47,12 @@ def test_every_config_parses_and_instantiates(config, tmp_path):
 
 
 def test_quickstart_runs_and_reports_gold_win_rate(builtin_models, tmp_path):
-    out = run_cli("fit", "--config", "configs/quickstart.yaml", "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "4", "--trainer.callbacks.1.init_args.every_n_steps", "2", "--trainer.callbacks.1.init_args.num_prompts", "32")
+    short = tmp_path / "short.yaml"  # a list in a later config replaces the earlier one
+    short.write_text(
+        "trainer:\n  max_steps: 4\n  callbacks:\n    - class_path: lightning_rlhf.callbacks.GoldEvaluation\n"
+        "      init_args:\n        num_prompts: 32\n        every_n_steps: 2\n"
+    )
+    out = run_cli("fit", "--config", "configs/quickstart.yaml", "--config", str(short), "--trainer.default_root_dir", str(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "gold win rate:" in out.stdout
     summary = json.load(open(glob.glob(str(tmp_path / "csv" / "version_*" / "eval_summary.json"))[0]))

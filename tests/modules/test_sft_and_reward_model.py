@@ -44,6 +44,6 @@ def test_reward_model_learns_the_preferences(builtin_models, tmp_path):
     L.seed_everything(0)
     module = RewardModel(model=builtin_models["sft"], optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
     logger = CSVLogger(tmp_path, name="rm")
-    _trainer(60, logger).fit(module, PreferenceDataModule(batch_size=64))
+    _trainer(150, logger).fit(module, PreferenceDataModule(batch_size=64))
     accuracy = _metric(logger, "train/accuracy")
     assert sum(accuracy[-10:]) / 10 > 0.65  # chance is 0.5
