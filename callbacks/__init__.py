@@ -1,5 +1,6 @@
 """Lightning callbacks of lightning-rlhf (installed as ``lightning_rlhf.callbacks``)."""
 
 from lightning_rlhf.callbacks.evaluation import GoldEvaluation
+from lightning_rlhf.callbacks.weight_sync import WeightSync
 
-__all__ = ["GoldEvaluation"]
+__all__ = ["GoldEvaluation", "WeightSync"]

@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from typing_extensions import override
 
 from lightning_rlhf.models import ConfigError
+import lightning_rlhf.strategies  # noqa: F401  (registers the async_rlhf strategy names)
 
 
 class RLHFCLI(LightningCLI):

@@ -79,5 +79,17 @@ class GenerationBackend(ABC):
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Replace the sampler's weights with the policy's and record their version."""
 
+    def connect(self, port: int, prefix: str) -> None:
+        """Join the side process group as rank 1 (generator-process backends only)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot run in a generator process.")
+
+    def receive_weights(self, meta: list, version: int) -> None:
+        """Receive the tensors described by ``meta`` over the side group and load them."""
+        raise NotImplementedError(f"{type(self).__name__} cannot run in a generator process.")
+
+    def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int], temperature: float) -> list[float]:
+        """Temperature-scaled logprobs of ``completion_ids`` following ``prompt_ids`` (the post-refresh probe)."""
+        raise NotImplementedError
+
     def close(self) -> None:
         """Release processes and memory; idempotent."""

@@ -2,6 +2,13 @@
 
 With ``share_weights=True`` (the synchronous default) the backend samples
 from the training module itself, so a weight refresh is only a version bump.
+In a generator process it holds its own copy and receives weights over the
+side group.
+
+Every ``generate`` call samples from its own RNG stream, seeded by ``(seed,
+call index)``, so the same requests give the same samples in the trainer's
+process and in a generator process, and generating never moves the trainer's
+global RNG.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import torch
 from transformers import GenerationConfig
 
 from lightning_rlhf.generation.base import GenerationBackend, Generations, SamplingConfig, truncate_at_stop
+from lightning_rlhf.generation.weights import join_group, receive_tensors
 from lightning_rlhf.losses import token_logprobs
 from lightning_rlhf.rewards.model import left_pad
 
@@ -25,23 +33,32 @@ class TransformersBackend(GenerationBackend):
         pad_token_id: Id used for padding.
         share_weights: True when ``model`` is the training policy itself.
         batch_size: Prompts per ``generate`` call.
+        seed: Base seed of the per-call RNG streams; ``None`` samples from the global RNG.
     """
 
-    def __init__(self, model: torch.nn.Module, stop_token_ids: list[int], pad_token_id: int, share_weights: bool = True, batch_size: int = 64) -> None:
+    def __init__(self, model: torch.nn.Module, stop_token_ids: list[int], pad_token_id: int, share_weights: bool = True, batch_size: int = 64, seed: int | None = None) -> None:
         self.model = model
         self.stop_token_ids = set(stop_token_ids)
         self.pad_token_id = pad_token_id
         self.share_weights = share_weights
         self.batch_size = batch_size
+        self.seed = seed
+        self.calls = 0
         self.policy_version = 0
+        self._group = None
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> Generations:
         completions, logprobs, reasons = [], [], []
-        for start in range(0, len(prompt_ids), self.batch_size):
-            chunk = self._generate_chunk(prompt_ids[start : start + self.batch_size], sampling)
-            for part, out in zip((completions, logprobs, reasons), chunk):
-                part.extend(out)
+        device = next(self.model.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=self.seed is not None):
+            if self.seed is not None:
+                torch.manual_seed(self.seed * 1_000_003 + self.calls)
+            for start in range(0, len(prompt_ids), self.batch_size):
+                chunk = self._generate_chunk(prompt_ids[start : start + self.batch_size], sampling)
+                for part, out in zip((completions, logprobs, reasons), chunk):
+                    part.extend(out)
+        self.calls += 1
         return Generations(prompt_ids, completions, logprobs, reasons, self.policy_version, sampling.k)
 
     def _generate_chunk(self, prompt_ids: list[list[int]], sampling: SamplingConfig):
@@ -68,6 +85,20 @@ class TransformersBackend(GenerationBackend):
         sampled_logprobs = token_logprobs(logits, new_tokens, sampling.temperature)  # (n*k, t)
         results = [truncate_at_stop(t, lp, self.stop_token_ids) for t, lp in zip(new_tokens.tolist(), sampled_logprobs.tolist())]
         return [r[0] for r in results], [r[1] for r in results], [r[2] for r in results]
+
+    def connect(self, port: int, prefix: str) -> None:
+        self._group = join_group(port, prefix, rank=1)
+
+    def receive_weights(self, meta: list, version: int) -> None:
+        device = next(self.model.parameters()).device
+        self.load_weights(((name, t.to(device)) for name, t in receive_tensors(self._group, meta)), version)
+
+    @torch.no_grad()
+    def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int], temperature: float) -> list[float]:
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([prompt_ids + completion_ids], device=device)
+        logits = self.model(input_ids=ids).logits[:, len(prompt_ids) - 1 : -1]  # (1, t, v)
+        return token_logprobs(logits, ids[:, len(prompt_ids) :], temperature)[0].tolist()
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         if not self.share_weights:

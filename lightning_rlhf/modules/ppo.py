@@ -30,7 +30,8 @@ from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from lightning_rlhf.generation import GenerationBackend, SamplingConfig, TransformersBackend
+from lightning_rlhf.generation import SamplingConfig, TransformersBackend
+from lightning_rlhf.generation.rollouts import LocalRollouts
 from lightning_rlhf.losses import clipped_value_loss, gae, kl_penalized_rewards, masked_mean, masked_whiten, ppo_policy_loss
 from lightning_rlhf.models import ConfigError, freeze, load_policy, load_reward_model, load_tokenizer, prompt_token_ids, resolve_source
 from lightning_rlhf.rewards import RewardFunction, RewardModelScore
@@ -112,7 +113,8 @@ class PPO(L.LightningModule):
         self.num_mini_batches, self.num_epochs = num_mini_batches, num_epochs
         self.gradient_clip_val = gradient_clip_val
         self.policy: torch.nn.Module | None = None
-        self.backend: GenerationBackend | None = None
+        self.policy_version = 0  # generated batches trained on; what rollout staleness is counted in
+        self.last_generations = None
         self.mean_score = MeanMetric()
 
     @override
@@ -130,8 +132,15 @@ class PPO(L.LightningModule):
             self.value_head = torch.nn.Linear(self.policy.config.hidden_size, 1)
             torch.nn.init.zeros_(self.value_head.weight)
             torch.nn.init.zeros_(self.value_head.bias)
-        if self.backend is None:
-            self.backend = TransformersBackend(self.policy, [self.tokenizer.eos_token_id], self.tokenizer.pad_token_id)
+        self.generation_seed = torch.initial_seed()
+        backend = TransformersBackend(self.policy, [self.tokenizer.eos_token_id], self.tokenizer.pad_token_id, seed=self.generation_seed)
+        self.local_rollouts = LocalRollouts(backend)
+
+    @property
+    def rollouts(self):
+        """The asynchronous strategy's rollout source when there is one, else in-process generation."""
+        strategy_rollouts = getattr(self._trainer.strategy, "rollouts", None) if self._trainer is not None else None
+        return strategy_rollouts if strategy_rollouts is not None else self.local_rollouts
 
     @override
     def setup(self, stage: str) -> None:
@@ -153,14 +162,15 @@ class PPO(L.LightningModule):
     @override
     def training_step(self, batch: list[dict], batch_idx: int) -> None:
         optimizer = self.optimizers()
-        n, k = len(batch), self.sampling.k
-        if getattr(self.backend, "share_weights", False):
-            self.backend.load_weights((), self.global_step)
-
         start = time.perf_counter()
-        generations = self.backend.generate(prompt_token_ids(self.tokenizer, [r["prompt"] for r in batch]), self.sampling)
-        gen_seconds = time.perf_counter() - start
-        staleness = self.global_step - generations.policy_version  # versions between sampler and learner
+        ready = self.rollouts.step(batch, prompt_token_ids(self.tokenizer, [r["prompt"] for r in batch]), self.sampling, self.policy_version)
+        if ready is None:
+            return  # asynchronous: the pipeline is still filling up
+        batch, generations = ready
+        rollout_seconds = time.perf_counter() - start
+        staleness = self.policy_version - generations.policy_version  # versions between sampler and learner
+        self.last_generations = generations
+        n, k = len(batch), self.sampling.k
         rollouts = build_rollout_batch(generations, self.tokenizer.pad_token_id).to(self.device)
         scores, _, _ = score_rollouts(self.reward, self.tokenizer, generations, batch, self.missing_eos_penalty)
         scores = scores.to(self.device)  # (b,)
@@ -186,6 +196,7 @@ class PPO(L.LightningModule):
                     self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
                 optimizer.step()
 
+        self.policy_version += 1
         self.mean_score(scores.mean())
         self.log_dict(
             {
@@ -201,8 +212,16 @@ class PPO(L.LightningModule):
                 "rollout/eos_rate": rollouts.finished.float().mean(),
                 "rollout/response_length": mask.sum(-1).float().mean(),
                 "rollout/staleness": float(staleness),
-                "timing/gen_seconds": gen_seconds,
+                "timing/rollout_seconds": rollout_seconds,
             },
             batch_size=n,
         )
         self.log("objective/scores_running", self.mean_score, prog_bar=True, batch_size=n)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["policy_version"] = self.policy_version
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.policy_version = checkpoint.get("policy_version", 0)

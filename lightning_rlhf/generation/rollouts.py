@@ -1,0 +1,120 @@
+"""Where a training step's rollouts come from: generated now (synchronous) or earlier, by a generator process (asynchronous).
+
+Both sources have one method, ``step(rows, prompt_ids, sampling, version)``:
+it takes this step's prompts and returns the ``(rows, generations)`` to train
+on now, or ``None`` while the asynchronous pipeline is filling up.
+
+Staleness (Noukhovitch et al. 2025, Sec. 4): ``version`` counts the generated
+batches the policy has been trained on. A rollout sampled with version ``v``
+and trained on at version ``u`` is ``u - v`` versions old. With
+``max_staleness = N`` the asynchronous source keeps up to ``N`` batches in
+flight, so batch ``i`` is sampled while batches ``i - N .. i - 1`` are trained
+on; 0 is synchronous, 1 is the paper's "one step behind". Before each request
+it refreshes the generator's weights itself if the request could otherwise be
+trained on more than ``N`` versions later, so the bound holds whatever the
+refresh period.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+import torch
+
+from lightning_rlhf.generation.base import GenerationBackend, Generations, SamplingConfig
+from lightning_rlhf.generation.process import GeneratorError, GeneratorProcess
+
+
+class LocalRollouts:
+    """Synchronous: sample with the current weights, in this process."""
+
+    def __init__(self, backend: GenerationBackend) -> None:
+        self.backend = backend
+
+    def step(self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int) -> tuple[list[dict], Generations]:
+        if getattr(self.backend, "share_weights", False):
+            self.backend.load_weights((), version)
+        return rows, self.backend.generate(prompt_ids, sampling)
+
+
+class AsyncRollouts:
+    """Asynchronous: a generator process samples ahead, at most ``max_staleness`` versions behind.
+
+    Args:
+        generator: The generator process.
+        max_staleness: Most versions a rollout may lag the policy it trains.
+        weights: Returns the policy's ``(name, tensor)`` pairs to send (gathered under ZeRO-3).
+        restart: Starts a replacement generator after a failure; ``None`` lets the failure stop training.
+    """
+
+    def __init__(
+        self,
+        generator: GeneratorProcess,
+        max_staleness: int,
+        weights: Callable[[], list[tuple[str, torch.Tensor]]],
+        restart: Callable[[], GeneratorProcess] | None = None,
+    ) -> None:
+        if max_staleness < 0:
+            raise ValueError(f"max_staleness must be 0 or more, got {max_staleness}.")
+        self.generator = generator
+        self.max_staleness = max_staleness
+        self.weights = weights
+        self.restart = restart
+        self.restarts = 0
+        self.pending: deque[tuple[int, list[dict], list[list[int]], SamplingConfig]] = deque()
+        self.request_ids = 0
+        self.forced_refreshes = 0
+        self.refresh_seconds: list[float] = []
+
+    def refresh(self, version: int) -> float:
+        """Send the current weights as ``version``; returns the trainer-side seconds."""
+        seconds = self.generator.push_weights(self.weights(), version)
+        self.refresh_seconds.append(seconds)
+        return seconds
+
+    def step(self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int) -> tuple[list[dict], Generations] | None:
+        try:
+            return self._step(rows, prompt_ids, sampling, version)
+        except GeneratorError:
+            if self.restart is None:
+                raise
+            # a fresh generator, refitted with the current weights; the requests in flight are asked again
+            self.generator.close()
+            self.generator = self.restart()
+            self.restarts += 1
+            in_flight = [(r, ids) for _, r, ids, _ in self.pending if r is not rows]
+            self.pending.clear()
+            self.refresh(version)
+            for old_rows, old_ids in in_flight:
+                self._submit(old_rows, old_ids, sampling)
+            return self._step(rows, prompt_ids, sampling, version)
+
+    def _submit(self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig) -> None:
+        self.generator.submit(self.request_ids, prompt_ids, sampling)
+        self.pending.append((self.request_ids, rows, prompt_ids, sampling))
+        self.request_ids += 1
+
+    def _step(self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int) -> tuple[list[dict], Generations] | None:
+        trained_at = version + len(self.pending)  # the version that will train on this request
+        if self.generator.version is None or trained_at - self.generator.version > self.max_staleness:
+            self.refresh(version)
+            self.forced_refreshes += 1
+        self._submit(rows, prompt_ids, sampling)
+        if len(self.pending) <= self.max_staleness:
+            return None  # filling the pipeline
+        request_id, rows, _, _ = self.pending.popleft()
+        generations = self.generator.result(request_id)
+        if version - generations.policy_version > self.max_staleness:
+            raise RuntimeError(f"Rollout {request_id} is {version - generations.policy_version} versions old, over max_staleness={self.max_staleness}.")
+        return rows, generations
+
+    def pending_rows(self) -> list[list[dict]]:
+        """Prompts requested but not yet trained on (kept in checkpoints so none is lost on resume)."""
+        return [rows for _, rows, _, _ in self.pending]
+
+    def resubmit(self, batches: list[list[dict]], prompt_ids: Callable[[list[dict]], list[list[int]]], sampling: SamplingConfig, version: int) -> None:
+        """After a restart: request the checkpoint's pending prompts again, in order, with the current weights."""
+        self.refresh(version)
+        for rows in batches:
+            self._submit(rows, prompt_ids(rows), sampling)

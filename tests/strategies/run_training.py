@@ -1,0 +1,84 @@
+"""A small training run used by the strategy tests (run in a subprocess: spawned generators need a __main__ guard).
+
+    python tests/strategies/run_training.py --out run.json --algo online_dpo --mode async --max_staleness 1 --steps 6
+"""
+
+import argparse
+import csv
+import glob
+import json
+import os
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_rlhf.callbacks import WeightSync
+from lightning_rlhf.data import PromptDataModule
+from lightning_rlhf.modules import PPO, RLOO, OnlineDPO
+from lightning_rlhf.rewards import RewardModelScore
+from lightning_rlhf.strategies import AsyncRLHFDDPStrategy, AsyncRLHFStrategy
+
+ALGOS = {"online_dpo": (OnlineDPO, dict(beta=0.5, k=4)), "rloo": (RLOO, dict(k=4)), "ppo": (PPO, dict(k=2, num_epochs=2, critic=None))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--algo", default="online_dpo", choices=ALGOS)
+    parser.add_argument("--mode", default="async", choices=["sync", "async", "ddp"])
+    parser.add_argument("--backend", default="transformers")
+    parser.add_argument("--policy", default="builtin:sft")
+    parser.add_argument("--max_staleness", type=int, default=1)
+    parser.add_argument("--sync_every", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--probe_every", type=int, default=1)
+    parser.add_argument("--ckpt_path", default=None)
+    parser.add_argument("--save_ckpt", default=None)
+    parser.add_argument("--vllm_kwargs", default="{}")
+    args = parser.parse_args()
+
+    L.seed_everything(0)
+    cls, kwargs = ALGOS[args.algo]
+    module = cls(
+        policy=args.policy,
+        reward=RewardModelScore("builtin:reward_model"),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-4),
+        temperature=0.7,
+        max_new_tokens=10,
+        **kwargs,
+    )
+    strategy_kwargs = dict(backend=args.backend, max_staleness=args.max_staleness, sync_every=args.sync_every, vllm_kwargs=json.loads(args.vllm_kwargs))
+    if args.mode == "sync":
+        strategy, devices = "auto", 1
+    elif args.mode == "async":
+        strategy, devices = AsyncRLHFStrategy(**strategy_kwargs), 1
+    else:
+        strategy, devices = AsyncRLHFDDPStrategy(**strategy_kwargs), 2
+    log_dir = os.path.dirname(os.path.abspath(args.out))
+    trainer = L.Trainer(
+        max_steps=args.steps * getattr(module, "num_epochs", 1),
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        logger=CSVLogger(log_dir, name="logs"),
+        log_every_n_steps=1,
+        callbacks=[WeightSync(sync_every=args.sync_every, probe_every=args.probe_every)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    data = PromptDataModule(batch_size=args.batch_size, shuffle=False)
+    trainer.fit(module, data, ckpt_path=args.ckpt_path)
+    if args.save_ckpt:
+        trainer.save_checkpoint(args.save_ckpt)
+    if trainer.global_rank == 0:
+        rows = list(csv.DictReader(open(glob.glob(os.path.join(log_dir, "logs", "version_*", "metrics.csv"))[-1])))
+        series = {key: [float(r[key]) for r in rows if r.get(key)] for key in set().union(*(r.keys() for r in rows)) if key != "epoch"}
+        params = torch.cat([p.detach().flatten() for p in module.policy.parameters()])
+        json.dump({"metrics": series, "policy_version": module.policy_version, "param_norm": params.norm().item(), "pid": os.getpid()}, open(args.out, "w"))
+
+
+if __name__ == "__main__":
+    main()
