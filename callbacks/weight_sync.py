@@ -48,11 +48,11 @@ class WeightSync(Callback):
             g = pl_module.last_generations
             self.probe = (g.prompt_ids[0], g.completion_ids[0])
         if self.probe is not None and self.probe_every and (self.refreshes - 1) % self.probe_every == 0:
-            metrics["sync/logprob_max_diff"] = self.logprob_max_diff(pl_module, rollouts.generator, pl_module.sampling.temperature)
+            metrics["sync/logprob_max_diff"] = self.logprob_max_diff(pl_module, rollouts.generator)
         pl_module.log_dict(metrics, batch_size=1)
 
     @torch.no_grad()
-    def logprob_max_diff(self, pl_module: L.LightningModule, generator, temperature: float) -> float:
+    def logprob_max_diff(self, pl_module: L.LightningModule, generator, temperature: float = 1.0) -> float:
         """Largest |trainer - generator| logprob over the probe's completion tokens."""
         from lightning_rlhf.losses import token_logprobs
 

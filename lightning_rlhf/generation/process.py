@@ -17,6 +17,7 @@ import itertools
 import multiprocessing as mp
 import os
 import queue
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -103,9 +104,10 @@ def generator_main(spec: GeneratorSpec, requests, results, port: int, prefix: st
                 results.put(("logprobs", backend.sequence_logprobs(prompt_ids, completion_ids, temperature)))
             elif kind == "stop":
                 break
-    except BaseException:  # report, then exit non-zero; the trainer turns it into one error
-        results.put(("error", traceback.format_exc()))
-        raise SystemExit(1)
+    except BaseException as exc:  # report, then exit non-zero; the trainer turns it into one error
+        sys.stderr.write(traceback.format_exc())
+        results.put(("error", f"{type(exc).__name__}: {' '.join(str(exc).split())[:600]}"))
+        raise SystemExit(1) from None
     finally:
         if backend is not None:
             backend.close()
@@ -190,7 +192,7 @@ class GeneratorProcess:
             while True:
                 item = self.results.get_nowait()
                 if item[0] == "error":
-                    return "Its last error: " + item[1].strip().splitlines()[-1]
+                    return f"Its last error: {item[1]}"
         except (queue.Empty, OSError, ValueError):
             return ""
 
@@ -206,7 +208,7 @@ class GeneratorProcess:
                     raise GeneratorError(f"The generator process (pid {self.pid}) sent no {key[0]} for {timeout_s:.0f} s; it may be stuck.") from None
                 continue
             if item[0] == "error":
-                raise GeneratorError(f"The generator process (pid {self.pid}) failed: {item[1].strip().splitlines()[-1]}")
+                raise GeneratorError(f"The generator process (pid {self.pid}) failed: {item[1]}")
             if item[0] == "weights":
                 self.last_refresh_seconds = item[2]
                 continue
