@@ -69,8 +69,25 @@ class AsyncRollouts:
 
     def refresh(self, version: int) -> float:
         """Send the current weights as ``version``; returns the trainer-side seconds."""
-        seconds = self.generator.push_weights(self.weights(), version)
+        try:
+            seconds = self.generator.push_weights(self.weights(), version)
+        except GeneratorError:
+            if self.restart is None:
+                raise
+            seconds = self._recover(version)
         self.refresh_seconds.append(seconds)
+        return seconds
+
+    def _recover(self, version: int, skip: list[dict] | None = None) -> float:
+        """Replace a dead generator: a fresh one, refitted with the current weights; requests in flight are asked again."""
+        self.generator.close()
+        self.generator = self.restart()
+        self.restarts += 1
+        in_flight = [(rows, ids, sampling) for _, rows, ids, sampling in self.pending if rows is not skip]
+        self.pending.clear()
+        seconds = self.generator.push_weights(self.weights(), version)
+        for rows, ids, sampling in in_flight:
+            self._submit(rows, ids, sampling)
         return seconds
 
     def step(self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int) -> tuple[list[dict], Generations] | None:
@@ -79,15 +96,7 @@ class AsyncRollouts:
         except GeneratorError:
             if self.restart is None:
                 raise
-            # a fresh generator, refitted with the current weights; the requests in flight are asked again
-            self.generator.close()
-            self.generator = self.restart()
-            self.restarts += 1
-            in_flight = [(r, ids) for _, r, ids, _ in self.pending if r is not rows]
-            self.pending.clear()
-            self.refresh(version)
-            for old_rows, old_ids in in_flight:
-                self._submit(old_rows, old_ids, sampling)
+            self._recover(version, skip=rows)
             return self._step(rows, prompt_ids, sampling, version)
 
     def _submit(self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig) -> None:

@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--ckpt_path", default=None)
     parser.add_argument("--save_ckpt", default=None)
     parser.add_argument("--vllm_kwargs", default="{}")
+    parser.add_argument("--restart_on_failure", action="store_true")
     args = parser.parse_args()
 
     L.seed_everything(0)
@@ -49,7 +50,7 @@ def main() -> None:
         max_new_tokens=10,
         **kwargs,
     )
-    strategy_kwargs = dict(backend=args.backend, max_staleness=args.max_staleness, sync_every=args.sync_every, vllm_kwargs=json.loads(args.vllm_kwargs))
+    strategy_kwargs = dict(backend=args.backend, max_staleness=args.max_staleness, sync_every=args.sync_every, vllm_kwargs=json.loads(args.vllm_kwargs), restart_on_failure=args.restart_on_failure)
     if args.mode == "sync":
         strategy, devices = "auto", 1
     elif args.mode == "async":
@@ -77,7 +78,9 @@ def main() -> None:
         rows = list(csv.DictReader(open(glob.glob(os.path.join(log_dir, "logs", "version_*", "metrics.csv"))[-1])))
         series = {key: [float(r[key]) for r in rows if r.get(key)] for key in set().union(*(r.keys() for r in rows)) if key != "epoch"}
         params = torch.cat([p.detach().flatten() for p in module.policy.parameters()])
-        json.dump({"metrics": series, "policy_version": module.policy_version, "param_norm": params.norm().item(), "pid": os.getpid()}, open(args.out, "w"))
+        rollouts = getattr(trainer.strategy, "rollouts", None)
+        extra = {"restarts": rollouts.restarts, "forced_refreshes": rollouts.forced_refreshes} if rollouts is not None else {}
+        json.dump({"metrics": series, "policy_version": module.policy_version, "param_norm": params.norm().item(), "pid": os.getpid(), **extra}, open(args.out, "w"))
 
 
 if __name__ == "__main__":

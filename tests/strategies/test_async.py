@@ -1,0 +1,147 @@
+"""The asynchronous engine's proofs. Every run is a subprocess with a timeout: a hang fails the test."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, "tests", "strategies", "run_training.py")
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+def train(tmp_path, *args: str, timeout: int = 300) -> dict:
+    out = tmp_path / "run.json"
+    proc = subprocess.run([sys.executable, SCRIPT, "--out", str(out), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.load(open(out))
+
+
+class Watched:
+    """A training subprocess whose descendants are recorded while it runs (to check that none outlive it)."""
+
+    def __init__(self, tmp_path, *args: str) -> None:
+        self.out = tmp_path / "run.json"
+        self.popen = subprocess.Popen([sys.executable, SCRIPT, "--out", str(self.out), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        self.seen: dict[int, psutil.Process] = {}
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            children = psutil.Process(self.popen.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        self.seen.update({c.pid: c for c in children})
+        return children
+
+    def generator(self, timeout: float = 240) -> psutil.Process:
+        """Wait until a generator process is running and training has started; return it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for child in self.descendants():
+                try:
+                    cmdline = " ".join(child.cmdline())
+                except psutil.Error:
+                    continue
+                if "spawn_main" in cmdline and "resource_tracker" not in cmdline and list((self.out.parent / "logs").glob("version_*/metrics.csv")):
+                    return child
+            if self.popen.poll() is not None:
+                raise AssertionError(f"training ended before the generator was seen: {self.popen.stderr.read()[-3000:]}")
+            time.sleep(0.2)
+        raise AssertionError("no generator process appeared")
+
+    def wait(self, timeout: float) -> tuple[int, str]:
+        try:
+            _, stderr = self.popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            raise AssertionError(f"training did not stop within {timeout} s") from None
+        return self.popen.returncode, stderr
+
+    def leftovers(self) -> list[int]:
+        time.sleep(1.0)
+        return [pid for pid, p in self.seen.items() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_staleness_zero_reproduces_the_synchronous_run_step_for_step(tmp_path):
+    sync = train(tmp_path / "sync", "--mode", "sync", "--steps", "6")
+    asynchronous = train(tmp_path / "async", "--mode", "async", "--max_staleness", "0", "--steps", "6")
+    assert len(sync["metrics"]["train/loss"]) == 6
+    assert asynchronous["metrics"]["train/loss"] == pytest.approx(sync["metrics"]["train/loss"], abs=1e-5)
+    assert asynchronous["metrics"]["objective/scores"] == pytest.approx(sync["metrics"]["objective/scores"], abs=1e-5)
+    assert asynchronous["param_norm"] == pytest.approx(sync["param_norm"], rel=1e-6)
+    assert asynchronous["metrics"]["rollout/staleness"] == [0.0] * 6
+
+
+@pytest.mark.parametrize("backend", ["transformers", pytest.param("vllm", marks=pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed"))])
+def test_staleness_one_bound_and_refreshed_logprobs_match(backend, tmp_path):
+    run = train(tmp_path, "--mode", "async", "--backend", backend, "--max_staleness", "1", "--steps", "6", timeout=400)
+    staleness = run["metrics"]["rollout/staleness"]
+    assert len(staleness) == 6 and max(staleness) <= 1.0 and staleness[1:] == [1.0] * 5  # one step behind, never more
+    assert run["metrics"]["sync/version"] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert max(run["metrics"]["sync/logprob_max_diff"]) < 1e-3  # float32, after every refresh
+    assert run["forced_refreshes"] == 1  # only the initial weights; every other refresh came from WeightSync
+
+
+def test_refresh_period_longer_than_the_bound_still_respects_it(tmp_path):
+    run = train(tmp_path, "--mode", "async", "--max_staleness", "1", "--sync_every", "3", "--steps", "7")
+    assert max(run["metrics"]["rollout/staleness"]) <= 1.0
+    assert run["forced_refreshes"] > 1  # the rollout source refreshed on its own to keep the bound
+
+
+def test_rloo_and_ppo_train_asynchronously(tmp_path):
+    for algo in ("rloo", "ppo"):
+        run = train(tmp_path / algo, "--algo", algo, "--mode", "async", "--max_staleness", "1", "--steps", "4")
+        assert run["policy_version"] == 4 and max(run["metrics"]["rollout/staleness"]) <= 1.0
+
+
+def test_ddp_two_ranks_with_a_generator_each(tmp_path):
+    run = train(tmp_path, "--mode", "ddp", "--max_staleness", "1", "--steps", "4", timeout=400)
+    assert run["policy_version"] == 4
+    assert max(run["metrics"]["rollout/staleness"]) <= 1.0
+    assert max(run["metrics"]["sync/logprob_max_diff"]) < 1e-3
+
+
+def test_generator_death_stops_training_within_seconds_and_leaves_nothing(tmp_path):
+    run = Watched(tmp_path, "--mode", "async", "--max_staleness", "1", "--steps", "100000", "--probe_every", "0")
+    generator = run.generator()
+    killed_at = time.monotonic()
+    generator.kill()
+    code, stderr = run.wait(timeout=60)
+    detected_after = time.monotonic() - killed_at
+    assert code != 0
+    assert "The generator process" in stderr and "died" in stderr, stderr[-3000:]
+    assert detected_after < 20, f"took {detected_after:.1f} s"
+    assert run.leftovers() == []
+
+
+def test_restart_on_failure_carries_on(tmp_path):
+    run = Watched(tmp_path, "--mode", "async", "--max_staleness", "1", "--steps", "40", "--restart_on_failure")
+    run.generator().kill()
+    code, stderr = run.wait(timeout=240)
+    assert code == 0, stderr[-3000:]
+    result = json.load(open(run.out))
+    assert result["restarts"] == 1 and result["policy_version"] == 40
+    assert max(result["metrics"]["rollout/staleness"]) <= 1.0
+    assert run.leftovers() == []
+
+
+@pytest.mark.parametrize("how", ["normal end", "ctrl-c"])
+def test_no_process_is_left_behind(how, tmp_path):
+    steps = "3" if how == "normal end" else "100000"
+    run = Watched(tmp_path, "--mode", "async", "--max_staleness", "1", "--steps", steps)
+    if how == "ctrl-c":
+        run.generator()
+        run.popen.send_signal(signal.SIGINT)
+    else:
+        run.descendants()
+    code, stderr = run.wait(timeout=120)
+    if how == "normal end":
+        assert code == 0, stderr[-3000:]
+    assert run.seen, "no child process was ever seen"
+    assert run.leftovers() == []
