@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 
 import lightning as L
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Sampler
 
 from lightning_rlhf.models import BUILTIN_PREFIX, ConfigError
 
@@ -57,6 +58,33 @@ def _collate(rows: list[dict]) -> list[dict]:
     return rows
 
 
+class ResumableSampler(Sampler[int]):
+    """Epoch-seeded order (``seed + epoch``) that can start part-way into an epoch.
+
+    A resumed run builds it with the number of batches the checkpointed run had
+    already drawn, so it continues with the next prompt: none lost, none twice.
+    """
+
+    def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int, start_batch: int = 0) -> None:
+        self.size, self.shuffle, self.seed = size, shuffle, seed
+        per_epoch = max(1, size // batch_size)
+        self.epoch, self.skip = divmod(start_batch, per_epoch)
+        self.skip *= batch_size
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = list(range(self.size))
+        skip, self.skip = self.skip, 0
+        self.epoch += 1
+        return iter(order[skip:])
+
+    def __len__(self) -> int:
+        # the whole epoch: after a resume Lightning itself counts the batches already done in it
+        return self.size
+
+
 class _TextDataModule(L.LightningDataModule):
     """Shared loading, column checks and the (shuffled) dataloader; see the subclasses."""
 
@@ -79,20 +107,11 @@ class _TextDataModule(L.LightningDataModule):
             )
         renames = {column: key for key, column in columns.items() if column != key}
         self.rows = rows.rename_columns(renames) if renames else rows
+        self.start_batch = 0  # set by a module resuming from a checkpoint: batches already drawn
 
     def train_dataloader(self) -> DataLoader:
-        import torch
-
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self.rows,
-            batch_size=self.batch_size,
-            shuffle=self.shuffle,
-            drop_last=True,
-            collate_fn=_collate,
-            num_workers=self.num_workers,
-            generator=generator,
-        )
+        sampler = ResumableSampler(len(self.rows), self.batch_size, self.shuffle, self.seed, self.start_batch)
+        return DataLoader(self.rows, batch_size=self.batch_size, sampler=sampler, drop_last=True, collate_fn=_collate, num_workers=self.num_workers)
 
 
 class PromptDataModule(_TextDataModule):

@@ -36,6 +36,12 @@ class LocalRollouts:
         """Nothing to send: the backend samples from the training weights themselves."""
         return 0.0
 
+    def pending_rows(self) -> list[list[dict]]:
+        return []  # nothing is ever in flight
+
+    def resubmit(self, batches, prompt_ids, sampling, version) -> None:
+        raise RuntimeError("A synchronous run has no prompts in flight to resubmit; resume an asynchronous checkpoint with an asynchronous strategy.")
+
     def close(self) -> None:
         self.backend.close()
 

@@ -101,7 +101,9 @@ class OnlineDPO(L.LightningModule):
         self.gradient_clip_val = gradient_clip_val
         self.policy: torch.nn.Module | None = None
         self.policy_version = 0  # generated batches trained on; what rollout staleness is counted in
-        self.last_generations = None
+        self.batches_drawn = 0  # prompt batches taken from the data loader (some may still be in flight)
+        self.last_generations, self.last_rows = None, None
+        self._resubmit: list[list[dict]] = []
         self.mean_score = MeanMetric()
 
     @override
@@ -133,15 +135,19 @@ class OnlineDPO(L.LightningModule):
     @override
     def training_step(self, batch: list[dict], batch_idx: int) -> None:
         optimizer = self.optimizers()
+        self.batches_drawn += 1
+        if self._resubmit:  # resumed: the checkpoint's prompts in flight go first
+            self.rollouts.resubmit(self._resubmit, self.prompt_ids, self.sampling, self.policy_version)
+            self._resubmit = []
         start = time.perf_counter()
-        ready = self.rollouts.step(batch, prompt_token_ids(self.tokenizer, [r["prompt"] for r in batch]), self.sampling, self.policy_version)
+        ready = self.rollouts.step(batch, self.prompt_ids(batch), self.sampling, self.policy_version)
         if ready is None:
             return  # asynchronous: the pipeline is still filling up
         batch, generations = ready
         train_start = time.perf_counter()
         rollout_seconds = train_start - start
         staleness = self.policy_version - generations.policy_version  # versions between sampler and learner
-        self.last_generations = generations
+        self.last_generations, self.last_rows = generations, batch
         n, k = len(batch), self.sampling.k
         rollouts = build_rollout_batch(generations, self.tokenizer.pad_token_id).to(self.device)
         scores, _, _ = score_rollouts(self.reward, self.tokenizer, generations, batch, self.missing_eos_penalty)
@@ -187,10 +193,19 @@ class OnlineDPO(L.LightningModule):
         )
         self.log("objective/scores_running", self.mean_score, prog_bar=True, batch_size=n)
 
+    def prompt_ids(self, rows: list[dict]) -> list[list[int]]:
+        return prompt_token_ids(self.tokenizer, [r["prompt"] for r in rows])
+
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["policy_version"] = self.policy_version
+        checkpoint["rollouts"] = {"policy_version": self.policy_version, "batches_drawn": self.batches_drawn, "pending": self.rollouts.pending_rows()}
 
     @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.policy_version = checkpoint.get("policy_version", 0)
+        state = checkpoint.get("rollouts", {})
+        self.policy_version = state.get("policy_version", 0)
+        self.batches_drawn = state.get("batches_drawn", 0)
+        self._resubmit = list(state.get("pending", []))
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "start_batch"):
+            datamodule.start_batch = self.batches_drawn  # continue with the next prompt

@@ -11,6 +11,7 @@ import os
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_rlhf.callbacks import WeightSync
@@ -18,6 +19,20 @@ from lightning_rlhf.data import PromptDataModule
 from lightning_rlhf.modules import PPO, RLOO, OnlineDPO
 from lightning_rlhf.rewards import RewardModelScore
 from lightning_rlhf.strategies import AsyncRLHFDDPStrategy, AsyncRLHFStrategy
+
+class Record(Callback):
+    """The prompts of every batch trained on, in order; optionally fails at a version."""
+
+    def __init__(self, fail_at_version):
+        self.prompts, self.fail_at_version, self.version = [], fail_at_version, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if pl_module.policy_version != self.version:
+            self.version = pl_module.policy_version
+            self.prompts.append([r["prompt"] for r in pl_module.last_rows])
+        if self.fail_at_version is not None and self.version >= self.fail_at_version:
+            raise RuntimeError("failing on purpose")
+
 
 ALGOS = {"online_dpo": (OnlineDPO, dict(beta=0.5, k=4)), "rloo": (RLOO, dict(k=4)), "ppo": (PPO, dict(k=2, num_epochs=2, critic=None))}
 
@@ -38,6 +53,9 @@ def main() -> None:
     parser.add_argument("--save_ckpt", default=None)
     parser.add_argument("--vllm_kwargs", default="{}")
     parser.add_argument("--restart_on_failure", action="store_true")
+    parser.add_argument("--dataset", default="builtin:prompts")
+    parser.add_argument("--shuffle", action="store_true")
+    parser.add_argument("--fail_at_version", type=int, default=None, help="raise inside training at this version")
     args = parser.parse_args()
 
     L.seed_everything(0)
@@ -65,12 +83,12 @@ def main() -> None:
         strategy=strategy,
         logger=CSVLogger(log_dir, name="logs"),
         log_every_n_steps=1,
-        callbacks=[WeightSync(sync_every=args.sync_every, probe_every=args.probe_every)],
+        callbacks=[WeightSync(sync_every=args.sync_every, probe_every=args.probe_every), record := Record(args.fail_at_version)],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    data = PromptDataModule(batch_size=args.batch_size, shuffle=False)
+    data = PromptDataModule(args.dataset, batch_size=args.batch_size, shuffle=args.shuffle)
     trainer.fit(module, data, ckpt_path=args.ckpt_path)
     if args.save_ckpt:
         trainer.save_checkpoint(args.save_ckpt)
@@ -80,7 +98,7 @@ def main() -> None:
         params = torch.cat([p.detach().flatten() for p in module.policy.parameters()])
         rollouts = getattr(trainer.strategy, "rollouts", None)
         extra = {"restarts": rollouts.restarts, "forced_refreshes": rollouts.forced_refreshes} if rollouts is not None else {}
-        json.dump({"metrics": series, "policy_version": module.policy_version, "param_norm": params.norm().item(), "pid": os.getpid(), **extra}, open(args.out, "w"))
+        json.dump({"metrics": series, "policy_version": module.policy_version, "param_norm": params.norm().item(), "pid": os.getpid(), "trained_prompts": record.prompts, **extra}, open(args.out, "w"))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ class Watched:
 
     def __init__(self, tmp_path, *args: str) -> None:
         self.out = tmp_path / "run.json"
-        self.popen = subprocess.Popen([sys.executable, SCRIPT, "--out", str(self.out), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        self.log = open(tmp_path / "stderr.log", "w+")  # a file, not a pipe: a full pipe would block the child
+        self.popen = subprocess.Popen([sys.executable, SCRIPT, "--out", str(self.out), *args], stdout=subprocess.DEVNULL, stderr=self.log, text=True, cwd=ROOT)
         self.seen: dict[int, psutil.Process] = {}
 
     def descendants(self) -> list[psutil.Process]:
@@ -51,17 +52,23 @@ class Watched:
                 if "spawn_main" in cmdline and "resource_tracker" not in cmdline and list((self.out.parent / "logs").glob("version_*/metrics.csv")):
                     return child
             if self.popen.poll() is not None:
-                raise AssertionError(f"training ended before the generator was seen: {self.popen.stderr.read()[-3000:]}")
+                raise AssertionError(f"training ended before the generator was seen: {self.stderr()[-3000:]}")
             time.sleep(0.2)
         raise AssertionError("no generator process appeared")
 
     def wait(self, timeout: float) -> tuple[int, str]:
-        try:
-            _, stderr = self.popen.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            raise AssertionError(f"training did not stop within {timeout} s") from None
-        return self.popen.returncode, stderr
+        deadline = time.monotonic() + timeout
+        while self.popen.poll() is None:  # keep recording descendants until it ends
+            self.descendants()
+            if time.monotonic() > deadline:
+                self.popen.kill()
+                raise AssertionError(f"training did not stop within {timeout} s")
+            time.sleep(0.1)
+        return self.popen.returncode, self.stderr()
+
+    def stderr(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
 
     def leftovers(self) -> list[int]:
         time.sleep(1.0)
@@ -163,3 +170,23 @@ def test_real_smollm2_through_vllm_with_one_refresh(tmp_path_factory):
     assert result["diff_stale"] > 1e-2  # the trainer moved; the generator had not been refreshed yet
     assert result["diff_after_refresh"] < 1e-3  # tied embeddings included
     assert result["completion"].strip()
+
+
+def test_resume_loses_no_prompt_and_uses_none_twice(tmp_path):
+    dataset = tmp_path / "prompts.jsonl"  # 3 batches per epoch, so the runs cross epochs
+    dataset.write_text("".join(json.dumps({"prompt": f"copy {i % 10} {i // 10} 1 2 ="}) + "\n" for i in range(24)))
+    common = ["--mode", "async", "--max_staleness", "1", "--batch_size", "8", "--dataset", str(dataset), "--shuffle", "--probe_every", "0"]
+    whole = train(tmp_path / "whole", *common, "--steps", "8")
+    first = train(tmp_path / "first", *common, "--steps", "4", "--save_ckpt", str(tmp_path / "half.ckpt"))
+    second = train(tmp_path / "second", *common, "--steps", "8", "--ckpt_path", str(tmp_path / "half.ckpt"))
+    assert len(first["trained_prompts"]) == 4 and len(second["trained_prompts"]) == 4
+    # the batch in flight at the checkpoint is trained first after resuming; then the loader continues where it stopped
+    assert first["trained_prompts"] + second["trained_prompts"] == whole["trained_prompts"]
+    assert second["policy_version"] == 8
+
+
+def test_exception_in_training_stops_the_generator(tmp_path):
+    run = Watched(tmp_path, "--mode", "async", "--max_staleness", "1", "--steps", "50", "--fail_at_version", "3")
+    code, stderr = run.wait(timeout=120)
+    assert code != 0 and "failing on purpose" in stderr
+    assert run.seen and run.leftovers() == []
