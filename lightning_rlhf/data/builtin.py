@@ -219,6 +219,11 @@ def builtin_artifact(name: str) -> str:
             (root / "data" / ".done").touch()
         if name in DATASETS:
             return str(root / "data" / DATASETS[name])
+        if not (root / name / ".done").exists() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError(
+                f"The built-in '{name}' is not prepared yet and this is a multi-process run; prepare it once first with "
+                f"python -c \"from lightning_rlhf.data.builtin import builtin_artifact; builtin_artifact('reward_model')\"."
+            )
         if not (root / "base" / ".done").exists():
             tokenizer = make_tokenizer()
             make_base_model(tokenizer).save_pretrained(root / "base")

@@ -8,7 +8,9 @@ not own (gloo on CPU). Each strategy here is a Lightning strategy plus that
 machinery:
 
 * ``async_rlhf`` (:class:`AsyncRLHFStrategy`): one training device;
-* ``async_rlhf_ddp`` (:class:`AsyncRLHFDDPStrategy`): DDP, one generator per rank.
+* ``async_rlhf_ddp`` (:class:`AsyncRLHFDDPStrategy`): DDP, one generator per rank;
+* ``async_rlhf_deepspeed`` (:class:`AsyncRLHFDeepSpeedStrategy`): DeepSpeed ZeRO-2/3, one generator
+  per rank; ZeRO-3 parameters are gathered before they are sent.
 
 Everything the strategy starts it also stops: at the end of ``fit``, on an
 exception or Ctrl-C (``on_exception``), and at interpreter exit.
@@ -17,12 +19,14 @@ exception or Ctrl-C (``on_exception``), and at interpreter exit.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib.util
 import os
+from collections.abc import Generator
 from typing import Literal
 
 import torch
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, StrategyRegistry
 from typing_extensions import override
 
 from lightning_rlhf.generation.process import GeneratorProcess, GeneratorSpec
@@ -210,6 +214,95 @@ class AsyncRLHFDDPStrategy(_AsyncGeneration, DDPStrategy):
         super().teardown()
 
 
+class AsyncRLHFDeepSpeedStrategy(_AsyncGeneration, DeepSpeedStrategy):
+    """DeepSpeed ZeRO training with one generator process per rank; ZeRO-3 weights are gathered before sending.
+
+    Runs on CUDA and, for testing, on CPU with gloo (Lightning's own DeepSpeed strategy
+    accepts CUDA only; DeepSpeed itself runs on CPU).
+
+    Args: as :class:`AsyncRLHFStrategy`, plus ``stage`` (2 or 3) and every ``DeepSpeedStrategy``
+    argument through ``deepspeed_kwargs``.
+    """
+
+    strategy_name = "async_rlhf_deepspeed"
+
+    def __init__(
+        self,
+        backend: Literal["auto", "transformers", "vllm"] = "auto",
+        max_staleness: int = 1,
+        sync_every: int = 1,
+        stage: int = 3,
+        generator_devices: list[str] | None = None,
+        generator_cores: list[int] | None = None,
+        trainer_cores: list[int] | None = None,
+        dtype: str = "float32",
+        vllm_kwargs: dict | None = None,
+        restart_on_failure: bool = False,
+        **deepspeed_kwargs,
+    ) -> None:
+        super().__init__(stage=stage, **deepspeed_kwargs)
+        self._init_async(backend, max_staleness, sync_every, generator_devices, generator_cores, trainer_cores, dtype, vllm_kwargs, restart_on_failure)
+
+    @override
+    def setup_environment(self) -> None:
+        if self.root_device.type == "cpu":
+            DDPStrategy.setup_environment(self)  # skips the CUDA-only check; setup_distributed is still DeepSpeed's
+        else:
+            super().setup_environment()
+
+    @override
+    def setup_distributed(self) -> None:
+        if self.root_device.type != "cpu":
+            return super().setup_distributed()
+        from lightning.fabric.utilities.seed import reset_seed
+
+        reset_seed()  # as DeepSpeedStrategy does, minus its check of CUDA device indices
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    @override
+    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+        if self.root_device.type != "cpu":
+            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+        # deepspeed.initialize reads the rank from the device index, which a CPU device lacks
+        devices = self.parallel_devices
+        self.parallel_devices = [torch.device("cpu", i) for i in range(len(devices))]
+        try:
+            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+        finally:
+            self.parallel_devices = devices
+
+    @override
+    @contextlib.contextmanager
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        yield  # modules load whole pretrained weights; deepspeed.initialize partitions them afterwards
+
+    @override
+    def setup(self, trainer) -> None:
+        super().setup(trainer)
+        self.start_generator()
+        _ensure_weight_sync(trainer)
+
+    @override
+    def policy_weights(self) -> list[tuple[str, torch.Tensor]]:
+        import deepspeed
+
+        policy = self.lightning_module.policy
+        # a collective: every rank gathers at the same refresh
+        with deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=None):
+            return [(name, tensor.detach().clone()) for name, tensor in policy_state(policy)]
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        self.stop_generator()
+        super().on_exception(exception)
+
+    @override
+    def teardown(self) -> None:
+        self.stop_generator()
+        super().teardown()
+
+
 def _ensure_weight_sync(trainer) -> None:
     from lightning_rlhf.callbacks import WeightSync
 
@@ -217,6 +310,6 @@ def _ensure_weight_sync(trainer) -> None:
         trainer.callbacks.append(WeightSync())
 
 
-for _cls in (AsyncRLHFStrategy, AsyncRLHFDDPStrategy):
+for _cls in (AsyncRLHFStrategy, AsyncRLHFDDPStrategy, AsyncRLHFDeepSpeedStrategy):
     if _cls.strategy_name not in StrategyRegistry:
         StrategyRegistry.register(_cls.strategy_name, _cls, description=_cls.__doc__.splitlines()[0])

@@ -18,7 +18,7 @@ from lightning_rlhf.callbacks import WeightSync
 from lightning_rlhf.data import PromptDataModule
 from lightning_rlhf.modules import PPO, RLOO, OnlineDPO
 from lightning_rlhf.rewards import RewardModelScore
-from lightning_rlhf.strategies import AsyncRLHFDDPStrategy, AsyncRLHFStrategy
+from lightning_rlhf.strategies import AsyncRLHFDDPStrategy, AsyncRLHFDeepSpeedStrategy, AsyncRLHFStrategy
 
 class Record(Callback):
     """The prompts of every batch trained on, in order; optionally fails at a version."""
@@ -41,7 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--algo", default="online_dpo", choices=ALGOS)
-    parser.add_argument("--mode", default="async", choices=["sync", "async", "ddp"])
+    parser.add_argument("--mode", default="async", choices=["sync", "async", "ddp", "deepspeed2", "deepspeed3"])
     parser.add_argument("--backend", default="transformers")
     parser.add_argument("--policy", default="builtin:sft")
     parser.add_argument("--max_staleness", type=int, default=1)
@@ -73,8 +73,10 @@ def main() -> None:
         strategy, devices = "auto", 1
     elif args.mode == "async":
         strategy, devices = AsyncRLHFStrategy(**strategy_kwargs), 1
-    else:
+    elif args.mode == "ddp":
         strategy, devices = AsyncRLHFDDPStrategy(**strategy_kwargs), 2
+    else:
+        strategy, devices = AsyncRLHFDeepSpeedStrategy(stage=int(args.mode[-1]), **strategy_kwargs), 2
     log_dir = os.path.dirname(os.path.abspath(args.out))
     trainer = L.Trainer(
         max_steps=args.steps * getattr(module, "num_epochs", 1),
@@ -98,7 +100,8 @@ def main() -> None:
         params = torch.cat([p.detach().flatten() for p in module.policy.parameters()])
         rollouts = getattr(trainer.strategy, "rollouts", None)
         extra = {"restarts": rollouts.restarts, "forced_refreshes": rollouts.forced_refreshes} if rollouts is not None else {}
-        json.dump({"metrics": series, "policy_version": module.policy_version, "param_norm": params.norm().item(), "pid": os.getpid(), "trained_prompts": record.prompts, **extra}, open(args.out, "w"))
+        json.dump({"metrics": series, "policy_version": module.policy_version, "param_norm": params.norm().item(), "pid": os.getpid(), "trained_prompts": record.prompts,
+                   "zero3_partitioned": any(hasattr(p, "ds_tensor") for p in module.policy.parameters()), **extra}, open(args.out, "w"))
 
 
 if __name__ == "__main__":

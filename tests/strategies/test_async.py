@@ -14,6 +14,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "tests", "strategies", "run_training.py")
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
+# the built-in SFT policy and reward model are prepared once, before any (multi-process) run uses them
+pytestmark = pytest.mark.usefixtures("builtin_models")
 
 
 def train(tmp_path, *args: str, timeout: int = 300) -> dict:
@@ -110,6 +112,16 @@ def test_rloo_and_ppo_train_asynchronously(tmp_path):
 def test_ddp_two_ranks_with_a_generator_each(tmp_path):
     run = train(tmp_path, "--mode", "ddp", "--max_staleness", "1", "--steps", "4", timeout=400)
     assert run["policy_version"] == 4
+    assert max(run["metrics"]["rollout/staleness"]) <= 1.0
+    assert max(run["metrics"]["sync/logprob_max_diff"]) < 1e-3
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_two_ranks_with_a_generator_each(stage, tmp_path):
+    run = train(tmp_path, "--mode", f"deepspeed{stage}", "--max_staleness", "1", "--steps", "4", timeout=600)
+    assert run["policy_version"] == 4
+    assert run["zero3_partitioned"] == (stage == 3)  # under ZeRO-3 the weights had to be gathered to be sent
     assert max(run["metrics"]["rollout/staleness"]) <= 1.0
     assert max(run["metrics"]["sync/logprob_max_diff"]) < 1e-3
 
