@@ -86,6 +86,8 @@ class OnlineDPO(L.LightningModule):
             raise ConfigError(f"temperature must be positive (sampling is stochastic), got {temperature}.")
         if loss_type not in _LOSSES:
             raise ConfigError(f"Unknown loss_type {loss_type!r}; choose one of {', '.join(_LOSSES)}.")
+        if num_mini_batches < 1 or num_epochs < 1:
+            raise ConfigError(f"num_mini_batches and num_epochs must be at least 1, got {num_mini_batches} and {num_epochs}.")
         for source in (policy, ref_policy):
             if source is not None and not source.startswith("builtin:"):
                 resolve_source(source, "policy model")
@@ -155,22 +157,24 @@ class OnlineDPO(L.LightningModule):
         offsets = torch.arange(n, device=self.device) * k
         chosen = offsets + scores.argmax(dim=1)  # (n,) rollout index of the best completion
         rejected = offsets + scores.argmin(dim=1)  # (n,) and of the worst
+        pairs = torch.cat([chosen, rejected])  # (2n,) the only rollouts trained on
         with torch.no_grad():
-            ref_logps = response_logprobs(self.ref_policy, rollouts, self.sampling.temperature).sum(-1)  # (b,)
+            ref_logps = response_logprobs(self.ref_policy, rollouts[pairs], self.sampling.temperature).sum(-1)  # (2n,)
 
         for epoch in range(self.num_epochs):
             for mb in minibatches(n, self.num_mini_batches):
-                pair = torch.cat([chosen[mb.to(self.device)], rejected[mb.to(self.device)]])
-                logps = response_logprobs(self.policy, rollouts[pair], self.sampling.temperature).sum(-1)  # (2m,)
+                mb = mb.to(self.device)
+                idx = torch.cat([mb, mb + n])  # (2m,) positions in `pairs`: chosen, then rejected
+                logps = response_logprobs(self.policy, rollouts[pairs[idx]], self.sampling.temperature).sum(-1)  # (2m,)
                 m = len(mb)
-                loss, stats = self.loss_fn(logps[:m], logps[m:], ref_logps[pair[:m]], ref_logps[pair[m:]], self.beta)
+                loss, stats = self.loss_fn(logps[:m], logps[m:], ref_logps[mb], ref_logps[mb + n], self.beta)
                 optimizer.zero_grad()
                 self.manual_backward(loss)
                 if self.gradient_clip_val is not None:
                     self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
                 optimizer.step()
                 if epoch == 0:  # on-policy estimate of KL(pi || ref) from the pairs, before this step's update
-                    kl = (logps.detach() - ref_logps[pair]).mean()
+                    kl = (logps.detach() - ref_logps[idx]).mean()
 
         self.policy_version += 1
         self.mean_score(scores.mean())

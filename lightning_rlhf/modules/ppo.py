@@ -97,6 +97,8 @@ class PPO(L.LightningModule):
             raise ConfigError(f"k is the number of completions per prompt and must be at least 1, got {k}.")
         if temperature <= 0:
             raise ConfigError(f"temperature must be positive (sampling is stochastic), got {temperature}.")
+        if num_mini_batches < 1 or num_epochs < 1:
+            raise ConfigError(f"num_mini_batches and num_epochs must be at least 1, got {num_mini_batches} and {num_epochs}.")
         for source, what in ((policy, "policy model"), (ref_policy, "policy model"), (critic, "critic model")):
             if source is not None and not source.startswith("builtin:"):
                 resolve_source(source, what)

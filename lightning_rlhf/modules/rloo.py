@@ -81,6 +81,8 @@ class RLOO(L.LightningModule):
             raise ConfigError(f"RLOO needs at least two completions per prompt for the leave-one-out baseline, got k={k}; set k >= 2.")
         if temperature <= 0:
             raise ConfigError(f"temperature must be positive (sampling is stochastic), got {temperature}.")
+        if num_mini_batches < 1 or num_epochs < 1:
+            raise ConfigError(f"num_mini_batches and num_epochs must be at least 1, got {num_mini_batches} and {num_epochs}.")
         for source in (policy, ref_policy):
             if source is not None and not source.startswith("builtin:"):
                 resolve_source(source, "policy model")
