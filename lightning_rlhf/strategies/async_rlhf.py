@@ -114,6 +114,21 @@ class _AsyncGeneration:
     def generator(self) -> GeneratorProcess | None:
         return self._generator
 
+    # Lightning hooks, cooperative with the strategy class that follows this mixin in the MRO.
+
+    def setup(self, trainer) -> None:
+        super().setup(trainer)
+        self.start_generator()
+        _ensure_weight_sync(trainer)
+
+    def on_exception(self, exception: BaseException) -> None:
+        self.stop_generator()
+        super().on_exception(exception)
+
+    def teardown(self) -> None:
+        self.stop_generator()
+        super().teardown()
+
 
 class AsyncRLHFStrategy(_AsyncGeneration, SingleDeviceStrategy):
     """Single-device training with generation in a separate process.
@@ -152,22 +167,6 @@ class AsyncRLHFStrategy(_AsyncGeneration, SingleDeviceStrategy):
         super().__init__(device=torch.device(device))
         self._init_async(backend, max_staleness, sync_every, generator_devices, generator_cores, trainer_cores, dtype, vllm_kwargs, restart_on_failure)
 
-    @override
-    def setup(self, trainer) -> None:
-        super().setup(trainer)
-        self.start_generator()
-        _ensure_weight_sync(trainer)
-
-    @override
-    def on_exception(self, exception: BaseException) -> None:
-        self.stop_generator()
-        super().on_exception(exception)
-
-    @override
-    def teardown(self) -> None:
-        self.stop_generator()
-        super().teardown()
-
 
 class AsyncRLHFDDPStrategy(_AsyncGeneration, DDPStrategy):
     """DDP training with one generator process per rank (each rank samples its own prompts).
@@ -192,26 +191,6 @@ class AsyncRLHFDDPStrategy(_AsyncGeneration, DDPStrategy):
     ) -> None:
         super().__init__(**ddp_kwargs)
         self._init_async(backend, max_staleness, sync_every, generator_devices, generator_cores, trainer_cores, dtype, vllm_kwargs, restart_on_failure)
-
-    @override
-    def setup(self, trainer) -> None:
-        super().setup(trainer)
-        self.start_generator()
-        _ensure_weight_sync(trainer)
-
-    @override
-    def policy_weights(self) -> list[tuple[str, torch.Tensor]]:
-        return policy_state(self.lightning_module.policy)  # DDP keeps full replicas: no gather
-
-    @override
-    def on_exception(self, exception: BaseException) -> None:
-        self.stop_generator()
-        super().on_exception(exception)
-
-    @override
-    def teardown(self) -> None:
-        self.stop_generator()
-        super().teardown()
 
 
 class AsyncRLHFDeepSpeedStrategy(_AsyncGeneration, DeepSpeedStrategy):
@@ -278,12 +257,6 @@ class AsyncRLHFDeepSpeedStrategy(_AsyncGeneration, DeepSpeedStrategy):
         yield  # modules load whole pretrained weights; deepspeed.initialize partitions them afterwards
 
     @override
-    def setup(self, trainer) -> None:
-        super().setup(trainer)
-        self.start_generator()
-        _ensure_weight_sync(trainer)
-
-    @override
     def policy_weights(self) -> list[tuple[str, torch.Tensor]]:
         import deepspeed
 
@@ -291,16 +264,6 @@ class AsyncRLHFDeepSpeedStrategy(_AsyncGeneration, DeepSpeedStrategy):
         # a collective: every rank gathers at the same refresh
         with deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=None):
             return [(name, tensor.detach().clone()) for name, tensor in policy_state(policy)]
-
-    @override
-    def on_exception(self, exception: BaseException) -> None:
-        self.stop_generator()
-        super().on_exception(exception)
-
-    @override
-    def teardown(self) -> None:
-        self.stop_generator()
-        super().teardown()
 
 
 def _ensure_weight_sync(trainer) -> None:
