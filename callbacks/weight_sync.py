@@ -13,6 +13,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_rlhf.generation.transformers_backend import sequence_logprobs
+
 
 class WeightSync(Callback):
     """Push the policy's weights to the generator process every ``sync_every`` versions.
@@ -51,15 +53,10 @@ class WeightSync(Callback):
             metrics["sync/logprob_max_diff"] = self.logprob_max_diff(pl_module, rollouts.generator)
         pl_module.log_dict(metrics, batch_size=1)
 
-    @torch.no_grad()
     def logprob_max_diff(self, pl_module: L.LightningModule, generator, temperature: float = 1.0) -> float:
         """Largest |trainer - generator| logprob over the probe's completion tokens."""
-        from lightning_rlhf.losses import token_logprobs
-
         prompt, completion = self.probe
-        ids = torch.tensor([prompt + completion], device=pl_module.device)
-        logits = pl_module.policy(input_ids=ids).logits[:, len(prompt) - 1 : -1]
-        trainer_logprobs = token_logprobs(logits, ids[:, len(prompt) :], temperature)[0].cpu()
+        trainer_logprobs = sequence_logprobs(pl_module.policy, prompt, completion, temperature)
         generator_logprobs = torch.tensor(generator.sequence_logprobs(prompt, completion, temperature))
         return (trainer_logprobs - generator_logprobs).abs().max().item()
 

@@ -49,7 +49,7 @@ def resolve_source(source: str, what: str = "model") -> str:
         return expanded
     if os.path.exists(expanded):
         raise ConfigError(f"The {what} path '{source}' is a file; pass the directory that holds config.json and the weights.")
-    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or os.sep in source and not _HUB_ID.match(source)
+    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1
     if looks_local or not _HUB_ID.match(source):
         raise ConfigError(
             f"The {what} path '{source}' does not exist; pass an existing local directory, a Hugging Face Hub id "

@@ -24,6 +24,15 @@ from lightning_rlhf.losses import token_logprobs
 from lightning_rlhf.rewards.model import left_pad
 
 
+@torch.no_grad()
+def sequence_logprobs(model: torch.nn.Module, prompt_ids: list[int], completion_ids: list[int], temperature: float = 1.0) -> torch.Tensor:
+    """Temperature-scaled logprobs of ``completion_ids`` following ``prompt_ids`` under ``model``, (t,) on the CPU."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids + completion_ids], device=device)
+    logits = model(input_ids=ids).logits[:, len(prompt_ids) - 1 : -1]  # (1, t, v)
+    return token_logprobs(logits, ids[:, len(prompt_ids) :], temperature)[0].cpu()
+
+
 class TransformersBackend(GenerationBackend):
     """Pure-transformers sampling.
 
@@ -93,12 +102,8 @@ class TransformersBackend(GenerationBackend):
         device = next(self.model.parameters()).device
         self.load_weights(((name, t.to(device)) for name, t in receive_tensors(self._group, meta)), version)
 
-    @torch.no_grad()
     def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int], temperature: float) -> list[float]:
-        device = next(self.model.parameters()).device
-        ids = torch.tensor([prompt_ids + completion_ids], device=device)
-        logits = self.model(input_ids=ids).logits[:, len(prompt_ids) - 1 : -1]  # (1, t, v)
-        return token_logprobs(logits, ids[:, len(prompt_ids) :], temperature)[0].tolist()
+        return sequence_logprobs(self.model, prompt_ids, completion_ids, temperature).tolist()
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         if not self.share_weights:

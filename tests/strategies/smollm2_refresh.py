@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lightning_rlhf.generation import SamplingConfig
 from lightning_rlhf.generation.process import GeneratorProcess, GeneratorSpec
+from lightning_rlhf.generation.transformers_backend import sequence_logprobs
 from lightning_rlhf.generation.weights import policy_state
-from lightning_rlhf.losses import token_logprobs
 from lightning_rlhf.models import prompt_token_ids
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,12 +38,6 @@ def convert(folder: str) -> str:
     return folder
 
 
-@torch.no_grad()
-def trainer_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
-    ids = torch.tensor([prompt + completion])
-    return token_logprobs(model(input_ids=ids).logits[:, len(prompt) - 1 : -1], ids[:, len(prompt) :])[0]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", required=True)
@@ -61,14 +55,14 @@ def main() -> None:
         generator.push_weights(policy_state(model), version=0)
         generator.submit(0, [prompt], SamplingConfig(k=1, temperature=1.0, max_new_tokens=12))
         completion = generator.result(0).completion_ids[0]
-        before = (trainer_logprobs(model, prompt, completion) - torch.tensor(generator.sequence_logprobs(prompt, completion, 1.0))).abs().max().item()
+        before = (sequence_logprobs(model, prompt, completion) - torch.tensor(generator.sequence_logprobs(prompt, completion, 1.0))).abs().max().item()
         torch.manual_seed(0)
         with torch.no_grad():  # a different policy: every weight moved a little
             for p in model.parameters():
                 p.add_(0.02 * p.std() * torch.randn_like(p))
-        stale = (trainer_logprobs(model, prompt, completion) - torch.tensor(generator.sequence_logprobs(prompt, completion, 1.0))).abs().max().item()
+        stale = (sequence_logprobs(model, prompt, completion) - torch.tensor(generator.sequence_logprobs(prompt, completion, 1.0))).abs().max().item()
         refresh_seconds = generator.push_weights(policy_state(model), version=1)
-        after = (trainer_logprobs(model, prompt, completion) - torch.tensor(generator.sequence_logprobs(prompt, completion, 1.0))).abs().max().item()
+        after = (sequence_logprobs(model, prompt, completion) - torch.tensor(generator.sequence_logprobs(prompt, completion, 1.0))).abs().max().item()
         text = tokenizer.decode(completion, skip_special_tokens=True)
     finally:
         generator.close()
