@@ -42,7 +42,7 @@ import torch
 
 from lightning_rlhf.rewards.base import RewardFunction
 
-VERSION = "copy-v3"
+VERSION = "copy-v4"
 DIGITS = [str(d) for d in range(10)]
 SPECIAL = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 WORDS = ["copy", "="]
@@ -267,8 +267,8 @@ def _train_sft(root: Path) -> None:
 
 
 @torch.no_grad()
-def _sft_preferences(root: Path, num_prompts: int, seed: int = 1) -> list[dict]:
-    """Gold-labelled pairs of two SFT samples per prompt (temperature 1), ties dropped."""
+def _sft_samples(root: Path, num_prompts: int, k: int, temperature: float, seed: int) -> tuple[list[str], list[str]]:
+    """``k`` samples of the SFT policy for each of ``num_prompts`` fresh prompts: (prompts, completions), prompt-major."""
     from lightning_rlhf.generation import SamplingConfig, TransformersBackend
     from lightning_rlhf.models import load_policy, load_tokenizer, prompt_token_ids
 
@@ -276,11 +276,16 @@ def _sft_preferences(root: Path, num_prompts: int, seed: int = 1) -> list[dict]:
     backend = TransformersBackend(policy, [tokenizer.eos_token_id], tokenizer.pad_token_id, batch_size=256, seed=seed)
     rng = random.Random(seed)
     prompts = [make_prompt(_random_digits(rng)) for _ in range(num_prompts)]
-    generations = backend.generate(prompt_token_ids(tokenizer, prompts), SamplingConfig(k=2, temperature=1.0, max_new_tokens=MAX_DIGITS + 4))
-    texts = tokenizer.batch_decode(generations.completion_ids, skip_special_tokens=True)
+    generations = backend.generate(prompt_token_ids(tokenizer, prompts), SamplingConfig(k=k, temperature=temperature, max_new_tokens=MAX_DIGITS + 4))
+    return [p for p in prompts for _ in range(k)], tokenizer.batch_decode(generations.completion_ids, skip_special_tokens=True)
+
+
+def _sft_preferences(root: Path, num_prompts: int, seed: int = 1) -> list[dict]:
+    """Gold-labelled pairs of two SFT samples per prompt (temperature 1), ties dropped."""
+    prompts, texts = _sft_samples(root, num_prompts, k=2, temperature=1.0, seed=seed)
     pairs = []
-    for i, prompt in enumerate(prompts):
-        a, b = texts[2 * i], texts[2 * i + 1]
+    for i in range(num_prompts):
+        prompt, a, b = prompts[2 * i], texts[2 * i], texts[2 * i + 1]
         score_a, score_b = gold_score(prompt, a), gold_score(prompt, b)
         if score_a != score_b:
             chosen, rejected = (a, b) if score_a > score_b else (b, a)
@@ -307,4 +312,9 @@ def _train_reward_model(root: Path) -> None:
     data = PreferenceDataModule(dataset=str(mixed), batch_size=64)
     _quiet_trainer(REWARD_MODEL_STEPS).fit(module, data)
     module.save_pretrained(root / "reward_model")
+    # normalized on the SFT policy's samples at the recipes' temperature (Ziegler et al. 2019), so the
+    # recipes' missing-EOS score of -1 is a penalty: raw scores of this model sit around -4
+    from lightning_rlhf.rewards.model import save_reward_normalization
+
+    save_reward_normalization(str(root / "reward_model"), *_sft_samples(root, 512, k=2, temperature=0.7, seed=2))
     (root / "reward_model" / ".done").touch()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 
@@ -54,6 +55,8 @@ def apply_missing_eos_penalty(scores: torch.Tensor, finished: torch.Tensor, pena
 
     The paper's code (async_rlhf, from TRL 0.11 ``non_eos_penalty``/``penalty_reward_value``)
     *replaces* the score rather than subtracting from it. ``penalty=None`` turns it off.
+    That is only a penalty when it is below the usual scores (normalized reward
+    models score about N(0, 1)); a warning says so when it is not.
 
     Args:
         scores: (n,) reward scores.
@@ -62,4 +65,11 @@ def apply_missing_eos_penalty(scores: torch.Tensor, finished: torch.Tensor, pena
     """
     if penalty is None:
         return scores
+    finished = finished.to(scores.device)
+    if finished.any() and (~finished).any() and penalty >= scores[finished].mean().item():
+        warnings.warn(
+            f"missing_eos_penalty={penalty} is above the mean score {scores[finished].mean().item():.2f} of completions that did end, "
+            "so it rewards a missing stop token; normalize the reward model (RewardModelScore uses reward_mean/reward_std from its config) or lower the penalty.",
+            stacklevel=2,
+        )
     return torch.where(finished.to(scores.device), scores, torch.full_like(scores, penalty))
