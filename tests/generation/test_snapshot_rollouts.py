@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from lightning_rlhf.generation import SamplingConfig, TransformersBackend
+from lightning_rlhf.generation.rollouts import LocalRollouts, SnapshotRollouts
+from lightning_rlhf.models import load_policy, load_tokenizer, prompt_token_ids
+
+
+def _nudge(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+
+
+def test_each_round_of_n_batches_is_sampled_by_the_policy_of_its_first_version(tiny_model_dir):
+    tokenizer, policy = load_tokenizer(tiny_model_dir), load_policy(tiny_model_dir)
+    rollouts = SnapshotRollouts(policy, [tokenizer.eos_token_id], tokenizer.pad_token_id, every=3, seed=0)
+    prompts = prompt_token_ids(tokenizer, ["copy 1 2 3 ="])
+    sampling = SamplingConfig(k=2, temperature=1.0, max_new_tokens=4)
+    sampled_with, round_weights = [], None
+    for version in range(7):  # one "update" per batch, as in the paper's definition
+        _, generations = rollouts.step([{}], prompts, sampling, version)
+        sampled_with.append(generations.policy_version)
+        if version % 3 == 0:
+            round_weights = [p.detach().clone() for p in policy.parameters()]
+        for snapshot, expected in zip(rollouts.backend.model.parameters(), round_weights):
+            assert torch.equal(snapshot, expected)  # still the weights of the round's first version
+        _nudge(policy)
+    assert sampled_with == [0, 0, 0, 3, 3, 3, 6]
+    assert [v - s for v, s in enumerate(sampled_with)] == [0, 1, 2, 0, 1, 2, 0]  # staleness 0 .. N-1
+
+
+def test_every_1_samples_exactly_what_on_policy_generation_samples(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    a, b = load_policy(tiny_model_dir), load_policy(tiny_model_dir)
+    snapshot = SnapshotRollouts(a, [tokenizer.eos_token_id], tokenizer.pad_token_id, every=1, seed=5)
+    local = LocalRollouts(TransformersBackend(b, [tokenizer.eos_token_id], tokenizer.pad_token_id, seed=5))
+    prompts = prompt_token_ids(tokenizer, ["copy 1 2 3 =", "copy 4 5 ="])
+    sampling = SamplingConfig(k=2, temperature=1.0, max_new_tokens=5)
+    for version in range(3):
+        _, from_snapshot = snapshot.step([{}], prompts, sampling, version)
+        _, from_local = local.step([{}], prompts, sampling, version)
+        assert from_snapshot.completion_ids == from_local.completion_ids
+        torch.manual_seed(version)
+        _nudge(a)
+        torch.manual_seed(version)
+        _nudge(b)
+
+
+def test_every_must_be_positive(tiny_model_dir):
+    tokenizer, policy = load_tokenizer(tiny_model_dir), load_policy(tiny_model_dir)
+    with pytest.raises(ValueError, match="every must be at least 1"):
+        SnapshotRollouts(policy, [tokenizer.eos_token_id], tokenizer.pad_token_id, every=0)
