@@ -100,7 +100,7 @@ def run_once(size: str, batch_size: int, backend: str, steps: int, max_new_token
             self.generator_peak = max(self.generator_peak, rss)
 
     measure = Measure()
-    strategy = AsyncRLHFStrategy(backend=backend, max_staleness=0, sync_every=1, vllm_kwargs={"max_model_len": 128})
+    strategy = AsyncRLHFStrategy(backend=backend, max_staleness=0, sync_every=1, vllm_kwargs={"max_model_len": 64 if size == "builtin" else 128})  # the built-in model has 64 positions
     trainer = L.Trainer(max_steps=steps + 1, accelerator="cpu", strategy=strategy, callbacks=[WeightSync(probe_every=0), measure], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, PromptDataModule(batch_size=batch_size))
