@@ -97,13 +97,19 @@ def critic_values(critic: torch.nn.Module, rollouts: RolloutBatch) -> torch.Tens
     """Per-token values from a sequence-classification model used as critic, (b, t), 0 on padding.
 
     As in TRL 0.11's PPOv2 (which the paper's code forks): the backbone's hidden
-    state before each response token goes through the scalar ``score`` head.
+    state before each response token goes through the scalar ``score`` head. A
+    critic started from a normalized reward model (``reward_mean``/``reward_std``
+    in its config, see :class:`~lightning_rlhf.rewards.RewardModelScore`) is
+    normalized the same way, so it predicts in the units of the rewards it learns.
     """
     backbone = getattr(critic, critic.base_model_prefix)
     head = getattr(critic, "score", None) or getattr(critic, "classifier")
     position_ids = (rollouts.attention_mask.cumsum(-1) - 1).clamp(min=0)
     hidden = backbone(input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask, position_ids=position_ids).last_hidden_state
     values = head(hidden[:, rollouts.prompt_length - 1 : -1]).squeeze(-1).float()  # (b, t)
+    config = critic.config
+    if getattr(config, "reward_mean", None) is not None:
+        values = (values - config.reward_mean) / config.reward_std
     return values * rollouts.response_mask
 
 

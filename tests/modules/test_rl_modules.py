@@ -50,7 +50,9 @@ def test_module_changes_parameters_and_raises_the_proxy_reward(name, builtin_mod
     scores = _read_metric(logger.log_dir, "objective/scores")
     assert len(scores) == steps // kwargs.get("num_epochs", 1)  # one row per generated batch
     first, last = sum(scores[:10]) / 10, sum(scores[-10:]) / 10
-    assert last > first + 0.2, f"proxy reward did not rise: first 10 batches {first:.3f}, last 10 {last:.3f}"
+    # scores are normalized (SFT samples: mean 0, std 1); 0.05 is the bar of 0.2 raw units this test had before normalization
+    # (the run is seeded; measured: online DPO and RLOO rise far more, PPO by about 0.11)
+    assert last > first + 0.05, f"proxy reward did not rise: first 10 batches {first:.3f}, last 10 {last:.3f}"
     assert _read_metric(logger.log_dir, "rollout/staleness") == [0.0] * len(scores)  # synchronous: always on-policy
 
 
