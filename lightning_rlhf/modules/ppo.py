@@ -34,11 +34,12 @@ from lightning_rlhf.generation import SamplingConfig, TransformersBackend
 from lightning_rlhf.generation.rollouts import LocalRollouts
 from lightning_rlhf.losses import clipped_value_loss, gae, kl_penalized_rewards, masked_mean, masked_whiten, ppo_policy_loss
 from lightning_rlhf.models import ConfigError, freeze, load_policy, load_reward_model, load_tokenizer, prompt_token_ids, resolve_source
+from lightning_rlhf.modules.checkpointing import RolloutCheckpointing
 from lightning_rlhf.rewards import RewardFunction, RewardModelScore
 from lightning_rlhf.rollout import RolloutBatch, build_rollout_batch, critic_values, minibatches, response_logprobs, response_logprobs_and_hidden, score_rollouts
 
 
-class PPO(L.LightningModule):
+class PPO(RolloutCheckpointing, L.LightningModule):
     """PPO with a separate critic (or a value head) and GAE.
 
     Args:
@@ -230,17 +231,3 @@ class PPO(L.LightningModule):
 
     def prompt_ids(self, rows: list[dict]) -> list[list[int]]:
         return prompt_token_ids(self.tokenizer, [r["prompt"] for r in rows])
-
-    @override
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rollouts"] = {"policy_version": self.policy_version, "batches_drawn": self.batches_drawn, "pending": self.rollouts.pending_rows()}
-
-    @override
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("rollouts", {})
-        self.policy_version = state.get("policy_version", 0)
-        self.batches_drawn = state.get("batches_drawn", 0)
-        self._resubmit = list(state.get("pending", []))
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "start_batch"):
-            datamodule.start_batch = self.batches_drawn  # continue with the next prompt

@@ -31,11 +31,12 @@ from lightning_rlhf.generation import SamplingConfig, TransformersBackend
 from lightning_rlhf.generation.rollouts import LocalRollouts
 from lightning_rlhf.losses import kl_k1, ppo_policy_loss, rloo_advantages
 from lightning_rlhf.models import ConfigError, freeze, load_policy, load_tokenizer, prompt_token_ids, resolve_source
+from lightning_rlhf.modules.checkpointing import RolloutCheckpointing
 from lightning_rlhf.rewards import RewardFunction, RewardModelScore
 from lightning_rlhf.rollout import build_rollout_batch, minibatches, response_logprobs, score_rollouts
 
 
-class RLOO(L.LightningModule):
+class RLOO(RolloutCheckpointing, L.LightningModule):
     """REINFORCE Leave-One-Out with a KL-shaped reward and PPO-style clipping.
 
     Args:
@@ -194,17 +195,3 @@ class RLOO(L.LightningModule):
 
     def prompt_ids(self, rows: list[dict]) -> list[list[int]]:
         return prompt_token_ids(self.tokenizer, [r["prompt"] for r in rows])
-
-    @override
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rollouts"] = {"policy_version": self.policy_version, "batches_drawn": self.batches_drawn, "pending": self.rollouts.pending_rows()}
-
-    @override
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("rollouts", {})
-        self.policy_version = state.get("policy_version", 0)
-        self.batches_drawn = state.get("batches_drawn", 0)
-        self._resubmit = list(state.get("pending", []))
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "start_batch"):
-            datamodule.start_batch = self.batches_drawn  # continue with the next prompt

@@ -72,4 +72,4 @@ def apply_missing_eos_penalty(scores: torch.Tensor, finished: torch.Tensor, pena
             "so it rewards a missing stop token; normalize the reward model (RewardModelScore uses reward_mean/reward_std from its config) or lower the penalty.",
             stacklevel=2,
         )
-    return torch.where(finished.to(scores.device), scores, torch.full_like(scores, penalty))
+    return torch.where(finished, scores, torch.full_like(scores, penalty))

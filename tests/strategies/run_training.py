@@ -94,13 +94,17 @@ def main() -> None:
     trainer.fit(module, data, ckpt_path=args.ckpt_path)
     if args.save_ckpt:
         trainer.save_checkpoint(args.save_ckpt)
+    prompts_per_rank = [record.prompts]
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and trainer.world_size > 1:
+        prompts_per_rank = [None] * trainer.world_size
+        torch.distributed.all_gather_object(prompts_per_rank, record.prompts)
     if trainer.global_rank == 0:
         rows = list(csv.DictReader(open(glob.glob(os.path.join(log_dir, "logs", "version_*", "metrics.csv"))[-1])))
         series = {key: [float(r[key]) for r in rows if r.get(key)] for key in set().union(*(r.keys() for r in rows)) if key != "epoch"}
         params = torch.cat([p.detach().flatten() for p in module.policy.parameters()])
         rollouts = getattr(trainer.strategy, "rollouts", None)
         extra = {"restarts": rollouts.restarts, "forced_refreshes": rollouts.forced_refreshes} if rollouts is not None else {}
-        json.dump({"metrics": series, "policy_version": module.policy_version, "param_norm": params.norm().item(), "pid": os.getpid(), "trained_prompts": record.prompts,
+        json.dump({"metrics": series, "policy_version": module.policy_version, "param_norm": params.norm().item(), "pid": os.getpid(), "trained_prompts": record.prompts, "trained_prompts_per_rank": prompts_per_rank,
                    "zero3_partitioned": any(hasattr(p, "ds_tensor") for p in module.policy.parameters()), **extra}, open(args.out, "w"))
 
 

@@ -197,6 +197,38 @@ def test_resume_loses_no_prompt_and_uses_none_twice(tmp_path):
     assert second["policy_version"] == 8
 
 
+def test_ddp_resume_gives_every_rank_back_its_own_prompts(tmp_path):
+    from lightning_rlhf.data.datamodules import ResumableSampler
+
+    dataset = tmp_path / "prompts.jsonl"  # 2 ranks x 4 prompts: 3 batches per rank and epoch, so the runs cross epochs
+    rows = [{"prompt": f"copy {i % 10} {i // 10} 1 2 ="} for i in range(24)]
+    dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--mode", "ddp", "--max_staleness", "1", "--batch_size", "4", "--dataset", str(dataset), "--shuffle", "--probe_every", "0"]
+    first = train(tmp_path / "first", *common, "--steps", "4", "--save_ckpt", str(tmp_path / "half.ckpt"), timeout=400)
+    second = train(tmp_path / "second", *common, "--steps", "6", "--ckpt_path", str(tmp_path / "half.ckpt"), timeout=400)
+    assert second["policy_version"] == 6
+    for rank in (0, 1):
+        # what an uninterrupted run feeds this rank: its shard of each epoch's seeded order, in order
+        sampler = ResumableSampler(len(rows), 4, shuffle=True, seed=0, num_replicas=2, rank=rank)
+        shard = [rows[i]["prompt"] for _ in range(2) for i in sampler]  # 2 epochs of 3 batches
+        expected = [shard[4 * b : 4 * b + 4] for b in range(6)]
+        # each rank trained its own in-flight batch first after resuming, then its loader went on
+        assert first["trained_prompts_per_rank"][rank] + second["trained_prompts_per_rank"][rank] == expected
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: a checkpoint whose last drawn batch ends an epoch loses most of the next epoch on resume (see ResumableSampler)")
+def test_resume_when_the_batch_in_flight_ends_an_epoch(tmp_path):
+    dataset = tmp_path / "prompts.jsonl"  # 4 batches per epoch; the checkpoint after 3 updates has drawn exactly one epoch
+    dataset.write_text("".join(json.dumps({"prompt": f"copy {i % 10} {i // 10} 1 2 ="}) + "\n" for i in range(32)))
+    common = ["--mode", "async", "--max_staleness", "1", "--batch_size", "8", "--dataset", str(dataset), "--shuffle", "--probe_every", "0"]
+    whole = train(tmp_path / "whole", *common, "--steps", "6")
+    first = train(tmp_path / "first", *common, "--steps", "3", "--save_ckpt", str(tmp_path / "half.ckpt"))
+    second = train(tmp_path / "second", *common, "--steps", "6", "--ckpt_path", str(tmp_path / "half.ckpt"))
+    assert first["trained_prompts"] + second["trained_prompts"] == whole["trained_prompts"]
+    first_epoch = [p for rank in (0, 1) for batch in (first["trained_prompts_per_rank"][rank] + second["trained_prompts_per_rank"][rank])[:3] for p in batch]
+    assert sorted(first_epoch) == sorted(r["prompt"] for r in rows)  # the ranks split an epoch: every prompt once
+
+
 def test_exception_in_training_stops_the_generator(tmp_path):
     run = Watched(tmp_path, "--mode", "async", "--max_staleness", "1", "--steps", "50", "--fail_at_version", "3")
     code, stderr = run.wait(timeout=120)

@@ -1,0 +1,44 @@
+"""What the RL modules keep in a checkpoint so a resumed run neither loses nor repeats a prompt.
+
+An asynchronous run has prompts in flight when it is checkpointed: drawn from
+the data loader, sent to the generator, not yet trained on. The checkpoint
+keeps, per rank, the policy version, the batches drawn from the loader and
+the prompts in flight; on resume each rank asks for its in-flight prompts
+again first (with the checkpoint's weights), then the loader continues after
+the last batch drawn. With several ranks (DDP, DeepSpeed) every rank has its
+own generator and its own prompts in flight, so they are gathered from all
+ranks when saving and each rank takes back its own.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
+
+
+class RolloutCheckpointing:
+    """Mixin for LightningModules with ``policy_version``, ``batches_drawn``, ``rollouts`` and ``_resubmit``."""
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        pending = self.rollouts.pending_rows()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            per_rank: list = [None] * dist.get_world_size()
+            dist.all_gather_object(per_rank, pending)  # every rank saves; all take part
+        else:
+            per_rank = [pending]
+        checkpoint["rollouts"] = {"policy_version": self.policy_version, "batches_drawn": self.batches_drawn, "pending_per_rank": per_rank}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("rollouts", {})
+        self.policy_version = state.get("policy_version", 0)
+        self.batches_drawn = state.get("batches_drawn", 0)
+        per_rank = state.get("pending_per_rank", [state.get("pending", [])])
+        trainer = self._trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if len(per_rank) != world_size and any(per_rank):
+            rank_zero_warn(f"The checkpoint was saved by {len(per_rank)} rank(s) and is resumed on {world_size}; its prompts in flight are dropped, not trained.")
+            per_rank = [[] for _ in range(world_size)]
+        self._resubmit = list(per_rank[rank]) if rank < len(per_rank) else []
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "start_batch"):
+            datamodule.start_batch = self.batches_drawn  # continue with the next prompt
