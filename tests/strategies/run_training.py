@@ -5,9 +5,11 @@
 
 import argparse
 import csv
+import faulthandler
 import glob
 import json
 import os
+import signal
 
 import lightning as L
 import torch
@@ -38,6 +40,10 @@ ALGOS = {"online_dpo": (OnlineDPO, dict(beta=0.5, k=4)), "rloo": (RLOO, dict(k=4
 
 
 def main() -> None:
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a test that sees a hang asks for the stacks
+    # Ctrl-C must raise KeyboardInterrupt even when the test suite itself was started in the background
+    # (a non-interactive shell's `cmd &` ignores SIGINT, the children inherit that, and Python then installs no handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--algo", default="online_dpo", choices=ALGOS)

@@ -63,8 +63,10 @@ class Watched:
         while self.popen.poll() is None:  # keep recording descendants until it ends
             self.descendants()
             if time.monotonic() > deadline:
+                self.popen.send_signal(signal.SIGUSR1)  # run_training.py dumps every thread's stack on it
+                time.sleep(2.0)
                 self.popen.kill()
-                raise AssertionError(f"training did not stop within {timeout} s")
+                raise AssertionError(f"training did not stop within {timeout} s; its stderr ends with:\n{self.stderr()[-6000:]}")
             time.sleep(0.1)
         return self.popen.returncode, self.stderr()
 
