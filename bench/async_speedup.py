@@ -24,24 +24,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-
-class _StepClock(Callback):
-    """Wall time at the end of every training step that updated the policy."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self.versions: list[int] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not self.versions or pl_module.policy_version != self.versions[-1]:
-            self.times.append(time.perf_counter())
-            self.versions.append(pl_module.policy_version)
+from common import StepClock, quiet_trainer
 
 
 # Per backend, a workload where generation and training take comparable time on 2 CPU cores
@@ -68,7 +56,7 @@ def run_once(backend: str, max_staleness: int, steps: int, warmup: int, batch_si
         num_epochs=num_epochs,
     )
     strategy = AsyncRLHFStrategy(backend=backend, max_staleness=max_staleness, sync_every=1, vllm_kwargs={"max_model_len": 64})
-    clock = _StepClock()
+    clock = StepClock()
     metrics: dict[str, list[float]] = {}
 
     class _Collect(Callback):
@@ -78,16 +66,7 @@ def run_once(backend: str, max_staleness: int, steps: int, warmup: int, batch_si
                     metrics.setdefault(key, []).append(float(trainer.callback_metrics[key]))
             trainer.callback_metrics.clear()
 
-    trainer = L.Trainer(
-        max_steps=(warmup + steps) * num_epochs,
-        accelerator="cpu",
-        strategy=strategy,
-        callbacks=[WeightSync(probe_every=0), clock, _Collect()],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_steps=(warmup + steps) * num_epochs, accelerator="cpu", strategy=strategy, callbacks=[WeightSync(probe_every=0), clock, _Collect()])
     trainer.fit(module, PromptDataModule(batch_size=batch_size))
     start = clock.times[clock.versions.index(warmup)]
     elapsed = clock.times[-1] - start

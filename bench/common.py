@@ -9,7 +9,11 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import time
 from collections.abc import Iterable
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "results")
@@ -34,6 +38,28 @@ def module_and_data(config: str, overrides: Iterable[str] = ()):
         args=args,
     )
     return cli.model, cli.datamodule
+
+
+def quiet_trainer(**kwargs) -> L.Trainer:
+    """A Trainer for measured runs: no logger, checkpoints, progress bar or model summary (they would cost time)."""
+    return L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+
+class StepClock(Callback):
+    """Wall time at the end of every training step that reached a new policy version.
+
+    ``times[i]`` is when ``versions[i]`` was reached; an asynchronous run's first
+    step (filling the pipeline, no update) is recorded as version 0.
+    """
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.versions: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.versions or pl_module.policy_version != self.versions[-1]:
+            self.times.append(time.perf_counter())
+            self.versions.append(pl_module.policy_version)
 
 
 def write_json(path: str, payload) -> None:

@@ -26,9 +26,7 @@ import os
 import tempfile
 import time
 
-import lightning as L
-
-from common import RESULTS, mean_std, module_and_data, pyplot, write_json, write_markdown
+from common import RESULTS, mean_std, module_and_data, pyplot, quiet_trainer, write_json, write_markdown
 
 ALGOS = ("online_dpo", "rloo", "ppo")
 NS = (1, 2, 4, 8, 16, 32)
@@ -42,15 +40,11 @@ def run_one(algo: str, n: int, seed: int, steps: int, eval_prompts: int) -> dict
     overrides = ["--seed_everything", str(seed), "--model.init_args.num_epochs", "1", "--model.init_args.num_mini_batches", "1"]
     module, data = module_and_data(f"configs/builtin/{algo}.yaml", overrides)
     evaluation = GoldEvaluation(num_prompts=eval_prompts)
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         accelerator="cpu",
         devices=1,
         max_steps=steps,
         callbacks=[OffPolicySimulation(n), evaluation],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=tempfile.mkdtemp(prefix="offpolicy_sweep_"),  # where GoldEvaluation leaves its summary
     )
     start = time.perf_counter()

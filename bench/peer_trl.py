@@ -69,7 +69,7 @@ import time
 
 import torch
 
-from common import run_worker
+from common import StepClock, quiet_trainer, run_worker
 
 K = 2  # TRL's online DPO always samples two completions per prompt
 MAX_NEW_TOKENS = 10
@@ -203,25 +203,12 @@ def run_trl(spec: dict) -> dict:
 def run_ours(spec: dict) -> dict:
     """Our OnlineDPO through AsyncRLHFStrategy in this process; returns timings and evaluation."""
     import lightning as L
-    from lightning.pytorch.callbacks import Callback
 
     from lightning_rlhf.callbacks import WeightSync
     from lightning_rlhf.data import PromptDataModule
     from lightning_rlhf.modules import OnlineDPO
     from lightning_rlhf.rewards import RewardModelScore
     from lightning_rlhf.strategies import AsyncRLHFStrategy
-
-    class StepClock(Callback):
-        """Wall time at the end of every training step that updated the policy (async: not the filling one)."""
-
-        def __init__(self) -> None:
-            self.times: list[float] = []
-            self.version = 0
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            if pl_module.policy_version != self.version:
-                self.times.append(time.perf_counter())
-                self.version = pl_module.policy_version
 
     L.seed_everything(SEED, verbose=False)
     module = OnlineDPO(
@@ -239,18 +226,10 @@ def run_ours(spec: dict) -> dict:
     # default layout on 2+ cores: generator pinned to the first core, trainer to the others, one thread each
     strategy = AsyncRLHFStrategy(backend=spec["backend"], max_staleness=spec["max_staleness"], sync_every=1, vllm_kwargs={"max_model_len": 64})
     clock = StepClock()
-    trainer = L.Trainer(
-        max_steps=spec["warmup"] + spec["steps"],
-        accelerator="cpu",
-        strategy=strategy,
-        callbacks=[WeightSync(probe_every=0), clock],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_steps=spec["warmup"] + spec["steps"], accelerator="cpu", strategy=strategy, callbacks=[WeightSync(probe_every=0), clock])
     trainer.fit(module, PromptDataModule(batch_size=spec["batch_size"], seed=SEED))
-    result = _throughput(clock.times, spec["warmup"], spec["steps"], spec["batch_size"])
+    updates = [t for v, t in zip(clock.versions, clock.times) if v > 0]  # end of the steps reaching versions 1, 2, ...
+    result = _throughput(updates, spec["warmup"], spec["steps"], spec["batch_size"])
     result["eval"] = evaluate(module.policy, spec["eval_prompts"])
     return result
 

@@ -32,7 +32,7 @@ import resource
 import tempfile
 import time
 
-from common import RESULTS, pyplot, run_worker, write_json, write_markdown
+from common import RESULTS, pyplot, quiet_trainer, run_worker, write_json, write_markdown
 
 SIZES = ("builtin", "small", "medium", "smollm2")
 LLAMA_SHAPES = {  # hidden, layers, heads (head size 32 or 64: vLLM on CPU needs at least 32)
@@ -101,8 +101,7 @@ def run_once(size: str, batch_size: int, backend: str, steps: int, max_new_token
 
     measure = Measure()
     strategy = AsyncRLHFStrategy(backend=backend, max_staleness=0, sync_every=1, vllm_kwargs={"max_model_len": 64 if size == "builtin" else 128})  # the built-in model has 64 positions
-    trainer = L.Trainer(max_steps=steps + 1, accelerator="cpu", strategy=strategy, callbacks=[WeightSync(probe_every=0), measure], logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer(max_steps=steps + 1, accelerator="cpu", strategy=strategy, callbacks=[WeightSync(probe_every=0), measure])
     trainer.fit(module, PromptDataModule(batch_size=batch_size))
     timed = measure.rows[1:]  # the first step warms up
     mean = lambda key: sum(r[key] for r in timed) / len(timed)  # noqa: E731

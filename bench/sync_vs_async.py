@@ -38,10 +38,9 @@ WORKLOADS = {"transformers": {"k": 8, "num_epochs": 1}, "vllm": {"k": 4, "num_ep
 
 def run_once(backend: str, max_staleness: int, seed: int, batches: int, eval_every: int, batch_size: int, eval_prompts: int) -> dict:
     """One training run in this process; returns its curve (evaluated after training)."""
-    import lightning as L
     from lightning.pytorch.callbacks import Callback
 
-    from common import module_and_data
+    from common import module_and_data, quiet_trainer
     from lightning_rlhf.callbacks import WeightSync
     from lightning_rlhf.callbacks.evaluation import GoldEvaluation, evaluate_policy
     from lightning_rlhf.strategies import AsyncRLHFStrategy
@@ -71,16 +70,7 @@ def run_once(backend: str, max_staleness: int, seed: int, batches: int, eval_eve
 
     snapshots = Snapshots()
     strategy = AsyncRLHFStrategy(backend=backend, max_staleness=max_staleness, sync_every=1, vllm_kwargs={"max_model_len": 64})
-    trainer = L.Trainer(
-        max_steps=batches * workload["num_epochs"],
-        accelerator="cpu",
-        strategy=strategy,
-        callbacks=[WeightSync(probe_every=0), snapshots],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_steps=batches * workload["num_epochs"], accelerator="cpu", strategy=strategy, callbacks=[WeightSync(probe_every=0), snapshots])
     trainer.fit(module, data)
     evaluation = GoldEvaluation(num_prompts=eval_prompts)
     curve = []
