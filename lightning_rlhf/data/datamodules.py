@@ -15,6 +15,7 @@ data module is built, before any model is loaded.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -59,46 +60,60 @@ def _collate(rows: list[dict]) -> list[dict]:
 
 
 class ResumableSampler(DistributedSampler):
-    """Epoch-seeded order (``seed + epoch``) that can start part-way into an epoch, sharded over ranks.
+    """One seeded stream of prompts, epoch after epoch (epoch ``e`` shuffled with ``seed + e``), sharded over ranks.
 
-    A resumed run builds it with the number of batches the checkpointed run had
-    already drawn (per rank), so it continues with the next prompt: none lost,
-    none twice. It counts epochs itself, one per pass, and ignores Lightning's
-    ``set_epoch``: after a run stopped by ``max_steps`` part-way through an
-    epoch, Lightning counts that epoch as finished and would skip its rest.
+    Each ``iter()`` continues the stream at a batch position and yields up to
+    the end of that position's epoch. The position is read from ``position``
+    when it is given: for the RL modules, their count of batches trained on
+    (``batches_drawn``), which their checkpoints keep, so a resumed run goes on
+    with the next prompt, none lost and none twice. Reading it at every
+    ``iter()`` makes the stream independent of how Lightning counts epochs on
+    resume (it may restore a finished epoch as unfinished, or an unfinished one
+    as finished, and it drops a prefetched batch when an epoch or a run ends);
+    an epoch of Lightning's may therefore be shorter than ``len()``. Without
+    ``position`` the sampler starts at ``start_batch`` and then goes epoch by
+    epoch itself. Lightning's ``set_epoch`` is ignored.
+
     Under DDP or DeepSpeed each rank takes every ``num_replicas``-th prompt of
     the epoch's order; being a ``DistributedSampler`` already, Lightning leaves
     it as it is instead of wrapping it.
 
-    Known gap: a checkpoint whose last drawn batch ends an epoch resumes with
-    one batch of the next epoch and then skips the rest of it (Lightning ends
-    its restored epoch after one more batch and starts another pass); see the
-    strict ``xfail`` test in ``tests/strategies/test_async.py``.
+    Args:
+        size: Number of rows.
+        batch_size: Rows per batch (per rank); an epoch's incomplete last batch is dropped.
+        shuffle: Shuffle each epoch (seeded); otherwise row order.
+        seed: Base seed of the shuffles.
+        start_batch: Batches (per rank) already drawn, when ``position`` is not given.
+        num_replicas: Number of ranks.
+        rank: This rank.
+        position: Returns the batches (per rank) already drawn, read at each ``iter()``.
     """
 
-    def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int, start_batch: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int, start_batch: int = 0, num_replicas: int = 1, rank: int = 0, position: Callable[[], int] | None = None) -> None:
         super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
         self.size = size
-        per_epoch = max(1, (size // num_replicas) // batch_size)  # batches per rank and epoch
-        self.epoch, self.skip = divmod(start_batch, per_epoch)
-        self.skip *= batch_size
+        self.batch_size = batch_size
+        self.per_epoch = max(1, (size // num_replicas) // batch_size)  # batches per rank and epoch
+        self.position = position
+        self.next_batch = start_batch
 
     def __iter__(self):
+        start = self.position() if self.position is not None else self.next_batch
+        epoch, offset = divmod(start, self.per_epoch)
+        self.epoch = epoch
+        self.next_batch = (epoch + 1) * self.per_epoch
         if self.shuffle:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
         else:
             order = list(range(self.size))
         mine = order[: len(self) * self.num_replicas][self.rank :: self.num_replicas]
-        skip, self.skip = self.skip, 0
-        self.epoch += 1
-        return iter(mine[skip:])
+        return iter(mine[offset * self.batch_size : self.per_epoch * self.batch_size])
 
     def __len__(self) -> int:
-        # the rank's whole epoch: after a resume Lightning itself counts the batches already done in it
         return self.size // self.num_replicas
 
     def set_epoch(self, epoch: int) -> None:
-        """Ignored: the epoch is counted from the batches drawn (see the class docstring)."""
+        """Ignored: the epoch follows from the stream position (see the class docstring)."""
 
 
 class _TextDataModule(L.LightningDataModule):
@@ -123,12 +138,14 @@ class _TextDataModule(L.LightningDataModule):
             )
         renames = {column: key for key, column in columns.items() if column != key}
         self.rows = rows.rename_columns(renames) if renames else rows
-        self.start_batch = 0  # set by a module resuming from a checkpoint: batches already drawn
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = ResumableSampler(len(self.rows), self.batch_size, self.shuffle, self.seed, self.start_batch, num_replicas=world_size, rank=rank)
+        module = trainer.lightning_module if trainer is not None else None
+        # the RL modules count the batches they drew and keep the count in checkpoints: the stream continues there
+        position = (lambda: module.batches_drawn) if hasattr(module, "batches_drawn") else None
+        sampler = ResumableSampler(len(self.rows), self.batch_size, self.shuffle, self.seed, num_replicas=world_size, rank=rank, position=position)
         return DataLoader(self.rows, batch_size=self.batch_size, sampler=sampler, drop_last=True, collate_fn=_collate, num_workers=self.num_workers)
 
 

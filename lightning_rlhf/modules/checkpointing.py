@@ -39,6 +39,4 @@ class RolloutCheckpointing:
             rank_zero_warn(f"The checkpoint was saved by {len(per_rank)} rank(s) and is resumed on {world_size}; its prompts in flight are dropped, not trained.")
             per_rank = [[] for _ in range(world_size)]
         self._resubmit = list(per_rank[rank]) if rank < len(per_rank) else []
-        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "start_batch"):
-            datamodule.start_batch = self.batches_drawn  # continue with the next prompt
+        # the data loader's sampler reads ``batches_drawn`` and continues with the next prompt (see ResumableSampler)

@@ -42,3 +42,48 @@ def test_missing_dataset_path(tmp_path):
 def test_builtin_datasets_have_their_columns():
     assert next(iter(DemonstrationDataModule(batch_size=2).train_dataloader()))[0].keys() >= {"prompt", "completion"}
     assert next(iter(PreferenceDataModule(batch_size=2).train_dataloader()))[0].keys() >= {"prompt", "chosen", "rejected"}
+
+
+def _stream(size, batch_size, epochs, rank=0, num_replicas=1):
+    """The reference: each epoch's seeded order, this rank's share, cut into whole batches."""
+    import torch
+
+    per_rank = size // num_replicas
+    batches = []
+    for epoch in range(epochs):
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(7 + epoch)).tolist()
+        mine = order[: per_rank * num_replicas][rank::num_replicas]
+        batches += [mine[b * batch_size : (b + 1) * batch_size] for b in range(per_rank // batch_size)]
+    return batches
+
+
+def _batches(iterator, batch_size, limit=None):
+    items = list(iterator)
+    batches = [items[b : b + batch_size] for b in range(0, len(items) - batch_size + 1, batch_size)]
+    return batches[:limit] if limit is not None else batches
+
+
+def test_sampler_continues_the_stream_at_the_position_whatever_the_epoch_cut():
+    from lightning_rlhf.data.datamodules import ResumableSampler
+
+    drawn = 0
+    sampler = ResumableSampler(26, 4, shuffle=True, seed=7, position=lambda: drawn)  # 6 whole batches an epoch, 2 rows dropped
+    reference = _stream(26, 4, epochs=3)
+    trained = []
+    # passes cut where a resumed Lightning might cut them: early, at an epoch boundary, or running to the end
+    for limit in (2, 3, None, 1, None, None):
+        for batch in _batches(iter(sampler), 4, limit):
+            trained.append(batch)
+            drawn += 1
+    assert trained == reference  # 3 epochs: nothing lost, nothing twice, each epoch in its own seeded order
+    assert len(_batches(iter(ResumableSampler(26, 4, shuffle=True, seed=7, position=lambda: 6)), 4)) == 6  # a boundary starts the next epoch whole
+
+
+def test_sampler_shards_ranks_and_starts_part_way_without_a_position():
+    from lightning_rlhf.data.datamodules import ResumableSampler
+
+    for rank in (0, 1):
+        sampler = ResumableSampler(24, 4, shuffle=True, seed=7, start_batch=2, num_replicas=2, rank=rank)
+        assert _batches(iter(sampler), 4) + _batches(iter(sampler), 4) == _stream(24, 4, epochs=2, rank=rank, num_replicas=2)[2:]
+    shards = [set(i for batch in _stream(24, 4, epochs=1, rank=r, num_replicas=2) for i in batch) for r in (0, 1)]
+    assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 24
