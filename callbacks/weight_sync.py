@@ -49,7 +49,8 @@ class WeightSync(Callback):
         if self.probe is None and getattr(pl_module, "last_generations", None) is not None:
             g = pl_module.last_generations
             self.probe = (g.prompt_ids[0], g.completion_ids[0])
-        if self.probe is not None and self.probe_every and (self.refreshes - 1) % self.probe_every == 0:
+        # with a shared generator only rank 0 has one to probe
+        if self.probe is not None and self.probe_every and (self.refreshes - 1) % self.probe_every == 0 and rollouts.generator is not None:
             metrics["sync/logprob_max_diff"] = self.logprob_max_diff(pl_module, rollouts.generator)
         pl_module.log_dict(metrics, batch_size=1)
 

@@ -8,9 +8,10 @@ not own (gloo on CPU). Each strategy here is a Lightning strategy plus that
 machinery:
 
 * ``async_rlhf`` (:class:`AsyncRLHFStrategy`): one training device;
-* ``async_rlhf_ddp`` (:class:`AsyncRLHFDDPStrategy`): DDP, one generator per rank;
+* ``async_rlhf_ddp`` (:class:`AsyncRLHFDDPStrategy`): DDP, one generator per rank, or one on rank 0
+  for all ranks (``shared_generator``);
 * ``async_rlhf_deepspeed`` (:class:`AsyncRLHFDeepSpeedStrategy`): DeepSpeed ZeRO-2/3, one generator
-  per rank; ZeRO-3 parameters are gathered before they are sent.
+  per rank (or shared under ZeRO-2); ZeRO-3 parameters are gathered before they are sent.
 
 Everything the strategy starts it also stops: at the end of ``fit``, on an
 exception or Ctrl-C (``on_exception``), and at interpreter exit.
@@ -30,7 +31,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleD
 from typing_extensions import override
 
 from lightning_rlhf.generation.process import GeneratorProcess, GeneratorSpec
-from lightning_rlhf.generation.rollouts import AsyncRollouts
+from lightning_rlhf.generation.rollouts import AsyncRollouts, SharedRollouts
 from lightning_rlhf.generation.weights import policy_state
 from lightning_rlhf.models import ConfigError, resolve_source
 
@@ -38,7 +39,7 @@ from lightning_rlhf.models import ConfigError, resolve_source
 class _AsyncGeneration:
     """What the asynchronous strategies add to a Lightning strategy (see the module docstring)."""
 
-    def _init_async(self, backend, max_staleness, sync_every, generator_devices, generator_cores, trainer_cores, dtype, vllm_kwargs, restart_on_failure) -> None:
+    def _init_async(self, backend, max_staleness, sync_every, generator_devices, generator_cores, trainer_cores, dtype, vllm_kwargs, restart_on_failure, shared_generator=False) -> None:
         if backend not in ("auto", "transformers", "vllm"):
             raise ConfigError(f"Unknown generation backend {backend!r}; choose 'auto', 'transformers' or 'vllm'.")
         if backend == "auto":  # vLLM when it is installed
@@ -60,8 +61,9 @@ class _AsyncGeneration:
         self.generator_dtype = dtype
         self.vllm_kwargs = vllm_kwargs or {}
         self.restart_on_failure = restart_on_failure
+        self.shared_generator = shared_generator
         self._generator: GeneratorProcess | None = None
-        self.rollouts: AsyncRollouts | None = None
+        self.rollouts: AsyncRollouts | SharedRollouts | None = None
 
     def _layout(self) -> tuple[str, list[int] | None, list[int] | None]:
         """Generator device and CPU cores for generator and trainer (separate cores by default on CPU)."""
@@ -92,14 +94,23 @@ class _AsyncGeneration:
         return self._generator
 
     def start_generator(self) -> None:
-        self._new_generator()
-        atexit.register(self.stop_generator)
+        owner = not self.shared_generator or self.global_rank == 0
+        if owner:
+            self._new_generator()
+            atexit.register(self.stop_generator)
         _, _, trainer_cores = self._layout()
         if trainer_cores:  # pin after the child started, so it did not inherit the trainer's mask
             os.sched_setaffinity(0, set(trainer_cores))
             torch.set_num_threads(len(trainer_cores))
         restart = self._new_generator if self.restart_on_failure else None
-        self.rollouts = AsyncRollouts(self._generator, self.max_staleness, self.policy_weights, restart=restart)
+        rollouts = AsyncRollouts(self._generator, self.max_staleness, self.policy_weights, restart=restart) if owner else None
+        if self.shared_generator:
+            import torch.distributed as dist
+
+            # every rank takes part in creating the group; prompts and rollouts travel over it as objects
+            self.rollouts = SharedRollouts(rollouts, dist.new_group(backend="gloo"))
+        else:
+            self.rollouts = rollouts
 
     def policy_weights(self) -> list[tuple[str, torch.Tensor]]:
         """The policy's tensors to send (subclasses gather sharded parameters first)."""
@@ -169,9 +180,15 @@ class AsyncRLHFStrategy(_AsyncGeneration, SingleDeviceStrategy):
 
 
 class AsyncRLHFDDPStrategy(_AsyncGeneration, DDPStrategy):
-    """DDP training with one generator process per rank (each rank samples its own prompts).
+    """DDP training with one generator process per rank, or one shared by all ranks.
 
-    Args: as :class:`AsyncRLHFStrategy`, plus every ``DDPStrategy`` argument through ``ddp_kwargs``.
+    By default each rank has its own generator and samples its own prompts. With
+    ``shared_generator=True`` global rank 0 runs the only generator (on
+    ``generator_devices[0]``) and samples every rank's prompts in one request:
+    the paper's layout of one generation device beside N training devices.
+
+    Args: as :class:`AsyncRLHFStrategy`, plus ``shared_generator`` and every ``DDPStrategy``
+    argument through ``ddp_kwargs``.
     """
 
     strategy_name = "async_rlhf_ddp"
@@ -187,10 +204,11 @@ class AsyncRLHFDDPStrategy(_AsyncGeneration, DDPStrategy):
         dtype: str = "float32",
         vllm_kwargs: dict | None = None,
         restart_on_failure: bool = False,
+        shared_generator: bool = False,
         **ddp_kwargs,
     ) -> None:
         super().__init__(**ddp_kwargs)
-        self._init_async(backend, max_staleness, sync_every, generator_devices, generator_cores, trainer_cores, dtype, vllm_kwargs, restart_on_failure)
+        self._init_async(backend, max_staleness, sync_every, generator_devices, generator_cores, trainer_cores, dtype, vllm_kwargs, restart_on_failure, shared_generator)
 
 
 class AsyncRLHFDeepSpeedStrategy(_AsyncGeneration, DeepSpeedStrategy):
@@ -199,8 +217,12 @@ class AsyncRLHFDeepSpeedStrategy(_AsyncGeneration, DeepSpeedStrategy):
     Runs on CUDA and, for testing, on CPU with gloo (Lightning's own DeepSpeed strategy
     accepts CUDA only; DeepSpeed itself runs on CPU).
 
-    Args: as :class:`AsyncRLHFStrategy`, plus ``stage`` (2 or 3) and every ``DeepSpeedStrategy``
-    argument through ``deepspeed_kwargs``.
+    Args: as :class:`AsyncRLHFStrategy`, plus ``stage`` (2 or 3), ``shared_generator`` (stage 2 only:
+    one generator on rank 0 for every rank, as in :class:`AsyncRLHFDDPStrategy`) and every
+    ``DeepSpeedStrategy`` argument through ``deepspeed_kwargs``.
+
+    Raises:
+        ConfigError: As :class:`AsyncRLHFStrategy`, and for ``shared_generator`` under ZeRO-3.
     """
 
     strategy_name = "async_rlhf_deepspeed"
@@ -217,10 +239,13 @@ class AsyncRLHFDeepSpeedStrategy(_AsyncGeneration, DeepSpeedStrategy):
         dtype: str = "float32",
         vllm_kwargs: dict | None = None,
         restart_on_failure: bool = False,
+        shared_generator: bool = False,
         **deepspeed_kwargs,
     ) -> None:
+        if shared_generator and stage == 3:
+            raise ConfigError("shared_generator sends rank 0's weights, but ZeRO-3 shards them over the ranks; use stage 2, or one generator per rank (shared_generator: false).")
         super().__init__(stage=stage, **deepspeed_kwargs)
-        self._init_async(backend, max_staleness, sync_every, generator_devices, generator_cores, trainer_cores, dtype, vllm_kwargs, restart_on_failure)
+        self._init_async(backend, max_staleness, sync_every, generator_devices, generator_cores, trainer_cores, dtype, vllm_kwargs, restart_on_failure, shared_generator)
 
     @override
     def setup_environment(self) -> None:

@@ -27,8 +27,11 @@ class Record(Callback):
 
     def __init__(self, fail_at_version):
         self.prompts, self.fail_at_version, self.version = [], fail_at_version, 0
+        self.has_generator = None  # whether this rank ran a generator process
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.has_generator is None:
+            self.has_generator = getattr(trainer.strategy, "generator", None) is not None
         if pl_module.policy_version != self.version:
             self.version = pl_module.policy_version
             self.prompts.append([r["prompt"] for r in pl_module.last_rows])
@@ -59,6 +62,7 @@ def main() -> None:
     parser.add_argument("--save_ckpt", default=None)
     parser.add_argument("--vllm_kwargs", default="{}")
     parser.add_argument("--restart_on_failure", action="store_true")
+    parser.add_argument("--shared_generator", action="store_true", help="ddp/deepspeed: one generator on rank 0 for every rank")
     parser.add_argument("--dataset", default="builtin:prompts")
     parser.add_argument("--shuffle", action="store_true")
     parser.add_argument("--fail_at_version", type=int, default=None, help="raise inside training at this version")
@@ -80,9 +84,9 @@ def main() -> None:
     elif args.mode == "async":
         strategy, devices = AsyncRLHFStrategy(**strategy_kwargs), 1
     elif args.mode == "ddp":
-        strategy, devices = AsyncRLHFDDPStrategy(**strategy_kwargs), 2
+        strategy, devices = AsyncRLHFDDPStrategy(shared_generator=args.shared_generator, **strategy_kwargs), 2
     else:
-        strategy, devices = AsyncRLHFDeepSpeedStrategy(stage=int(args.mode[-1]), **strategy_kwargs), 2
+        strategy, devices = AsyncRLHFDeepSpeedStrategy(stage=int(args.mode[-1]), shared_generator=args.shared_generator, **strategy_kwargs), 2
     log_dir = os.path.dirname(os.path.abspath(args.out))
     trainer = L.Trainer(
         max_steps=args.steps * getattr(module, "num_epochs", 1),
@@ -100,17 +104,18 @@ def main() -> None:
     trainer.fit(module, data, ckpt_path=args.ckpt_path)
     if args.save_ckpt:
         trainer.save_checkpoint(args.save_ckpt)
-    prompts_per_rank = [record.prompts]
+    per_rank = [(record.prompts, record.has_generator)]
     if torch.distributed.is_available() and torch.distributed.is_initialized() and trainer.world_size > 1:
-        prompts_per_rank = [None] * trainer.world_size
-        torch.distributed.all_gather_object(prompts_per_rank, record.prompts)
+        per_rank = [None] * trainer.world_size
+        torch.distributed.all_gather_object(per_rank, (record.prompts, record.has_generator))
+    prompts_per_rank = [prompts for prompts, _ in per_rank]
     if trainer.global_rank == 0:
         rows = list(csv.DictReader(open(glob.glob(os.path.join(log_dir, "logs", "version_*", "metrics.csv"))[-1])))
         series = {key: [float(r[key]) for r in rows if r.get(key)] for key in set().union(*(r.keys() for r in rows)) if key != "epoch"}
         params = torch.cat([p.detach().flatten() for p in module.policy.parameters()])
         rollouts = getattr(trainer.strategy, "rollouts", None)
         extra = {"restarts": rollouts.restarts, "forced_refreshes": rollouts.forced_refreshes} if rollouts is not None else {}
-        json.dump({"metrics": series, "policy_version": module.policy_version, "param_norm": params.norm().item(), "pid": os.getpid(), "trained_prompts": record.prompts, "trained_prompts_per_rank": prompts_per_rank,
+        json.dump({"metrics": series, "policy_version": module.policy_version, "param_norm": params.norm().item(), "pid": os.getpid(), "trained_prompts": record.prompts, "trained_prompts_per_rank": prompts_per_rank, "generators": sum(bool(has) for _, has in per_rank),
                    "zero3_partitioned": any(hasattr(p, "ds_tensor") for p in module.policy.parameters()), **extra}, open(args.out, "w"))
 
 

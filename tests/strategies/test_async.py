@@ -141,6 +141,20 @@ def test_generator_death_stops_training_within_seconds_and_leaves_nothing(tmp_pa
     assert run.leftovers() == []
 
 
+def test_shared_generator_death_stops_every_rank_and_leaves_nothing(tmp_path):
+    run = Watched(tmp_path, "--mode", "ddp", "--shared_generator", "--max_staleness", "1", "--steps", "100000", "--probe_every", "0")
+    generator = run.generator()
+    killed_at = time.monotonic()
+    generator.kill()
+    code, stderr = run.wait(timeout=90)
+    detected_after = time.monotonic() - killed_at
+    assert code != 0
+    assert "The generator process" in stderr and "died" in stderr, stderr[-3000:]
+    assert "The shared generator on rank 0 failed" in stderr, stderr[-3000:]  # rank 1 heard of it instead of waiting
+    assert detected_after < 30, f"took {detected_after:.1f} s"
+    assert run.leftovers() == []
+
+
 def test_restart_on_failure_carries_on(tmp_path):
     run = Watched(tmp_path, "--mode", "async", "--max_staleness", "1", "--steps", "40", "--restart_on_failure")
     run.generator().kill()
@@ -199,16 +213,22 @@ def test_resume_loses_no_prompt_and_uses_none_twice(tmp_path):
     assert second["policy_version"] == 8
 
 
-def test_ddp_resume_gives_every_rank_back_its_own_prompts(tmp_path):
+@pytest.mark.parametrize("generators", ["one per rank", "one shared"])
+def test_ddp_resume_gives_every_rank_back_its_own_prompts(generators, tmp_path):
     from lightning_rlhf.data.datamodules import ResumableSampler
 
     dataset = tmp_path / "prompts.jsonl"  # 2 ranks x 4 prompts: 3 batches per rank and epoch, so the runs cross epochs
     rows = [{"prompt": f"copy {i % 10} {i // 10} 1 2 ="} for i in range(24)]
     dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = ["--mode", "ddp", "--max_staleness", "1", "--batch_size", "4", "--dataset", str(dataset), "--shuffle", "--probe_every", "0"]
+    common = ["--mode", "ddp", "--max_staleness", "1", "--batch_size", "4", "--dataset", str(dataset), "--shuffle"]
+    if generators == "one shared":  # the paper's layout: rank 0's generator samples both ranks' prompts
+        common.append("--shared_generator")
     first = train(tmp_path / "first", *common, "--steps", "4", "--save_ckpt", str(tmp_path / "half.ckpt"), timeout=400)
     second = train(tmp_path / "second", *common, "--steps", "6", "--ckpt_path", str(tmp_path / "half.ckpt"), timeout=400)
     assert second["policy_version"] == 6
+    assert first["generators"] == second["generators"] == (1 if generators == "one shared" else 2)
+    assert max(first["metrics"]["rollout/staleness"] + second["metrics"]["rollout/staleness"]) <= 1.0
+    assert max(first["metrics"]["sync/logprob_max_diff"] + second["metrics"]["sync/logprob_max_diff"]) < 1e-3
     for rank in (0, 1):
         # what an uninterrupted run feeds this rank: its shard of each epoch's seeded order, in order
         sampler = ResumableSampler(len(rows), 4, shuffle=True, seed=0, num_replicas=2, rank=rank)
