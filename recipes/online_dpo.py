@@ -45,6 +45,7 @@ def setup(
     missing_eos_penalty: float | None = -1.0,
     max_staleness: int | None = None,
     backend: str = "transformers",
+    generator_device: str | None = None,
     evaluate: bool = True,
     out_dir: str = "runs/fabric/online_dpo",
     accelerator: str = "cpu",
@@ -69,6 +70,7 @@ def setup(
         max_staleness: ``None`` generates in this process with the current weights; ``N`` runs a
             generator process that samples up to ``N`` policy versions behind (1: the paper's async).
         backend: Generator process backend, ``transformers`` or ``vllm``.
+        generator_device: Device of the generator process (e.g. ``cuda:1``); default: the policy's.
         evaluate: Measure gold win rate and KL before and after (built-in task only).
         out_dir: Where the CSV metrics go.
         accelerator: Fabric accelerator.
@@ -92,7 +94,7 @@ def main(fabric: L.Fabric, args: dict) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args["lr"])
     policy, optimizer = fabric.setup(model, optimizer)
     loader = fabric.setup_dataloaders(data.train_dataloader())
-    source = start_rollouts(model, tokenizer, args["policy"], args["max_staleness"], args["backend"], seed=args["seed"])
+    source = start_rollouts(model, tokenizer, args["policy"], args["max_staleness"], args["backend"], seed=args["seed"], generator_device=args["generator_device"])
     sampling = SamplingConfig(k=args["k"], temperature=args["temperature"], max_new_tokens=args["max_new_tokens"])
 
     gold_rows = [dict(r) for r in load_rows("builtin:eval_prompts")] if args["evaluate"] else []

@@ -90,7 +90,7 @@ class GenerationBackend(ABC):
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Replace the sampler's weights with the policy's and record their version."""
 
-    def connect(self, port: int, prefix: str) -> None:
+    def connect(self, port: int, prefix: str, transport: str = "gloo") -> None:
         """Join the side process group as rank 1 (generator-process backends only)."""
         raise NotImplementedError(f"{type(self).__name__} cannot run in a generator process.")
 

@@ -47,6 +47,7 @@ class GeneratorSpec:
         device: Torch device of the generator (``"cpu"``, ``"cuda:1"``, ...).
         cpu_cores: CPU cores to pin the generator to (``None``: no pinning).
         vllm_kwargs: Extra ``vllm.LLM`` arguments.
+        transport: Side-group transport for weights, ``"gloo"`` or ``"nccl"`` (see :mod:`~lightning_rlhf.generation.weights`).
     """
 
     backend: str = "transformers"
@@ -56,6 +57,7 @@ class GeneratorSpec:
     device: str = "cpu"
     cpu_cores: list[int] | None = None
     vllm_kwargs: dict = field(default_factory=dict)
+    transport: str = "gloo"
 
     def build(self):
         from lightning_rlhf.models import load_tokenizer
@@ -81,14 +83,33 @@ def _pin(cores: list[int] | None) -> None:
         torch.set_num_threads(len(cores))
 
 
+def isolate_cuda_device(device: str) -> str:
+    """Make ``device`` the only GPU this process sees (call before CUDA starts); returns its name there.
+
+    vLLM always runs on the first visible GPU, so the generator's device is
+    chosen through ``CUDA_VISIBLE_DEVICES``; the trainer's numbering (which may
+    itself be a ``CUDA_VISIBLE_DEVICES`` subset) is mapped to the physical GPU.
+    """
+    target = torch.device(device)
+    if target.type != "cuda":
+        return device
+    index = target.index or 0
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if visible and index >= len(visible):
+        raise ValueError(f"Generator device {device} does not exist: CUDA_VISIBLE_DEVICES lists {len(visible)} GPU(s); pick cuda:0 to cuda:{len(visible) - 1}.")
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible[index] if visible else str(index)
+    return "cuda:0"
+
+
 def generator_main(spec: GeneratorSpec, requests, results, port: int, prefix: str) -> None:
     """Entry point of the generator process."""
     backend = None
     try:
+        spec.device = isolate_cuda_device(spec.device)
         _pin(spec.cpu_cores)
         backend = spec.build()
         results.put(("ready", os.getpid()))
-        backend.connect(port, prefix)
+        backend.connect(port, prefix, spec.transport)
         while True:
             kind, *payload = requests.get()
             if kind == "generate":
@@ -140,7 +161,7 @@ class GeneratorProcess:
         self.process = context.Process(target=generator_main, args=(self.spec, self.requests, self.results, self._store.port, prefix), name="lightning-rlhf-generator", daemon=False)
         self.process.start()
         self._wait(("ready",), self.start_timeout_s)
-        self.group = join_group(self._store.port, prefix, 0, store=self._store)
+        self.group = join_group(self._store.port, prefix, 0, store=self._store, transport=self.spec.transport)
         self.version = None
 
     @property
@@ -163,7 +184,7 @@ class GeneratorProcess:
         start = time.perf_counter()
         self.requests.put(("weights", tensor_meta(named_tensors), version))
         try:
-            send_tensors(self.group, (t for _, t in named_tensors))
+            send_tensors(self.group, (t for _, t in named_tensors), self.spec.transport, alive=self.alive)
         except RuntimeError as err:
             raise self._death_error(f"while sending weights ({err})") from err
         self.version = version

@@ -314,6 +314,8 @@ def start_rollouts(
     backend: str = "transformers",
     seed: int = 0,
     vllm_kwargs: dict | None = None,
+    generator_device: str | None = None,
+    weight_transport: str = "gloo",
 ) -> LocalRollouts | AsyncRollouts:
     """A rollout source for a plain (Fabric) training loop; call ``close()`` when done.
 
@@ -325,6 +327,8 @@ def start_rollouts(
         backend: Generator process backend, ``"transformers"`` or ``"vllm"``.
         seed: Base seed of the sampling streams.
         vllm_kwargs: Extra ``vllm.LLM`` arguments.
+        generator_device: Device of the generator process; default: the policy's.
+        weight_transport: ``"gloo"`` or ``"nccl"`` (see :mod:`lightning_rlhf.generation.weights`).
     """
     from lightning_rlhf.generation.process import GeneratorSpec
     from lightning_rlhf.generation.transformers_backend import TransformersBackend
@@ -333,6 +337,8 @@ def start_rollouts(
 
     if max_staleness is None:
         return LocalRollouts(TransformersBackend(model, [tokenizer.eos_token_id], tokenizer.pad_token_id, seed=seed))
-    generator = GeneratorProcess(GeneratorSpec(backend=backend, model=resolve_source(policy_source, "policy model"), seed=seed, vllm_kwargs=vllm_kwargs or {}))
+    device = generator_device or str(next(model.parameters()).device)
+    spec = GeneratorSpec(backend=backend, model=resolve_source(policy_source, "policy model"), seed=seed, device=device, vllm_kwargs=vllm_kwargs or {}, transport=weight_transport)
+    generator = GeneratorProcess(spec)
     generator.start()
     return AsyncRollouts(generator, max_staleness, lambda: policy_state(model))

@@ -95,12 +95,13 @@ class TransformersBackend(GenerationBackend):
         results = [truncate_at_stop(t, lp, self.stop_token_ids) for t, lp in zip(new_tokens.tolist(), sampled_logprobs.tolist())]
         return [r[0] for r in results], [r[1] for r in results], [r[2] for r in results]
 
-    def connect(self, port: int, prefix: str) -> None:
-        self._group = join_group(port, prefix, rank=1)
+    def connect(self, port: int, prefix: str, transport: str = "gloo") -> None:
+        self._transport = transport
+        self._group = join_group(port, prefix, rank=1, transport=transport)
 
     def receive_weights(self, meta: list, version: int) -> None:
         device = next(self.model.parameters()).device
-        self.load_weights(((name, t.to(device)) for name, t in receive_tensors(self._group, meta)), version)
+        self.load_weights(((name, t.to(device)) for name, t in receive_tensors(self._group, meta, self._transport)), version)
 
     def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int], temperature: float) -> list[float]:
         return sequence_logprobs(self.model, prompt_ids, completion_ids, temperature).tolist()

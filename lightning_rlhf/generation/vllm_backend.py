@@ -23,11 +23,12 @@ from lightning_rlhf.generation.weights import join_group, receive_tensors
 class WeightReceiver:
     """vLLM worker extension (``LLM(worker_extension_cls=...)``): receives refreshed weights over the side group."""
 
-    def join_weight_group(self, port: int, prefix: str) -> None:
-        self._weight_group = join_group(port, prefix, rank=1)
+    def join_weight_group(self, port: int, prefix: str, transport: str = "gloo") -> None:
+        self._weight_transport = transport
+        self._weight_group = join_group(port, prefix, rank=1, transport=transport)
 
     def receive_weights(self, meta: list) -> None:
-        tensors = list(receive_tensors(self._weight_group, meta))
+        tensors = list(receive_tensors(self._weight_group, meta, self._weight_transport))
         self.reload_weights(weights_iterator=iter(tensors), is_checkpoint_format=True)
         model = self.model_runner.get_model()
         lm_head = getattr(model, "lm_head", None)
@@ -106,8 +107,8 @@ class VLLMBackend(GenerationBackend):
                 reasons.append(reason)
         return Generations(prompt_ids, completions, logprobs, reasons, self.policy_version, sampling.k)
 
-    def connect(self, port: int, prefix: str) -> None:
-        self.llm.collective_rpc("join_weight_group", args=(port, prefix))
+    def connect(self, port: int, prefix: str, transport: str = "gloo") -> None:
+        self.llm.collective_rpc("join_weight_group", args=(port, prefix, transport))
 
     def receive_weights(self, meta: list, version: int) -> None:
         self.llm.collective_rpc("receive_weights", args=(meta,))

@@ -2,14 +2,21 @@
 
 The trainer (rank 0 of the side group) hosts a ``TCPStore`` on the loopback
 interface and broadcasts each tensor; the generator (rank 1) receives into
-fresh buffers. On CPU the group is gloo; the names, shapes and dtypes travel
-once per refresh through the request queue, the tensors through the group.
+fresh buffers. The names, shapes and dtypes travel once per refresh through
+the request queue, the tensors through the group, whose transport is
+
+* ``"gloo"`` (default): through host memory; works on CPU and on GPU, also with
+  trainer and generator on one GPU;
+* ``"nccl"``: GPU to GPU, for a generator on a GPU of its own (NCCL does not
+  join two processes on one device). Not yet run on GPUs by this project's
+  tests: the machines they had held one GPU each.
 """
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -22,33 +29,62 @@ def host_store(timeout_s: float = 300.0) -> dist.TCPStore:
     return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def join_group(port: int, prefix: str, rank: int, store: dist.TCPStore | None = None, timeout_s: float = 300.0) -> dist.ProcessGroup:
-    """Join the two-member gloo group ``prefix`` (blocks until the other side joins too)."""
+TRANSPORTS = ("gloo", "nccl")
+
+
+def join_group(port: int, prefix: str, rank: int, store: dist.TCPStore | None = None, timeout_s: float = 300.0, transport: str = "gloo") -> dist.ProcessGroup:
+    """Join the two-member group ``prefix`` (gloo blocks until the other side joins; NCCL meets at the first broadcast)."""
     timeout = datetime.timedelta(seconds=timeout_s)
     if store is None:
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
-    return dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, 2, timeout)
+    store = dist.PrefixStore(prefix, store)
+    if transport == "gloo":
+        return dist.ProcessGroupGloo(store, rank, 2, timeout)
+    if transport == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, 2, options)  # bound to the current CUDA device
+    raise ValueError(f"Unknown weight transport {transport!r}; choose one of {', '.join(TRANSPORTS)}.")
+
+
+def staging_device(transport: str) -> torch.device:
+    """Where tensors must be to travel: host memory for gloo, this process's current GPU for NCCL."""
+    return torch.device("cuda", torch.cuda.current_device()) if transport == "nccl" else torch.device("cpu")
 
 
 def tensor_meta(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[TensorMeta]:
     return [(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in named_tensors]
 
 
-def send_tensors(group: dist.ProcessGroup, tensors: Iterable[torch.Tensor]) -> None:
-    """Broadcast each tensor from rank 0, one at a time (one at a time measured faster than one packed buffer).
+def send_tensors(group: dist.ProcessGroup, tensors: Iterable[torch.Tensor], transport: str = "gloo", alive: Callable[[], bool] | None = None, poll_s: float = 0.01) -> None:
+    """Broadcast each tensor from rank 0, one at a time (over gloo, one at a time measured faster than one packed buffer).
 
-    The group is gloo, so tensors travel through host memory; an NCCL group for
-    GPU-to-GPU transfer is not implemented yet.
+    Over NCCL the broadcasts run on NCCL's stream; this waits for them while
+    checking ``alive()``, because NCCL itself would wait for a dead receiver
+    until its timeout. A dead receiver aborts the group and raises ``RuntimeError``.
     """
-    for tensor in tensors:
-        group.broadcast(tensor.detach().to("cpu").contiguous(), 0).wait()
+    device = staging_device(transport)
+    if transport == "gloo":
+        for tensor in tensors:
+            group.broadcast(tensor.detach().to(device).contiguous(), 0).wait()
+        return
+    sent = [tensor.detach().to(device).contiguous() for tensor in tensors]  # alive until NCCL is done with them
+    works = [group.broadcast(tensor, 0) for tensor in sent]
+    while not all(work.is_completed() for work in works):
+        if alive is not None and not alive():
+            group.abort()  # or the pending broadcasts block the trainer's GPU work for good
+            raise RuntimeError("the receiving process died during the NCCL broadcast")
+        time.sleep(poll_s)
+    for work in works:
+        work.wait()
 
 
-def receive_tensors(group: dist.ProcessGroup, meta: list[TensorMeta]) -> Iterator[tuple[str, torch.Tensor]]:
+def receive_tensors(group: dist.ProcessGroup, meta: list[TensorMeta], transport: str = "gloo") -> Iterator[tuple[str, torch.Tensor]]:
     """Receive the tensors described by ``meta`` from rank 0, in order."""
+    device = staging_device(transport)
     for name, shape, dtype in meta:
-        buffer = torch.empty(shape, dtype=getattr(torch, dtype))
-        group.broadcast(buffer, 0).wait()
+        buffer = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+        group.broadcast(buffer, 0).wait()  # on NCCL: later work on the current stream waits for it
         yield name, buffer
 
 

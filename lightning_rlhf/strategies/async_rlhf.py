@@ -32,14 +32,14 @@ from typing_extensions import override
 
 from lightning_rlhf.generation.process import GeneratorProcess, GeneratorSpec
 from lightning_rlhf.generation.rollouts import AsyncRollouts, SharedRollouts
-from lightning_rlhf.generation.weights import policy_state
+from lightning_rlhf.generation.weights import TRANSPORTS, policy_state
 from lightning_rlhf.models import ConfigError, resolve_source
 
 
 class _AsyncGeneration:
     """What the asynchronous strategies add to a Lightning strategy (see the module docstring)."""
 
-    def _init_async(self, backend, max_staleness, sync_every, generator_devices, generator_cores, trainer_cores, dtype, vllm_kwargs, restart_on_failure, shared_generator=False) -> None:
+    def _init_async(self, backend, max_staleness, sync_every, generator_devices, generator_cores, trainer_cores, dtype, vllm_kwargs, restart_on_failure, shared_generator=False, weight_transport="gloo") -> None:
         if backend not in ("auto", "transformers", "vllm"):
             raise ConfigError(f"Unknown generation backend {backend!r}; choose 'auto', 'transformers' or 'vllm'.")
         if backend == "auto":  # vLLM when it is installed
@@ -48,6 +48,8 @@ class _AsyncGeneration:
             raise ConfigError(f"max_staleness must be 0 (synchronous) or more, got {max_staleness}.")
         if sync_every < 1:
             raise ConfigError(f"sync_every must be at least 1, got {sync_every}.")
+        if weight_transport not in TRANSPORTS:
+            raise ConfigError(f"Unknown weight_transport {weight_transport!r}; choose 'gloo' (host memory, any device) or 'nccl' (GPU to GPU).")
         if backend == "vllm":
             try:
                 import vllm  # noqa: F401
@@ -62,6 +64,7 @@ class _AsyncGeneration:
         self.vllm_kwargs = vllm_kwargs or {}
         self.restart_on_failure = restart_on_failure
         self.shared_generator = shared_generator
+        self.weight_transport = weight_transport
         self._generator: GeneratorProcess | None = None
         self.rollouts: AsyncRollouts | SharedRollouts | None = None
 
@@ -79,6 +82,7 @@ class _AsyncGeneration:
 
     def _new_generator(self) -> GeneratorProcess:
         device, generator_cores, _ = self._layout()
+        check_transport(self.weight_transport, self.root_device, device)
         module = self.lightning_module
         spec = GeneratorSpec(
             backend=self.backend,
@@ -88,6 +92,7 @@ class _AsyncGeneration:
             device=device,
             cpu_cores=generator_cores,
             vllm_kwargs=self.vllm_kwargs,
+            transport=self.weight_transport,
         )
         self._generator = GeneratorProcess(spec)
         self._generator.start()
@@ -155,9 +160,13 @@ class AsyncRLHFStrategy(_AsyncGeneration, SingleDeviceStrategy):
         dtype: Generator weights dtype (``float32`` keeps its logprobs equal to the trainer's).
         vllm_kwargs: Extra ``vllm.LLM`` arguments (``max_model_len``, ``kv_cache_memory_bytes``, ...).
         restart_on_failure: Restart a dead generator and carry on instead of stopping.
+        weight_transport: How refreshed weights travel: ``"gloo"`` through host memory (any devices,
+            the tested path) or ``"nccl"`` GPU to GPU (the generator on a GPU of its own; not yet run
+            on GPUs by this project's tests).
 
     Raises:
-        ConfigError: On an unknown backend, a negative ``max_staleness``, ``sync_every < 1``, or vLLM missing.
+        ConfigError: On an unknown backend or transport, a negative ``max_staleness``, ``sync_every < 1``,
+            vLLM missing, or (when training starts) NCCL without two different GPUs.
     """
 
     strategy_name = "async_rlhf"
@@ -174,9 +183,10 @@ class AsyncRLHFStrategy(_AsyncGeneration, SingleDeviceStrategy):
         dtype: str = "float32",
         vllm_kwargs: dict | None = None,
         restart_on_failure: bool = False,
+        weight_transport: Literal["gloo", "nccl"] = "gloo",
     ) -> None:
         super().__init__(device=torch.device(device))
-        self._init_async(backend, max_staleness, sync_every, generator_devices, generator_cores, trainer_cores, dtype, vllm_kwargs, restart_on_failure)
+        self._init_async(backend, max_staleness, sync_every, generator_devices, generator_cores, trainer_cores, dtype, vllm_kwargs, restart_on_failure, weight_transport=weight_transport)
 
 
 class AsyncRLHFDDPStrategy(_AsyncGeneration, DDPStrategy):
@@ -205,10 +215,11 @@ class AsyncRLHFDDPStrategy(_AsyncGeneration, DDPStrategy):
         vllm_kwargs: dict | None = None,
         restart_on_failure: bool = False,
         shared_generator: bool = False,
+        weight_transport: Literal["gloo", "nccl"] = "gloo",
         **ddp_kwargs,
     ) -> None:
         super().__init__(**ddp_kwargs)
-        self._init_async(backend, max_staleness, sync_every, generator_devices, generator_cores, trainer_cores, dtype, vllm_kwargs, restart_on_failure, shared_generator)
+        self._init_async(backend, max_staleness, sync_every, generator_devices, generator_cores, trainer_cores, dtype, vllm_kwargs, restart_on_failure, shared_generator, weight_transport)
 
 
 class AsyncRLHFDeepSpeedStrategy(_AsyncGeneration, DeepSpeedStrategy):
@@ -240,12 +251,13 @@ class AsyncRLHFDeepSpeedStrategy(_AsyncGeneration, DeepSpeedStrategy):
         vllm_kwargs: dict | None = None,
         restart_on_failure: bool = False,
         shared_generator: bool = False,
+        weight_transport: Literal["gloo", "nccl"] = "gloo",
         **deepspeed_kwargs,
     ) -> None:
         if shared_generator and stage == 3:
             raise ConfigError("shared_generator sends rank 0's weights, but ZeRO-3 shards them over the ranks; use stage 2, or one generator per rank (shared_generator: false).")
         super().__init__(stage=stage, **deepspeed_kwargs)
-        self._init_async(backend, max_staleness, sync_every, generator_devices, generator_cores, trainer_cores, dtype, vllm_kwargs, restart_on_failure, shared_generator)
+        self._init_async(backend, max_staleness, sync_every, generator_devices, generator_cores, trainer_cores, dtype, vllm_kwargs, restart_on_failure, shared_generator, weight_transport)
 
     @override
     def setup_environment(self) -> None:
@@ -289,6 +301,17 @@ class AsyncRLHFDeepSpeedStrategy(_AsyncGeneration, DeepSpeedStrategy):
         # a collective: every rank gathers at the same refresh
         with deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=None):
             return [(name, tensor.detach().clone()) for name, tensor in policy_state(policy)]
+
+
+def check_transport(transport: str, trainer_device: torch.device, generator_device: str) -> None:
+    """NCCL joins exactly two GPUs, one per process; say so before any process starts."""
+    if transport != "nccl":
+        return
+    generator = torch.device(generator_device)
+    if trainer_device.type != "cuda" or generator.type != "cuda":
+        raise ConfigError(f"weight_transport 'nccl' needs the trainer and the generator on GPUs (here {trainer_device} and {generator}); use 'gloo'.")
+    if generator == trainer_device or (generator.index or 0) == (trainer_device.index or 0):
+        raise ConfigError(f"weight_transport 'nccl' cannot join two processes on one GPU ({generator}); give the generator its own with generator_devices, or use 'gloo'.")
 
 
 def _ensure_weight_sync(trainer) -> None:

@@ -1,6 +1,7 @@
 """Bad strategy arguments stop with one sentence, before any process starts."""
 
 import importlib.util
+import os
 
 import pytest
 
@@ -32,3 +33,59 @@ def test_shared_generator_under_zero3_is_refused():
     with pytest.raises(ConfigError, match="ZeRO-3 shards them"):
         AsyncRLHFDeepSpeedStrategy(backend="transformers", stage=3, shared_generator=True)
     assert AsyncRLHFDeepSpeedStrategy(backend="transformers", stage=2, shared_generator=True).shared_generator
+
+
+def test_unknown_weight_transport_is_refused():
+    with pytest.raises(ConfigError, match="Unknown weight_transport 'ucx'"):
+        AsyncRLHFStrategy(backend="transformers", weight_transport="ucx")
+
+
+def test_nccl_needs_two_different_gpus():
+    import torch
+
+    from lightning_rlhf.strategies.async_rlhf import check_transport
+
+    with pytest.raises(ConfigError, match="needs the trainer and the generator on GPUs"):
+        check_transport("nccl", torch.device("cpu"), "cpu")
+    with pytest.raises(ConfigError, match="cannot join two processes on one GPU"):
+        check_transport("nccl", torch.device("cuda", 0), "cuda:0")
+    check_transport("nccl", torch.device("cuda", 0), "cuda:1")  # the paper's layout: accepted
+    check_transport("gloo", torch.device("cuda", 0), "cuda:0")  # gloo goes through host memory: any layout
+
+
+def test_generator_sees_only_its_own_gpu(monkeypatch):
+    from lightning_rlhf.generation.process import isolate_cuda_device
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert isolate_cuda_device("cpu") == "cpu" and "CUDA_VISIBLE_DEVICES" not in os.environ
+    assert isolate_cuda_device("cuda:3") == "cuda:0" and os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")  # the trainer's cuda:1 is physical GPU 6
+    assert isolate_cuda_device("cuda:1") == "cuda:0" and os.environ["CUDA_VISIBLE_DEVICES"] == "6"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    with pytest.raises(ValueError, match="lists 2 GPU"):
+        isolate_cuda_device("cuda:2")
+
+
+def test_nccl_send_gives_up_on_a_dead_receiver_instead_of_waiting(monkeypatch):
+    import torch
+
+    from lightning_rlhf.generation import weights
+
+    class NeverDone:
+        def is_completed(self):
+            return False
+
+    class Group:
+        aborted = False
+
+        def broadcast(self, tensor, root):
+            return NeverDone()
+
+        def abort(self):
+            self.aborted = True
+
+    monkeypatch.setattr(weights, "staging_device", lambda transport: torch.device("cpu"))  # no GPU here; the waiting logic is what is tested
+    group, checks = Group(), []
+    with pytest.raises(RuntimeError, match="died during the NCCL broadcast"):
+        weights.send_tensors(group, [torch.ones(2)], "nccl", alive=lambda: checks.append(1) or len(checks) < 3, poll_s=0.0)
+    assert group.aborted and len(checks) == 3
