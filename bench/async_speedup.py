@@ -9,11 +9,13 @@ the other): ``max_staleness=0`` (synchronous: the trainer waits for each batch)
 and ``max_staleness=1`` (the paper's asynchronous setting). Each run is a fresh
 subprocess; the first steps (start-up, compilation) are not timed.
 
-Reported per backend: ``sync_episodes_per_s``, ``async_episodes_per_s``,
-``speedup`` (their ratio), ``gen_seconds`` and ``train_seconds`` (per step, from
-the synchronous run), ``sync_seconds`` (weight refresh per step, trainer side),
-and ``ideal_speedup = (gen + train) / max(gen, train)``. An episode is one
-prompt-completion pair trained on.
+Each backend's sync/async pair runs ``--repeats`` times, in turn, and the
+medians are reported: this machine's run-to-run noise is about 20%. Per
+backend: ``sync_episodes_per_s``, ``async_episodes_per_s``, ``speedup`` (their
+ratio), ``gen_seconds`` and ``train_seconds`` (per step, from the synchronous
+runs), ``sync_seconds`` (weight refresh per step, the time the trainer is held
+up), ``ideal_speedup = (gen + train) / max(gen, train)``, and every repeat's
+own speedup. An episode is one prompt-completion pair trained on.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+from statistics import median
 
 import lightning as L
 import torch
@@ -104,6 +107,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=None, help="samples per prompt (default: per backend, see WORKLOADS)")
     parser.add_argument("--num_epochs", type=int, default=None, help="updates per generated batch (default: per backend)")
     parser.add_argument("--max_new_tokens", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3, help="sync/async pairs per backend, run in turn; medians are reported (quick: 1)")
     parser.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -113,15 +117,19 @@ def main() -> None:
         return
     if args.quick:
         args.steps, args.warmup, args.batch_size = 3, 1, 8
+    if args.quick:
+        args.repeats = 1
     backends = args.backends or ["transformers"] + (["vllm"] if importlib.util.find_spec("vllm") else [])
     results = []
     for backend in backends:
-        sync, asynchronous = _subprocess_run(args, backend, 0), _subprocess_run(args, backend, 1)
+        pairs = [(_subprocess_run(args, backend, 0), _subprocess_run(args, backend, 1)) for _ in range(args.repeats)]  # interleaved: drift hits both
+        sync = {key: median([s[key] for s, _ in pairs]) for key in pairs[0][0]}
+        asynchronous = {key: median([a[key] for _, a in pairs]) for key in pairs[0][1]}
         gen, train = sync["rollout_wait_seconds"], sync["train_seconds"]
         results.append({
             "backend": backend,
-            "k": sync["k"],
-            "num_epochs": sync["num_epochs"],
+            "k": pairs[0][0]["k"],
+            "num_epochs": pairs[0][0]["num_epochs"],
             "sync_episodes_per_s": sync["episodes_per_s"],
             "async_episodes_per_s": asynchronous["episodes_per_s"],
             "speedup": asynchronous["episodes_per_s"] / sync["episodes_per_s"],
@@ -132,16 +140,20 @@ def main() -> None:
             "ideal_speedup": (gen + train) / max(gen, train),
             "sync_step_seconds": sync["step_seconds"],
             "async_step_seconds": asynchronous["step_seconds"],
+            "speedup_per_repeat": [a["episodes_per_s"] / s["episodes_per_s"] for s, a in pairs],
+            "runs": [{"sync": s, "async": a} for s, a in pairs],
         })
         print(json.dumps(results[-1]), flush=True)
-    workload = {key: getattr(args, key) for key in ("steps", "warmup", "batch_size", "max_new_tokens", "quick")}
+    workload = {key: getattr(args, key) for key in ("steps", "warmup", "batch_size", "max_new_tokens", "repeats", "quick")}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"workload": workload, "cpu_cores": os.cpu_count(), "results": results}, f, indent=2)
-    table = ["| backend | k | epochs | sync episodes/s | async episodes/s | speedup | ideal | gen s/step | train s/step | refresh s/step |", "|---|---|---|---|---|---|---|---|---|---|"]
+    table = ["| backend | k | epochs | sync episodes/s | async episodes/s | speedup | per repeat | ideal | gen s/step | train s/step | refresh s/step (async) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        table.append(f"| {r['backend']} | {r['k']} | {r['num_epochs']} | {r['sync_episodes_per_s']:.1f} | {r['async_episodes_per_s']:.1f} | {r['speedup']:.2f} | {r['ideal_speedup']:.2f} | "
-                     f"{r['gen_seconds']:.3f} | {r['train_seconds']:.3f} | {r['sync_seconds']:.4f} |")
+        table.append(f"| {r['backend']} | {r['k']} | {r['num_epochs']} | {r['sync_episodes_per_s']:.1f} | {r['async_episodes_per_s']:.1f} | {r['speedup']:.2f} | "
+                     f"{', '.join(f'{x:.2f}' for x in r['speedup_per_repeat'])} | {r['ideal_speedup']:.2f} | "
+                     f"{r['gen_seconds']:.3f} | {r['train_seconds']:.3f} | {r['async_sync_seconds']:.4f} |")
     markdown = "\n".join(table)
     with open(os.path.splitext(args.json)[0] + ".md", "w") as f:
         f.write(markdown + "\n")

@@ -51,14 +51,14 @@ class WeightSync(Callback):
             self.probe = (g.prompt_ids[0], g.completion_ids[0])
         # with a shared generator only rank 0 has one to probe
         if self.probe is not None and self.probe_every and (self.refreshes - 1) % self.probe_every == 0 and rollouts.generator is not None:
-            metrics["sync/logprob_max_diff"] = self.logprob_max_diff(pl_module, rollouts.generator)
+            metrics["sync/logprob_max_diff"] = self.logprob_max_diff(pl_module, rollouts, version)
         pl_module.log_dict(metrics, batch_size=1)
 
-    def logprob_max_diff(self, pl_module: L.LightningModule, generator, temperature: float = 1.0) -> float:
+    def logprob_max_diff(self, pl_module: L.LightningModule, rollouts, version: int, temperature: float = 1.0) -> float:
         """Largest |trainer - generator| logprob over the probe's completion tokens."""
         prompt, completion = self.probe
         trainer_logprobs = sequence_logprobs(pl_module.policy, prompt, completion, temperature)
-        generator_logprobs = torch.tensor(generator.sequence_logprobs(prompt, completion, temperature))
+        generator_logprobs = torch.tensor(rollouts.sequence_logprobs(prompt, completion, temperature, version))
         return (trainer_logprobs - generator_logprobs).abs().max().item()
 
     @override

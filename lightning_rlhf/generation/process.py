@@ -150,6 +150,7 @@ class GeneratorProcess:
         self.process: mp.Process | None = None
         self.version: int | None = None  # last version sent
         self.last_refresh_seconds: float | None = None  # generator-side load time of the last acknowledged refresh
+        self._transfer = None  # weights still being sent
         self._inbox: dict[tuple, object] = {}
 
     def start(self) -> None:
@@ -179,16 +180,32 @@ class GeneratorProcess:
         return self._wait(("generations", request_id), self.request_timeout_s)
 
     def push_weights(self, named_tensors: list[tuple[str, torch.Tensor]], version: int) -> float:
-        """Send the policy's weights; returns the trainer-side seconds (blocked until the generator took them)."""
+        """Send the policy's weights; returns the seconds the trainer was held up.
+
+        Over gloo the weights are copied to host memory and sent in the background
+        while training goes on; the generator takes them before any request made
+        after this call (requests are handled in order). The previous transfer is
+        finished first, so at most one copy of the weights is in flight.
+        """
         self._check_alive()
         start = time.perf_counter()
+        self.finish_transfer()
         self.requests.put(("weights", tensor_meta(named_tensors), version))
         try:
-            send_tensors(self.group, (t for _, t in named_tensors), self.spec.transport, alive=self.alive)
+            self._transfer = send_tensors(self.group, (t for _, t in named_tensors), self.spec.transport, alive=self.alive, wait=False)
         except RuntimeError as err:
             raise self._death_error(f"while sending weights ({err})") from err
         self.version = version
         return time.perf_counter() - start
+
+    def finish_transfer(self) -> None:
+        """Wait until the last weights sent have left (raises :class:`GeneratorError` if the generator died)."""
+        transfer, self._transfer = self._transfer, None
+        if transfer is not None:
+            try:
+                transfer.wait()
+            except RuntimeError as err:
+                raise self._death_error(f"while sending weights ({err})") from err
 
     def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int], temperature: float) -> list[float]:
         """The generator's temperature-scaled logprobs of ``completion_ids`` after ``prompt_ids``."""
@@ -244,6 +261,7 @@ class GeneratorProcess:
         if self.process is None:
             return
         process, self.process = self.process, None
+        self._transfer = None  # not waited for: its receiver is going away
         try:
             children = psutil.Process(process.pid).children(recursive=True)
         except psutil.Error:

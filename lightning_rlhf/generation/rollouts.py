@@ -139,6 +139,16 @@ class AsyncRollouts:
         self.refresh_seconds.append(seconds)
         return seconds
 
+    def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int], temperature: float, version: int) -> list[float]:
+        """The generator's logprobs of a probe sequence (after a failure, of its replacement, refitted to ``version``)."""
+        try:
+            return self.generator.sequence_logprobs(prompt_ids, completion_ids, temperature)
+        except GeneratorError:
+            if self.restart is None:
+                raise
+            self._recover(version)
+            return self.generator.sequence_logprobs(prompt_ids, completion_ids, temperature)
+
     def _recover(self, version: int, skip: list[dict] | None = None) -> float:
         """Replace a dead generator: a fresh one, refitted with the current weights; requests in flight are asked again."""
         self.generator.close()
@@ -237,6 +247,12 @@ class SharedRollouts:
     @property
     def forced_refreshes(self) -> int:
         return self.inner.forced_refreshes if self.inner is not None else 0
+
+    def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int], temperature: float, version: int) -> list[float]:
+        """Rank 0 only: the shared generator's logprobs of a probe sequence."""
+        if self.inner is None:
+            raise RuntimeError("Only rank 0 runs the shared generator; probe it there.")
+        return self.inner.sequence_logprobs(prompt_ids, completion_ids, temperature, version)
 
     def refresh(self, version: int) -> float:
         """Rank 0 sends its weights (the others have the same); every rank takes part, so all hear of a failure."""

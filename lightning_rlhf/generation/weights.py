@@ -56,27 +56,45 @@ def tensor_meta(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[Tenso
     return [(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in named_tensors]
 
 
-def send_tensors(group: dist.ProcessGroup, tensors: Iterable[torch.Tensor], transport: str = "gloo", alive: Callable[[], bool] | None = None, poll_s: float = 0.01) -> None:
-    """Broadcast each tensor from rank 0, one at a time (over gloo, one at a time measured faster than one packed buffer).
+class Transfer:
+    """Broadcasts in flight, with the tensors they send (kept referenced until they are done)."""
 
-    Over NCCL the broadcasts run on NCCL's stream; this waits for them while
-    checking ``alive()``, because NCCL itself would wait for a dead receiver
-    until its timeout. A dead receiver aborts the group and raises ``RuntimeError``.
+    def __init__(self, group: dist.ProcessGroup, works: list, tensors: list[torch.Tensor], transport: str, alive: Callable[[], bool] | None, poll_s: float) -> None:
+        self.group, self.works, self.tensors = group, works, tensors
+        self.transport, self.alive, self.poll_s = transport, alive, poll_s
+
+    def wait(self) -> None:
+        """Block until every broadcast is done; a receiver that died raises ``RuntimeError`` instead of a hang."""
+        while not all(work.is_completed() for work in self.works):
+            if self.alive is not None and not self.alive():
+                if self.transport == "nccl":
+                    self.group.abort()  # or the pending broadcasts block this GPU's work for good
+                raise RuntimeError("the receiving process died during the weight transfer")
+            time.sleep(self.poll_s)
+        for work in self.works:
+            work.wait()  # raises the transport's own error, if it had one
+        self.tensors = []
+
+
+def send_tensors(group: dist.ProcessGroup, tensors: Iterable[torch.Tensor], transport: str = "gloo", alive: Callable[[], bool] | None = None, wait: bool = True, poll_s: float = 0.005) -> Transfer:
+    """Broadcast each tensor from rank 0; returns the transfer (already finished when ``wait``).
+
+    Over gloo each tensor is first copied to host memory, so with ``wait=False``
+    the caller may go on and even change its tensors while gloo's threads send
+    the copies (the trainer's next step overlaps the refresh). Over NCCL the
+    transfer is always waited for, polling ``alive()``: NCCL itself would wait
+    for a dead receiver until its timeout, and its pending broadcast would hold
+    up every later kernel on the trainer's GPU.
     """
     device = staging_device(transport)
     if transport == "gloo":
-        for tensor in tensors:
-            group.broadcast(tensor.detach().to(device).contiguous(), 0).wait()
-        return
-    sent = [tensor.detach().to(device).contiguous() for tensor in tensors]  # alive until NCCL is done with them
-    works = [group.broadcast(tensor, 0) for tensor in sent]
-    while not all(work.is_completed() for work in works):
-        if alive is not None and not alive():
-            group.abort()  # or the pending broadcasts block the trainer's GPU work for good
-            raise RuntimeError("the receiving process died during the NCCL broadcast")
-        time.sleep(poll_s)
-    for work in works:
-        work.wait()
+        staged = [tensor.detach().to(device, copy=True).contiguous() for tensor in tensors]  # a snapshot, not a view
+    else:
+        staged = [tensor.detach().to(device).contiguous() for tensor in tensors]
+    transfer = Transfer(group, [group.broadcast(tensor, 0) for tensor in staged], staged, transport, alive, poll_s)
+    if wait or transport == "nccl":
+        transfer.wait()
+    return transfer
 
 
 def receive_tensors(group: dist.ProcessGroup, meta: list[TensorMeta], transport: str = "gloo") -> Iterator[tuple[str, torch.Tensor]]:
