@@ -113,7 +113,12 @@ def smollm2_shape(workdir: str, device: str, num_prompts: int = 64) -> dict:
             for p in model.parameters():
                 p.add_(0.02 * p.std() * torch.randn_like(p))
         stale = diff()
-        refresh = [generator.push_weights(policy_state(model), version=v) for v in (1, 2, 3)]
+        refresh, held = [], []
+        for version in (1, 2, 3):  # the whole transfer, and the part of it that holds the trainer up
+            start = time.perf_counter()
+            held.append(generator.push_weights(policy_state(model), version=version))
+            generator.finish_transfer()
+            refresh.append(time.perf_counter() - start)
         after = diff()
         sampling = SamplingConfig(k=4, temperature=1.0, max_new_tokens=64)
         prompts = [list(range(5 + i, 37 + i)) for i in range(num_prompts)]
@@ -130,6 +135,7 @@ def smollm2_shape(workdir: str, device: str, num_prompts: int = 64) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "generator_start_seconds": startup,
         "refresh_seconds": refresh,
+        "refresh_held_seconds": held,
         "diff_initial": initial,
         "diff_stale": stale,
         "diff_after_refresh": after,
