@@ -179,20 +179,22 @@ class GeneratorProcess:
     def result(self, request_id: int) -> Generations:
         return self._wait(("generations", request_id), self.request_timeout_s)
 
-    def push_weights(self, named_tensors: list[tuple[str, torch.Tensor]], version: int) -> float:
+    def push_weights(self, named_tensors: list[tuple[str, torch.Tensor]], version: int, snapshot: bool = True) -> float:
         """Send the policy's weights; returns the seconds the trainer was held up.
 
-        Over gloo the weights are copied to host memory and sent in the background
-        while training goes on; the generator takes them before any request made
-        after this call (requests are handled in order). The previous transfer is
-        finished first, so at most one copy of the weights is in flight.
+        Over gloo the weights are copied to host memory (``snapshot``) and sent in
+        the background while training goes on; the generator takes them before
+        any request made after this call (requests are handled in order). The
+        previous transfer is finished first, so at most one copy is in flight.
+        ``snapshot=False`` skips the copy, for a caller that will not change the
+        weights before the generator answers its next request (a synchronous run).
         """
         self._check_alive()
         start = time.perf_counter()
         self.finish_transfer()
         self.requests.put(("weights", tensor_meta(named_tensors), version))
         try:
-            self._transfer = send_tensors(self.group, (t for _, t in named_tensors), self.spec.transport, alive=self.alive, wait=False)
+            self._transfer = send_tensors(self.group, (t for _, t in named_tensors), self.spec.transport, alive=self.alive, wait=False, snapshot=snapshot)
         except RuntimeError as err:
             raise self._death_error(f"while sending weights ({err})") from err
         self.version = version

@@ -127,11 +127,14 @@ class AsyncRollouts:
         self.request_ids = 0
         self.forced_refreshes = 0
         self.refresh_seconds: list[float] = []
+        # synchronous (0): the trainer waits for the next rollouts, which the generator samples only after
+        # taking the weights, so they are unchanged until sent; otherwise the next step trains meanwhile
+        self._snapshot = max_staleness > 0
 
     def refresh(self, version: int) -> float:
         """Send the current weights as ``version``; returns the trainer-side seconds."""
         try:
-            seconds = self.generator.push_weights(self.weights(), version)
+            seconds = self.generator.push_weights(self.weights(), version, snapshot=self._snapshot)
         except GeneratorError:
             if self.restart is None:
                 raise
@@ -156,7 +159,7 @@ class AsyncRollouts:
         self.restarts += 1
         in_flight = [(rows, ids, sampling) for _, rows, ids, sampling in self.pending if rows is not skip]
         self.pending.clear()
-        seconds = self.generator.push_weights(self.weights(), version)
+        seconds = self.generator.push_weights(self.weights(), version, snapshot=self._snapshot)
         for rows, ids, sampling in in_flight:
             self._submit(rows, ids, sampling)
         return seconds

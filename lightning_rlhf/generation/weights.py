@@ -76,19 +76,29 @@ class Transfer:
         self.tensors = []
 
 
-def send_tensors(group: dist.ProcessGroup, tensors: Iterable[torch.Tensor], transport: str = "gloo", alive: Callable[[], bool] | None = None, wait: bool = True, poll_s: float = 0.005) -> Transfer:
+def send_tensors(
+    group: dist.ProcessGroup,
+    tensors: Iterable[torch.Tensor],
+    transport: str = "gloo",
+    alive: Callable[[], bool] | None = None,
+    wait: bool = True,
+    snapshot: bool = True,
+    poll_s: float = 0.005,
+) -> Transfer:
     """Broadcast each tensor from rank 0; returns the transfer (already finished when ``wait``).
 
-    Over gloo each tensor is first copied to host memory, so with ``wait=False``
-    the caller may go on and even change its tensors while gloo's threads send
-    the copies (the trainer's next step overlaps the refresh). Over NCCL the
+    Over gloo with ``snapshot`` each tensor is first copied to host memory, so
+    with ``wait=False`` the caller may go on and even change its tensors while
+    gloo's threads send the copies (the trainer's next step overlaps the
+    refresh). Without ``snapshot`` CPU tensors are sent as they are: only for
+    callers that leave them alone until the transfer is done. Over NCCL the
     transfer is always waited for, polling ``alive()``: NCCL itself would wait
     for a dead receiver until its timeout, and its pending broadcast would hold
     up every later kernel on the trainer's GPU.
     """
     device = staging_device(transport)
     if transport == "gloo":
-        staged = [tensor.detach().to(device, copy=True).contiguous() for tensor in tensors]  # a snapshot, not a view
+        staged = [tensor.detach().to(device, copy=snapshot).contiguous() for tensor in tensors]  # a snapshot, not a view
     else:
         staged = [tensor.detach().to(device).contiguous() for tensor in tensors]
     transfer = Transfer(group, [group.broadcast(tensor, 0) for tensor in staged], staged, transport, alive, poll_s)

@@ -41,12 +41,15 @@ def main() -> None:
             for p in model.parameters():
                 p.add_(0.02 * p.std() * torch.randn_like(p))
         stale = (sequence_logprobs(model, prompt, completion) - torch.tensor(generator.sequence_logprobs(prompt, completion, 1.0))).abs().max().item()
-        refresh_seconds = generator.push_weights(policy_state(model), version=1)
+        start = time.perf_counter()
+        held_seconds = generator.push_weights(policy_state(model), version=1)  # what holds the trainer up
+        generator.finish_transfer()
+        refresh_seconds = time.perf_counter() - start  # the whole transfer
         after = (sequence_logprobs(model, prompt, completion) - torch.tensor(generator.sequence_logprobs(prompt, completion, 1.0))).abs().max().item()
         text = tokenizer.decode(completion, skip_special_tokens=True)
     finally:
         generator.close()
-    json.dump({"startup_seconds": startup, "refresh_seconds": refresh_seconds, "diff_initial": before, "diff_stale": stale, "diff_after_refresh": after, "completion": text}, open(args.out, "w"))
+    json.dump({"startup_seconds": startup, "refresh_seconds": refresh_seconds, "refresh_held_seconds": held_seconds, "diff_initial": before, "diff_stale": stale, "diff_after_refresh": after, "completion": text}, open(args.out, "w"))
 
 
 if __name__ == "__main__":

@@ -130,6 +130,7 @@ def test_generator_death_stops_training_within_seconds_and_leaves_nothing(tmp_pa
     detected_after = time.monotonic() - killed_at
     assert code != 0
     assert "The generator process" in stderr and "died" in stderr, stderr[-3000:]
+    print(f"generator death detected after {detected_after:.2f} s")  # reported in the notes (pytest -s)
     assert detected_after < 20, f"took {detected_after:.1f} s"
     assert run.leftovers() == []
 
@@ -144,6 +145,7 @@ def test_shared_generator_death_stops_every_rank_and_leaves_nothing(tmp_path):
     assert code != 0
     assert "The generator process" in stderr and "died" in stderr, stderr[-3000:]
     assert "The shared generator on rank 0 failed" in stderr, stderr[-3000:]  # rank 1 heard of it instead of waiting
+    print(f"shared generator death stopped both ranks after {detected_after:.2f} s")
     assert detected_after < 30, f"took {detected_after:.1f} s"
     assert run.leftovers() == []
 
