@@ -98,7 +98,7 @@ def send_tensors(
     """
     device = staging_device(transport)
     if transport == "gloo":
-        staged = [tensor.detach().to(device, copy=snapshot).contiguous() for tensor in tensors]  # a snapshot, not a view
+        staged = [tensor.detach().to(device, copy=snapshot).contiguous() for tensor in tensors]  # snapshot: a copy the caller cannot change
     else:
         staged = [tensor.detach().to(device).contiguous() for tensor in tensors]
     transfer = Transfer(group, [group.broadcast(tensor, 0) for tensor in staged], staged, transport, alive, poll_s)
