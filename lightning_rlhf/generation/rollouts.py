@@ -240,10 +240,6 @@ class SharedRollouts:
         return self.inner.generator if self.inner is not None else None
 
     @property
-    def max_staleness(self) -> int | None:
-        return self.inner.max_staleness if self.inner is not None else None
-
-    @property
     def restarts(self) -> int:
         return self.inner.restarts if self.inner is not None else 0
 
