@@ -116,9 +116,7 @@ def main() -> None:
         print(json.dumps(run_once(backend, int(max_staleness), args.steps, args.warmup, args.batch_size, args.k, args.max_new_tokens, args.num_epochs)))
         return
     if args.quick:
-        args.steps, args.warmup, args.batch_size = 3, 1, 8
-    if args.quick:
-        args.repeats = 1
+        args.steps, args.warmup, args.batch_size, args.repeats = 3, 1, 8, 1
     backends = args.backends or ["transformers"] + (["vllm"] if importlib.util.find_spec("vllm") else [])
     results = []
     for backend in backends:

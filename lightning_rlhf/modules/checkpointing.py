@@ -6,8 +6,8 @@ keeps, per rank, the policy version, the batches drawn from the loader and
 the prompts in flight; on resume each rank asks for its in-flight prompts
 again first (with the checkpoint's weights), then the loader continues after
 the last batch drawn. With several ranks (DDP, DeepSpeed) every rank has its
-own generator and its own prompts in flight, so they are gathered from all
-ranks when saving and each rank takes back its own.
+own prompts in flight (sampled by its own generator or by a shared one), so
+they are gathered from all ranks when saving and each rank takes back its own.
 """
 
 from __future__ import annotations
@@ -17,7 +17,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 
 class RolloutCheckpointing:
-    """Mixin for LightningModules with ``policy_version``, ``batches_drawn``, ``rollouts`` and ``_resubmit``."""
+    """Mixin for LightningModules with ``policy_version``, ``batches_drawn``, ``rollouts``, ``_resubmit``, ``prompt_ids`` and ``sampling``."""
+
+    def draw_batch(self) -> None:
+        """Count a batch drawn from the loader; after a resume, first ask again for the checkpoint's prompts in flight."""
+        self.batches_drawn += 1
+        if self._resubmit:
+            self.rollouts.resubmit(self._resubmit, self.prompt_ids, self.sampling, self.policy_version)
+            self._resubmit = []
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         pending = self.rollouts.pending_rows()

@@ -133,10 +133,7 @@ class RLOO(RolloutCheckpointing, L.LightningModule):
     @override
     def training_step(self, batch: list[dict], batch_idx: int) -> None:
         optimizer = self.optimizers()
-        self.batches_drawn += 1
-        if self._resubmit:  # resumed: the checkpoint's prompts in flight go first
-            self.rollouts.resubmit(self._resubmit, self.prompt_ids, self.sampling, self.policy_version)
-            self._resubmit = []
+        self.draw_batch()
         start = time.perf_counter()
         ready = self.rollouts.step(batch, self.prompt_ids(batch), self.sampling, self.policy_version)
         if ready is None:
