@@ -13,7 +13,8 @@ they are gathered from all ranks when saving and each rank takes back its own.
 from __future__ import annotations
 
 import torch.distributed as dist
-from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_rlhf.models import ConfigError
 
 
 class RolloutCheckpointing:
@@ -43,7 +44,11 @@ class RolloutCheckpointing:
         trainer = self._trainer
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         if len(per_rank) != world_size and any(per_rank):
-            rank_zero_warn(f"The checkpoint was saved by {len(per_rank)} rank(s) and is resumed on {world_size}; its prompts in flight are dropped, not trained.")
-            per_rank = [[] for _ in range(world_size)]
+            # each rank's prompts in flight and its place in the data belong to that rank's shard: another
+            # number of ranks would drop some prompts and repeat others
+            raise ConfigError(
+                f"The checkpoint was saved by {len(per_rank)} rank(s) with prompts in flight and is resumed on {world_size}; "
+                f"resume on {len(per_rank)} rank(s) (trainer.devices x num_nodes), or start a new run from its weights."
+            )
         self._resubmit = list(per_rank[rank]) if rank < len(per_rank) else []
         # the data loader's sampler reads ``batches_drawn`` and continues with the next prompt (see ResumableSampler)

@@ -34,7 +34,7 @@ from lightning_rlhf.losses import online_dpo_loss, online_ipo_loss
 from lightning_rlhf.models import ConfigError, freeze, load_policy, load_tokenizer, prompt_token_ids, resolve_source
 from lightning_rlhf.modules.checkpointing import RolloutCheckpointing
 from lightning_rlhf.rewards import RewardFunction, RewardModelScore
-from lightning_rlhf.rollout import build_rollout_batch, minibatches, response_logprobs, score_rollouts
+from lightning_rlhf.rollout import build_rollout_batch, check_num_mini_batches, minibatches, response_logprobs, score_rollouts
 
 _LOSSES = {"sigmoid": online_dpo_loss, "ipo": online_ipo_loss}
 
@@ -129,6 +129,7 @@ class OnlineDPO(RolloutCheckpointing, L.LightningModule):
     @override
     def setup(self, stage: str) -> None:
         self.configure_model()
+        check_num_mini_batches(self._trainer, self.num_mini_batches, per_prompt=1)
         self.reward.setup(self.device)
 
     @override

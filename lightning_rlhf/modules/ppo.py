@@ -36,7 +36,7 @@ from lightning_rlhf.losses import clipped_value_loss, gae, kl_penalized_rewards,
 from lightning_rlhf.models import ConfigError, freeze, load_policy, load_reward_model, load_tokenizer, prompt_token_ids, resolve_source
 from lightning_rlhf.modules.checkpointing import RolloutCheckpointing
 from lightning_rlhf.rewards import RewardFunction, RewardModelScore
-from lightning_rlhf.rollout import RolloutBatch, build_rollout_batch, critic_values, minibatches, response_logprobs, response_logprobs_and_hidden, score_rollouts
+from lightning_rlhf.rollout import RolloutBatch, build_rollout_batch, check_num_mini_batches, critic_values, minibatches, response_logprobs, response_logprobs_and_hidden, score_rollouts
 
 
 class PPO(RolloutCheckpointing, L.LightningModule):
@@ -150,6 +150,7 @@ class PPO(RolloutCheckpointing, L.LightningModule):
     @override
     def setup(self, stage: str) -> None:
         self.configure_model()
+        check_num_mini_batches(self._trainer, self.num_mini_batches, per_prompt=self.sampling.k)
         self.reward.setup(self.device)
 
     @override

@@ -33,7 +33,7 @@ from lightning_rlhf.losses import kl_k1, ppo_policy_loss, rloo_advantages
 from lightning_rlhf.models import ConfigError, freeze, load_policy, load_tokenizer, prompt_token_ids, resolve_source
 from lightning_rlhf.modules.checkpointing import RolloutCheckpointing
 from lightning_rlhf.rewards import RewardFunction, RewardModelScore
-from lightning_rlhf.rollout import build_rollout_batch, minibatches, response_logprobs, score_rollouts
+from lightning_rlhf.rollout import build_rollout_batch, check_num_mini_batches, minibatches, response_logprobs, score_rollouts
 
 
 class RLOO(RolloutCheckpointing, L.LightningModule):
@@ -124,6 +124,7 @@ class RLOO(RolloutCheckpointing, L.LightningModule):
     @override
     def setup(self, stage: str) -> None:
         self.configure_model()
+        check_num_mini_batches(self._trainer, self.num_mini_batches, per_prompt=self.sampling.k)
         self.reward.setup(self.device)
 
     @override

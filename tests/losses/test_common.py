@@ -150,3 +150,14 @@ def test_token_logprobs_bad_shapes_raise():
         token_logprobs(torch.zeros(1, 2, 3), torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\(b, t, v\)"):
         token_logprobs(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+
+
+def test_bradley_terry_golden():
+    from lightning_rlhf.losses import bradley_terry_loss
+
+    # margins 1 and -1: -log sigmoid(1) = log(1 + e^-1) = 0.3132617, -log sigmoid(-1) = log(1 + e) = 1.3132617
+    loss, stats = bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0]))
+    assert loss.item() == pytest.approx((0.3132617 + 1.3132617) / 2, abs=1e-6)
+    assert stats.accuracy.item() == 0.5 and stats.margin.item() == 0.0
+    with pytest.raises(ValueError, match="must have the same shape"):
+        bradley_terry_loss(torch.zeros(2), torch.zeros(3))

@@ -1,0 +1,184 @@
+"""What each RL module does with given rollouts, and the bad input it refuses before training.
+
+The rollouts come from a stand-in source with fixed completions, so the scores
+and losses below are derived by hand; the module, rewards and losses are real.
+"""
+
+import math
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_rlhf.callbacks import GoldEvaluation, OffPolicySimulation
+from lightning_rlhf.data import PromptDataModule
+from lightning_rlhf.generation import Generations
+from lightning_rlhf.models import ConfigError
+from lightning_rlhf.modules import PPO, RLOO, OnlineDPO
+from lightning_rlhf.rewards import RewardFunction, RewardModelScore
+from lightning_rlhf.rollout import score_rollouts
+
+
+class Constant(RewardFunction):
+    """Every completion scores ``value``."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def __call__(self, prompts, completions, rows=None):
+        return torch.full((len(completions),), self.value)
+
+
+class FixedRollouts:
+    """A rollout source whose completions are always the same tokens; ``reasons`` says which ended with eos."""
+
+    def __init__(self, tokenizer, reasons: list[str]) -> None:
+        self.tokenizer, self.reasons = tokenizer, reasons
+
+    def step(self, rows, prompt_ids, sampling, version):
+        word = self.tokenizer.convert_tokens_to_ids("1")
+        completions = [[word, word, self.tokenizer.eos_token_id] if r == "stop" else [word] * sampling.max_new_tokens for r in self.reasons]
+        logprobs = [[-1.0] * len(c) for c in completions]
+        return rows, Generations(prompt_ids, completions, logprobs, list(self.reasons), version, sampling.k)
+
+    def pending_rows(self):
+        return []
+
+
+def fit_one_step(module, reasons: list[str], batch_size: int = 2) -> dict[str, float]:
+    """Train ``module`` for one generated batch of the fixed rollouts; return what it logged."""
+    module.configure_model()
+    module.local_rollouts = FixedRollouts(module.tokenizer, reasons)
+    trainer = L.Trainer(max_steps=module.num_epochs * module.num_mini_batches, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, PromptDataModule(batch_size=batch_size, shuffle=False))
+    return {key: value.item() for key, value in trainer.callback_metrics.items()}
+
+
+MODULES = {
+    "online_dpo": lambda **kw: OnlineDPO(beta=0.5, **kw),
+    "rloo": lambda **kw: RLOO(**kw),
+    "ppo": lambda **kw: PPO(critic=None, **kw),
+}
+
+
+def test_score_rollouts_replaces_the_score_of_a_completion_without_eos():
+    from lightning_rlhf.data.builtin import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    generations = FixedRollouts(tokenizer, ["stop", "length", "stop", "length"]).step([{"prompt": "a"}, {"prompt": "b"}], [[5], [6]], SimpleNamespace(k=2, max_new_tokens=4), 0)[1]
+    scores, raw, _ = score_rollouts(Constant(2.0), tokenizer, generations, [{"prompt": "a"}, {"prompt": "b"}], missing_eos_penalty=-1.0)
+    assert scores.tolist() == [2.0, -1.0, 2.0, -1.0] and raw.tolist() == [2.0] * 4
+    unpenalized, _, _ = score_rollouts(Constant(2.0), tokenizer, generations, [{"prompt": "a"}, {"prompt": "b"}], missing_eos_penalty=None)
+    assert unpenalized.tolist() == [2.0] * 4
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_each_module_gives_a_completion_without_eos_the_penalty(name, builtin_models):
+    # 2 prompts x k=2; one of the four completions hits max_new_tokens without eos: scores 2, -1, 2, 2
+    logged = fit_one_step(MODULES[name](reward=Constant(2.0), k=2, missing_eos_penalty=-1.0, max_new_tokens=4), ["stop", "length", "stop", "stop"])
+    assert logged["objective/scores"] == pytest.approx((2.0 - 1.0 + 2.0 + 2.0) / 4)
+    assert logged["rollout/eos_rate"] == pytest.approx(0.75)
+    unpenalized = fit_one_step(MODULES[name](reward=Constant(2.0), k=2, missing_eos_penalty=None, max_new_tokens=4), ["stop", "length", "stop", "stop"])
+    assert unpenalized["objective/scores"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("loss_type, expected", [("sigmoid", math.log(2.0)), ("ipo", 1.0)])
+def test_online_dpo_module_trains_the_loss_it_was_given(loss_type, expected, builtin_models):
+    # at the first step the policy is the reference, so every log-ratio h is 0:
+    # DPO's loss is -log sigmoid(0) = log 2, IPO's is (0 - 1 / (2 beta))^2 = 1 with beta 0.5
+    logged = fit_one_step(OnlineDPO(beta=0.5, loss_type=loss_type, reward=Constant(0.0), k=2, max_new_tokens=4), ["stop"] * 4)
+    assert logged["train/loss"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_off_policy_simulation_trains_on_data_zero_to_n_minus_one_versions_old(builtin_models):
+    module = OnlineDPO(beta=0.5, reward=RewardModelScore(builtin_models["reward_model"]), k=2, max_new_tokens=10)
+    staleness = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            staleness.append(trainer.callback_metrics["rollout/staleness"].item())
+
+    trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=False, callbacks=[OffPolicySimulation(num_batches=3), Record()],
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, PromptDataModule(batch_size=4))
+    assert staleness == [0.0, 1.0, 2.0, 0.0, 1.0, 2.0]  # each round of 3 batches sampled by one snapshot
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: OnlineDPO(beta=0.0), "beta must be positive"),
+        (lambda: OnlineDPO(beta=-0.1), "beta must be positive"),
+        (lambda: OnlineDPO(loss_type="hinge"), "Unknown loss_type 'hinge'"),
+        (lambda: OnlineDPO(temperature=0.0), "temperature must be positive"),
+        (lambda: RLOO(temperature=-1.0), "temperature must be positive"),
+        (lambda: PPO(temperature=0.0), "temperature must be positive"),
+        (lambda: PromptDataModule(batch_size=0), "batch_size must be at least 1"),
+        (lambda: RewardModelScore("/nonexistent/reward_model"), "does not exist"),
+        (lambda: PPO(critic="/nonexistent/critic"), "does not exist"),
+        (lambda: OnlineDPO(ref_policy="/nonexistent/reference"), "does not exist"),
+        (lambda: RLOO(ref_policy="/nonexistent/reference"), "does not exist"),
+    ],
+)
+def test_bad_arguments_are_refused_with_one_sentence(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+def test_unsupported_dataset_file_is_refused(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("copy 1 2 =\n")
+    with pytest.raises(ConfigError, match=r"unsupported extension; use one of .*jsonl"):
+        PromptDataModule(str(path))
+
+
+def test_vllm_asked_for_but_not_installed_is_refused(monkeypatch):
+    import sys
+
+    from lightning_rlhf.strategies import AsyncRLHFStrategy
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` now raises ImportError, as when it is not installed
+    with pytest.raises(ConfigError, match=r"The vLLM backend needs vLLM: pip install"):
+        AsyncRLHFStrategy(backend="vllm")
+
+
+@pytest.mark.parametrize("name, batch_size, num_mini_batches, message", [
+    ("online_dpo", 4, 3, "does not split a generated batch of 4 prompts evenly; pick one of 1, 2, 4"),
+    ("rloo", 2, 3, "2 prompts x k=2 completions = 4 rollouts"),
+])
+def test_num_mini_batches_that_does_not_divide_the_batch_is_refused_before_training(name, batch_size, num_mini_batches, message, builtin_models):
+    module = MODULES[name](reward=Constant(0.0), k=2, num_mini_batches=num_mini_batches)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ConfigError, match=message):
+        trainer.fit(module, PromptDataModule(batch_size=batch_size))
+    assert module.policy_version == 0  # nothing was trained
+
+
+def test_resume_on_another_number_of_ranks_is_refused():
+    module = OnlineDPO()
+    module._trainer = SimpleNamespace(global_rank=0, world_size=1)
+    checkpoint = {"rollouts": {"policy_version": 3, "batches_drawn": 4, "pending_per_rank": [[[{"prompt": "a"}]], [[{"prompt": "b"}]]]}}
+    with pytest.raises(ConfigError, match=r"saved by 2 rank\(s\) with prompts in flight and is resumed on 1; resume on 2 rank"):
+        module.on_load_checkpoint(checkpoint)
+    module._trainer = SimpleNamespace(global_rank=1, world_size=2)  # the same layout: each rank takes back its own
+    module.on_load_checkpoint(checkpoint)
+    assert module._resubmit == [[{"prompt": "b"}]] and module.batches_drawn == 4
+
+
+def test_gold_evaluation_counts_a_tie_as_half_a_win_and_keeps_its_history(tmp_path, capsys):
+    from lightning_rlhf.metrics import GoldWinRate
+
+    metric = GoldWinRate()
+    metric.update(torch.tensor([2.0, 1.0, 0.5, 3.0]), torch.tensor([1.0, 1.0, 0.7, 3.0]))  # win, tie, loss, tie
+    assert metric.compute().item() == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
+
+    saved = GoldEvaluation(num_prompts=2)
+    saved.history = [{"eval/gold_win_rate": 0.4, "eval/kl": 0.0, "step": 0}, {"eval/gold_win_rate": 0.5, "eval/kl": 0.3, "step": 10}]
+    resumed = GoldEvaluation(num_prompts=2)
+    resumed.load_state_dict(saved.state_dict())
+    assert resumed.history == saved.history and resumed.history is not saved.history
+    resumed.history.append({"eval/gold_win_rate": 0.6, "eval/kl": 0.5, "step": 20})
+    resumed._report(SimpleNamespace(log_dir=str(tmp_path), default_root_dir=str(tmp_path)))
+    # the summary after a resume starts from the run's first evaluation, not the resume's
+    assert "gold win rate: 0.400 (step 0) -> 0.600 (step 20)" in capsys.readouterr().out
