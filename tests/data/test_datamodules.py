@@ -85,5 +85,7 @@ def test_sampler_shards_ranks_and_starts_part_way_without_a_position():
     for rank in (0, 1):
         sampler = ResumableSampler(24, 4, shuffle=True, seed=7, start_batch=2, num_replicas=2, rank=rank)
         assert _batches(iter(sampler), 4) + _batches(iter(sampler), 4) == _stream(24, 4, epochs=2, rank=rank, num_replicas=2)[2:]
-    shards = [set(i for batch in _stream(24, 4, epochs=1, rank=r, num_replicas=2) for i in batch) for r in (0, 1)]
-    assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == 24
+    # the sampler's own shards (not the reference's): disjoint, and together the whole epoch
+    shards = [list(ResumableSampler(24, 4, shuffle=True, seed=7, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 12
+    assert not set(shards[0]) & set(shards[1]) and set(shards[0]) | set(shards[1]) == set(range(24))
