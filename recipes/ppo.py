@@ -134,6 +134,7 @@ def fit(fabric, policy, critic, ref_policy, optimizer, source, reward, tokenizer
             if ready is None:
                 continue  # asynchronous: the generator is filling the pipeline
             batch, generations = ready
+            staleness = version - generations.policy_version  # versions between sampling and this update (0: on-policy)
             n, k = len(batch), sampling.k
             rollouts = build_rollout_batch(generations, tokenizer.pad_token_id).to(fabric.device)
             scores, _, _ = score_rollouts(reward, tokenizer, generations, batch, args["missing_eos_penalty"])
@@ -158,7 +159,7 @@ def fit(fabric, policy, critic, ref_policy, optimizer, source, reward, tokenizer
                 step += 1
             version += 1
             source.refresh(version)  # a no-op when generating in this process
-            metrics = {"train/loss": loss.item(), "train/clipfrac": stats.clipfrac.item(), "objective/scores": scores.mean().item(), "objective/kl": (kl * mask).sum(-1).mean().item()}
+            metrics = {"train/loss": loss.item(), "train/clipfrac": stats.clipfrac.item(), "objective/scores": scores.mean().item(), "objective/kl": (kl * mask).sum(-1).mean().item(), "rollout/staleness": float(staleness)}
             fabric.log_dict(metrics, step=step)
             if step % 10 == 0 or step == args["steps"]:
                 fabric.print(f"step {step:4d}  loss {metrics['train/loss']:.4f}  score {metrics['objective/scores']:+.3f}  kl {metrics['objective/kl']:.3f}  {time.perf_counter() - start:.1f}s")

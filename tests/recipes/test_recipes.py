@@ -1,4 +1,4 @@
-"""Each Fabric recipe runs a few steps as a real script (subprocess with a timeout)."""
+"""Each Fabric recipe runs a few steps as a real script (subprocess with a timeout), synchronously and asynchronously."""
 
 import csv
 import glob
@@ -9,29 +9,30 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXTRA = {"online_dpo": [], "rloo": [], "ppo": ["--num_epochs", "2"]}
+EPOCHS = {"online_dpo": 1, "rloo": 1, "ppo": 2}  # optimizer steps per generated batch; --steps counts optimizer steps
 
 
-@pytest.mark.parametrize("recipe, extra", [("online_dpo", []), ("rloo", []), ("ppo", ["--num_epochs", "2"])])
-def test_recipe_runs_a_few_steps(recipe, extra, builtin_models, tmp_path):
+def run_recipe(recipe: str, tmp_path, *args: str) -> list[dict]:
+    """Run ``recipes/<recipe>.py`` on 4 generated batches; return its logged rows that carry a loss."""
     out = subprocess.run(
-        [sys.executable, f"recipes/{recipe}.py", "--steps", "4", "--batch_size", "8", "--evaluate", "false", "--out_dir", str(tmp_path), *extra],
+        [sys.executable, f"recipes/{recipe}.py", "--steps", str(4 * EPOCHS[recipe]), "--batch_size", "8", "--evaluate", "false", "--out_dir", str(tmp_path), *EXTRA[recipe], *args],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = list(csv.DictReader(open(glob.glob(str(tmp_path / recipe / "version_*" / "metrics.csv"))[0])))
-    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
-    assert len(losses) >= 2 and all(loss == loss for loss in losses)  # logged every batch, no NaN
+    return [r for r in rows if r.get("train/loss")]
 
 
-@pytest.mark.parametrize("recipe", ["online_dpo", "ppo"])
-def test_recipe_runs_asynchronously(recipe, builtin_models, tmp_path):
-    out = subprocess.run(
-        [sys.executable, f"recipes/{recipe}.py", "--steps", "4", "--batch_size", "8", "--evaluate", "false", "--max_staleness", "1", "--out_dir", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = list(csv.DictReader(open(glob.glob(str(tmp_path / recipe / "version_*" / "metrics.csv"))[0])))
-    assert len([r for r in rows if r.get("train/loss")]) >= 1
+# synchronous: every batch sampled by the weights it trains; asynchronous (max_staleness 1): the first batch
+# fills the pipeline with the initial weights, every later one is exactly one version old
+@pytest.mark.parametrize("mode, args, staleness", [("sync", [], [0.0] * 4), ("async", ["--max_staleness", "1"], [0.0, 1.0, 1.0, 1.0])])
+@pytest.mark.parametrize("recipe", ["online_dpo", "rloo", "ppo"])
+def test_recipe_trains_four_steps_with_the_staleness_it_was_asked_for(recipe, mode, args, staleness, builtin_models, tmp_path):
+    rows = run_recipe(recipe, tmp_path, *args)
+    assert [int(r["step"]) for r in rows] == [EPOCHS[recipe] * b for b in (1, 2, 3, 4)]  # logged once per generated batch
+    assert all(float(r["train/loss"]) == float(r["train/loss"]) for r in rows)  # no NaN
+    assert [float(r["rollout/staleness"]) for r in rows] == staleness
 
 
 def test_recipe_refuses_k_below_two(tmp_path):
