@@ -13,11 +13,13 @@ process it started (vLLM's engine core and workers), also after a crash.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing as mp
 import os
 import queue
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -101,8 +103,29 @@ def isolate_cuda_device(device: str) -> str:
     return "cuda:0"
 
 
+def _follow_parent() -> None:
+    """End this process, and the processes it started, once the trainer that started it is gone.
+
+    A trainer that is killed outright (SIGKILL, the OOM killer, Lightning ending
+    the other DDP ranks after Ctrl-C) cannot close its generator; without this
+    the generator would wait for requests forever, and vLLM's engine with it.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:  # re-parented once the trainer is gone
+            time.sleep(0.5)
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="lightning-rlhf-follow-trainer", daemon=True).start()
+
+
 def generator_main(spec: GeneratorSpec, requests, results, port: int, prefix: str) -> None:
     """Entry point of the generator process."""
+    _follow_parent()
     backend = None
     try:
         spec.device = isolate_cuda_device(spec.device)
@@ -152,6 +175,7 @@ class GeneratorProcess:
         self.last_refresh_seconds: float | None = None  # generator-side load time of the last acknowledged refresh
         self._transfer = None  # weights still being sent
         self._inbox: dict[tuple, object] = {}
+        self._descendants: list[psutil.Process] = []
 
     def start(self) -> None:
         context = mp.get_context("spawn")
@@ -162,8 +186,17 @@ class GeneratorProcess:
         self.process = context.Process(target=generator_main, args=(self.spec, self.requests, self.results, self._store.port, prefix), name="lightning-rlhf-generator", daemon=False)
         self.process.start()
         self._wait(("ready",), self.start_timeout_s)
+        # vLLM's engine core and workers, recorded while their parent lives: once it dies they are
+        # re-parented, and close() could no longer find them among its children
+        self._descendants = self._children()
         self.group = join_group(self._store.port, prefix, 0, store=self._store, transport=self.spec.transport)
         self.version = None
+
+    def _children(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.Error:
+            return []
 
     @property
     def pid(self) -> int | None:
@@ -262,12 +295,9 @@ class GeneratorProcess:
         """Stop the process and everything it started; idempotent, safe after a crash."""
         if self.process is None:
             return
+        children = {c.pid: c for c in self._descendants + self._children()}.values()
         process, self.process = self.process, None
         self._transfer = None  # not waited for: its receiver is going away
-        try:
-            children = psutil.Process(process.pid).children(recursive=True)
-        except psutil.Error:
-            children = []
         if process.is_alive():
             try:
                 self.requests.put(("stop",))
@@ -279,10 +309,10 @@ class GeneratorProcess:
             process.join(5)
         for child in children:
             try:
-                child.kill()
+                child.kill()  # psutil checks the process is the one recorded (not a reused pid)
             except psutil.Error:
                 pass
-        psutil.wait_procs(children, timeout=5)
+        psutil.wait_procs(list(children), timeout=5)
         for q in (self.requests, self.results):
             q.cancel_join_thread()
             q.close()

@@ -21,11 +21,14 @@ import copy
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
 from lightning_rlhf.generation.base import GenerationBackend, Generations, SamplingConfig
 from lightning_rlhf.generation.process import GeneratorError, GeneratorProcess
+
+T = TypeVar("T")
 
 
 class LocalRollouts:
@@ -107,6 +110,7 @@ class AsyncRollouts:
         max_staleness: Most versions a rollout may lag the policy it trains.
         weights: Returns the policy's ``(name, tensor)`` pairs to send (gathered under ZeRO-3).
         restart: Starts a replacement generator after a failure; ``None`` lets the failure stop training.
+        max_restarts: Most replacements in a row for one call before its error is raised.
     """
 
     def __init__(
@@ -115,6 +119,7 @@ class AsyncRollouts:
         max_staleness: int,
         weights: Callable[[], list[tuple[str, torch.Tensor]]],
         restart: Callable[[], GeneratorProcess] | None = None,
+        max_restarts: int = 3,
     ) -> None:
         if max_staleness < 0:
             raise ValueError(f"max_staleness must be 0 or more, got {max_staleness}.")
@@ -122,6 +127,7 @@ class AsyncRollouts:
         self.max_staleness = max_staleness
         self.weights = weights
         self.restart = restart
+        self.max_restarts = max_restarts
         self.restarts = 0
         self.pending: deque[tuple[int, list[dict], list[list[int]], SamplingConfig]] = deque()
         self.request_ids = 0
@@ -133,61 +139,68 @@ class AsyncRollouts:
 
     def refresh(self, version: int) -> float:
         """Send the current weights as ``version``; returns the trainer-side seconds."""
-        try:
-            seconds = self.generator.push_weights(self.weights(), version, snapshot=self._snapshot)
-        except GeneratorError:
-            if self.restart is None:
-                raise
-            seconds = self._recover(version)
+        seconds = self._surviving(lambda: self.generator.push_weights(self.weights(), version, snapshot=self._snapshot), version)
         self.refresh_seconds.append(seconds)
         return seconds
 
     def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int], temperature: float, version: int) -> list[float]:
         """The generator's logprobs of a probe sequence (after a failure, of its replacement, refitted to ``version``)."""
-        try:
-            return self.generator.sequence_logprobs(prompt_ids, completion_ids, temperature)
-        except GeneratorError:
-            if self.restart is None:
-                raise
-            self._recover(version)
-            return self.generator.sequence_logprobs(prompt_ids, completion_ids, temperature)
+        return self._surviving(lambda: self.generator.sequence_logprobs(prompt_ids, completion_ids, temperature), version)
 
-    def _recover(self, version: int, skip: list[dict] | None = None) -> float:
-        """Replace a dead generator: a fresh one, refitted with the current weights; requests in flight are asked again."""
+    def _surviving(self, call: Callable[[], T], version: int) -> T:
+        """``call()``; when the generator dies and ``restart`` is set, replace it and call again.
+
+        Whatever the call was (a request, a result, a refresh, a probe), every
+        request in flight survives: nothing leaves ``pending`` before its result
+        is in hand, and the replacement is asked for all of ``pending`` again, in
+        order, so each prompt drawn is trained once, in the order of an
+        uninterrupted run. After ``max_restarts`` failures in a row the last
+        error is raised: a generator that dies at once again is not restarted forever.
+        """
+        failures = 0
+        while True:
+            try:
+                if failures:
+                    self._replace(version)
+                return call()
+            except GeneratorError:
+                failures += 1
+                if self.restart is None or failures > self.max_restarts:
+                    raise
+
+    def _replace(self, version: int) -> None:
+        """A fresh generator, refitted with the weights of ``version``, asked again for every request in flight.
+
+        Entries of ``pending`` are renumbered in place, never removed, so a
+        replacement that dies in turn part-way through leaves nothing out.
+        """
         self.generator.close()
         self.generator = self.restart()
         self.restarts += 1
-        in_flight = [(rows, ids, sampling) for _, rows, ids, sampling in self.pending if rows is not skip]
-        self.pending.clear()
-        seconds = self.generator.push_weights(self.weights(), version, snapshot=self._snapshot)
-        for rows, ids, sampling in in_flight:
-            self._submit(rows, ids, sampling)
-        return seconds
+        self.refresh_seconds.append(self.generator.push_weights(self.weights(), version, snapshot=self._snapshot))
+        for i, (_, rows, ids, sampling) in enumerate(self.pending):
+            self.pending[i] = (self._send(ids, sampling), rows, ids, sampling)
 
-    def step(self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int) -> tuple[list[dict], Generations] | None:
-        try:
-            return self._step(rows, prompt_ids, sampling, version)
-        except GeneratorError:
-            if self.restart is None:
-                raise
-            self._recover(version, skip=rows)
-            return self._step(rows, prompt_ids, sampling, version)
+    def _send(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> int:
+        """Ask the generator for rollouts of ``prompt_ids``; returns the request's id (raises if the generator is dead)."""
+        request_id, self.request_ids = self.request_ids, self.request_ids + 1
+        self.generator.submit(request_id, prompt_ids, sampling)
+        return request_id
 
     def _submit(self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig) -> None:
-        self.generator.submit(self.request_ids, prompt_ids, sampling)
-        self.pending.append((self.request_ids, rows, prompt_ids, sampling))
-        self.request_ids += 1
+        self.pending.append((self._send(prompt_ids, sampling), rows, prompt_ids, sampling))
 
-    def _step(self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int) -> tuple[list[dict], Generations] | None:
+    def step(self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int) -> tuple[list[dict], Generations] | None:
         trained_at = version + len(self.pending)  # the version that will train on this request
         if self.generator.version is None or trained_at - self.generator.version > self.max_staleness:
             self.refresh(version)
             self.forced_refreshes += 1
-        self._submit(rows, prompt_ids, sampling)
+        self._surviving(lambda: self._submit(rows, prompt_ids, sampling), version)
         if len(self.pending) <= self.max_staleness:
             return None  # filling the pipeline
+        # the oldest request stays in pending until its result is here: a replacement is asked for it again
+        generations = self._surviving(lambda: self.generator.result(self.pending[0][0]), version)
         request_id, rows, _, _ = self.pending.popleft()
-        generations = self.generator.result(request_id)
         if version - generations.policy_version > self.max_staleness:
             raise RuntimeError(f"Rollout {request_id} is {version - generations.policy_version} versions old, over max_staleness={self.max_staleness}.")
         return rows, generations
@@ -200,10 +213,11 @@ class AsyncRollouts:
         return [rows for _, rows, _, _ in self.pending]
 
     def resubmit(self, batches: list[list[dict]], prompt_ids: Callable[[list[dict]], list[list[int]]], sampling: SamplingConfig, version: int) -> None:
-        """After a restart: request the checkpoint's pending prompts again, in order, with the current weights."""
+        """After a resume: request the checkpoint's pending prompts again, in order, with the current weights."""
         self.refresh(version)
         for rows in batches:
-            self._submit(rows, prompt_ids(rows), sampling)
+            ids = prompt_ids(rows)
+            self._surviving(lambda: self._submit(rows, ids, sampling), version)
 
 
 class SharedRollouts:

@@ -10,6 +10,8 @@ import glob
 import json
 import os
 import signal
+import sys
+import time
 
 import lightning as L
 import torch
@@ -21,6 +23,47 @@ from lightning_rlhf.data import PromptDataModule
 from lightning_rlhf.modules import PPO, RLOO, OnlineDPO
 from lightning_rlhf.rewards import RewardModelScore
 from lightning_rlhf.strategies import AsyncRLHFDDPStrategy, AsyncRLHFDeepSpeedStrategy, AsyncRLHFStrategy
+
+KILLS = {"generate": "generate", "weights": "receive_weights", "logprobs": "sequence_logprobs"}
+
+
+def die_on_schedule(schedule: str, marks: str) -> None:
+    """Make generators kill themselves at set points: ``"generate:3,weights:2"`` kills the first
+    generator a second into its 3rd generate request (while the trainer waits for it), its
+    replacement when its 2nd weight refresh arrives (while the trainer sends).
+
+    Runs in the spawned generator process, which imports this script as ``__mp_main__``. Each death
+    leaves a file in ``marks``; a generator counts them at start to know which entry is its own.
+    """
+    from lightning_rlhf.generation import process
+
+    build = process.GeneratorSpec.build
+
+    def build_and_arm(spec):
+        backend = build(spec)
+        plan, deaths = schedule.split(","), len(os.listdir(marks))
+        if deaths < len(plan):
+            kind, at = plan[deaths].split(":")
+            method = getattr(backend, KILLS[kind])
+            calls = [0]
+
+            def dying(*args, **kwargs):
+                calls[0] += 1
+                if calls[0] == int(at):
+                    if kind == "generate":
+                        time.sleep(1.0)  # part-way through generating: the trainer has trained on and now waits
+                    open(os.path.join(marks, f"death{deaths}-{kind}"), "w").close()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return method(*args, **kwargs)
+
+            setattr(backend, KILLS[kind], dying)
+        return backend
+
+    process.GeneratorSpec.build = build_and_arm
+
+
+if __name__ == "__mp_main__" and os.environ.get("KILL_GENERATOR"):
+    die_on_schedule(os.environ["KILL_GENERATOR"], os.environ["KILL_GENERATOR_MARKS"])
 
 class Record(Callback):
     """The prompts of every batch trained on, in order; optionally fails at a version."""
@@ -38,8 +81,25 @@ class Record(Callback):
         if self.fail_at_version is not None and self.version >= self.fail_at_version:
             raise RuntimeError("failing on purpose")
 
+    def on_exception(self, trainer, pl_module, exception):
+        # the moment training stopped, before the strategy closes its generators (tests time it against a kill)
+        print(f"training stopped at {time.time():.3f} by {type(exception).__name__}", file=sys.stderr, flush=True)
+
 
 ALGOS = {"online_dpo": (OnlineDPO, dict(beta=0.5, k=4)), "rloo": (RLOO, dict(k=4)), "ppo": (PPO, dict(k=2, num_epochs=2, critic=None))}
+
+
+def zero_layout(trainer, module) -> dict | None:
+    """What this rank holds under DeepSpeed ZeRO, against the whole policy: its shard of the
+    parameters (stage 3), or of the fp32 master weights the optimizer keeps (stage 2)."""
+    if not isinstance(trainer.strategy, AsyncRLHFDeepSpeedStrategy):
+        return None
+    params = list(module.policy.parameters())
+    whole = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    if all(hasattr(p, "ds_tensor") for p in params):
+        return {"whole": whole, "params_held": sum(p.ds_tensor.numel() for p in params), "largest_param_fraction": max(p.ds_tensor.numel() / p.ds_numel for p in params)}
+    master = trainer.strategy.deepspeed_engine.optimizer.single_partition_of_fp32_groups
+    return {"whole": whole, "params_held": sum(p.numel() for p in params), "master_weights_held": sum(t.numel() for t in master)}
 
 
 def main() -> None:
@@ -66,7 +126,12 @@ def main() -> None:
     parser.add_argument("--dataset", default="builtin:prompts")
     parser.add_argument("--shuffle", action="store_true")
     parser.add_argument("--fail_at_version", type=int, default=None, help="raise inside training at this version")
+    parser.add_argument("--kill_generator", default=None, help='generators kill themselves on this schedule, e.g. "generate:3,weights:2" (see die_on_schedule)')
     args = parser.parse_args()
+    if args.kill_generator:  # read by the spawned generators, which inherit the environment
+        os.environ["KILL_GENERATOR"] = args.kill_generator
+        os.environ["KILL_GENERATOR_MARKS"] = os.path.join(os.path.dirname(os.path.abspath(args.out)), "deaths")
+        os.makedirs(os.environ["KILL_GENERATOR_MARKS"], exist_ok=True)
 
     L.seed_everything(0)
     cls, kwargs = ALGOS[args.algo]
@@ -104,19 +169,21 @@ def main() -> None:
     trainer.fit(module, data, ckpt_path=args.ckpt_path)
     if args.save_ckpt:
         trainer.save_checkpoint(args.save_ckpt)
-    per_rank = [(record.prompts, record.has_generator)]
+    mine = (record.prompts, record.has_generator, zero_layout(trainer, module))
+    per_rank = [mine]
     if torch.distributed.is_available() and torch.distributed.is_initialized() and trainer.world_size > 1:
         per_rank = [None] * trainer.world_size
-        torch.distributed.all_gather_object(per_rank, (record.prompts, record.has_generator))
-    prompts_per_rank = [prompts for prompts, _ in per_rank]
+        torch.distributed.all_gather_object(per_rank, mine)
+    prompts_per_rank = [prompts for prompts, _, _ in per_rank]
     if trainer.global_rank == 0:
         rows = list(csv.DictReader(open(glob.glob(os.path.join(log_dir, "logs", "version_*", "metrics.csv"))[-1])))
         series = {key: [float(r[key]) for r in rows if r.get(key)] for key in set().union(*(r.keys() for r in rows)) if key != "epoch"}
         params = torch.cat([p.detach().flatten() for p in module.policy.parameters()])
         rollouts = getattr(trainer.strategy, "rollouts", None)
         extra = {"restarts": rollouts.restarts, "forced_refreshes": rollouts.forced_refreshes} if rollouts is not None else {}
-        json.dump({"metrics": series, "policy_version": module.policy_version, "param_norm": params.norm().item(), "pid": os.getpid(), "trained_prompts": record.prompts, "trained_prompts_per_rank": prompts_per_rank, "generators": sum(bool(has) for _, has in per_rank),
-                   "zero3_partitioned": any(hasattr(p, "ds_tensor") for p in module.policy.parameters()), **extra}, open(args.out, "w"))
+        json.dump({"metrics": series, "policy_version": module.policy_version, "param_norm": params.norm().item(), "pid": os.getpid(), "trained_prompts": record.prompts, "trained_prompts_per_rank": prompts_per_rank, "generators": sum(bool(has) for _, has, _ in per_rank),
+                   "generator_per_rank": [bool(has) for _, has, _ in per_rank], "zero_per_rank": [zero for _, _, zero in per_rank],
+                   "deaths": sorted(os.listdir(os.environ["KILL_GENERATOR_MARKS"])) if args.kill_generator else [], **extra}, open(args.out, "w"))
 
 
 if __name__ == "__main__":
