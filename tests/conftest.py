@@ -8,6 +8,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts processes (generators, vLLM, DDP ranks, scripts) or trains for many steps; `pytest -m 'not slow'` skips them while iterating, CI runs everything")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _offline_and_cached(tmp_path_factory):
     """Built-in artifacts live in one cache shared by the whole session (and its subprocesses)."""

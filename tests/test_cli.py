@@ -46,6 +46,7 @@ def test_every_config_parses_and_instantiates(config, tmp_path):
     assert all(lg.save_dir.startswith(str(tmp_path)) for lg in cli.trainer.loggers)
 
 
+@pytest.mark.slow
 def test_quickstart_runs_and_reports_gold_win_rate(builtin_models, tmp_path):
     short = tmp_path / "short.yaml"  # a list in a later config replaces the earlier one
     short.write_text(
@@ -75,6 +76,7 @@ def test_quickstart_runs_and_reports_gold_win_rate(builtin_models, tmp_path):
         (["--data.init_args.prompt_column", "question"], "has no column 'question' (columns: prompt); set `prompt_column`"),
     ],
 )
+@pytest.mark.slow  # a CLI subprocess each
 def test_bad_input_is_one_sentence_before_training(args, sentence, tmp_path):
     out = run_cli("fit", "--config", "configs/quickstart.yaml", "--trainer.default_root_dir", str(tmp_path), *args, timeout=120)
     assert out.returncode == 2

@@ -2,6 +2,7 @@ import csv
 import os
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
@@ -18,6 +19,7 @@ def _trainer(steps, logger):
     return L.Trainer(max_steps=steps, accelerator="cpu", logger=logger, log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 
 
+@pytest.mark.slow
 def test_sft_lowers_the_completion_loss_and_saves(tiny_model_dir, tmp_path):
     L.seed_everything(0)
     module = SFT(policy=tiny_model_dir, optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
@@ -40,6 +42,7 @@ def test_sft_masks_the_prompt_out_of_the_labels(tiny_model_dir):
     assert mask[1].sum() == 6 and (labels[1][mask[1] == 0] == -100).all()
 
 
+@pytest.mark.slow
 def test_reward_model_learns_the_preferences(builtin_models, tmp_path):
     L.seed_everything(0)
     module = RewardModel(model=builtin_models["sft"], optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))

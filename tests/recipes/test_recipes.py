@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each test runs a script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXTRA = {"online_dpo": [], "rloo": [], "ppo": ["--num_epochs", "2"]}
 EPOCHS = {"online_dpo": 1, "rloo": 1, "ppo": 2}  # optimizer steps per generated batch; --steps counts optimizer steps

@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SCRIPT = os.path.join(ROOT, "tests", "strategies", "run_training.py")
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 # the built-in SFT policy and reward model are prepared once, before any (multi-process) run uses them
-pytestmark = pytest.mark.usefixtures("builtin_models")
+pytestmark = [pytest.mark.usefixtures("builtin_models"), pytest.mark.slow]
 
 
 def train(tmp_path, *args: str, timeout: int = 300) -> dict:
