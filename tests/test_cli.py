@@ -74,10 +74,15 @@ def test_quickstart_runs_and_reports_gold_win_rate(builtin_models, tmp_path):
         (["--model.init_args.k", "1"], "set k >= 2"),
         (["--model.init_args.policy", "./no/such/model"], "The policy model path './no/such/model' does not exist"),
         (["--data.init_args.prompt_column", "question"], "has no column 'question' (columns: prompt); set `prompt_column`"),
+        # raised inside constructors that jsonargparse reports as a union of choices: still one sentence
+        (["--data.init_args.dataset", "{tmp}/broken.jsonl"], "broken.jsonl' (JSON parse error"),
+        (["--trainer.strategy.init_args.max_staleness", "-1"], "AsyncRLHFStrategy: max_staleness must be 0 (synchronous) or more, got -1."),
     ],
 )
 @pytest.mark.slow  # a CLI subprocess each
 def test_bad_input_is_one_sentence_before_training(args, sentence, tmp_path):
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "copy 1 2 ="}\n{"prompt": "copy 3\n')  # the second line is cut off
+    args = [a.format(tmp=tmp_path) for a in args]
     out = run_cli("fit", "--config", "configs/quickstart.yaml", "--trainer.default_root_dir", str(tmp_path), *args, timeout=120)
     assert out.returncode == 2
     error_lines = [line for line in out.stderr.splitlines() if line.startswith("lightning-rlhf: error:")]

@@ -43,7 +43,13 @@ def load_rows(dataset: str, split: str = "train"):
         ext = os.path.splitext(path)[1].lower()
         if ext not in _FILE_BUILDERS:
             raise ConfigError(f"Dataset file '{dataset}' has an unsupported extension; use one of {', '.join(_FILE_BUILDERS)}.")
-        return datasets.load_dataset(_FILE_BUILDERS[ext], data_files=path, split="train")
+        try:
+            return datasets.load_dataset(_FILE_BUILDERS[ext], data_files=path, split="train")
+        except Exception as err:  # datasets wraps the parser's error in its own ("An error occurred while generating the dataset")
+            cause = err.__cause__ or err.__context__ or err
+            detail = " ".join(str(cause).split())[:200]
+            shape = "one JSON object per line" if ext == ".jsonl" else f"a valid {ext[1:]} file"
+            raise ConfigError(f"Could not read dataset file '{dataset}' ({detail}); it must be {shape}.") from err
     if os.path.isdir(path):
         return datasets.load_dataset(path, split=split)
     if dataset.startswith((".", "/", "~")) or dataset.endswith(tuple(_FILE_BUILDERS)):

@@ -89,3 +89,10 @@ def test_sampler_shards_ranks_and_starts_part_way_without_a_position():
     shards = [list(ResumableSampler(24, 4, shuffle=True, seed=7, num_replicas=2, rank=r)) for r in (0, 1)]
     assert len(shards[0]) == len(shards[1]) == 12
     assert not set(shards[0]) & set(shards[1]) and set(shards[0]) | set(shards[1]) == set(range(24))
+
+
+def test_malformed_jsonl_names_the_file_and_the_format(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "a"}\n{"prompt": "b\n')
+    with pytest.raises(ConfigError, match=r"Could not read dataset file '.*prompts.jsonl' \(.*\); it must be one JSON object per line"):
+        PromptDataModule(str(path))
