@@ -101,9 +101,26 @@ def load_policy(source: str, dtype: torch.dtype | str = torch.float32) -> torch.
 
 
 def load_reward_model(source: str, dtype: torch.dtype | str = torch.float32) -> torch.nn.Module:
-    """Load a scalar reward model (``AutoModelForSequenceClassification`` with one label)."""
-    model = _from_pretrained(AutoModelForSequenceClassification, source, "reward model", dtype=_dtype(dtype), num_labels=1)
-    return model
+    """Load a scalar reward model (``AutoModelForSequenceClassification`` with one label).
+
+    Reward models and critics are often started from a policy checkpoint (the paper
+    starts both from the SFT policy). Their ``score`` head is then new and the causal
+    LM's ``lm_head`` unused, by design, so transformers' load report saying so is not
+    printed for a checkpoint whose config names a ``...ForCausalLM`` architecture;
+    loading anything else reports as usual.
+    """
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    config = _from_pretrained(AutoConfig, source, "reward model")
+    from_policy = any(name.endswith("ForCausalLM") for name in (config.architectures or []))
+    verbosity = hf_logging.get_verbosity()
+    if from_policy:
+        hf_logging.set_verbosity_error()
+    try:
+        return _from_pretrained(AutoModelForSequenceClassification, source, "reward model", dtype=_dtype(dtype), num_labels=1)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _dtype(dtype: torch.dtype | str) -> torch.dtype:

@@ -56,6 +56,8 @@ def test_quickstart_runs_and_reports_gold_win_rate(builtin_models, tmp_path):
     out = run_cli("fit", "--config", "configs/quickstart.yaml", "--config", str(short), "--trainer.default_root_dir", str(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "gold win rate:" in out.stdout
+    for noise in ("in eval mode at the start of training", "LeafSpec", "LOAD REPORT"):  # a quiet run: none of these
+        assert noise not in out.stdout + out.stderr, noise
     summary = json.load(open(glob.glob(str(tmp_path / "csv" / "version_*" / "eval_summary.json"))[0]))
     assert [h["step"] for h in summary["history"]] == [0, 2, 4]
     assert summary["before"]["eval/kl"] == pytest.approx(0.0, abs=1e-5)  # the policy starts as the reference

@@ -55,3 +55,23 @@ def test_chat_template_is_used_when_present(tiny_model_dir):
     tokenizer.chat_template = "{% for m in messages %}copy {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}={% endif %}"
     templated = prompt_token_ids(tokenizer, ["1 2 3"])[0]
     assert tokenizer.decode(templated) == "copy 1 2 3 ="
+
+
+def test_a_reward_model_started_from_a_policy_loads_without_the_load_report(tiny_model_dir):
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from lightning_rlhf.models import load_reward_model
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    hf_logging.get_logger("transformers").addHandler(handler)  # transformers' own root logger (it does not propagate)
+    try:
+        model = load_reward_model(tiny_model_dir)  # a causal LM checkpoint: the score head is new by design
+    finally:
+        hf_logging.get_logger("transformers").removeHandler(handler)
+    assert model.config.num_labels == 1
+    assert not [r for r in records if "LOAD REPORT" in r.getMessage()]
+    assert hf_logging.get_verbosity() == hf_logging.WARNING  # restored afterwards

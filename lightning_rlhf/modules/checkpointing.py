@@ -12,13 +12,24 @@ they are gathered from all ranks when saving and each rank takes back its own.
 
 from __future__ import annotations
 
+import warnings
+
 import torch.distributed as dist
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 
 from lightning_rlhf.models import ConfigError
 
 
 class RolloutCheckpointing:
-    """Mixin for LightningModules with ``policy_version``, ``batches_drawn``, ``rollouts``, ``_resubmit``, ``prompt_ids`` and ``sampling``."""
+    """Mixin for LightningModules with ``policy_version``, ``batches_drawn``, ``rollouts``, ``_resubmit``, ``prompt_ids``, ``sampling`` and ``ref_policy``."""
+
+    def on_fit_start(self) -> None:
+        # Lightning warns "Found N module(s) in eval mode at the start of training". The frozen reference is
+        # in eval mode on purpose (no dropout in its logprobs); when it is the only one, that message is
+        # filtered, and only that message. Any other module left in eval mode keeps the warning.
+        frozen = {id(m) for m in self.ref_policy.modules()}
+        if all(m.training or id(m) in frozen for m in self.modules()):
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training", category=PossibleUserWarning)
 
     def draw_batch(self) -> None:
         """Count a batch drawn from the loader; after a resume, first ask again for the checkpoint's prompts in flight."""
