@@ -106,7 +106,7 @@ def main(fabric: L.Fabric, args: dict) -> None:
     optimizer = torch.optim.AdamW([*model.parameters(), *critic_model.parameters()], lr=args["lr"])
     policy, critic = fabric.setup_module(model), fabric.setup_module(critic_model)
     optimizer = fabric.setup_optimizers(optimizer)
-    loader = fabric.setup_dataloaders(data.train_dataloader())
+    loader = fabric.setup_dataloaders(data.dataloader(fabric.world_size, fabric.global_rank))  # each rank its own prompts
     source = start_rollouts(model, tokenizer, args["policy"], args["max_staleness"], args["backend"], seed=args["seed"], generator_device=args["generator_device"])
     sampling = SamplingConfig(k=args["k"], temperature=args["temperature"], max_new_tokens=args["max_new_tokens"])
 

@@ -97,7 +97,7 @@ def main(fabric: L.Fabric, args: dict) -> None:
     reward.setup(fabric.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args["lr"])
     policy, optimizer = fabric.setup(model, optimizer)
-    loader = fabric.setup_dataloaders(data.train_dataloader())
+    loader = fabric.setup_dataloaders(data.dataloader(fabric.world_size, fabric.global_rank))  # each rank its own prompts
     source = start_rollouts(model, tokenizer, args["policy"], args["max_staleness"], args["backend"], seed=args["seed"], generator_device=args["generator_device"])
     sampling = SamplingConfig(k=args["k"], temperature=args["temperature"], max_new_tokens=args["max_new_tokens"])
 

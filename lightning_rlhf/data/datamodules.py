@@ -151,7 +151,17 @@ class _TextDataModule(L.LightningDataModule):
         module = trainer.lightning_module if trainer is not None else None
         # the RL modules count the batches they drew and keep the count in checkpoints: the stream continues there
         position = (lambda: module.batches_drawn) if hasattr(module, "batches_drawn") else None
-        sampler = ResumableSampler(len(self.rows), self.batch_size, self.shuffle, self.seed, num_replicas=world_size, rank=rank, position=position)
+        return self.dataloader(world_size, rank, position)
+
+    def dataloader(self, num_replicas: int = 1, rank: int = 0, position: Callable[[], int] | None = None) -> DataLoader:
+        """The training loader of one of ``num_replicas`` ranks (its own shard of each epoch).
+
+        Under a Trainer, :meth:`train_dataloader` passes the trainer's ranks; a Fabric
+        script passes ``fabric.world_size`` and ``fabric.global_rank`` (Fabric leaves a
+        sampler that is already distributed as it is, so a loader built for one rank
+        would feed every rank the same prompts).
+        """
+        sampler = ResumableSampler(len(self.rows), self.batch_size, self.shuffle, self.seed, num_replicas=num_replicas, rank=rank, position=position)
         return DataLoader(self.rows, batch_size=self.batch_size, sampler=sampler, drop_last=True, collate_fn=_collate, num_workers=self.num_workers)
 
 

@@ -96,3 +96,10 @@ def test_malformed_jsonl_names_the_file_and_the_format(tmp_path):
     path.write_text('{"prompt": "a"}\n{"prompt": "b\n')
     with pytest.raises(ConfigError, match=r"Could not read dataset file '.*prompts.jsonl' \(.*\); it must be one JSON object per line"):
         PromptDataModule(str(path))
+
+
+def test_a_fabric_script_s_ranks_get_disjoint_prompts(jsonl):
+    data = PromptDataModule(jsonl, prompt_column="question", batch_size=2)
+    per_rank = [[row["prompt"] for batch in data.dataloader(num_replicas=2, rank=rank) for row in batch] for rank in (0, 1)]
+    assert len(per_rank[0]) == len(per_rank[1]) == 4  # 10 rows, 2 ranks, whole batches of 2
+    assert not set(per_rank[0]) & set(per_rank[1])

@@ -37,6 +37,12 @@ def test_recipe_trains_four_steps_with_the_staleness_it_was_asked_for(recipe, mo
     assert [float(r["rollout/staleness"]) for r in rows] == staleness
 
 
+def test_recipe_trains_on_two_processes(builtin_models, tmp_path):
+    # Fabric launches a second rank; each takes its own shard of the prompts (see the data module's dataloader test)
+    rows = run_recipe("online_dpo", tmp_path, "--devices", "2")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+
+
 def test_recipe_refuses_k_below_two(tmp_path):
     out = subprocess.run([sys.executable, "recipes/online_dpo.py", "--k", "1", "--out_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "set --k 2 or more" in out.stderr
