@@ -65,6 +65,7 @@ def die_on_schedule(schedule: str, marks: str) -> None:
 if __name__ == "__mp_main__" and os.environ.get("KILL_GENERATOR"):
     die_on_schedule(os.environ["KILL_GENERATOR"], os.environ["KILL_GENERATOR_MARKS"])
 
+
 class Record(Callback):
     """The prompts of every batch trained on, in order; optionally fails at a version."""
 
