@@ -91,10 +91,17 @@ def test_sampler_shards_ranks_and_starts_part_way_without_a_position():
     assert not set(shards[0]) & set(shards[1]) and set(shards[0]) | set(shards[1]) == set(range(24))
 
 
-def test_malformed_jsonl_names_the_file_and_the_format(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    path.write_text('{"prompt": "a"}\n{"prompt": "b\n')
-    with pytest.raises(ConfigError, match=r"Could not read dataset file '.*prompts.jsonl' \(.*\); it must be one JSON object per line"):
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("prompts.txt", "copy 1 2 =\n", r"unsupported extension; use one of .*jsonl"),
+        ("prompts.jsonl", '{"prompt": "a"}\n{"prompt": "b\n', r"Could not read dataset file '.*prompts.jsonl' \(.*\); it must be one JSON object per line"),
+    ],
+)
+def test_a_prompt_file_that_cannot_be_read_names_the_file_and_the_fix(name, text, message, tmp_path):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
         PromptDataModule(str(path))
 
 

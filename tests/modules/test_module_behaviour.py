@@ -126,13 +126,6 @@ def test_bad_arguments_are_refused_with_one_sentence(make, message):
         make()
 
 
-def test_unsupported_dataset_file_is_refused(tmp_path):
-    path = tmp_path / "prompts.txt"
-    path.write_text("copy 1 2 =\n")
-    with pytest.raises(ConfigError, match=r"unsupported extension; use one of .*jsonl"):
-        PromptDataModule(str(path))
-
-
 def test_vllm_asked_for_but_not_installed_is_refused(monkeypatch):
     import sys
 
