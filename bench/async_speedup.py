@@ -110,6 +110,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="sync/async pairs per backend, run in turn; medians are reported (quick: 1)")
     parser.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from lightning_rlhf.tasks.copy import prepare
+
+    prepare()  # the built-in task's datasets and models, once
 
     if args.worker:
         backend, max_staleness = args.worker

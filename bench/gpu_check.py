@@ -50,13 +50,13 @@ def builtin_run(max_staleness: int, steps: int, device: str) -> dict:
     from torch.utils.data import DataLoader
 
     from lightning_rlhf.callbacks import WeightSync
-    from lightning_rlhf.data.builtin import builtin_artifact
+    from lightning_rlhf.models import builtin_path
     from lightning_rlhf.modules import OnlineDPO
     from lightning_rlhf.rewards import RewardModelScore
     from lightning_rlhf.strategies import AsyncRLHFStrategy
 
     L.seed_everything(0)
-    rows = [json.loads(line) for line in open(builtin_artifact("prompts"))]
+    rows = [json.loads(line) for line in open(builtin_path("builtin:prompts"))]
     loader = DataLoader(rows, batch_size=64, shuffle=True, collate_fn=list)
     module = OnlineDPO(policy="builtin:sft", reward=RewardModelScore("builtin:reward_model"), optimizer=lambda p: torch.optim.AdamW(p, lr=3e-4), beta=0.5, k=4, max_new_tokens=10)
     strategy = AsyncRLHFStrategy(backend="transformers", device=device, generator_devices=[device], max_staleness=max_staleness, sync_every=1)
@@ -85,7 +85,7 @@ def builtin_run(max_staleness: int, steps: int, device: str) -> dict:
 def smollm2_shape(workdir: str, device: str, num_prompts: int = 64) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lightning_rlhf.data.builtin import builtin_artifact
+    from lightning_rlhf.models import builtin_path
     from lightning_rlhf.generation import SamplingConfig
     from lightning_rlhf.generation.process import GeneratorProcess, GeneratorSpec
     from lightning_rlhf.generation.transformers_backend import sequence_logprobs
@@ -98,7 +98,7 @@ def smollm2_shape(workdir: str, device: str, num_prompts: int = 64) -> dict:
     folder = os.path.join(workdir, "smollm2-shape")
     model = LlamaForCausalLM(config)
     model.save_pretrained(folder)
-    load_tokenizer(builtin_artifact("sft")).save_pretrained(folder)  # ids fit in the vocabulary; only eos and pad matter here
+    load_tokenizer(builtin_path("builtin:sft")).save_pretrained(folder)  # ids fit in the vocabulary; only eos and pad matter here
     model = model.to(device).eval()
     generator = GeneratorProcess(GeneratorSpec(backend="transformers", model=folder, device=device))
     start = time.perf_counter()
@@ -149,6 +149,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", default="cuda:0", help="cpu only to try the script itself")
     args = parser.parse_args()
+    from lightning_rlhf.tasks.copy import prepare
+
+    prepare()  # the built-in task's datasets and models, once
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("gpu_check.py needs a CUDA device (or --device cpu to try the script).")
     result = {"device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu", "torch": torch.__version__}

@@ -36,10 +36,11 @@ SEEDS = (0, 1, 2)
 def run_one(algo: str, n: int, seed: int, steps: int, eval_prompts: int) -> dict:
     """Train ``steps`` updates of ``algo`` with ``N = n`` and return its final gold evaluation."""
     from lightning_rlhf.callbacks import GoldEvaluation, OffPolicySimulation
+    from lightning_rlhf.tasks.copy import CopyGoldReward
 
     overrides = ["--seed_everything", str(seed), "--model.init_args.num_epochs", "1", "--model.init_args.num_mini_batches", "1"]
     module, data = module_and_data(f"configs/builtin/{algo}.yaml", overrides)
-    evaluation = GoldEvaluation(num_prompts=eval_prompts)
+    evaluation = GoldEvaluation(CopyGoldReward(), num_prompts=eval_prompts)
     trainer = quiet_trainer(
         accelerator="cpu",
         devices=1,
@@ -135,6 +136,9 @@ def main() -> None:
     parser.add_argument("--eval_prompts", type=int, default=256)
     parser.add_argument("--resume", action="store_true", help="keep the records already in --json and run only the missing ones")
     args = parser.parse_args()
+    from lightning_rlhf.tasks.copy import prepare
+
+    prepare()  # the built-in task's datasets and models, once
     if args.quick:
         args.ns, args.seeds, args.steps, args.eval_prompts = [1, 2], [0], 4, 32
 

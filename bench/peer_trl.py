@@ -90,7 +90,7 @@ def _optimizer(params) -> torch.optim.Optimizer:
 def evaluate(policy: torch.nn.Module, num_prompts: int) -> dict[str, float]:
     """Gold win rate, KL and eos rate, and the proxy score of the same samples, for a trained policy."""
     from lightning_rlhf.callbacks.evaluation import evaluate_policy
-    from lightning_rlhf.data.builtin import CopyGoldReward
+    from lightning_rlhf.tasks.copy import CopyGoldReward
     from lightning_rlhf.data.datamodules import load_rows
     from lightning_rlhf.generation import SamplingConfig
     from lightning_rlhf.models import freeze, load_policy, load_tokenizer
@@ -306,6 +306,9 @@ def main() -> None:
     parser.add_argument("--eval_prompts", type=int, default=256, help="held-out prompts evaluated after each run")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from lightning_rlhf.tasks.copy import prepare
+
+    prepare()  # the built-in task's datasets and models, once
 
     if args.worker:
         spec = json.loads(args.worker)

@@ -45,11 +45,11 @@ def build_policy(size: str, workdir: str) -> str:
     """A policy folder for ``size`` (made once under ``workdir``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lightning_rlhf.data.builtin import builtin_artifact
+    from lightning_rlhf.models import builtin_path
     from lightning_rlhf.models import load_tokenizer, smollm2_135m
 
     if size == "builtin":
-        return builtin_artifact("sft")
+        return builtin_path("builtin:sft")
     if size == "smollm2":
         return smollm2_135m(os.path.join(workdir, "smollm2-135m-instruct"))
     folder = os.path.join(workdir, size)
@@ -58,7 +58,7 @@ def build_policy(size: str, workdir: str) -> str:
 
         torch.manual_seed(0)
         hidden, layers, heads = LLAMA_SHAPES[size]
-        tokenizer = load_tokenizer(builtin_artifact("sft"))
+        tokenizer = load_tokenizer(builtin_path("builtin:sft"))
         config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
                              num_key_value_heads=heads, max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -173,6 +173,9 @@ def main() -> None:
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "lightning_rlhf_scaling"), help="where generated model folders are kept")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from lightning_rlhf.tasks.copy import prepare
+
+    prepare()  # the built-in task's datasets and models, once
     if args.worker:
         print(json.dumps(run_once(**json.loads(args.worker))))
         return

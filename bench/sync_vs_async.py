@@ -43,6 +43,7 @@ def run_once(backend: str, max_staleness: int, seed: int, batches: int, eval_eve
     from common import module_and_data, quiet_trainer
     from lightning_rlhf.callbacks import WeightSync
     from lightning_rlhf.callbacks.evaluation import GoldEvaluation, evaluate_policy
+    from lightning_rlhf.tasks.copy import CopyGoldReward
     from lightning_rlhf.strategies import AsyncRLHFStrategy
 
     workload = WORKLOADS[backend]
@@ -72,7 +73,7 @@ def run_once(backend: str, max_staleness: int, seed: int, batches: int, eval_eve
     strategy = AsyncRLHFStrategy(backend=backend, max_staleness=max_staleness, sync_every=1, vllm_kwargs={"max_model_len": 64})
     trainer = quiet_trainer(max_steps=batches * workload["num_epochs"], accelerator="cpu", strategy=strategy, callbacks=[WeightSync(probe_every=0), snapshots])
     trainer.fit(module, data)
-    evaluation = GoldEvaluation(num_prompts=eval_prompts)
+    evaluation = GoldEvaluation(CopyGoldReward(), num_prompts=eval_prompts)
     curve = []
     for version, seconds, state in snapshots.items:
         module.policy.load_state_dict(state)
@@ -175,6 +176,9 @@ def main() -> None:
     parser.add_argument("--report_only", action="store_true", help="recompute the summary, table and plot from --json without training")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from lightning_rlhf.tasks.copy import prepare
+
+    prepare()  # the built-in task's datasets and models, once
     if args.worker:
         print(json.dumps(run_once(**json.loads(args.worker))))
         return

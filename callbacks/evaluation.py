@@ -21,9 +21,11 @@ from typing_extensions import override
 from lightning_rlhf.data.datamodules import load_rows
 from lightning_rlhf.generation import SamplingConfig, TransformersBackend
 from lightning_rlhf.metrics import GoldWinRate
-from lightning_rlhf.models import ConfigError, prompt_token_ids
+from lightning_rlhf.contracts import RLModule
+from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.rewards.base import RewardFunction
-from lightning_rlhf.rollout import build_rollout_batch, response_logprobs
+from lightning_rlhf.rollout_batch import build_rollout_batch, response_logprobs
+from lightning_rlhf.tokens import prompt_token_ids
 
 
 @torch.no_grad()
@@ -65,11 +67,12 @@ class GoldEvaluation(Callback):
 
     Metrics go to every logger (``eval/gold_win_rate``, ``eval/gold_score``, ``eval/kl``,
     ``eval/eos_rate``); the first and last are printed and written to
-    ``eval_summary.json`` in the run's log folder. The LightningModule must
-    expose ``policy``, ``ref_policy``, ``tokenizer`` and ``sampling``.
+    ``eval_summary.json`` in the run's log folder. The LightningModule is
+    an :class:`~lightning_rlhf.contracts.RLModule` (its ``policy``, ``ref_policy``,
+    ``tokenizer`` and ``sampling`` are read).
 
     Args:
-        gold: The gold reward; default: the built-in task's.
+        gold: The gold reward, e.g. the built-in task's ``lightning_rlhf.tasks.copy.CopyGoldReward``.
         dataset: Held-out prompts with reference completions.
         prompt_column: Column with the prompt text.
         reference_column: Column with the reference completion.
@@ -83,7 +86,7 @@ class GoldEvaluation(Callback):
 
     def __init__(
         self,
-        gold: RewardFunction | None = None,
+        gold: RewardFunction,
         dataset: str = "builtin:eval_prompts",
         prompt_column: str = "prompt",
         reference_column: str = "reference",
@@ -91,10 +94,6 @@ class GoldEvaluation(Callback):
         every_n_steps: int | None = None,
         seed: int = 1234,
     ) -> None:
-        if gold is None:
-            from lightning_rlhf.data.builtin import CopyGoldReward
-
-            gold = CopyGoldReward()
         rows = load_rows(dataset)
         for key, column in (("prompt", prompt_column), ("reference", reference_column)):
             if column not in rows.column_names:
@@ -106,7 +105,12 @@ class GoldEvaluation(Callback):
         self.seed = seed
         self.history: list[dict[str, float]] = []
 
-    def _run(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, float]:
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not isinstance(pl_module, RLModule):
+            raise ConfigError(f"GoldEvaluation evaluates a policy trained by an RL module (OnlineDPO, RLOO, PPO), not {type(pl_module).__name__}; drop the callback.")
+
+    def _run(self, trainer: L.Trainer, module: RLModule) -> dict[str, float]:
         metrics = evaluate_policy(module.policy, module.ref_policy, module.tokenizer, self.gold, self.rows, module.sampling, self.seed)
         metrics["step"] = trainer.global_step
         self.history.append(metrics)

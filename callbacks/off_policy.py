@@ -3,8 +3,8 @@
 Noukhovitch et al. 2025, Sec. 3.1: generate ``N`` mini-batches with the
 current policy, then take ``N`` updates on them, one per mini-batch. ``N = 1``
 is on-policy; larger ``N`` trains on data up to ``N - 1`` versions old. This
-callback swaps the module's in-process generation for a policy snapshot
-refreshed every ``N`` versions (:class:`~lightning_rlhf.generation.rollouts.SnapshotRollouts`),
+callback hands the module a rollout source that samples from a policy snapshot
+refreshed every ``N`` versions (:class:`~lightning_rlhf.generation.in_process.SnapshotSource`),
 so the effect of staleness can be measured without generator processes or
 timing noise. ``bench/offpolicy_sweep.py`` sweeps it.
 """
@@ -15,8 +15,9 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_rlhf.generation.rollouts import SnapshotRollouts
-from lightning_rlhf.models import ConfigError
+from lightning_rlhf.contracts import RLModule
+from lightning_rlhf.errors import ConfigError
+from lightning_rlhf.generation.in_process import InProcessSource, SnapshotSource
 
 
 class OffPolicySimulation(Callback):
@@ -37,9 +38,10 @@ class OffPolicySimulation(Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if getattr(trainer.strategy, "rollouts", None) is not None:
-            raise ConfigError("OffPolicySimulation simulates staleness in one process; drop it or use a synchronous strategy instead of an asynchronous one.")
-        if not hasattr(pl_module, "local_rollouts"):
+        if not isinstance(pl_module, RLModule):
             raise ConfigError(f"OffPolicySimulation needs an RL module (OnlineDPO, RLOO, PPO), not {type(pl_module).__name__}.")
+        if type(pl_module.rollout_source) is not InProcessSource:
+            raise ConfigError("OffPolicySimulation simulates staleness in one process; drop it or use a synchronous strategy instead of an asynchronous one.")
         tokenizer = pl_module.tokenizer
-        pl_module.local_rollouts = SnapshotRollouts(pl_module.policy, [tokenizer.eos_token_id], tokenizer.pad_token_id, self.num_batches, seed=pl_module.generation_seed)
+        source = SnapshotSource(pl_module.policy, [tokenizer.eos_token_id], tokenizer.pad_token_id, self.num_batches, seed=pl_module.generation_seed)
+        pl_module.use_rollout_source(source)

@@ -1,9 +1,13 @@
-"""Refresh the generator's weights every ``sync_every`` policy versions, and check that the refresh took.
+"""Log each refresh of the generator's weights, and check that it took.
 
-After a refresh the generator's logprobs of a fixed probe sequence should equal
-the trainer's; the largest difference is logged as ``sync/logprob_max_diff``
-every ``probe_every`` refreshes (float32: expect < 1e-3; bfloat16 vLLM differs
-by about 1e-2 before any refresh). The probe is the first rollout trained on.
+The rollout source decides when weights are refreshed (every ``sync_every``
+versions, and when the staleness bound demands it) and records each refresh;
+this callback only observes. For every periodic refresh it logs
+``sync/seconds`` and ``sync/version``, and every ``probe_every`` of them it
+compares the generator's logprobs of a fixed probe sequence with the
+trainer's: the largest difference is logged as ``sync/logprob_max_diff``
+(float32: expect < 1e-3; bfloat16 vLLM differs by about 1e-2 before any
+refresh). The probe is the first rollout trained on.
 """
 
 from __future__ import annotations
@@ -13,58 +17,61 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_rlhf.contracts import RLModule, RolloutSource
 from lightning_rlhf.generation.transformers_backend import sequence_logprobs
 
 
 class WeightSync(Callback):
-    """Push the policy's weights to the generator process every ``sync_every`` versions.
+    """Log the rollout source's weight refreshes and probe the generator after them.
 
-    Only active under an asynchronous strategy (``async_rlhf``, ``async_rlhf_ddp``);
-    the strategy adds one with its ``sync_every`` when the trainer has none.
+    The asynchronous strategies add one when the trainer has none.
 
     Args:
-        sync_every: Refresh every this many policy versions (generated batches trained on);
-            ``None`` takes the strategy's.
-        probe_every: Compare trainer and generator logprobs every this many refreshes; 0 never.
+        probe_every: Compare trainer and generator logprobs every this many periodic refreshes; 0 never.
     """
 
-    def __init__(self, sync_every: int | None = None, probe_every: int = 10) -> None:
-        self.sync_every = sync_every
+    def __init__(self, probe_every: int = 10) -> None:
         self.probe_every = probe_every
-        self.version: int | None = None  # last version sent
-        self.refreshes = 0
+        self.refreshes = 0  # periodic refreshes seen
         self.probe: tuple[list[int], list[int]] | None = None
+        self._seen = 0  # entries of the source's refresh log already looked at
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        source = pl_module.rollout_source if isinstance(pl_module, RLModule) else None
+        self._seen = len(source.refreshes) if source is not None else 0
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        rollouts = getattr(trainer.strategy, "rollouts", None)
-        version = pl_module.policy_version
-        every = self.sync_every or trainer.strategy.sync_every
-        if rollouts is None or version == 0 or version == self.version or version % every:
+        source = pl_module.rollout_source if isinstance(pl_module, RLModule) else None
+        if source is None:
             return
-        seconds = rollouts.refresh(version)
-        self.version = version
-        self.refreshes += 1
-        metrics = {"sync/seconds": seconds, "sync/version": float(version)}
-        if self.probe is None and getattr(pl_module, "last_generations", None) is not None:
-            g = pl_module.last_generations
+        if self.probe is None and isinstance(outputs, dict) and outputs.get("generations") is not None:
+            g = outputs["generations"]
             self.probe = (g.prompt_ids[0], g.completion_ids[0])
-        # with a shared generator only rank 0 has one to probe
-        if self.probe is not None and self.probe_every and (self.refreshes - 1) % self.probe_every == 0 and rollouts.generator is not None:
-            metrics["sync/logprob_max_diff"] = self.logprob_max_diff(pl_module, rollouts, version)
-        pl_module.log_dict(metrics, batch_size=1)
+        new, self._seen = source.refreshes[self._seen :], len(source.refreshes)
+        for refresh in (r for r in new if r.reason == "period"):
+            self.refreshes += 1
+            metrics = {"sync/seconds": refresh.seconds, "sync/version": float(refresh.version)}
+            if self.probe is not None and self.probe_every and (self.refreshes - 1) % self.probe_every == 0:
+                diff = self.logprob_max_diff(pl_module, source, refresh.version)
+                if diff is not None:  # with a shared generator only rank 0 has one to probe
+                    metrics["sync/logprob_max_diff"] = diff
+            pl_module.log_dict(metrics, batch_size=1)
 
-    def logprob_max_diff(self, pl_module: L.LightningModule, rollouts, version: int, temperature: float = 1.0) -> float:
-        """Largest |trainer - generator| logprob over the probe's completion tokens."""
+    def logprob_max_diff(self, pl_module: RLModule, source: RolloutSource, version: int, temperature: float = 1.0) -> float | None:
+        """Largest |trainer - generator| logprob over the probe's completion tokens; ``None`` without a generator here."""
         prompt, completion = self.probe
+        generator_logprobs = source.sequence_logprobs(prompt, completion, temperature, version)
+        if generator_logprobs is None:
+            return None
         trainer_logprobs = sequence_logprobs(pl_module.policy, prompt, completion, temperature)
-        generator_logprobs = torch.tensor(rollouts.sequence_logprobs(prompt, completion, temperature, version))
-        return (trainer_logprobs - generator_logprobs).abs().max().item()
+        return (trainer_logprobs - torch.tensor(generator_logprobs)).abs().max().item()
 
     @override
     def state_dict(self) -> dict:
-        return {"version": self.version, "refreshes": self.refreshes, "probe": self.probe}
+        return {"refreshes": self.refreshes, "probe": self.probe}
 
     @override
     def load_state_dict(self, state_dict: dict) -> None:
-        self.version, self.refreshes, self.probe = state_dict["version"], state_dict["refreshes"], state_dict["probe"]
+        self.refreshes, self.probe = state_dict["refreshes"], state_dict["probe"]

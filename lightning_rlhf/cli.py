@@ -4,7 +4,8 @@
 overridden on the command line (``--model.init_args.beta 0.05``).
 
 Unless a YAML sets ``trainer.logger``, runs log to both CSV and TensorBoard
-under ``--trainer.default_root_dir``.
+under ``--trainer.default_root_dir``. When the config names a ``builtin:``
+artifact, the built-in task is prepared first (once; :func:`lightning_rlhf.tasks.copy.prepare`).
 """
 
 from __future__ import annotations
@@ -18,12 +19,20 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from typing_extensions import override
 
-from lightning_rlhf.models import ConfigError
 import lightning_rlhf.strategies  # noqa: F401  (registers the async_rlhf strategy names)
+from lightning_rlhf.errors import ConfigError
+from lightning_rlhf.models import BUILTIN_PREFIX
+from lightning_rlhf.tasks.copy import prepare
 
 
 class RLHFCLI(LightningCLI):
     """LightningCLI with omegaconf interpolation, module/datamodule chosen by ``class_path``, CSV + TensorBoard logging."""
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        if _builtin_names(config.as_dict()):  # the whole task: a module's default reward is builtin:reward_model too
+            prepare()
 
     @override
     def instantiate_trainer(self, **kwargs):
@@ -32,6 +41,17 @@ class RLHFCLI(LightningCLI):
             root = config.get("default_root_dir") or os.getcwd()
             kwargs.setdefault("logger", [CSVLogger(root, name="csv"), TensorBoardLogger(root, name="tensorboard")])
         return super().instantiate_trainer(**kwargs)
+
+
+def _builtin_names(value) -> list[str]:
+    """Every ``builtin:<name>`` string in a parsed config."""
+    if isinstance(value, str):
+        return [value] if value.startswith(BUILTIN_PREFIX) else []
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [name for item in value for name in _builtin_names(item)]
+    return []
 
 
 def explain(err: BaseException) -> str:

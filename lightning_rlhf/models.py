@@ -4,8 +4,9 @@ Every loader accepts three kinds of source:
 
 * a local directory written by ``save_pretrained``;
 * a Hugging Face Hub id such as ``"HuggingFaceTB/SmolLM2-135M-Instruct"``;
-* ``"builtin:<name>"`` for the artifacts of the built-in task
-  (:mod:`lightning_rlhf.data.builtin`), prepared on first use and cached.
+* ``"builtin:<name>"`` for an artifact of the built-in task, which
+  :func:`lightning_rlhf.tasks.copy.prepare` writes into the cache folder
+  (the CLI, the recipes and the benchmarks call it first).
 
 Problems are reported as one :class:`ConfigError` sentence that names the
 source and the fix, before any weights are read.
@@ -15,16 +16,27 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
+from lightning_rlhf.errors import ConfigError
+
 BUILTIN_PREFIX = "builtin:"
+BUILTIN_TASK = "copy-v4"  # folder of the built-in task's artifacts; a new version when they change
+# name -> (path under the task's folder, folder whose ``.done`` marks it prepared)
+BUILTIN_ARTIFACTS = {
+    "base": ("base", "base"),
+    "sft": ("sft", "sft"),
+    "reward_model": ("reward_model", "reward_model"),
+    "prompts": ("data/prompts.jsonl", "data"),
+    "eval_prompts": ("data/eval_prompts.jsonl", "data"),
+    "demonstrations": ("data/demonstrations.jsonl", "data"),
+    "preferences": ("data/preferences.jsonl", "data"),
+}
+PREPARE_COMMAND = "python -m lightning_rlhf.tasks.copy"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message says which one and how to fix it."""
 
 
 def resolve_source(source: str, what: str = "model") -> str:
@@ -41,9 +53,7 @@ def resolve_source(source: str, what: str = "model") -> str:
     if not isinstance(source, str) or not source:
         raise ConfigError(f"The {what} source must be a non-empty string (a local directory, a hub id or 'builtin:<name>'), got {source!r}.")
     if source.startswith(BUILTIN_PREFIX):
-        from lightning_rlhf.data.builtin import builtin_artifact
-
-        return builtin_artifact(source[len(BUILTIN_PREFIX):])
+        return builtin_path(source)
     expanded = os.path.expanduser(source)
     if os.path.isdir(expanded):
         return expanded
@@ -56,6 +66,26 @@ def resolve_source(source: str, what: str = "model") -> str:
             f"like 'org/name', or 'builtin:sft'."
         )
     return source
+
+
+def builtin_root() -> Path:
+    """The built-in task's folder: ``$LIGHTNING_RLHF_CACHE`` (default ``~/.cache/lightning_rlhf``) / ``BUILTIN_TASK``."""
+    return Path(os.environ.get("LIGHTNING_RLHF_CACHE", Path.home() / ".cache" / "lightning_rlhf")) / BUILTIN_TASK
+
+
+def builtin_path(source: str) -> str:
+    """Path of the prepared built-in artifact ``"builtin:<name>"``.
+
+    Raises:
+        ConfigError: If the name is unknown, or the artifact has not been prepared.
+    """
+    name = source.removeprefix(BUILTIN_PREFIX)
+    if name not in BUILTIN_ARTIFACTS:
+        raise ConfigError(f"Unknown built-in artifact '{source}'; choose one of {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_ARTIFACTS)}.")
+    path, marker = BUILTIN_ARTIFACTS[name]
+    if not (builtin_root() / marker / ".done").exists():
+        raise ConfigError(f"The built-in artifact '{source}' is not prepared yet in {builtin_root()}; prepare it once with `{PREPARE_COMMAND}` (the lightning-rlhf CLI and the recipes do this by themselves).")
+    return str(builtin_root() / path)
 
 
 def _from_pretrained(loader, source: str, what: str, **kwargs):
@@ -130,16 +160,6 @@ def _dtype(dtype: torch.dtype | str) -> torch.dtype:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     except KeyError:
         raise ConfigError(f"Unknown dtype {dtype!r}; use 'float32', 'bfloat16' or 'float16'.") from None
-
-
-def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[list[int]]:
-    """Tokenize prompts, through the chat template when the tokenizer has one."""
-    if getattr(tokenizer, "chat_template", None):
-        return [
-            list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False))
-            for p in prompts
-        ]
-    return [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:

@@ -21,13 +21,15 @@ from lightning.fabric.loggers import CSVLogger
 
 from lightning_rlhf.callbacks.evaluation import evaluate_policy
 from lightning_rlhf.data import PromptDataModule, load_rows
-from lightning_rlhf.data.builtin import CopyGoldReward
+from lightning_rlhf.tasks.copy import CopyGoldReward, prepare
 from lightning_rlhf.generation import SamplingConfig
-from lightning_rlhf.generation.rollouts import start_rollouts
+from lightning_rlhf.generation.pipeline import start_source
 from lightning_rlhf.losses import online_dpo_loss
-from lightning_rlhf.models import ConfigError, freeze, load_policy, load_tokenizer, prompt_token_ids
+from lightning_rlhf.errors import ConfigError
+from lightning_rlhf.models import freeze, load_policy, load_tokenizer
+from lightning_rlhf.tokens import prompt_token_ids
 from lightning_rlhf.rewards import RewardModelScore
-from lightning_rlhf.rollout import build_rollout_batch, response_logprobs, score_rollouts
+from lightning_rlhf.rollout_batch import build_rollout_batch, response_logprobs, score_rollouts
 
 
 def setup(
@@ -79,6 +81,7 @@ def setup(
     """
     if k < 2:
         raise ConfigError(f"Online DPO needs at least two completions per prompt to form a pair, got k={k}; set --k 2 or more.")
+    prepare()  # the built-in task, once (its eval prompts and gold reward are used by --evaluate)
     fabric = L.Fabric(accelerator=accelerator, devices=devices, loggers=CSVLogger(out_dir, name="online_dpo"))
     fabric.launch(main, locals())
 
@@ -94,7 +97,7 @@ def main(fabric: L.Fabric, args: dict) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args["lr"])
     policy, optimizer = fabric.setup(model, optimizer)
     loader = fabric.setup_dataloaders(data.dataloader(fabric.world_size, fabric.global_rank))  # each rank its own prompts
-    source = start_rollouts(model, tokenizer, args["policy"], args["max_staleness"], args["backend"], seed=args["seed"], generator_device=args["generator_device"])
+    source = start_source(model, tokenizer, args["policy"], args["max_staleness"], backend=args["backend"], seed=args["seed"], generator_device=args["generator_device"])
     sampling = SamplingConfig(k=args["k"], temperature=args["temperature"], max_new_tokens=args["max_new_tokens"])
 
     gold_rows = [dict(r) for r in load_rows("builtin:eval_prompts")] if args["evaluate"] else []
@@ -138,7 +141,7 @@ def fit(fabric, policy, ref_policy, optimizer, source, reward, tokenizer, loader
             optimizer.step()
             step += 1
             version += 1
-            source.refresh(version)  # a no-op when generating in this process
+            source.after_update(version)  # refreshes the generator (a no-op when generating in this process)
             metrics = {"train/loss": loss.item(), "train/accuracy": stats.accuracy.item(), "objective/scores": scores.mean().item(), "objective/kl": (logps.detach() - ref_logps).mean().item(), "rollout/staleness": float(staleness)}
             fabric.log_dict(metrics, step=step)
             if step % 10 == 0 or step == args["steps"]:

@@ -24,13 +24,15 @@ from lightning.fabric.loggers import CSVLogger
 
 from lightning_rlhf.callbacks.evaluation import evaluate_policy
 from lightning_rlhf.data import PromptDataModule, load_rows
-from lightning_rlhf.data.builtin import CopyGoldReward
+from lightning_rlhf.tasks.copy import CopyGoldReward, prepare
 from lightning_rlhf.generation import SamplingConfig
-from lightning_rlhf.generation.rollouts import start_rollouts
+from lightning_rlhf.generation.pipeline import start_source
 from lightning_rlhf.losses import clipped_value_loss, gae, kl_penalized_rewards, masked_whiten, ppo_policy_loss
-from lightning_rlhf.models import ConfigError, freeze, load_policy, load_reward_model, load_tokenizer, prompt_token_ids
+from lightning_rlhf.errors import ConfigError
+from lightning_rlhf.models import freeze, load_policy, load_reward_model, load_tokenizer
+from lightning_rlhf.tokens import prompt_token_ids
 from lightning_rlhf.rewards import RewardModelScore
-from lightning_rlhf.rollout import build_rollout_batch, critic_values, response_logprobs, score_rollouts
+from lightning_rlhf.rollout_batch import build_rollout_batch, critic_values, response_logprobs, score_rollouts
 
 
 def setup(
@@ -90,6 +92,7 @@ def setup(
     """
     if k < 1:
         raise ConfigError(f"k is the number of completions per prompt and must be at least 1, got {k}.")
+    prepare()  # the built-in task, once (its eval prompts and gold reward are used by --evaluate)
     fabric = L.Fabric(accelerator=accelerator, devices=devices, loggers=CSVLogger(out_dir, name="ppo"))
     fabric.launch(main, locals())
 
@@ -107,7 +110,7 @@ def main(fabric: L.Fabric, args: dict) -> None:
     policy, critic = fabric.setup_module(model), fabric.setup_module(critic_model)
     optimizer = fabric.setup_optimizers(optimizer)
     loader = fabric.setup_dataloaders(data.dataloader(fabric.world_size, fabric.global_rank))  # each rank its own prompts
-    source = start_rollouts(model, tokenizer, args["policy"], args["max_staleness"], args["backend"], seed=args["seed"], generator_device=args["generator_device"])
+    source = start_source(model, tokenizer, args["policy"], args["max_staleness"], backend=args["backend"], seed=args["seed"], generator_device=args["generator_device"])
     sampling = SamplingConfig(k=args["k"], temperature=args["temperature"], max_new_tokens=args["max_new_tokens"])
 
     gold_rows = [dict(r) for r in load_rows("builtin:eval_prompts")] if args["evaluate"] else []
@@ -158,7 +161,7 @@ def fit(fabric, policy, critic, ref_policy, optimizer, source, reward, tokenizer
                 optimizer.step()
                 step += 1
             version += 1
-            source.refresh(version)  # a no-op when generating in this process
+            source.after_update(version)  # refreshes the generator (a no-op when generating in this process)
             metrics = {"train/loss": loss.item(), "train/clipfrac": stats.clipfrac.item(), "objective/scores": scores.mean().item(), "objective/kl": (kl * mask).sum(-1).mean().item(), "rollout/staleness": float(staleness)}
             fabric.log_dict(metrics, step=step)
             if step % 10 == 0 or step == args["steps"]:

@@ -23,13 +23,15 @@ from lightning.fabric.loggers import CSVLogger
 
 from lightning_rlhf.callbacks.evaluation import evaluate_policy
 from lightning_rlhf.data import PromptDataModule, load_rows
-from lightning_rlhf.data.builtin import CopyGoldReward
+from lightning_rlhf.tasks.copy import CopyGoldReward, prepare
 from lightning_rlhf.generation import SamplingConfig
-from lightning_rlhf.generation.rollouts import start_rollouts
+from lightning_rlhf.generation.pipeline import start_source
 from lightning_rlhf.losses import kl_k1, ppo_policy_loss, rloo_advantages
-from lightning_rlhf.models import ConfigError, freeze, load_policy, load_tokenizer, prompt_token_ids
+from lightning_rlhf.errors import ConfigError
+from lightning_rlhf.models import freeze, load_policy, load_tokenizer
+from lightning_rlhf.tokens import prompt_token_ids
 from lightning_rlhf.rewards import RewardModelScore
-from lightning_rlhf.rollout import build_rollout_batch, response_logprobs, score_rollouts
+from lightning_rlhf.rollout_batch import build_rollout_batch, response_logprobs, score_rollouts
 
 
 def setup(
@@ -83,6 +85,7 @@ def setup(
     """
     if k < 2:
         raise ConfigError(f"RLOO needs at least two completions per prompt for the leave-one-out baseline, got k={k}; set --k 2 or more.")
+    prepare()  # the built-in task, once (its eval prompts and gold reward are used by --evaluate)
     fabric = L.Fabric(accelerator=accelerator, devices=devices, loggers=CSVLogger(out_dir, name="rloo"))
     fabric.launch(main, locals())
 
@@ -98,7 +101,7 @@ def main(fabric: L.Fabric, args: dict) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args["lr"])
     policy, optimizer = fabric.setup(model, optimizer)
     loader = fabric.setup_dataloaders(data.dataloader(fabric.world_size, fabric.global_rank))  # each rank its own prompts
-    source = start_rollouts(model, tokenizer, args["policy"], args["max_staleness"], args["backend"], seed=args["seed"], generator_device=args["generator_device"])
+    source = start_source(model, tokenizer, args["policy"], args["max_staleness"], backend=args["backend"], seed=args["seed"], generator_device=args["generator_device"])
     sampling = SamplingConfig(k=args["k"], temperature=args["temperature"], max_new_tokens=args["max_new_tokens"])
 
     gold_rows = [dict(r) for r in load_rows("builtin:eval_prompts")] if args["evaluate"] else []
@@ -143,7 +146,7 @@ def fit(fabric, policy, ref_policy, optimizer, source, reward, tokenizer, loader
             optimizer.step()
             step += 1
             version += 1
-            source.refresh(version)  # a no-op when generating in this process
+            source.after_update(version)  # refreshes the generator (a no-op when generating in this process)
             metrics = {"train/loss": loss.item(), "train/clipfrac": stats.clipfrac.item(), "objective/scores": scores.mean().item(), "objective/kl": kl.mean().item(), "rollout/staleness": float(staleness)}
             fabric.log_dict(metrics, step=step)
             if step % 10 == 0 or step == args["steps"]:

@@ -14,15 +14,21 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session", autouse=True)
 def _offline_and_cached(tmp_path_factory):
-    """Built-in artifacts live in one cache shared by the whole session (and its subprocesses)."""
+    """The built-in task, prepared once into a cache shared by the whole session (and its subprocesses).
+
+    Set ``LIGHTNING_RLHF_CACHE`` to a folder of your own to keep it between sessions (about 70 s to prepare).
+    """
     os.environ.setdefault("LIGHTNING_RLHF_CACHE", str(tmp_path_factory.getbasetemp() / "lightning_rlhf_cache"))
+    from lightning_rlhf.tasks.copy import prepare
+
+    prepare()
     yield
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """An untrained tiny Llama (head size 32) with the built-in word-level tokenizer, saved like a hub checkpoint."""
-    from lightning_rlhf.data.builtin import make_base_model, make_tokenizer
+    from lightning_rlhf.tasks.copy import make_base_model, make_tokenizer
 
     path = tmp_path_factory.mktemp("tiny_llama")
     tokenizer = make_tokenizer()
@@ -34,6 +40,6 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def builtin_models():
     """Paths of the built-in SFT policy and proxy reward model (trained once per test session)."""
-    from lightning_rlhf.data.builtin import builtin_artifact
+    from lightning_rlhf.models import builtin_path
 
-    return {"sft": builtin_artifact("sft"), "reward_model": builtin_artifact("reward_model")}
+    return {"sft": builtin_path("builtin:sft"), "reward_model": builtin_path("builtin:reward_model")}

@@ -3,7 +3,9 @@ import os
 
 import pytest
 
-from lightning_rlhf.models import ConfigError, load_policy, load_tokenizer, prompt_token_ids, resolve_source
+from lightning_rlhf.errors import ConfigError
+from lightning_rlhf.models import load_policy, load_tokenizer, resolve_source
+from lightning_rlhf.tokens import prompt_token_ids
 
 
 def test_missing_local_path_is_one_clear_sentence(tmp_path):

@@ -1,4 +1,4 @@
-"""Prompt, demonstration and preference datasets, and the built-in task."""
+"""Prompt, demonstration and preference datasets from the hub, local files or the built-in task."""
 
 from lightning_rlhf.data.datamodules import DemonstrationDataModule, PreferenceDataModule, PromptDataModule, load_rows
 

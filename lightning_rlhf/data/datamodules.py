@@ -2,7 +2,7 @@
 
 A ``dataset`` is one of:
 
-* ``"builtin:<name>"`` (see :mod:`lightning_rlhf.data.builtin`);
+* ``"builtin:<name>"``, a dataset of the built-in task (:mod:`lightning_rlhf.tasks.copy`);
 * a local ``.jsonl``/``.json``/``.parquet``/``.csv`` file or a folder of them;
 * a Hugging Face Hub dataset id (optionally ``"id:config"``).
 
@@ -21,7 +21,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_rlhf.models import BUILTIN_PREFIX, ConfigError
+from lightning_rlhf.errors import ConfigError
+from lightning_rlhf.models import BUILTIN_PREFIX, builtin_path
 
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -35,9 +36,7 @@ def load_rows(dataset: str, split: str = "train"):
     import datasets
 
     if dataset.startswith(BUILTIN_PREFIX):
-        from lightning_rlhf.data.builtin import builtin_artifact
-
-        return datasets.load_dataset("json", data_files=builtin_artifact(dataset[len(BUILTIN_PREFIX):]), split="train")
+        return datasets.load_dataset("json", data_files=builtin_path(dataset), split="train")
     path = os.path.expanduser(dataset)
     if os.path.isfile(path):
         ext = os.path.splitext(path)[1].lower()
@@ -70,9 +69,9 @@ class ResumableSampler(DistributedSampler):
 
     Each ``iter()`` continues the stream at a batch position and yields up to
     the end of that position's epoch. The position is read from ``position``
-    when it is given: for the RL modules, their count of batches trained on
-    (``batches_drawn``), which their checkpoints keep, so a resumed run goes on
-    with the next prompt, none lost and none twice. Reading it at every
+    when it is given: the RL modules hand their data module their count of
+    batches drawn (:meth:`PromptDataModule.follow`), which their checkpoints
+    keep, so a resumed run goes on with the next prompt, none lost and none twice. Reading it at every
     ``iter()`` makes the stream independent of how Lightning counts epochs on
     resume (it may restore a finished epoch as unfinished, or an unfinished one
     as finished, and it drops a prefetched batch when an epoch or a run ends);
@@ -144,14 +143,16 @@ class _TextDataModule(L.LightningDataModule):
             )
         renames = {column: key for key, column in columns.items() if column != key}
         self.rows = rows.rename_columns(renames) if renames else rows
+        self.position: Callable[[], int] | None = None
+
+    def follow(self, position: Callable[[], int]) -> None:
+        """Start every training ``iter()`` at ``position()`` batches into the stream (see :class:`ResumableSampler`)."""
+        self.position = position
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        module = trainer.lightning_module if trainer is not None else None
-        # the RL modules count the batches they drew and keep the count in checkpoints: the stream continues there
-        position = (lambda: module.batches_drawn) if hasattr(module, "batches_drawn") else None
-        return self.dataloader(world_size, rank, position)
+        return self.dataloader(world_size, rank, self.position)
 
     def dataloader(self, num_replicas: int = 1, rank: int = 0, position: Callable[[], int] | None = None) -> DataLoader:
         """The training loader of one of ``num_replicas`` ranks (its own shard of each epoch).

@@ -21,7 +21,7 @@ from transformers import GenerationConfig
 from lightning_rlhf.generation.base import GenerationBackend, Generations, SamplingConfig, truncate_at_stop
 from lightning_rlhf.generation.weights import join_group, receive_tensors
 from lightning_rlhf.losses import token_logprobs
-from lightning_rlhf.rewards.model import left_pad
+from lightning_rlhf.tokens import left_pad
 
 
 @torch.no_grad()

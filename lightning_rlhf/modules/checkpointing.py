@@ -17,11 +17,14 @@ import warnings
 import torch.distributed as dist
 from lightning.fabric.utilities.warnings import PossibleUserWarning
 
-from lightning_rlhf.models import ConfigError
+from lightning_rlhf.errors import ConfigError
 
 
 class RolloutCheckpointing:
-    """Mixin for LightningModules with ``policy_version``, ``batches_drawn``, ``rollouts``, ``_resubmit``, ``prompt_ids``, ``sampling`` and ``ref_policy``."""
+    """Mixin of :class:`~lightning_rlhf.modules.base.RLModuleBase`: policy version, batches drawn and prompts in flight in checkpoints."""
+
+    batches_drawn = 0  # prompt batches taken from the data loader (some may still be in flight)
+    _resubmit: list[list[dict]] = []  # after a resume: this rank's prompts that were in flight
 
     def on_fit_start(self) -> None:
         # Lightning warns "Found N module(s) in eval mode at the start of training". The frozen reference is
@@ -35,11 +38,11 @@ class RolloutCheckpointing:
         """Count a batch drawn from the loader; after a resume, first ask again for the checkpoint's prompts in flight."""
         self.batches_drawn += 1
         if self._resubmit:
-            self.rollouts.resubmit(self._resubmit, self.prompt_ids, self.sampling, self.policy_version)
+            self.rollout_source.resubmit(self._resubmit, self.prompt_ids, self.sampling, self.policy_version)
             self._resubmit = []
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        pending = self.rollouts.pending_rows()
+        pending = self.rollout_source.pending_rows()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             per_rank: list = [None] * dist.get_world_size()
             dist.all_gather_object(per_rank, pending)  # every rank saves; all take part
@@ -62,4 +65,4 @@ class RolloutCheckpointing:
                 f"resume on {len(per_rank)} rank(s) (trainer.devices x num_nodes), or start a new run from its weights."
             )
         self._resubmit = list(per_rank[rank]) if rank < len(per_rank) else []
-        # the data loader's sampler reads ``batches_drawn`` and continues with the next prompt (see ResumableSampler)
+        # the data loader's sampler follows ``batches_drawn`` and continues with the next prompt (see RLModuleBase.setup)

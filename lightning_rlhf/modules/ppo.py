@@ -21,25 +21,21 @@ Deviations:
 
 from __future__ import annotations
 
-import time
 from typing import Literal
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from lightning_rlhf.generation import SamplingConfig, TransformersBackend
-from lightning_rlhf.generation.rollouts import LocalRollouts
+from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.losses import clipped_value_loss, gae, kl_penalized_rewards, masked_mean, masked_whiten, ppo_policy_loss
-from lightning_rlhf.models import ConfigError, freeze, load_policy, load_reward_model, load_tokenizer, prompt_token_ids, resolve_source
-from lightning_rlhf.modules.checkpointing import RolloutCheckpointing
-from lightning_rlhf.rewards import RewardFunction, RewardModelScore
-from lightning_rlhf.rollout import RolloutBatch, build_rollout_batch, check_num_mini_batches, critic_values, minibatches, response_logprobs, response_logprobs_and_hidden, score_rollouts
+from lightning_rlhf.models import load_reward_model
+from lightning_rlhf.modules.base import RLModuleBase
+from lightning_rlhf.rewards import RewardFunction
+from lightning_rlhf.rollout_batch import RolloutBatch, critic_values, minibatches, response_logprobs, response_logprobs_and_hidden
 
 
-class PPO(RolloutCheckpointing, L.LightningModule):
+class PPO(RLModuleBase):
     """PPO with a separate critic (or a value head) and GAE.
 
     Args:
@@ -93,65 +89,29 @@ class PPO(RolloutCheckpointing, L.LightningModule):
         num_epochs: int = 4,
         gradient_clip_val: float | None = 1.0,
     ) -> None:
-        super().__init__()
         if k < 1:
             raise ConfigError(f"k is the number of completions per prompt and must be at least 1, got {k}.")
-        if temperature <= 0:
-            raise ConfigError(f"temperature must be positive (sampling is stochastic), got {temperature}.")
-        if num_mini_batches < 1 or num_epochs < 1:
-            raise ConfigError(f"num_mini_batches and num_epochs must be at least 1, got {num_mini_batches} and {num_epochs}.")
-        for source, what in ((policy, "policy model"), (ref_policy, "policy model"), (critic, "critic model")):
-            if source is not None and not source.startswith("builtin:"):
-                resolve_source(source, what)
+        super().__init__(
+            policy=policy, reward=reward, optimizer=optimizer, ref_policy=ref_policy, k=k, temperature=temperature, max_new_tokens=max_new_tokens,
+            missing_eos_penalty=missing_eos_penalty, num_mini_batches=num_mini_batches, num_epochs=num_epochs, gradient_clip_val=gradient_clip_val,
+            models={"critic model": critic},
+        )
         self.save_hyperparameters(ignore=["reward", "optimizer"])
-        self.automatic_optimization = False
-        self.policy_source, self.ref_source, self.critic_source = policy, ref_policy or policy, critic
-        self.reward = reward if reward is not None else RewardModelScore()
-        self.optimizer_factory = optimizer
+        self.critic_source = critic
         self.kl_coef, self.kl_estimator = kl_coef, kl_estimator
         self.clip_eps, self.value_clip_eps, self.vf_coef = clip_eps, value_clip_eps, vf_coef
         self.gamma, self.lam, self.whiten_advantages = gamma, lam, whiten_advantages
-        self.sampling = SamplingConfig(k=k, temperature=temperature, max_new_tokens=max_new_tokens)
-        self.missing_eos_penalty = missing_eos_penalty
-        self.num_mini_batches, self.num_epochs = num_mini_batches, num_epochs
-        self.gradient_clip_val = gradient_clip_val
-        self.policy: torch.nn.Module | None = None
-        self.policy_version = 0  # generated batches trained on; what rollout staleness is counted in
-        self.batches_drawn = 0  # prompt batches taken from the data loader (some may still be in flight)
-        self.last_generations, self.last_rows = None, None
-        self._resubmit: list[list[dict]] = []
-        self.mean_score = MeanMetric()
 
     @override
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        self.tokenizer = load_tokenizer(self.policy_source)
-        self.policy = load_policy(self.policy_source).train()
-        self.ref_policy = freeze(load_policy(self.ref_source))
-        if self.critic_source is not None:
-            self.critic = load_reward_model(self.critic_source).train()
-            self.value_head = None
-        else:
-            self.critic = None
-            self.value_head = torch.nn.Linear(self.policy.config.hidden_size, 1)
+        super().configure_model()
+        self.critic = load_reward_model(self.critic_source).train() if self.critic_source is not None else None
+        self.value_head = None if self.critic is not None else torch.nn.Linear(self.policy.config.hidden_size, 1)
+        if self.value_head is not None:  # starts at 0: no value before it learns one
             torch.nn.init.zeros_(self.value_head.weight)
             torch.nn.init.zeros_(self.value_head.bias)
-        self.generation_seed = torch.initial_seed()
-        backend = TransformersBackend(self.policy, [self.tokenizer.eos_token_id], self.tokenizer.pad_token_id, seed=self.generation_seed)
-        self.local_rollouts = LocalRollouts(backend)
-
-    @property
-    def rollouts(self):
-        """The asynchronous strategy's rollout source when there is one, else in-process generation."""
-        strategy_rollouts = getattr(self._trainer.strategy, "rollouts", None) if self._trainer is not None else None
-        return strategy_rollouts if strategy_rollouts is not None else self.local_rollouts
-
-    @override
-    def setup(self, stage: str) -> None:
-        self.configure_model()
-        check_num_mini_batches(self._trainer, self.num_mini_batches, per_prompt=self.sampling.k)
-        self.reward.setup(self.device)
 
     @override
     def configure_optimizers(self):
@@ -166,22 +126,7 @@ class PPO(RolloutCheckpointing, L.LightningModule):
         return logprobs, self.value_head(hidden).squeeze(-1).float() * rollouts.response_mask
 
     @override
-    def training_step(self, batch: list[dict], batch_idx: int) -> None:
-        optimizer = self.optimizers()
-        self.draw_batch()
-        start = time.perf_counter()
-        ready = self.rollouts.step(batch, self.prompt_ids(batch), self.sampling, self.policy_version)
-        if ready is None:
-            return  # asynchronous: the pipeline is still filling up
-        batch, generations = ready
-        train_start = time.perf_counter()
-        rollout_seconds = train_start - start
-        staleness = self.policy_version - generations.policy_version  # versions between sampler and learner
-        self.last_generations, self.last_rows = generations, batch
-        n, k = len(batch), self.sampling.k
-        rollouts = build_rollout_batch(generations, self.tokenizer.pad_token_id).to(self.device)
-        scores, _, _ = score_rollouts(self.reward, self.tokenizer, generations, batch, self.missing_eos_penalty)
-        scores = scores.to(self.device)  # (b,)
+    def learn(self, rollouts: RolloutBatch, scores: torch.Tensor) -> dict[str, torch.Tensor]:
         mask = rollouts.response_mask  # (b, t)
         with torch.no_grad():
             old_logprobs, old_values = self.logprobs_and_values(rollouts)  # (b, t), (b, t)
@@ -192,40 +137,21 @@ class PPO(RolloutCheckpointing, L.LightningModule):
                 advantages = masked_whiten(advantages, mask)
 
         for _ in range(self.num_epochs):
-            for mb in minibatches(n * k, self.num_mini_batches):
+            for mb in minibatches(len(rollouts), self.num_mini_batches):
                 mb = mb.to(self.device)
                 logprobs, values = self.logprobs_and_values(rollouts[mb])  # (m, t)
                 policy_loss, stats = ppo_policy_loss(logprobs, old_logprobs[mb], advantages[mb], mask[mb], self.clip_eps)
                 value_loss, value_stats = clipped_value_loss(values, old_values[mb], returns[mb], mask[mb], self.value_clip_eps)
                 loss = policy_loss + self.vf_coef * value_loss
-                optimizer.zero_grad()
-                self.manual_backward(loss)
-                if self.gradient_clip_val is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
-                optimizer.step()
+                self.optimizer_step_on(loss)
 
-        self.policy_version += 1
-        self.mean_score(scores.mean())
-        self.log_dict(
-            {
-                "train/loss": loss.detach(),
-                "train/policy_loss": policy_loss.detach(),
-                "train/value_loss": value_loss.detach(),
-                "train/clipfrac": stats.clipfrac,
-                "train/value_clipfrac": value_stats.value_clipfrac,
-                "train/approx_kl": stats.approx_kl,
-                "objective/scores": scores.mean(),
-                "objective/kl": (kl * mask).sum(-1).mean(),
-                "objective/entropy": -masked_mean(old_logprobs, mask),
-                "rollout/eos_rate": rollouts.finished.float().mean(),
-                "rollout/response_length": mask.sum(-1).float().mean(),
-                "rollout/staleness": float(staleness),
-                "timing/rollout_seconds": rollout_seconds,
-                "timing/train_seconds": time.perf_counter() - train_start,
-            },
-            batch_size=n,
-        )
-        self.log("objective/scores_running", self.mean_score, prog_bar=True, batch_size=n)
-
-    def prompt_ids(self, rows: list[dict]) -> list[list[int]]:
-        return prompt_token_ids(self.tokenizer, [r["prompt"] for r in rows])
+        return {
+            "train/loss": loss.detach(),
+            "train/policy_loss": policy_loss.detach(),
+            "train/value_loss": value_loss.detach(),
+            "train/clipfrac": stats.clipfrac,
+            "train/value_clipfrac": value_stats.value_clipfrac,
+            "train/approx_kl": stats.approx_kl,
+            "objective/kl": (kl * mask).sum(-1).mean(),
+            "objective/entropy": -masked_mean(old_logprobs, mask),
+        }

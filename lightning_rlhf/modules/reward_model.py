@@ -17,7 +17,8 @@ from typing_extensions import override
 
 from lightning_rlhf.losses import bradley_terry_loss
 from lightning_rlhf.models import load_reward_model, load_tokenizer, resolve_source
-from lightning_rlhf.rewards.model import encode_prompt_completion, left_pad, score_sequences
+from lightning_rlhf.rewards.model import score_sequences
+from lightning_rlhf.tokens import encode_prompt_completion, left_pad
 
 
 class RewardModel(L.LightningModule):

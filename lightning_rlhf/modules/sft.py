@@ -13,7 +13,8 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from typing_extensions import override
 
-from lightning_rlhf.models import load_policy, load_tokenizer, prompt_token_ids, resolve_source
+from lightning_rlhf.models import load_policy, load_tokenizer, resolve_source
+from lightning_rlhf.tokens import prompt_token_ids
 
 
 class SFT(L.LightningModule):

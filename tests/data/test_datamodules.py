@@ -3,7 +3,7 @@ import json
 import pytest
 
 from lightning_rlhf.data import DemonstrationDataModule, PreferenceDataModule, PromptDataModule
-from lightning_rlhf.models import ConfigError
+from lightning_rlhf.errors import ConfigError
 
 
 @pytest.fixture

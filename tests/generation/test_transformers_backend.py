@@ -1,8 +1,9 @@
 import torch
 
 from lightning_rlhf.generation import SamplingConfig, TransformersBackend, truncate_at_stop
-from lightning_rlhf.models import load_policy, load_tokenizer, prompt_token_ids
-from lightning_rlhf.rollout import build_rollout_batch, response_logprobs
+from lightning_rlhf.models import load_policy, load_tokenizer
+from lightning_rlhf.tokens import prompt_token_ids
+from lightning_rlhf.rollout_batch import build_rollout_batch, response_logprobs
 
 
 def test_truncate_at_stop_keeps_the_stop_token_and_drops_the_rest():

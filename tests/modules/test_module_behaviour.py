@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from lightning_rlhf.callbacks import GoldEvaluation, OffPolicySimulation
+from lightning_rlhf.tasks.copy import CopyGoldReward
 from lightning_rlhf.data import PromptDataModule
 from lightning_rlhf.generation import Generations
-from lightning_rlhf.models import ConfigError
+from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.modules import PPO, RLOO, OnlineDPO
 from lightning_rlhf.rewards import RewardFunction, RewardModelScore
-from lightning_rlhf.rollout import score_rollouts
+from lightning_rlhf.rollout_batch import score_rollouts
 
 
 class Constant(RewardFunction):
@@ -35,6 +36,7 @@ class FixedRollouts:
 
     def __init__(self, tokenizer, reasons: list[str]) -> None:
         self.tokenizer, self.reasons = tokenizer, reasons
+        self.refreshes, self.resubmitted = [], []
 
     def step(self, rows, prompt_ids, sampling, version):
         word = self.tokenizer.convert_tokens_to_ids("1")
@@ -42,14 +44,26 @@ class FixedRollouts:
         logprobs = [[-1.0] * len(c) for c in completions]
         return rows, Generations(prompt_ids, completions, logprobs, list(self.reasons), version, sampling.k)
 
+    def after_update(self, version):
+        pass
+
     def pending_rows(self):
         return []
+
+    def resubmit(self, batches, prompt_ids, sampling, version):
+        self.resubmitted.append((batches, version))
+
+    def sequence_logprobs(self, prompt_ids, completion_ids, temperature, version):
+        return None
+
+    def close(self):
+        pass
 
 
 def fit_one_step(module, reasons: list[str], batch_size: int = 2) -> dict[str, float]:
     """Train ``module`` for one generated batch of the fixed rollouts; return what it logged."""
     module.configure_model()
-    module.local_rollouts = FixedRollouts(module.tokenizer, reasons)
+    module.use_rollout_source(FixedRollouts(module.tokenizer, reasons))
     trainer = L.Trainer(max_steps=module.num_epochs * module.num_mini_batches, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, PromptDataModule(batch_size=batch_size, shuffle=False))
     return {key: value.item() for key, value in trainer.callback_metrics.items()}
@@ -63,7 +77,7 @@ MODULES = {
 
 
 def test_score_rollouts_replaces_the_score_of_a_completion_without_eos():
-    from lightning_rlhf.data.builtin import make_tokenizer
+    from lightning_rlhf.tasks.copy import make_tokenizer
 
     tokenizer = make_tokenizer()
     generations = FixedRollouts(tokenizer, ["stop", "length", "stop", "length"]).step([{"prompt": "a"}, {"prompt": "b"}], [[5], [6]], SimpleNamespace(k=2, max_new_tokens=4), 0)[1]
@@ -156,7 +170,9 @@ def test_resume_on_another_number_of_ranks_is_refused():
         module.on_load_checkpoint(checkpoint)
     module._trainer = SimpleNamespace(global_rank=1, world_size=2)  # the same layout: each rank takes back its own
     module.on_load_checkpoint(checkpoint)
-    assert module._resubmit == [[{"prompt": "b"}]] and module.batches_drawn == 4
+    module.use_rollout_source(source := FixedRollouts(None, []))
+    module.draw_batch()  # the first batch after the resume asks again for this rank's prompts in flight
+    assert source.resubmitted == [([[{"prompt": "b"}]], 3)] and module.batches_drawn == 5
 
 
 def test_gold_evaluation_counts_a_tie_as_half_a_win_and_keeps_its_history(tmp_path, capsys):
@@ -166,9 +182,9 @@ def test_gold_evaluation_counts_a_tie_as_half_a_win_and_keeps_its_history(tmp_pa
     metric.update(torch.tensor([2.0, 1.0, 0.5, 3.0]), torch.tensor([1.0, 1.0, 0.7, 3.0]))  # win, tie, loss, tie
     assert metric.compute().item() == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
 
-    saved = GoldEvaluation(num_prompts=2)
+    saved = GoldEvaluation(CopyGoldReward(), num_prompts=2)
     saved.history = [{"eval/gold_win_rate": 0.4, "eval/kl": 0.0, "step": 0}, {"eval/gold_win_rate": 0.5, "eval/kl": 0.3, "step": 10}]
-    resumed = GoldEvaluation(num_prompts=2)
+    resumed = GoldEvaluation(CopyGoldReward(), num_prompts=2)
     resumed.load_state_dict(saved.state_dict())
     assert resumed.history == saved.history and resumed.history is not saved.history
     resumed.history.append({"eval/gold_win_rate": 0.6, "eval/kl": 0.5, "step": 20})

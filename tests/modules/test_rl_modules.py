@@ -10,10 +10,11 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_rlhf.data import PromptDataModule, load_rows
 from lightning_rlhf.generation import SamplingConfig, TransformersBackend
-from lightning_rlhf.models import ConfigError, prompt_token_ids
+from lightning_rlhf.errors import ConfigError
+from lightning_rlhf.tokens import prompt_token_ids
 from lightning_rlhf.modules import PPO, RLOO, OnlineDPO
 from lightning_rlhf.rewards import RewardModelScore
-from lightning_rlhf.rollout import score_rollouts
+from lightning_rlhf.rollout_batch import score_rollouts
 
 
 def _read_metric(log_dir: str, key: str) -> list[float]:

@@ -161,7 +161,7 @@ def main() -> None:
         strategy=strategy,
         logger=CSVLogger(log_dir, name="logs"),
         log_every_n_steps=1,
-        callbacks=[WeightSync(sync_every=args.sync_every, probe_every=args.probe_every), record := Record(args.fail_at_version)],
+        callbacks=[WeightSync(probe_every=args.probe_every), record := Record(args.fail_at_version)],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -180,8 +180,8 @@ def main() -> None:
         rows = list(csv.DictReader(open(glob.glob(os.path.join(log_dir, "logs", "version_*", "metrics.csv"))[-1])))
         series = {key: [float(r[key]) for r in rows if r.get(key)] for key in set().union(*(r.keys() for r in rows)) if key != "epoch"}
         params = torch.cat([p.detach().flatten() for p in module.policy.parameters()])
-        rollouts = getattr(trainer.strategy, "rollouts", None)
-        extra = {"restarts": rollouts.restarts, "forced_refreshes": rollouts.forced_refreshes} if rollouts is not None else {}
+        source = module.rollout_source  # a PipelinedSource or SharedSource under the asynchronous strategies
+        extra = {"restarts": source.restarts, "forced_refreshes": source.forced_refreshes} if args.mode != "sync" else {}
         json.dump({"metrics": series, "policy_version": module.policy_version, "param_norm": params.norm().item(), "pid": os.getpid(), "trained_prompts": record.prompts, "trained_prompts_per_rank": prompts_per_rank, "generators": sum(bool(has) for _, has, _ in per_rank),
                    "generator_per_rank": [bool(has) for _, has, _ in per_rank], "zero_per_rank": [zero for _, _, zero in per_rank],
                    "deaths": sorted(os.listdir(os.environ["KILL_GENERATOR_MARKS"])) if args.kill_generator else [], **extra}, open(args.out, "w"))

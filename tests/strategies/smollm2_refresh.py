@@ -15,7 +15,8 @@ from lightning_rlhf.generation import SamplingConfig
 from lightning_rlhf.generation.process import GeneratorProcess, GeneratorSpec
 from lightning_rlhf.generation.transformers_backend import sequence_logprobs
 from lightning_rlhf.generation.weights import policy_state
-from lightning_rlhf.models import prompt_token_ids, smollm2_135m
+from lightning_rlhf.models import smollm2_135m
+from lightning_rlhf.tokens import prompt_token_ids
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""From :class:`Generations` to training tensors: padding, scoring, policy/reference logprobs and values.
+"""The rollout batch: from :class:`Generations` to training tensors (padding, scoring, logprobs, values, mini-batches).
 
 Shared by the LightningModules and the Fabric recipes, so both compute
 exactly the same quantities.
@@ -16,9 +16,8 @@ import torch
 from lightning_rlhf.generation.base import Generations
 from lightning_rlhf.losses import token_logprobs
 from lightning_rlhf.rewards.base import RewardFunction
-from lightning_rlhf.rewards.model import left_pad
-from lightning_rlhf.models import ConfigError
 from lightning_rlhf.rewards.rules import apply_missing_eos_penalty
+from lightning_rlhf.tokens import left_pad
 
 
 @dataclass
@@ -134,23 +133,6 @@ def score_rollouts(
     raw = reward(prompts, completions, expanded_rows).float().cpu()
     finished = torch.tensor([r == "stop" for r in generations.finish_reasons])
     return apply_missing_eos_penalty(raw, finished, missing_eos_penalty), raw, completions
-
-
-def check_num_mini_batches(trainer, num_mini_batches: int, per_prompt: int) -> None:
-    """Refuse, before anything is trained, a ``num_mini_batches`` that does not split a generated batch evenly.
-
-    A generated batch holds the data module's ``batch_size`` prompts times
-    ``per_prompt`` rollouts (1 where the module splits prompts, ``k`` where it
-    splits completions). Without a data module (plain loaders) the first step's
-    :func:`minibatches` refuses it instead.
-    """
-    batch_size = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
-    if batch_size is None or (batch_size * per_prompt) % num_mini_batches == 0:
-        return
-    size = batch_size * per_prompt
-    what = f"{batch_size} prompts" if per_prompt == 1 else f"{batch_size} prompts x k={per_prompt} completions = {size} rollouts"
-    divisors = ", ".join(str(d) for d in range(1, size + 1) if size % d == 0)
-    raise ConfigError(f"num_mini_batches={num_mini_batches} does not split a generated batch of {what} evenly; pick one of {divisors}, or change the batch size.")
 
 
 def minibatches(size: int, num_mini_batches: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:

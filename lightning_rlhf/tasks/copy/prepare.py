@@ -1,18 +1,13 @@
-"""The built-in task: the paper's TL;DR protocol in miniature, offline and CPU-sized.
+"""Prepare the copy task's artifacts: datasets, tokenizer, base model, SFT policy, proxy reward model.
 
 Noukhovitch et al. (2025, Sec. 2-3) follow Gao et al. (2023): an SFT policy,
 a *proxy* reward model trained on preferences labelled by a *gold* reward
 model, RL against the proxy, and evaluation by the gold model's win rate
-against human reference summaries plus the KL to the SFT policy. Here:
+against human reference summaries plus the KL to the SFT policy. Here (rules
+in :mod:`lightning_rlhf.tasks.copy.rules`):
 
-* **Task** ("copy"): the prompt is ``copy d1 d2 ... dn =`` with 4-6 random
-  digits; the ideal response is the same digits, then the end-of-sequence
-  token.
-* **Gold reward** (:class:`CopyGoldReward`): the fraction of positions copied
-  correctly minus half the relative length error; 1 for a perfect copy.
-* **Demonstrations**: the ideal response with noise (each digit replaced with
-  probability 0.25, a digit dropped or added with probability 0.2 each), so
-  the SFT policy is imperfect, like one trained on human summaries.
+* **Demonstrations**: the ideal response with noise, so the SFT policy is
+  imperfect, like one trained on human summaries.
 * **References**: fresh noisy demonstrations for the evaluation prompts, the
   stand-in for the human reference summaries that the gold win rate is
   measured against.
@@ -24,9 +19,10 @@ against human reference summaries plus the KL to the SFT policy. Here:
   ``PreTrainedTokenizerFast``; the SFT policy is trained from scratch and the
   reward model starts from the SFT weights, as in the paper.
 
-Artifacts are written once into ``$LIGHTNING_RLHF_CACHE`` (default
-``~/.cache/lightning_rlhf``) under a versioned folder and reused; a file lock
-keeps concurrent runs from preparing them twice.
+:func:`prepare` writes them once into :func:`lightning_rlhf.models.builtin_root`
+(``$LIGHTNING_RLHF_CACHE``, default ``~/.cache/lightning_rlhf``, then a folder
+per task version) and reuses them; a file lock keeps concurrent runs from
+preparing them twice.
 """
 
 from __future__ import annotations
@@ -38,63 +34,24 @@ import os
 import random
 from pathlib import Path
 
+import lightning as L
 import torch
 
-from lightning_rlhf.rewards.base import RewardFunction
+from lightning_rlhf.data.datamodules import DemonstrationDataModule, PreferenceDataModule
+from lightning_rlhf.errors import ConfigError
+from lightning_rlhf.generation import SamplingConfig, TransformersBackend
+from lightning_rlhf.models import BUILTIN_ARTIFACTS, BUILTIN_PREFIX, PREPARE_COMMAND, builtin_root, load_policy, load_tokenizer
+from lightning_rlhf.modules.reward_model import RewardModel
+from lightning_rlhf.modules.sft import SFT
+from lightning_rlhf.rewards.model import save_reward_normalization
+from lightning_rlhf.tasks.copy.rules import DIGITS, MAX_DIGITS, gold_score, make_prompt, noisy_copy, random_digits
+from lightning_rlhf.tokens import prompt_token_ids
 
-VERSION = "copy-v4"
-DIGITS = [str(d) for d in range(10)]
 SPECIAL = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 WORDS = ["copy", "="]
-MIN_DIGITS, MAX_DIGITS = 4, 6
 NUM_TRAIN_PROMPTS, NUM_EVAL_PROMPTS = 4096, 256
 NUM_DEMONSTRATIONS, NUM_PREFERENCES = 8192, 8192
 SFT_STEPS, REWARD_MODEL_STEPS = 400, 1200
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LIGHTNING_RLHF_CACHE", Path.home() / ".cache" / "lightning_rlhf")) / VERSION
-
-
-# ---------------------------------------------------------------- task rules
-
-
-def make_prompt(digits: list[str]) -> str:
-    return " ".join(["copy", *digits, "="])
-
-
-def prompt_digits(prompt: str) -> list[str]:
-    words = prompt.split()
-    return words[words.index("copy") + 1 : words.index("=")]
-
-
-def gold_score(prompt: str, completion: str) -> float:
-    """1 for a perfect copy; fraction of positions right minus half the relative length error."""
-    target = prompt_digits(prompt)
-    response = completion.split()
-    n = len(target)
-    correct = sum(a == b for a, b in zip(target, response))
-    return correct / n - 0.5 * abs(len(response) - n) / n
-
-
-def noisy_copy(digits: list[str], rng: random.Random, substitute: float = 0.25, indel: float = 0.2) -> list[str]:
-    out = [rng.choice(DIGITS) if rng.random() < substitute else d for d in digits]
-    if rng.random() < indel and len(out) > 1:
-        del out[rng.randrange(len(out))]
-    if rng.random() < indel:
-        out.insert(rng.randrange(len(out) + 1), rng.choice(DIGITS))
-    return out
-
-
-def _random_digits(rng: random.Random) -> list[str]:
-    return [rng.choice(DIGITS) for _ in range(rng.randint(MIN_DIGITS, MAX_DIGITS))]
-
-
-class CopyGoldReward(RewardFunction):
-    """The built-in task's gold reward (see :func:`gold_score`)."""
-
-    def __call__(self, prompts: list[str], completions: list[str], rows: list[dict] | None = None) -> torch.Tensor:
-        return torch.tensor([gold_score(p, c) for p, c in zip(prompts, completions)], dtype=torch.float32)
 
 
 # ---------------------------------------------------------------- datasets
@@ -109,20 +66,20 @@ def write_datasets(folder: Path, seed: int = 0) -> None:
         with open(folder / name, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
-    dump("prompts.jsonl", [{"prompt": make_prompt(_random_digits(rng))} for _ in range(NUM_TRAIN_PROMPTS)])
+    dump("prompts.jsonl", [{"prompt": make_prompt(random_digits(rng))} for _ in range(NUM_TRAIN_PROMPTS)])
     eval_rows = []
     for _ in range(NUM_EVAL_PROMPTS):
-        digits = _random_digits(rng)
+        digits = random_digits(rng)
         eval_rows.append({"prompt": make_prompt(digits), "reference": " ".join(noisy_copy(digits, rng))})
     dump("eval_prompts.jsonl", eval_rows)
     demos = []
     for _ in range(NUM_DEMONSTRATIONS):
-        digits = _random_digits(rng)
+        digits = random_digits(rng)
         demos.append({"prompt": make_prompt(digits), "completion": " ".join(noisy_copy(digits, rng))})
     dump("demonstrations.jsonl", demos)
     prefs = []
     while len(prefs) < NUM_PREFERENCES:
-        digits = _random_digits(rng)
+        digits = random_digits(rng)
         prompt = make_prompt(digits)
         a, b = (" ".join(noisy_copy(digits, rng, substitute=rng.uniform(0, 0.6))) for _ in range(2))
         score_a, score_b = gold_score(prompt, a), gold_score(prompt, b)
@@ -180,13 +137,6 @@ def make_base_model(tokenizer, seed: int = 0):
 
 # ---------------------------------------------------------------- artifacts
 
-DATASETS = {
-    "prompts": "prompts.jsonl",
-    "eval_prompts": "eval_prompts.jsonl",
-    "demonstrations": "demonstrations.jsonl",
-    "preferences": "preferences.jsonl",
-}
-MODELS = ("base", "sft", "reward_model")
 
 
 @contextlib.contextmanager
@@ -200,46 +150,39 @@ def _lock(root: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def builtin_artifact(name: str) -> str:
-    """Path of a built-in artifact, preparing it (and what it depends on) on first use.
+def prepare(*names: str) -> None:
+    """Prepare the named built-in artifacts (``"sft"`` or ``"builtin:sft"``) and what they need; all of them by default.
 
-    Models: ``base`` (untrained), ``sft``, ``reward_model``; datasets:
-    ``prompts``, ``eval_prompts``, ``demonstrations``, ``preferences``.
+    Each is made once and reused (datasets in seconds, the SFT policy and the
+    reward model in about a minute each on two CPU cores).
 
     Raises:
-        ValueError: If ``name`` is not one of those.
+        ConfigError: On an unknown name, or when a multi-process run would have to train them.
     """
-    from lightning_rlhf.models import ConfigError
-
-    if name not in MODELS and name not in DATASETS:
-        raise ConfigError(f"Unknown built-in artifact 'builtin:{name}'; choose one of {', '.join('builtin:' + n for n in (*MODELS, *DATASETS))}.")
-    root = cache_root()
+    wanted = {name.removeprefix(BUILTIN_PREFIX) for name in names} or set(BUILTIN_ARTIFACTS)
+    if unknown := sorted(wanted - set(BUILTIN_ARTIFACTS)):
+        raise ConfigError(f"Unknown built-in artifact 'builtin:{unknown[0]}'; choose one of {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_ARTIFACTS)}.")
+    root = builtin_root()
+    models = [m for m in ("base", "sft", "reward_model") if m in wanted or (m == "sft" and "reward_model" in wanted) or (m == "base" and wanted & {"sft", "reward_model"})]
+    missing = [m for m in models if not (root / m / ".done").exists()]
+    if missing and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"The built-in '{missing[-1]}' is not prepared yet and this is a multi-process run; prepare it once first with `{PREPARE_COMMAND}`.")
     with _lock(root):
         if not (root / "data" / ".done").exists():
             write_datasets(root / "data")
             (root / "data" / ".done").touch()
-        if name in DATASETS:
-            return str(root / "data" / DATASETS[name])
-        if not (root / name / ".done").exists() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ConfigError(
-                f"The built-in '{name}' is not prepared yet and this is a multi-process run; prepare it once first with "
-                f"python -c \"from lightning_rlhf.data.builtin import builtin_artifact; builtin_artifact('reward_model')\"."
-            )
-        if not (root / "base" / ".done").exists():
+        if "base" in models and not (root / "base" / ".done").exists():
             tokenizer = make_tokenizer()
             make_base_model(tokenizer).save_pretrained(root / "base")
             tokenizer.save_pretrained(root / "base")
             (root / "base" / ".done").touch()
-        if name in ("sft", "reward_model") and not (root / "sft" / ".done").exists():
+        if "sft" in models and not (root / "sft" / ".done").exists():
             _train_sft(root)
-        if name == "reward_model" and not (root / "reward_model" / ".done").exists():
+        if "reward_model" in models and not (root / "reward_model" / ".done").exists():
             _train_reward_model(root)
-        return str(root / name)
 
 
-def _quiet_trainer(max_steps: int):
-    import lightning as L
-
+def _quiet_trainer(max_steps: int) -> L.Trainer:
     return L.Trainer(
         max_steps=max_steps,
         accelerator="cpu",
@@ -252,15 +195,10 @@ def _quiet_trainer(max_steps: int):
 
 
 def _train_sft(root: Path) -> None:
-    import lightning as L
-
-    from lightning_rlhf.data.datamodules import DemonstrationDataModule
-    from lightning_rlhf.modules.sft import SFT
-
     print(f"lightning-rlhf: training the built-in SFT policy into {root / 'sft'} (once, about a minute)")
     L.seed_everything(0, verbose=False)
     module = SFT(policy=str(root / "base"), optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
-    data = DemonstrationDataModule(dataset=str(root / "data" / DATASETS["demonstrations"]), batch_size=64)
+    data = DemonstrationDataModule(dataset=str(root / "data" / "demonstrations.jsonl"), batch_size=64)
     _quiet_trainer(SFT_STEPS).fit(module, data)
     module.save_pretrained(root / "sft")
     (root / "sft" / ".done").touch()
@@ -269,13 +207,10 @@ def _train_sft(root: Path) -> None:
 @torch.no_grad()
 def _sft_samples(root: Path, num_prompts: int, k: int, temperature: float, seed: int) -> tuple[list[str], list[str]]:
     """``k`` samples of the SFT policy for each of ``num_prompts`` fresh prompts: (prompts, completions), prompt-major."""
-    from lightning_rlhf.generation import SamplingConfig, TransformersBackend
-    from lightning_rlhf.models import load_policy, load_tokenizer, prompt_token_ids
-
     tokenizer, policy = load_tokenizer(str(root / "sft")), load_policy(str(root / "sft")).eval()
     backend = TransformersBackend(policy, [tokenizer.eos_token_id], tokenizer.pad_token_id, batch_size=256, seed=seed)
     rng = random.Random(seed)
-    prompts = [make_prompt(_random_digits(rng)) for _ in range(num_prompts)]
+    prompts = [make_prompt(random_digits(rng)) for _ in range(num_prompts)]
     generations = backend.generate(prompt_token_ids(tokenizer, prompts), SamplingConfig(k=k, temperature=temperature, max_new_tokens=MAX_DIGITS + 4))
     return [p for p in prompts for _ in range(k)], tokenizer.batch_decode(generations.completion_ids, skip_special_tokens=True)
 
@@ -294,14 +229,9 @@ def _sft_preferences(root: Path, num_prompts: int, seed: int = 1) -> list[dict]:
 
 
 def _train_reward_model(root: Path) -> None:
-    import lightning as L
-
-    from lightning_rlhf.data.datamodules import PreferenceDataModule
-    from lightning_rlhf.modules.reward_model import RewardModel
-
     print(f"lightning-rlhf: training the built-in proxy reward model into {root / 'reward_model'} (once, about a minute)")
     mixed = root / "data" / "preferences_with_sft_samples.jsonl"
-    with open(root / "data" / DATASETS["preferences"]) as f:
+    with open(root / "data" / "preferences.jsonl") as f:
         rows = [json.loads(line) for line in f][: NUM_PREFERENCES // 2]
     rows += _sft_preferences(root, NUM_PREFERENCES)[: NUM_PREFERENCES // 2]
     random.Random(0).shuffle(rows)
@@ -314,7 +244,5 @@ def _train_reward_model(root: Path) -> None:
     module.save_pretrained(root / "reward_model")
     # normalized on the SFT policy's samples at the recipes' temperature (Ziegler et al. 2019), so the
     # recipes' missing-EOS score of -1 is a penalty: raw scores of this model sit around -4
-    from lightning_rlhf.rewards.model import save_reward_normalization
-
     save_reward_normalization(str(root / "reward_model"), *_sft_samples(root, 512, k=2, temperature=0.7, seed=2))
     (root / "reward_model" / ".done").touch()

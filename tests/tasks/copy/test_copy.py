@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from lightning_rlhf.data.builtin import CopyGoldReward, gold_score, make_prompt, make_tokenizer, noisy_copy, prompt_digits
+from lightning_rlhf.tasks.copy import CopyGoldReward, gold_score, make_prompt, make_tokenizer, noisy_copy, prompt_digits
 
 
 def test_gold_score_golden_values():

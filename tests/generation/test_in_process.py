@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from lightning_rlhf.generation import SamplingConfig, TransformersBackend
-from lightning_rlhf.generation.rollouts import LocalRollouts, SnapshotRollouts
-from lightning_rlhf.models import load_policy, load_tokenizer, prompt_token_ids
+from lightning_rlhf.generation.in_process import InProcessSource, SnapshotSource
+from lightning_rlhf.models import load_policy, load_tokenizer
+from lightning_rlhf.tokens import prompt_token_ids
 
 
 def _nudge(model: torch.nn.Module) -> None:
@@ -14,16 +15,16 @@ def _nudge(model: torch.nn.Module) -> None:
 
 def test_each_round_of_n_batches_is_sampled_by_the_policy_of_its_first_version(tiny_model_dir):
     tokenizer, policy = load_tokenizer(tiny_model_dir), load_policy(tiny_model_dir)
-    rollouts = SnapshotRollouts(policy, [tokenizer.eos_token_id], tokenizer.pad_token_id, every=3, seed=0)
+    source = SnapshotSource(policy, [tokenizer.eos_token_id], tokenizer.pad_token_id, every=3, seed=0)
     prompts = prompt_token_ids(tokenizer, ["copy 1 2 3 ="])
     sampling = SamplingConfig(k=2, temperature=1.0, max_new_tokens=4)
     sampled_with, round_weights = [], None
     for version in range(7):  # one "update" per batch, as in the paper's definition
-        _, generations = rollouts.step([{}], prompts, sampling, version)
+        _, generations = source.step([{}], prompts, sampling, version)
         sampled_with.append(generations.policy_version)
         if version % 3 == 0:
             round_weights = [p.detach().clone() for p in policy.parameters()]
-        for snapshot, expected in zip(rollouts.backend.model.parameters(), round_weights):
+        for snapshot, expected in zip(source.backend.model.parameters(), round_weights):
             assert torch.equal(snapshot, expected)  # still the weights of the round's first version
         _nudge(policy)
     assert sampled_with == [0, 0, 0, 3, 3, 3, 6]
@@ -33,8 +34,8 @@ def test_each_round_of_n_batches_is_sampled_by_the_policy_of_its_first_version(t
 def test_every_1_samples_exactly_what_on_policy_generation_samples(tiny_model_dir):
     tokenizer = load_tokenizer(tiny_model_dir)
     a, b = load_policy(tiny_model_dir), load_policy(tiny_model_dir)
-    snapshot = SnapshotRollouts(a, [tokenizer.eos_token_id], tokenizer.pad_token_id, every=1, seed=5)
-    local = LocalRollouts(TransformersBackend(b, [tokenizer.eos_token_id], tokenizer.pad_token_id, seed=5))
+    snapshot = SnapshotSource(a, [tokenizer.eos_token_id], tokenizer.pad_token_id, every=1, seed=5)
+    local = InProcessSource(TransformersBackend(b, [tokenizer.eos_token_id], tokenizer.pad_token_id, seed=5))
     prompts = prompt_token_ids(tokenizer, ["copy 1 2 3 =", "copy 4 5 ="])
     sampling = SamplingConfig(k=2, temperature=1.0, max_new_tokens=5)
     for version in range(3):
@@ -50,7 +51,7 @@ def test_every_1_samples_exactly_what_on_policy_generation_samples(tiny_model_di
 def test_every_must_be_positive(tiny_model_dir):
     tokenizer, policy = load_tokenizer(tiny_model_dir), load_policy(tiny_model_dir)
     with pytest.raises(ValueError, match="every must be at least 1"):
-        SnapshotRollouts(policy, [tokenizer.eos_token_id], tokenizer.pad_token_id, every=0)
+        SnapshotSource(policy, [tokenizer.eos_token_id], tokenizer.pad_token_id, every=0)
 
 
 def test_generations_split_into_parts_of_prompts():
@@ -63,3 +64,14 @@ def test_generations_split_into_parts_of_prompts():
     assert first.policy_version == second.policy_version == 7
     with pytest.raises(ValueError, match="do not add up"):
         g.split([1, 1])
+
+
+def test_each_snapshot_is_recorded_as_a_periodic_refresh(tiny_model_dir):
+    tokenizer, policy = load_tokenizer(tiny_model_dir), load_policy(tiny_model_dir)
+    source = SnapshotSource(policy, [tokenizer.eos_token_id], tokenizer.pad_token_id, every=2, seed=0)
+    sampling = SamplingConfig(k=1, temperature=1.0, max_new_tokens=2)
+    for version in range(5):
+        source.step([{}], prompt_token_ids(tokenizer, ["copy 1 ="]), sampling, version)
+        source.after_update(version + 1)  # nothing is sent after an update: the next round's step copies the weights
+    assert [(r.version, r.reason) for r in source.refreshes] == [(0, "period"), (2, "period"), (4, "period")]
+    assert source.pending_rows() == [] and source.sequence_logprobs([1], [2], 1.0, 5) is None

@@ -1,0 +1,57 @@
+"""The engine's two contracts: what an RL module offers, and what a rollout source offers.
+
+Both are :class:`typing.Protocol` classes (:class:`RolloutSource` lives beside
+its implementations in :mod:`lightning_rlhf.generation.source`) rather than base classes, so that a
+module or a source written outside this package needs only the members below,
+not our inheritance; ``runtime_checkable`` lets the strategies and callbacks
+refuse anything else with one sentence (``isinstance`` checks the names, a
+type checker the signatures).
+
+Who reads and writes what, in one direction:
+
+* A **strategy** reads an :class:`RLModule`'s ``policy``, ``policy_source`` and
+  ``generation_seed`` to start a generator with the same architecture, weights
+  and sampling streams, and hands the module its rollout source once, with
+  :meth:`RLModule.use_rollout_source`. It never reads anything else of the module.
+* The **module** asks its source for rollouts (:meth:`RolloutSource.step`),
+  tells it when it made a new policy version (:meth:`RolloutSource.after_update`),
+  and keeps the prompts in flight in its checkpoints (``pending_rows`` / ``resubmit``).
+* The **source** alone decides when the generator's weights are refreshed:
+  every ``sync_every`` versions, and whenever the staleness bound demands it.
+  It records each refresh in ``refreshes``.
+* **Callbacks** observe: ``WeightSync`` logs ``refreshes`` and probes the
+  generator after a periodic one, ``GoldEvaluation`` samples from ``policy``,
+  ``OffPolicySimulation`` hands the module a different source. None writes a
+  module attribute.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from lightning_rlhf.generation.base import SamplingConfig
+from lightning_rlhf.generation.source import Refresh, RolloutSource
+
+__all__ = ["RLModule", "Refresh", "RolloutSource"]
+
+
+@runtime_checkable
+class RLModule(Protocol):
+    """What an RL LightningModule (``OnlineDPO``, ``RLOO``, ``PPO``) offers the engine."""
+
+    policy: torch.nn.Module | None  # the weights being trained; ``None`` until ``configure_model``
+    ref_policy: torch.nn.Module | None  # the frozen reference of the KL
+    policy_source: str  # where the policy was loaded from (a generator process loads the architecture from it)
+    tokenizer: object  # the policy's tokenizer (eos and pad ids, decoding)
+    sampling: SamplingConfig
+    policy_version: int  # generated batches trained on; what staleness is counted in
+    generation_seed: int  # base seed of the sampling streams
+
+    @property
+    def rollout_source(self) -> RolloutSource | None:
+        """The source ``training_step`` asks for rollouts (in-process until a strategy hands another)."""
+
+    def use_rollout_source(self, source: RolloutSource) -> None:
+        """Sample from ``source`` from now on (the previous one is closed)."""

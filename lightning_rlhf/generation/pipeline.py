@@ -1,0 +1,201 @@
+"""The asynchronous rollout source: a generator process samples ahead of the trainer, within a staleness bound.
+
+Follows :class:`lightning_rlhf.generation.source.RolloutSource`: ``step`` takes
+this step's prompts and returns the ``(rows, generations)`` to train on now, or
+``None`` while the pipeline is filling up.
+
+Staleness (Noukhovitch et al. 2025, Sec. 4): ``version`` counts the generated
+batches the policy has been trained on. A rollout sampled with version ``v``
+and trained on at version ``u`` is ``u - v`` versions old. With
+``max_staleness = N`` the asynchronous source keeps up to ``N`` batches in
+flight, so batch ``i`` is sampled while batches ``i - N .. i - 1`` are trained
+on; 0 is synchronous, 1 is the paper's "one step behind".
+
+Refreshes are decided here, and only here: after every ``sync_every``-th
+version (:meth:`PipelinedSource.after_update`), and before a request that
+could otherwise be trained on more than ``N`` versions after the generator's
+weights, so the bound holds whatever the refresh period.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+from lightning_rlhf.generation.base import Generations, SamplingConfig
+from lightning_rlhf.generation.in_process import InProcessSource
+from lightning_rlhf.generation.process import GeneratorError, GeneratorProcess, GeneratorSpec
+from lightning_rlhf.generation.source import Refresh
+from lightning_rlhf.generation.transformers_backend import TransformersBackend
+from lightning_rlhf.generation.weights import policy_state
+from lightning_rlhf.models import resolve_source
+
+T = TypeVar("T")
+
+
+class PipelinedSource:
+    """Asynchronous: a generator process samples ahead, at most ``max_staleness`` versions behind.
+
+    Args:
+        generator: The generator process.
+        max_staleness: Most versions a rollout may lag the policy it trains.
+        sync_every: Refresh the generator's weights after every this many versions.
+        weights: Returns the policy's ``(name, tensor)`` pairs to send (gathered under ZeRO-3).
+        restart: Starts a replacement generator after a failure; ``None`` lets the failure stop training.
+        max_restarts: Most replacements in a row for one call before its error is raised.
+    """
+
+    def __init__(
+        self,
+        generator: GeneratorProcess,
+        max_staleness: int,
+        sync_every: int,
+        weights: Callable[[], list[tuple[str, torch.Tensor]]],
+        restart: Callable[[], GeneratorProcess] | None = None,
+        max_restarts: int = 3,
+    ) -> None:
+        if max_staleness < 0:
+            raise ValueError(f"max_staleness must be 0 or more, got {max_staleness}.")
+        if sync_every < 1:
+            raise ValueError(f"sync_every must be at least 1, got {sync_every}.")
+        self.generator = generator
+        self.max_staleness = max_staleness
+        self.sync_every = sync_every
+        self.weights = weights
+        self.restart = restart
+        self.max_restarts = max_restarts
+        self.restarts = 0  # generators replaced so far
+        self.pending: deque[tuple[int, list[dict], list[list[int]], SamplingConfig]] = deque()
+        self.request_ids = 0
+        self.refreshes: list[Refresh] = []
+        # synchronous (0): the trainer waits for the next rollouts, which the generator samples only after
+        # taking the weights, so they are unchanged until sent; otherwise the next step trains meanwhile
+        self._snapshot = max_staleness > 0
+
+    @property
+    def forced_refreshes(self) -> int:
+        """Refreshes the staleness bound demanded (the first request's included)."""
+        return sum(r.reason == "bound" for r in self.refreshes)
+
+    def after_update(self, version: int) -> None:
+        if version % self.sync_every == 0:
+            self.refresh(version, "period")
+
+    def refresh(self, version: int, reason: str) -> None:
+        """Send the current weights as ``version``."""
+        seconds = self._surviving(lambda: self.generator.push_weights(self.weights(), version, snapshot=self._snapshot), version)
+        self.refreshes.append(Refresh(version, seconds, reason))
+
+    def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int], temperature: float, version: int) -> list[float]:
+        """The generator's logprobs of a probe sequence (after a failure, of its replacement, refitted to ``version``)."""
+        return self._surviving(lambda: self.generator.sequence_logprobs(prompt_ids, completion_ids, temperature), version)
+
+    def _surviving(self, call: Callable[[], T], version: int) -> T:
+        """``call()``; when the generator dies and ``restart`` is set, replace it and call again.
+
+        Whatever the call was (a request, a result, a refresh, a probe), every
+        request in flight survives: nothing leaves ``pending`` before its result
+        is in hand, and the replacement is asked for all of ``pending`` again, in
+        order, so each prompt drawn is trained once, in the order of an
+        uninterrupted run. After ``max_restarts`` failures in a row the last
+        error is raised: a generator that dies at once again is not restarted forever.
+        """
+        failures = 0
+        while True:
+            try:
+                if failures:
+                    self._replace(version)
+                return call()
+            except GeneratorError:
+                failures += 1
+                if self.restart is None or failures > self.max_restarts:
+                    raise
+
+    def _replace(self, version: int) -> None:
+        """A fresh generator, refitted with the weights of ``version``, asked again for every request in flight.
+
+        Entries of ``pending`` are renumbered in place, never removed, so a
+        replacement that dies in turn part-way through leaves nothing out.
+        """
+        self.generator.close()
+        self.generator = self.restart()
+        self.restarts += 1
+        seconds = self.generator.push_weights(self.weights(), version, snapshot=self._snapshot)
+        self.refreshes.append(Refresh(version, seconds, "restart"))
+        for i, (_, rows, ids, sampling) in enumerate(self.pending):
+            self.pending[i] = (self._send(ids, sampling), rows, ids, sampling)
+
+    def _send(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> int:
+        """Ask the generator for rollouts of ``prompt_ids``; returns the request's id (raises if the generator is dead)."""
+        request_id, self.request_ids = self.request_ids, self.request_ids + 1
+        self.generator.submit(request_id, prompt_ids, sampling)
+        return request_id
+
+    def _submit(self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig) -> None:
+        self.pending.append((self._send(prompt_ids, sampling), rows, prompt_ids, sampling))
+
+    def step(self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int) -> tuple[list[dict], Generations] | None:
+        trained_at = version + len(self.pending)  # the version that will train on this request
+        if self.generator.version is None or trained_at - self.generator.version > self.max_staleness:
+            self.refresh(version, "bound")
+        self._surviving(lambda: self._submit(rows, prompt_ids, sampling), version)
+        if len(self.pending) <= self.max_staleness:
+            return None  # filling the pipeline
+        # the oldest request stays in pending until its result is here: a replacement is asked for it again
+        generations = self._surviving(lambda: self.generator.result(self.pending[0][0]), version)
+        request_id, rows, _, _ = self.pending.popleft()
+        if version - generations.policy_version > self.max_staleness:
+            raise RuntimeError(f"Rollout {request_id} is {version - generations.policy_version} versions old, over max_staleness={self.max_staleness}.")
+        return rows, generations
+
+    def close(self) -> None:
+        self.generator.close()
+
+    def pending_rows(self) -> list[list[dict]]:
+        """Prompts requested but not yet trained on (kept in checkpoints so none is lost on resume)."""
+        return [rows for _, rows, _, _ in self.pending]
+
+    def resubmit(self, batches: list[list[dict]], prompt_ids: Callable[[list[dict]], list[list[int]]], sampling: SamplingConfig, version: int) -> None:
+        """After a resume: request the checkpoint's pending prompts again, in order, with the current weights."""
+        self.refresh(version, "resume")
+        for rows in batches:
+            ids = prompt_ids(rows)
+            self._surviving(lambda: self._submit(rows, ids, sampling), version)
+
+
+def start_source(
+    model: torch.nn.Module,
+    tokenizer,
+    policy_source: str,
+    max_staleness: int | None,
+    sync_every: int = 1,
+    backend: str = "transformers",
+    seed: int = 0,
+    vllm_kwargs: dict | None = None,
+    generator_device: str | None = None,
+    weight_transport: str = "gloo",
+) -> InProcessSource | PipelinedSource:
+    """A rollout source for a plain (Fabric) training loop; call ``close()`` when done.
+
+    Args:
+        model: The policy being trained (unwrapped).
+        tokenizer: Its tokenizer.
+        policy_source: Where the generator process loads the architecture from (weights are sent before use).
+        max_staleness: ``None`` samples in this process with the current weights; ``N`` starts a generator process.
+        sync_every: Refresh the generator's weights after every this many versions.
+        backend: Generator process backend, ``"transformers"`` or ``"vllm"``.
+        seed: Base seed of the sampling streams.
+        vllm_kwargs: Extra ``vllm.LLM`` arguments.
+        generator_device: Device of the generator process; default: the policy's.
+        weight_transport: ``"gloo"`` or ``"nccl"`` (see :mod:`lightning_rlhf.generation.weights`).
+    """
+    if max_staleness is None:
+        return InProcessSource(TransformersBackend(model, [tokenizer.eos_token_id], tokenizer.pad_token_id, seed=seed))
+    device = generator_device or str(next(model.parameters()).device)
+    spec = GeneratorSpec(backend=backend, model=resolve_source(policy_source, "policy model"), seed=seed, device=device, vllm_kwargs=vllm_kwargs or {}, transport=weight_transport)
+    generator = GeneratorProcess(spec)
+    generator.start()
+    return PipelinedSource(generator, max_staleness, sync_every, lambda: policy_state(model))

@@ -1,0 +1,143 @@
+"""One generator for several training ranks: the paper's layout of one generation device beside N training devices.
+
+Follows :class:`lightning_rlhf.generation.source.RolloutSource` on every rank;
+rank 0 runs the :class:`~lightning_rlhf.generation.pipeline.PipelinedSource`
+that does the work.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+import torch.distributed as dist
+
+from lightning_rlhf.generation.base import Generations, SamplingConfig
+from lightning_rlhf.generation.pipeline import PipelinedSource
+from lightning_rlhf.generation.process import GeneratorError, GeneratorProcess
+from lightning_rlhf.generation.source import Refresh
+
+
+class SharedSource:
+    """Several training ranks, one generator: the paper's layout of one generation device beside N training devices.
+
+    Global rank 0 owns the generator and its :class:`~lightning_rlhf.generation.pipeline.PipelinedSource`. At every
+    step each rank sends its prompts to rank 0 (over ``group``, a gloo group of
+    all ranks, so objects never touch the GPUs), rank 0 submits them as one
+    request and sends each rank its share of the rollouts that come back: the
+    same pipeline, staleness bound and refresh rule as one rank with its own
+    generator, on the ranks' prompts together. Weights are refreshed from rank
+    0 alone, which holds the same weights as every rank under DDP (ZeRO-3
+    shards them, so it is not supported there). Every rank keeps its own
+    prompts in flight, so checkpoints and resumes work as with a generator per
+    rank. A failure on rank 0 is raised on every rank, so none waits forever.
+
+    Args:
+        inner: Rank 0's pipelined source; ``None`` on every other rank.
+        group: Process group of all training ranks, gloo backend.
+        sync_every: Refresh the generator's weights after every this many versions (all ranks take part).
+    """
+
+    def __init__(self, inner: PipelinedSource | None, group, sync_every: int) -> None:
+        self.inner = inner
+        self.group = group
+        self.sync_every = sync_every
+        self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
+        if (self.rank == 0) != (inner is not None):
+            raise ValueError("Rank 0, and only rank 0, owns the shared generator's rollouts.")
+        self.pending: deque[list[dict]] = deque()  # this rank's prompts in flight, in order
+        self._refreshes: list[Refresh] = []  # on the ranks without the generator: the periodic refreshes they took part in
+
+    @property
+    def generator(self) -> GeneratorProcess | None:
+        return self.inner.generator if self.inner is not None else None
+
+    @property
+    def restarts(self) -> int:
+        return self.inner.restarts if self.inner is not None else 0
+
+    @property
+    def forced_refreshes(self) -> int:
+        return self.inner.forced_refreshes if self.inner is not None else 0
+
+    @property
+    def refreshes(self) -> list[Refresh]:
+        return self.inner.refreshes if self.inner is not None else self._refreshes
+
+    def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int], temperature: float, version: int) -> list[float] | None:
+        """The shared generator's logprobs of a probe sequence on rank 0; ``None`` on the other ranks."""
+        return self.inner.sequence_logprobs(prompt_ids, completion_ids, temperature, version) if self.inner is not None else None
+
+    def after_update(self, version: int) -> None:
+        """Rank 0 sends its weights (the others have the same); every rank takes part, so all hear of a failure."""
+        if version % self.sync_every:
+            return
+
+        def work(_: list) -> list:
+            self.inner.refresh(version, "period")
+            return [self.inner.refreshes[-1]] * self.world_size
+
+        refresh = self._exchange(None, work)
+        if self.inner is None:
+            self._refreshes.append(refresh)
+
+    def _exchange(self, mine, work: Callable[[list], list]):
+        """Gather every rank's ``mine`` on rank 0, run ``work`` on the list there, give each rank its entry back."""
+        owner = dist.get_global_rank(self.group, 0)
+        gathered = [None] * self.world_size if self.rank == 0 else None
+        shares, failure = [None] * self.world_size, None
+        received = [None]
+        try:
+            dist.gather_object(mine, gathered, dst=owner, group=self.group)
+            if self.rank == 0:
+                try:
+                    shares = [("ok", share) for share in work(gathered)]
+                except Exception as err:  # every rank must hear of it, or the others wait for their share forever
+                    failure = err
+                    shares = [("error", f"{type(err).__name__}: {' '.join(str(err).split())[:600]}")] * self.world_size
+            dist.scatter_object_list(received, shares if self.rank == 0 else None, src=owner, group=self.group)
+        except RuntimeError as err:
+            if self.rank == 0:
+                raise
+            raise GeneratorError(f"Rank {self.rank} lost rank 0, which runs the shared generator ({' '.join(str(err).split())[:200]}); rank 0's error says why.") from err
+        if failure is not None:
+            raise failure
+        status, value = received[0]
+        if status == "error":
+            raise GeneratorError(f"The shared generator on rank 0 failed: {value}")
+        return value
+
+    def step(self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int) -> tuple[list[dict], Generations] | None:
+        def work(per_rank: list) -> list:
+            ready = self.inner.step([r for r, _ in per_rank], [ids for _, rank_ids in per_rank for ids in rank_ids], sampling, version)
+            if ready is None:
+                return [None] * self.world_size
+            rows_per_rank, generations = ready
+            return list(zip(rows_per_rank, generations.split([len(r) for r in rows_per_rank])))
+
+        self.pending.append(rows)
+        share = self._exchange((rows, prompt_ids), work)
+        if share is not None:
+            self.pending.popleft()
+        return share
+
+    def pending_rows(self) -> list[list[dict]]:
+        """This rank's prompts requested but not yet trained on."""
+        return list(self.pending)
+
+    def resubmit(self, batches: list[list[dict]], prompt_ids: Callable[[list[dict]], list[list[int]]], sampling: SamplingConfig, version: int) -> None:
+        """After a restart: every rank's checkpointed prompts in flight go to the generator again, step by step."""
+
+        def work(per_rank: list) -> list:
+            if len({len(b) for b in per_rank}) > 1:
+                raise ValueError(f"The ranks resume with different numbers of batches in flight ({[len(b) for b in per_rank]}); resume on the layout that saved the checkpoint.")
+            steps = [list(step) for step in zip(*per_rank)]  # step j: every rank's j-th batch
+            self.inner.resubmit(steps, lambda rows_per_rank: [ids for rows in rows_per_rank for ids in prompt_ids(rows)], sampling, version)
+            return [None] * self.world_size
+
+        self._exchange(batches, work)
+        self.pending = deque(batches)
+
+    def close(self) -> None:
+        if self.inner is not None:
+            self.inner.close()

@@ -1,0 +1,58 @@
+"""The contract of a rollout source: what an RL module asks of wherever its rollouts come from.
+
+Implemented by :mod:`~lightning_rlhf.generation.in_process` (sampling in the
+training process), :mod:`~lightning_rlhf.generation.pipeline` (a generator
+process sampling ahead) and :mod:`~lightning_rlhf.generation.shared` (one
+generator for several ranks), with the same signatures. See
+:mod:`lightning_rlhf.contracts` for who calls what.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+from lightning_rlhf.generation.base import Generations, SamplingConfig
+
+
+@dataclass(frozen=True)
+class Refresh:
+    """One refresh of a generator's weights.
+
+    Attributes:
+        version: The policy version sent.
+        seconds: Trainer-side seconds it took.
+        reason: ``"period"`` (every ``sync_every`` versions), ``"bound"`` (the staleness
+            bound demanded it before a request), ``"restart"`` (a replacement generator
+            refitted) or ``"resume"`` (before asking again for a checkpoint's prompts).
+    """
+
+    version: int
+    seconds: float
+    reason: Literal["period", "bound", "restart", "resume"]
+
+
+@runtime_checkable
+class RolloutSource(Protocol):
+    """Where a training step's rollouts come from (``generation.in_process``, ``.pipeline``, ``.shared``)."""
+
+    refreshes: list[Refresh]  # every refresh so far, in order; empty where the weights are shared in-process
+
+    def step(self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int) -> tuple[list[dict], Generations] | None:
+        """Take this step's prompts; return the ``(rows, generations)`` to train on now, or ``None`` while filling up."""
+
+    def after_update(self, version: int) -> None:
+        """The policy is now ``version``: refresh the generator's weights if the source's rule says so."""
+
+    def pending_rows(self) -> list[list[dict]]:
+        """Prompt batches requested but not trained on yet, oldest first (saved in checkpoints)."""
+
+    def resubmit(self, batches: list[list[dict]], prompt_ids: Callable[[list[dict]], list[list[int]]], sampling: SamplingConfig, version: int) -> None:
+        """After a resume: ask again for a checkpoint's ``pending_rows``, in order, with the weights of ``version``."""
+
+    def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int], temperature: float, version: int) -> list[float] | None:
+        """The generator's logprobs of one sequence (to check a refresh), or ``None`` where this rank has no generator."""
+
+    def close(self) -> None:
+        """Release what the source started."""

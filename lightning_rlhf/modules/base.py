@@ -1,0 +1,181 @@
+"""What OnlineDPO, RLOO and PPO share as system code, written once.
+
+An RL step is the same in all three until the math starts: draw a batch of
+prompts, ask the rollout source for rollouts to train on (``None`` while an
+asynchronous pipeline fills up), pad them into a :class:`RolloutBatch`, score
+them with the missing-EOS penalty, then (subclass) compute the algorithm's
+updates, then count a new policy version, tell the source, and log what every
+algorithm logs. Subclasses implement :meth:`RLModuleBase.learn` and keep their
+own arguments, docstring and math.
+
+This class is the :class:`lightning_rlhf.contracts.RLModule` the strategies
+and callbacks see. Its checkpoints keep the prompts in flight
+(:class:`~lightning_rlhf.modules.checkpointing.RolloutCheckpointing`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torchmetrics import MeanMetric
+from typing_extensions import override
+
+from lightning_rlhf.data import PromptDataModule
+from lightning_rlhf.errors import ConfigError
+from lightning_rlhf.generation import RolloutSource, SamplingConfig, TransformersBackend
+from lightning_rlhf.generation.in_process import InProcessSource
+from lightning_rlhf.models import freeze, load_policy, load_tokenizer, resolve_source
+from lightning_rlhf.modules.checkpointing import RolloutCheckpointing
+from lightning_rlhf.rewards import RewardFunction, RewardModelScore
+from lightning_rlhf.rollout_batch import RolloutBatch, build_rollout_batch, score_rollouts
+from lightning_rlhf.tokens import prompt_token_ids
+
+
+class RLModuleBase(RolloutCheckpointing, L.LightningModule):
+    """The system code of an online RL LightningModule; subclasses add the algorithm (see the module docstring).
+
+    Args: the arguments every RL module shares, documented in each subclass.
+
+    Attributes:
+        mini_batch_unit: What ``num_mini_batches`` splits: ``"prompt"`` (a pair per prompt, online DPO)
+            or ``"completion"`` (RLOO, PPO).
+    """
+
+    mini_batch_unit: Literal["prompt", "completion"] = "completion"
+
+    def __init__(
+        self,
+        *,
+        policy: str,
+        reward: RewardFunction | None,
+        optimizer: OptimizerCallable,
+        ref_policy: str | None,
+        k: int,
+        temperature: float,
+        max_new_tokens: int,
+        missing_eos_penalty: float | None,
+        num_mini_batches: int,
+        num_epochs: int,
+        gradient_clip_val: float | None,
+        models: dict[str, str | None] | None = None,
+    ) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ConfigError(f"temperature must be positive (sampling is stochastic), got {temperature}.")
+        if num_mini_batches < 1 or num_epochs < 1:
+            raise ConfigError(f"num_mini_batches and num_epochs must be at least 1, got {num_mini_batches} and {num_epochs}.")
+        for what, source in {"policy model": policy, "reference policy": ref_policy, **(models or {})}.items():
+            if source is not None and not source.startswith("builtin:"):
+                resolve_source(source, what)  # a wrong path fails now, before any weights are read
+        self.automatic_optimization = False
+        self.policy_source, self.ref_source = policy, ref_policy or policy
+        self.reward = reward if reward is not None else RewardModelScore()
+        self.optimizer_factory = optimizer
+        self.sampling = SamplingConfig(k=k, temperature=temperature, max_new_tokens=max_new_tokens)
+        self.missing_eos_penalty = missing_eos_penalty
+        self.num_mini_batches, self.num_epochs = num_mini_batches, num_epochs
+        self.gradient_clip_val = gradient_clip_val
+        self.policy: torch.nn.Module | None = None
+        self.ref_policy: torch.nn.Module | None = None
+        self.tokenizer = None
+        self.generation_seed = 0
+        self.policy_version = 0  # generated batches trained on; what rollout staleness is counted in
+        self.mean_score = MeanMetric()
+        self._source: RolloutSource | None = None
+
+    @override
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        self.tokenizer = load_tokenizer(self.policy_source)
+        self.policy = load_policy(self.policy_source).train()
+        self.ref_policy = freeze(load_policy(self.ref_source))
+        self.generation_seed = torch.initial_seed()
+        backend = TransformersBackend(self.policy, [self.tokenizer.eos_token_id], self.tokenizer.pad_token_id, seed=self.generation_seed)
+        self._source = InProcessSource(backend)
+
+    @property
+    def rollout_source(self) -> RolloutSource | None:
+        """Where rollouts come from: in this process, unless a strategy or callback handed another."""
+        return self._source
+
+    def use_rollout_source(self, source: RolloutSource) -> None:
+        if self._source is not None and self._source is not source:
+            self._source.close()
+        self._source = source
+
+    @override
+    def setup(self, stage: str) -> None:
+        self.configure_model()
+        datamodule = self.trainer.datamodule
+        if isinstance(datamodule, PromptDataModule):
+            self._check_num_mini_batches(datamodule.batch_size)
+            datamodule.follow(lambda: self.batches_drawn)  # a resumed run continues with the next prompt
+        self.reward.setup(self.device)
+
+    def _check_num_mini_batches(self, batch_size: int) -> None:
+        """Refuse, before anything is trained, a ``num_mini_batches`` that does not split a generated batch evenly."""
+        per_prompt = 1 if self.mini_batch_unit == "prompt" else self.sampling.k
+        size = batch_size * per_prompt
+        if size % self.num_mini_batches == 0:
+            return
+        what = f"{batch_size} prompts" if per_prompt == 1 else f"{batch_size} prompts x k={per_prompt} completions = {size} rollouts"
+        divisors = ", ".join(str(d) for d in range(1, size + 1) if size % d == 0)
+        raise ConfigError(f"num_mini_batches={self.num_mini_batches} does not split a generated batch of {what} evenly; pick one of {divisors}, or change the batch size.")
+
+    @override
+    def configure_optimizers(self):
+        return self.optimizer_factory(self.policy.parameters())
+
+    @override
+    def training_step(self, batch: list[dict], batch_idx: int) -> dict | None:
+        self.draw_batch()
+        start = time.perf_counter()
+        ready = self._source.step(batch, self.prompt_ids(batch), self.sampling, self.policy_version)
+        if ready is None:
+            return None  # asynchronous: the pipeline is still filling up
+        rows, generations = ready
+        train_start = time.perf_counter()
+        rollouts = build_rollout_batch(generations, self.tokenizer.pad_token_id).to(self.device)
+        scores, _, _ = score_rollouts(self.reward, self.tokenizer, generations, rows, self.missing_eos_penalty)
+        scores = scores.to(self.device)  # (b,)
+        metrics = self.learn(rollouts, scores)
+        train_seconds = time.perf_counter() - train_start
+        staleness = self.policy_version - generations.policy_version  # versions between sampler and learner
+        self.policy_version += 1
+        self._source.after_update(self.policy_version)  # the source refreshes the generator when its rule says so
+        self.mean_score(scores.mean())
+        self.log_dict(
+            {
+                **metrics,
+                "objective/scores": scores.mean(),
+                "rollout/eos_rate": rollouts.finished.float().mean(),
+                "rollout/response_length": rollouts.response_mask.sum(-1).float().mean(),
+                "rollout/staleness": float(staleness),
+                "timing/rollout_seconds": train_start - start,
+                "timing/train_seconds": train_seconds,
+            },
+            batch_size=len(rows),
+        )
+        self.log("objective/scores_running", self.mean_score, prog_bar=True, batch_size=len(rows))
+        return {"generations": generations}  # on_train_batch_end sees what was trained on (WeightSync's probe)
+
+    def learn(self, rollouts: RolloutBatch, scores: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The algorithm: update the policy on ``rollouts`` (b = n * k, prompt-major) scored ``scores`` (b,); return metrics."""
+        raise NotImplementedError
+
+    def optimizer_step_on(self, loss: torch.Tensor) -> None:
+        """One optimizer step on ``loss``: zero, backward, clip to ``gradient_clip_val``, step."""
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        if self.gradient_clip_val is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+        optimizer.step()
+
+    def prompt_ids(self, rows: list[dict]) -> list[list[int]]:
+        return prompt_token_ids(self.tokenizer, [r["prompt"] for r in rows])

@@ -1,0 +1,42 @@
+"""Token-level helpers shared by generation, rewards and training (bottom layer: imports nothing of ours).
+
+The same prompt encoding is used to sample, to score and to train, so that
+train and test inputs agree token for token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def prompt_token_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Tokenize prompts, through the chat template when the tokenizer has one."""
+    if getattr(tokenizer, "chat_template", None):
+        return [
+            list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False))
+            for p in prompts
+        ]
+    return [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+
+
+def encode_prompt_completion(tokenizer, prompts: list[str], completions: list[str]) -> list[list[int]]:
+    """Token ids of prompt (with chat template) + completion + eos, one list per pair.
+
+    Reward models and SFT policies are trained on this encoding, and reward
+    models score it.
+    """
+    prompt_ids = prompt_token_ids(tokenizer, prompts)
+    completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    return [p + c + [tokenizer.eos_token_id] for p, c in zip(prompt_ids, completion_ids)]
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into ``(ids, attention_mask)``, both (n, max_len)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(s)
+            mask[i, width - len(s) :] = 1
+    return ids, mask

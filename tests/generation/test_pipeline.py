@@ -1,0 +1,98 @@
+"""PipelinedSource's pipeline, staleness bound and restarts against a stand-in generator: no processes, milliseconds.
+
+The subprocess tests in tests/strategies/test_async.py run the same paths with real generators.
+"""
+
+import itertools
+
+import pytest
+
+from fake_generator import FakeGenerator
+
+from lightning_rlhf.generation import SamplingConfig
+from lightning_rlhf.generation.pipeline import PipelinedSource
+from lightning_rlhf.generation.process import GeneratorError
+
+SAMPLING = SamplingConfig(k=1, temperature=1.0, max_new_tokens=2)
+
+
+def run(source: PipelinedSource, batches: int, probe_at: int | None = None) -> tuple[list[int], list[int]]:
+    """Drive ``source`` as an RL module does: step, train, after_update. Returns the prompts trained and their staleness."""
+    trained, staleness, version = [], [], 0
+    for prompt in range(batches):
+        ready = source.step([{"prompt": prompt}], [[prompt]], SAMPLING, version)
+        if ready is None:
+            continue
+        rows, generations = ready
+        trained.append(rows[0]["prompt"])
+        staleness.append(version - generations.policy_version)
+        version += 1
+        source.after_update(version)
+        if version == probe_at:
+            source.sequence_logprobs([1], [2], 1.0, version)
+    return trained, staleness
+
+
+def restarting(first: FakeGenerator, *replacements: FakeGenerator) -> tuple[PipelinedSource, list[FakeGenerator]]:
+    started = [first]
+    fresh = iter(replacements) if replacements else (FakeGenerator() for _ in itertools.count())
+
+    def restart():
+        started.append(next(fresh))
+        return started[-1]
+
+    return PipelinedSource(first, max_staleness=1, sync_every=1, weights=lambda: [], restart=restart), started
+
+
+@pytest.mark.parametrize("max_staleness, expected", [(0, [0] * 8), (1, [0] + [1] * 6), (2, [0, 1] + [2] * 4)])
+def test_the_pipeline_keeps_max_staleness_batches_in_flight(max_staleness, expected):
+    source = PipelinedSource(FakeGenerator(), max_staleness, sync_every=1, weights=lambda: [])
+    trained, staleness = run(source, 8)
+    assert trained == list(range(8 - max_staleness)) and staleness == expected
+    # refreshed after every version (sync_every=1); only the first request's refresh was the bound's
+    assert [(r.version, r.reason) for r in source.refreshes] == [(0, "bound")] + [(v, "period") for v in range(1, 9 - max_staleness)]
+
+
+def test_a_refresh_period_longer_than_the_bound_is_made_up_by_forced_refreshes():
+    source = PipelinedSource(FakeGenerator(), max_staleness=1, sync_every=3, weights=lambda: [])
+    _, staleness = run(source, 9)
+    assert max(staleness) <= 1 and source.forced_refreshes > 1
+    assert [r.version for r in source.refreshes if r.reason == "period"] == [3, 6]  # and the period still holds
+
+
+# the old code lost the batch whose result it was awaiting when the generator died ("result")
+@pytest.mark.parametrize("die_at", [("result", 2), ("result", 1), ("submit", 3), ("push", 2), ("logprobs", 1)])
+def test_a_replacement_is_asked_again_for_every_batch_in_flight(die_at):
+    source, started = restarting(FakeGenerator(die_at=die_at))
+    trained, staleness = run(source, 9, probe_at=3)
+    assert trained == list(range(8))  # every prompt drawn, once, in order
+    assert max(staleness) <= 1
+    assert source.restarts == 1 and len(started) == 2 and started[0].closed
+    assert started[1].version == 8  # the replacement was refitted, then refreshed as usual
+
+
+def test_a_replacement_that_dies_while_being_refitted_is_replaced_in_turn():
+    source, started = restarting(FakeGenerator(die_at=("result", 2)), FakeGenerator(die_at=("submit", 1)), FakeGenerator())
+    trained, _ = run(source, 9)
+    assert trained == list(range(8)) and source.restarts == 2
+
+
+def test_after_max_restarts_failures_in_a_row_the_error_stops_training():
+    source, started = restarting(FakeGenerator(die_at=("result", 1)), *[FakeGenerator(die_at=("push", 1)) for _ in range(4)])
+    with pytest.raises(GeneratorError, match="died at push 1"):
+        run(source, 4)
+    assert source.restarts == 3  # max_restarts replacements, then the error
+
+
+def test_without_restart_a_death_is_an_error():
+    source = PipelinedSource(FakeGenerator(die_at=("result", 1)), max_staleness=1, sync_every=1, weights=lambda: [])
+    with pytest.raises(GeneratorError):
+        run(source, 4)
+
+
+def test_a_resume_asks_again_for_the_checkpoint_s_prompts_first_with_the_current_weights():
+    source = PipelinedSource(FakeGenerator(), max_staleness=1, sync_every=1, weights=lambda: [])
+    source.resubmit([[{"prompt": 10}], [{"prompt": 11}]], lambda rows: [[r["prompt"]] for r in rows], SAMPLING, version=5)
+    assert source.refreshes[0].reason == "resume" and [rows for rows in source.pending_rows()] == [[{"prompt": 10}], [{"prompt": 11}]]
+    ready = source.step([{"prompt": 12}], [[12]], SAMPLING, 5)
+    assert ready[0] == [{"prompt": 10}] and ready[1].policy_version == 5
