@@ -75,7 +75,7 @@ def summarize(records: list[dict]) -> dict[tuple[str, int], dict]:
         win, win_std = mean_std([r["gold_win_rate"] for r in rs])
         kl, kl_std = mean_std([r["kl"] for r in rs])
         summary[(algo, n)] = {"win": win, "win_std": win_std, "kl": kl, "kl_std": kl_std, "seeds": len(rs)}
-    for (algo, n), s in summary.items():
+    for (algo, _), s in summary.items():
         base = summary.get((algo, 1))
         s["delta"] = s["win"] - base["win"] if base else float("nan")
     return summary
@@ -85,7 +85,7 @@ def report(records: list[dict], json_path: str) -> None:
     summary = summarize(records)
     stem = os.path.splitext(json_path)[0]
     lines = ["| algorithm | N | seeds | gold win rate | KL to SFT | change from N=1 |", "|---|---|---|---|---|---|"]
-    for (algo, n), s in summary.items():
+    for (algo, _), s in summary.items():
         lines.append(f"| {algo} | {n} | {s['seeds']} | {s['win']:.3f} ± {s['win_std']:.3f} | {s['kl']:.2f} ± {s['kl_std']:.2f} | {s['delta']:+.3f} |")
     if records:
         lines.append(f"\nSFT policy: gold win rate {records[0]['sft_gold_win_rate']:.3f}. Mean ± standard deviation over seeds.")

@@ -103,7 +103,7 @@ def critic_values(critic: torch.nn.Module, rollouts: RolloutBatch) -> torch.Tens
     normalized the same way, so it predicts in the units of the rewards it learns.
     """
     backbone = getattr(critic, critic.base_model_prefix)
-    head = getattr(critic, "score", None) or getattr(critic, "classifier")
+    head = getattr(critic, "score", None) or critic.classifier
     position_ids = (rollouts.attention_mask.cumsum(-1) - 1).clamp(min=0)
     hidden = backbone(input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask, position_ids=position_ids).last_hidden_state
     values = head(hidden[:, rollouts.prompt_length - 1 : -1]).squeeze(-1).float()  # (b, t)

@@ -102,5 +102,5 @@ class GenerationBackend(ABC):
         """Temperature-scaled logprobs of ``completion_ids`` following ``prompt_ids`` (the post-refresh probe)."""
         raise NotImplementedError
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional: most backends hold nothing to release)
         """Release processes and memory; idempotent."""

@@ -163,7 +163,7 @@ class PipelinedSource:
         self.refresh(version, "resume")
         for rows in batches:
             ids = prompt_ids(rows)
-            self._surviving(lambda: self._submit(rows, ids, sampling), version)
+            self._surviving(lambda rows=rows, ids=ids: self._submit(rows, ids, sampling), version)
 
 
 def start_source(

@@ -299,19 +299,15 @@ class GeneratorProcess:
         process, self.process = self.process, None
         self._transfer = None  # not waited for: its receiver is going away
         if process.is_alive():
-            try:
+            with contextlib.suppress(OSError, ValueError):  # the queue may be closed already
                 self.requests.put(("stop",))
-            except (OSError, ValueError):
-                pass
             process.join(timeout_s)
         if process.is_alive():
             process.kill()
             process.join(5)
         for child in children:
-            try:
+            with contextlib.suppress(psutil.Error):  # gone already
                 child.kill()  # psutil checks the process is the one recorded (not a reused pid)
-            except psutil.Error:
-                pass
         psutil.wait_procs(list(children), timeout=5)
         for q in (self.requests, self.results):
             q.cancel_join_thread()

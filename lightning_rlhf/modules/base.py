@@ -35,10 +35,36 @@ from lightning_rlhf.rollout_batch import RolloutBatch, build_rollout_batch, scor
 from lightning_rlhf.tokens import prompt_token_ids
 
 
+def check_source(source: str | None, what: str) -> None:
+    """Fail now, before any weights are read, on a model path that does not exist (``builtin:`` is prepared later)."""
+    if source is not None and not source.startswith("builtin:"):
+        resolve_source(source, what)
+
+
 class RLModuleBase(RolloutCheckpointing, L.LightningModule):
     """The system code of an online RL LightningModule; subclasses add the algorithm (see the module docstring).
 
-    Args: the arguments every RL module shares, documented in each subclass.
+    Subclasses take their own arguments and pass these on with ``**kwargs``;
+    LightningCLI (jsonargparse) follows ``super().__init__(**kwargs)`` and
+    checks them in YAML ``init_args`` like the subclass's own.
+
+    Args:
+        policy: Hub id, local directory or ``"builtin:sft"`` of the SFT policy to train.
+        reward: What scores completions (a reward model or a rule); default: the built-in proxy reward model.
+        optimizer: Optimizer factory (``class_path``/``init_args`` in YAML).
+        ref_policy: Reference policy for the KL; default: a frozen copy of ``policy``.
+        k: Completions sampled per prompt.
+        temperature: Sampling temperature, also applied to the training logits.
+        max_new_tokens: Longest completion.
+        missing_eos_penalty: Score that replaces the reward of a completion without the stop
+            token; ``None`` keeps the reward.
+        num_mini_batches: Optimizer steps per epoch over each generated batch.
+        num_epochs: Passes over each generated batch.
+        gradient_clip_val: Max gradient norm; ``None`` disables clipping.
+
+    Raises:
+        ConfigError: If ``temperature <= 0``, ``num_mini_batches`` or ``num_epochs`` is below 1,
+            or a model path does not exist.
 
     Attributes:
         mini_batch_unit: What ``num_mini_batches`` splits: ``"prompt"`` (a pair per prompt, online DPO)
@@ -50,27 +76,26 @@ class RLModuleBase(RolloutCheckpointing, L.LightningModule):
     def __init__(
         self,
         *,
-        policy: str,
-        reward: RewardFunction | None,
-        optimizer: OptimizerCallable,
-        ref_policy: str | None,
-        k: int,
-        temperature: float,
-        max_new_tokens: int,
-        missing_eos_penalty: float | None,
-        num_mini_batches: int,
-        num_epochs: int,
-        gradient_clip_val: float | None,
-        models: dict[str, str | None] | None = None,
+        policy: str = "builtin:sft",
+        reward: RewardFunction | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        ref_policy: str | None = None,
+        k: int = 2,
+        temperature: float = 0.7,
+        max_new_tokens: int = 53,
+        missing_eos_penalty: float | None = -1.0,
+        num_mini_batches: int = 1,
+        num_epochs: int = 1,
+        gradient_clip_val: float | None = 1.0,
     ) -> None:
         super().__init__()
         if temperature <= 0:
             raise ConfigError(f"temperature must be positive (sampling is stochastic), got {temperature}.")
         if num_mini_batches < 1 or num_epochs < 1:
             raise ConfigError(f"num_mini_batches and num_epochs must be at least 1, got {num_mini_batches} and {num_epochs}.")
-        for what, source in {"policy model": policy, "reference policy": ref_policy, **(models or {})}.items():
-            if source is not None and not source.startswith("builtin:"):
-                resolve_source(source, what)  # a wrong path fails now, before any weights are read
+        for source in (policy, ref_policy):
+            check_source(source, "policy model")
+        self.save_hyperparameters(ignore=["reward", "optimizer"])  # with the subclass's arguments (Lightning reads every __init__ frame)
         self.automatic_optimization = False
         self.policy_source, self.ref_source = policy, ref_policy or policy
         self.reward = reward if reward is not None else RewardModelScore()
@@ -162,7 +187,7 @@ class RLModuleBase(RolloutCheckpointing, L.LightningModule):
             batch_size=len(rows),
         )
         self.log("objective/scores_running", self.mean_score, prog_bar=True, batch_size=len(rows))
-        return {"generations": generations}  # on_train_batch_end sees what was trained on (WeightSync's probe)
+        return {"rows": rows, "generations": generations}  # what was trained on, for callbacks (WeightSync's probe)
 
     def learn(self, rollouts: RolloutBatch, scores: torch.Tensor) -> dict[str, torch.Tensor]:
         """The algorithm: update the policy on ``rollouts`` (b = n * k, prompt-major) scored ``scores`` (b,); return metrics."""

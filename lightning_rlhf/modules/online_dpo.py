@@ -22,13 +22,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from lightning.pytorch.cli import OptimizerCallable
 from typing_extensions import override
 
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.losses import online_dpo_loss, online_ipo_loss
 from lightning_rlhf.modules.base import RLModuleBase
-from lightning_rlhf.rewards import RewardFunction
 from lightning_rlhf.rollout_batch import RolloutBatch, minibatches, response_logprobs
 
 _LOSSES = {"sigmoid": online_dpo_loss, "ipo": online_ipo_loss}
@@ -37,55 +35,28 @@ _LOSSES = {"sigmoid": online_dpo_loss, "ipo": online_ipo_loss}
 class OnlineDPO(RLModuleBase):
     """Online DPO with ``k`` samples per prompt, best against worst by reward.
 
+    ``num_mini_batches`` splits a generated batch's prompts (one pair each).
+
     Args:
-        policy: Hub id, local directory or ``"builtin:sft"`` of the SFT policy to train.
-        reward: What scores completions (a reward model or a rule); default: the built-in proxy reward model.
-        optimizer: Optimizer factory (``class_path``/``init_args`` in YAML).
-        ref_policy: Reference policy for the KL; default: a frozen copy of ``policy``.
         beta: DPO's inverse temperature; larger keeps the policy closer to the reference.
         loss_type: ``"sigmoid"`` (DPO) or ``"ipo"``.
         k: Completions sampled per prompt (at least 2).
-        temperature: Sampling temperature, also applied to the training logits.
-        max_new_tokens: Longest completion.
-        missing_eos_penalty: Score that replaces the reward of a completion without the stop
-            token; ``None`` keeps the reward.
-        num_mini_batches: Optimizer steps per epoch over each generated batch (splitting its prompts).
-        num_epochs: Passes over each generated batch.
-        gradient_clip_val: Max gradient norm; ``None`` disables clipping.
+        **kwargs: The arguments every RL module takes (policy, reward, optimizer, ...; see :class:`RLModuleBase`).
 
     Raises:
-        ConfigError: If ``k < 2``, ``beta <= 0``, ``temperature <= 0``, or a model path does not exist.
+        ConfigError: If ``k < 2`` or ``beta <= 0``, and as :class:`RLModuleBase`.
     """
 
     mini_batch_unit = "prompt"
 
-    def __init__(
-        self,
-        policy: str = "builtin:sft",
-        reward: RewardFunction | None = None,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        ref_policy: str | None = None,
-        beta: float = 0.1,
-        loss_type: Literal["sigmoid", "ipo"] = "sigmoid",
-        k: int = 2,
-        temperature: float = 0.7,
-        max_new_tokens: int = 53,
-        missing_eos_penalty: float | None = -1.0,
-        num_mini_batches: int = 1,
-        num_epochs: int = 1,
-        gradient_clip_val: float | None = 1.0,
-    ) -> None:
+    def __init__(self, beta: float = 0.1, loss_type: Literal["sigmoid", "ipo"] = "sigmoid", k: int = 2, **kwargs) -> None:
         if k < 2:
             raise ConfigError(f"Online DPO needs at least two completions per prompt to form a pair, got k={k}; set k >= 2.")
         if beta <= 0:
             raise ConfigError(f"beta must be positive, got {beta}.")
         if loss_type not in _LOSSES:
             raise ConfigError(f"Unknown loss_type {loss_type!r}; choose one of {', '.join(_LOSSES)}.")
-        super().__init__(
-            policy=policy, reward=reward, optimizer=optimizer, ref_policy=ref_policy, k=k, temperature=temperature, max_new_tokens=max_new_tokens,
-            missing_eos_penalty=missing_eos_penalty, num_mini_batches=num_mini_batches, num_epochs=num_epochs, gradient_clip_val=gradient_clip_val,
-        )
-        self.save_hyperparameters(ignore=["reward", "optimizer"])
+        super().__init__(k=k, **kwargs)
         self.beta, self.loss_fn = beta, _LOSSES[loss_type]
 
     @override

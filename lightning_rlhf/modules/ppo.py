@@ -24,79 +24,59 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from lightning.pytorch.cli import OptimizerCallable
 from typing_extensions import override
 
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.losses import clipped_value_loss, gae, kl_penalized_rewards, masked_mean, masked_whiten, ppo_policy_loss
 from lightning_rlhf.models import load_reward_model
-from lightning_rlhf.modules.base import RLModuleBase
-from lightning_rlhf.rewards import RewardFunction
+from lightning_rlhf.modules.base import RLModuleBase, check_source
 from lightning_rlhf.rollout_batch import RolloutBatch, critic_values, minibatches, response_logprobs, response_logprobs_and_hidden
 
 
 class PPO(RLModuleBase):
     """PPO with a separate critic (or a value head) and GAE.
 
+    ``num_mini_batches`` splits a generated batch's completions.
+
     Args:
-        policy: Hub id, local directory or ``"builtin:sft"`` of the SFT policy to train.
-        reward: What scores completions (a reward model or a rule); default: the built-in proxy reward model.
         critic: Sequence-classification model that becomes the critic (the paper starts it from the
             reward model); ``None`` for a linear value head on the policy.
-        optimizer: Optimizer factory over policy and critic parameters.
-        ref_policy: Reference policy for the KL; default: a frozen copy of ``policy``.
         kl_coef: Weight of the per-token KL penalty.
         kl_estimator: ``"k1"`` (the paper's) or ``"k3"``.
         k: Completions sampled per prompt.
-        temperature: Sampling temperature, also applied to the training logits.
-        max_new_tokens: Longest completion.
-        missing_eos_penalty: Score that replaces the reward of a completion without the stop
-            token; ``None`` keeps the reward.
         clip_eps: Policy ratio clipping range.
         value_clip_eps: Value clipping range.
         vf_coef: Weight of the value loss.
         gamma: Discount.
         lam: GAE lambda.
         whiten_advantages: Whiten advantages over the generated batch.
-        num_mini_batches: Optimizer steps per epoch over each generated batch.
         num_epochs: Passes over each generated batch (PPO epochs).
-        gradient_clip_val: Max gradient norm; ``None`` disables clipping.
+        **kwargs: The arguments every RL module takes (policy, reward, optimizer over policy and critic,
+            ...; see :class:`RLModuleBase`).
 
     Raises:
-        ConfigError: If ``k < 1``, ``temperature <= 0``, or a model path does not exist.
+        ConfigError: If ``k < 1``, a critic path does not exist, and as :class:`RLModuleBase`.
     """
 
     def __init__(
         self,
-        policy: str = "builtin:sft",
-        reward: RewardFunction | None = None,
         critic: str | None = "builtin:reward_model",
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        ref_policy: str | None = None,
         kl_coef: float = 0.05,
         kl_estimator: Literal["k1", "k3"] = "k1",
         k: int = 1,
-        temperature: float = 0.7,
-        max_new_tokens: int = 53,
-        missing_eos_penalty: float | None = -1.0,
         clip_eps: float = 0.2,
         value_clip_eps: float = 0.2,
         vf_coef: float = 0.1,
         gamma: float = 1.0,
         lam: float = 0.95,
         whiten_advantages: bool = True,
-        num_mini_batches: int = 1,
         num_epochs: int = 4,
-        gradient_clip_val: float | None = 1.0,
+        **kwargs,
     ) -> None:
         if k < 1:
             raise ConfigError(f"k is the number of completions per prompt and must be at least 1, got {k}.")
-        super().__init__(
-            policy=policy, reward=reward, optimizer=optimizer, ref_policy=ref_policy, k=k, temperature=temperature, max_new_tokens=max_new_tokens,
-            missing_eos_penalty=missing_eos_penalty, num_mini_batches=num_mini_batches, num_epochs=num_epochs, gradient_clip_val=gradient_clip_val,
-            models={"critic model": critic},
-        )
-        self.save_hyperparameters(ignore=["reward", "optimizer"])
+        check_source(critic, "critic model")
+        super().__init__(k=k, num_epochs=num_epochs, **kwargs)
         self.critic_source = critic
         self.kl_coef, self.kl_estimator = kl_coef, kl_estimator
         self.clip_eps, self.value_clip_eps, self.vf_coef = clip_eps, value_clip_eps, vf_coef

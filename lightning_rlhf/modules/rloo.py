@@ -20,64 +20,34 @@ Deviations:
 from __future__ import annotations
 
 import torch
-from lightning.pytorch.cli import OptimizerCallable
 from typing_extensions import override
 
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.losses import kl_k1, ppo_policy_loss, rloo_advantages
 from lightning_rlhf.modules.base import RLModuleBase
-from lightning_rlhf.rewards import RewardFunction
 from lightning_rlhf.rollout_batch import RolloutBatch, minibatches, response_logprobs
 
 
 class RLOO(RLModuleBase):
     """REINFORCE Leave-One-Out with a KL-shaped reward and PPO-style clipping.
 
+    ``num_mini_batches`` splits a generated batch's completions.
+
     Args:
-        policy: Hub id, local directory or ``"builtin:sft"`` of the SFT policy to train.
-        reward: What scores completions (a reward model or a rule); default: the built-in proxy reward model.
-        optimizer: Optimizer factory (``class_path``/``init_args`` in YAML).
-        ref_policy: Reference policy for the KL; default: a frozen copy of ``policy``.
         kl_coef: Weight of the sequence KL to the reference, subtracted from the score.
         k: Completions sampled per prompt (at least 2).
-        temperature: Sampling temperature, also applied to the training logits.
-        max_new_tokens: Longest completion.
-        missing_eos_penalty: Score that replaces the reward of a completion without the stop
-            token; ``None`` keeps the reward.
         clip_eps: PPO clipping range of the sequence ratio.
         normalize_advantages: Whiten the advantages over the generated batch.
-        num_mini_batches: Optimizer steps per epoch over each generated batch.
-        num_epochs: Passes over each generated batch.
-        gradient_clip_val: Max gradient norm; ``None`` disables clipping.
+        **kwargs: The arguments every RL module takes (policy, reward, optimizer, ...; see :class:`RLModuleBase`).
 
     Raises:
-        ConfigError: If ``k < 2``, ``temperature <= 0``, or a model path does not exist.
+        ConfigError: If ``k < 2``, and as :class:`RLModuleBase`.
     """
 
-    def __init__(
-        self,
-        policy: str = "builtin:sft",
-        reward: RewardFunction | None = None,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        ref_policy: str | None = None,
-        kl_coef: float = 0.05,
-        k: int = 4,
-        temperature: float = 0.7,
-        max_new_tokens: int = 53,
-        missing_eos_penalty: float | None = -1.0,
-        clip_eps: float = 0.2,
-        normalize_advantages: bool = False,
-        num_mini_batches: int = 1,
-        num_epochs: int = 1,
-        gradient_clip_val: float | None = 1.0,
-    ) -> None:
+    def __init__(self, kl_coef: float = 0.05, k: int = 4, clip_eps: float = 0.2, normalize_advantages: bool = False, **kwargs) -> None:
         if k < 2:
             raise ConfigError(f"RLOO needs at least two completions per prompt for the leave-one-out baseline, got k={k}; set k >= 2.")
-        super().__init__(
-            policy=policy, reward=reward, optimizer=optimizer, ref_policy=ref_policy, k=k, temperature=temperature, max_new_tokens=max_new_tokens,
-            missing_eos_penalty=missing_eos_penalty, num_mini_batches=num_mini_batches, num_epochs=num_epochs, gradient_clip_val=gradient_clip_val,
-        )
-        self.save_hyperparameters(ignore=["reward", "optimizer"])
+        super().__init__(k=k, **kwargs)
         self.kl_coef, self.clip_eps, self.normalize_advantages = kl_coef, clip_eps, normalize_advantages
 
     @override

@@ -15,7 +15,7 @@ class RewardFunction(ABC):
     from (for rule rewards that need an answer column).
     """
 
-    def setup(self, device: torch.device) -> None:
+    def setup(self, device: torch.device) -> None:  # noqa: B027 (optional: rule rewards have no weights)
         """Load weights and move them to ``device``; called once before training."""
 
     @abstractmethod

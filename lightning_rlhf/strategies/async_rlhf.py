@@ -45,12 +45,12 @@ class _AsyncGeneration:
     """What the asynchronous strategies add to a Lightning strategy (see the module docstring)."""
 
     def _init_async(self, config: GenerationConfig) -> None:
-        self.config = config
+        self.generation = config
         self._generator: GeneratorProcess | None = None
 
     def _layout(self) -> tuple[str, list[int] | None, list[int] | None]:
         """Generator device and CPU cores for generator and trainer (separate cores by default on CPU)."""
-        config, local_rank = self.config, getattr(self, "local_rank", 0) or 0
+        config, local_rank = self.generation, getattr(self, "local_rank", 0) or 0
         if config.generator_devices:
             return config.generator_devices[local_rank % len(config.generator_devices)], config.generator_cores, config.trainer_cores
         if self.root_device.type == "cuda":
@@ -62,17 +62,17 @@ class _AsyncGeneration:
 
     def _new_generator(self) -> GeneratorProcess:
         device, generator_cores, _ = self._layout()
-        check_transport(self.config.weight_transport, self.root_device, device)
+        check_transport(self.generation.weight_transport, self.root_device, device)
         module = self._rl_module()
         spec = GeneratorSpec(
-            backend=self.config.backend,
+            backend=self.generation.backend,
             model=resolve_source(module.policy_source, "policy model"),
-            dtype=self.config.dtype,
+            dtype=self.generation.dtype,
             seed=module.generation_seed,
             device=device,
             cpu_cores=generator_cores,
-            vllm_kwargs=self.config.vllm_kwargs,
-            transport=self.config.weight_transport,
+            vllm_kwargs=self.generation.vllm_kwargs,
+            transport=self.generation.weight_transport,
         )
         self._generator = GeneratorProcess(spec)
         self._generator.start()
@@ -86,7 +86,7 @@ class _AsyncGeneration:
 
     def start_generator(self) -> None:
         """Start this rank's generator (or take part in the shared one) and hand the module its rollout source."""
-        config, module = self.config, self._rl_module()
+        config, module = self.generation, self._rl_module()
         owner = not config.shared_generator or self.global_rank == 0
         if owner:
             self._new_generator()

@@ -76,9 +76,9 @@ class Record(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.has_generator is None:
             self.has_generator = getattr(trainer.strategy, "generator", None) is not None
-        if pl_module.policy_version != self.version:
+        if outputs:  # a batch was trained on: its rows and generations (None while the pipeline fills up)
             self.version = pl_module.policy_version
-            self.prompts.append([r["prompt"] for r in pl_module.last_rows])
+            self.prompts.append([r["prompt"] for r in outputs["rows"]])
         if self.fail_at_version is not None and self.version >= self.fail_at_version:
             raise RuntimeError("failing on purpose")
 

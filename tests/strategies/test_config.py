@@ -24,15 +24,15 @@ def test_bad_arguments_name_the_fix(kwargs, message):
 
 
 def test_a_shared_generator_is_off_by_default_and_can_be_asked_for():
-    assert AsyncRLHFDDPStrategy(backend="transformers").config.shared_generator is False
-    assert AsyncRLHFDDPStrategy(backend="transformers", shared_generator=True).config.shared_generator is True
+    assert AsyncRLHFDDPStrategy(backend="transformers").generation.shared_generator is False
+    assert AsyncRLHFDDPStrategy(backend="transformers", shared_generator=True).generation.shared_generator is True
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
 def test_shared_generator_under_zero3_is_refused():
     with pytest.raises(ConfigError, match="ZeRO-3 shards them"):
         AsyncRLHFDeepSpeedStrategy(backend="transformers", stage=3, shared_generator=True)
-    assert AsyncRLHFDeepSpeedStrategy(backend="transformers", stage=2, shared_generator=True).config.shared_generator
+    assert AsyncRLHFDeepSpeedStrategy(backend="transformers", stage=2, shared_generator=True).generation.shared_generator
 
 
 def test_unknown_weight_transport_is_refused():
