@@ -1,6 +1,7 @@
-"""RLOO as a standalone Lightning Fabric script (synchronous).
+"""RLOO as a standalone Lightning Fabric script.
 
     python recipes/rloo.py --steps 80
+    python recipes/rloo.py --max_staleness 1     # asynchronous: a generator process one version behind
     python recipes/rloo.py --help
 
 The same library pieces as the ``RLOO`` LightningModule -- the generation backend,
@@ -10,28 +11,61 @@ completions per prompt, shape the score with the sequence KL, take the
 leave-one-out advantage and make one clipped policy-gradient step. Gold win
 rate and KL to the SFT policy are measured before and after when the built-in
 task is used.
+
+Differs from the ``RLOO`` LightningModule:
+    * One update per generated batch, on all of it (the module takes ``num_mini_batches`` x ``num_epochs``).
+    * No ``normalize_advantages`` (the module's option, off by default).
+    * AdamW, gradients always clipped to norm 1.0 (the module takes any optimizer and ``gradient_clip_val``).
+    * The reference is a frozen copy of ``--policy`` and the reward a reward model (the module also takes
+      another ``ref_policy`` and any ``RewardFunction``, e.g. a rule).
+    * ``max_new_tokens`` defaults to 10, sized for the built-in task (the module's: 53).
+    * Logs only the loss, clip fraction, score, KL and staleness; keeps no checkpoint, so it cannot resume.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 import torch
 from jsonargparse import CLI
 from lightning.fabric.loggers import CSVLogger
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
 
 from lightning_rlhf.callbacks.evaluation import evaluate_policy
 from lightning_rlhf.data import PromptDataModule, load_rows
-from lightning_rlhf.tasks.copy import CopyGoldReward, prepare
-from lightning_rlhf.generation import SamplingConfig
+from lightning_rlhf.errors import ConfigError
+from lightning_rlhf.generation import RolloutSource, SamplingConfig
 from lightning_rlhf.generation.pipeline import start_source
 from lightning_rlhf.losses import kl_k1, ppo_policy_loss, rloo_advantages
-from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.models import freeze, load_policy, load_tokenizer
-from lightning_rlhf.tokens import prompt_token_ids
 from lightning_rlhf.rewards import RewardModelScore
 from lightning_rlhf.rollout_batch import build_rollout_batch, response_logprobs, score_rollouts
+from lightning_rlhf.tasks.copy import CopyGoldReward, prepare
+from lightning_rlhf.tokens import prompt_token_ids
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    """RLOO's training hyper-parameters (documented in :func:`setup`)."""
+
+    steps: int
+    batch_size: int
+    kl_coef: float
+    clip_eps: float
+    lr: float
+    sampling: SamplingConfig
+    missing_eos_penalty: float | None
+
+    def __post_init__(self) -> None:
+        if self.sampling.k < 2:
+            raise ConfigError(
+                f"RLOO needs at least two completions per prompt for the leave-one-out baseline, got k={self.sampling.k}; set --k 2 or more."
+            )
 
 
 def setup(
@@ -53,6 +87,7 @@ def setup(
     generator_device: str | None = None,
     evaluate: bool = True,
     out_dir: str = "runs/fabric/rloo",
+    log_prompts: bool = False,
     accelerator: str = "cpu",
     devices: int = 1,
     seed: int = 0,
@@ -79,50 +114,107 @@ def setup(
         generator_device: Device of the generator process (e.g. ``cuda:1``); default: the policy's.
         evaluate: Measure gold win rate and KL before and after (built-in task only).
         out_dir: Where the CSV metrics go.
+        log_prompts: Write each rank's trained prompts to ``<out_dir>/trained_prompts_rank<r>.jsonl``, a line per batch.
         accelerator: Fabric accelerator.
         devices: Fabric devices.
         seed: Random seed.
     """
-    if k < 2:
-        raise ConfigError(f"RLOO needs at least two completions per prompt for the leave-one-out baseline, got k={k}; set --k 2 or more.")
+    train = TrainArgs(
+        steps=steps,
+        batch_size=batch_size,
+        kl_coef=kl_coef,
+        clip_eps=clip_eps,
+        lr=lr,
+        sampling=SamplingConfig(k=k, temperature=temperature, max_new_tokens=max_new_tokens),
+        missing_eos_penalty=missing_eos_penalty,
+    )
     prepare()  # the built-in task, once (its eval prompts and gold reward are used by --evaluate)
     fabric = L.Fabric(accelerator=accelerator, devices=devices, loggers=CSVLogger(out_dir, name="rloo"))
-    fabric.launch(main, locals())
+    fabric.launch(
+        main,
+        train,
+        policy,
+        reward_model,
+        dataset,
+        prompt_column,
+        max_staleness,
+        backend,
+        generator_device,
+        evaluate,
+        out_dir,
+        log_prompts,
+        seed,
+    )
 
 
-def main(fabric: L.Fabric, args: dict) -> None:
-    fabric.seed_everything(args["seed"])
-    data = PromptDataModule(args["dataset"], prompt_column=args["prompt_column"], batch_size=args["batch_size"], seed=args["seed"])
-    tokenizer = load_tokenizer(args["policy"])
-    model = load_policy(args["policy"]).train()
-    ref_policy = freeze(load_policy(args["policy"])).to(fabric.device)
-    reward = RewardModelScore(args["reward_model"])
+def main(
+    fabric: L.Fabric,
+    train: TrainArgs,
+    policy: str,
+    reward_model: str,
+    dataset: str,
+    prompt_column: str,
+    max_staleness: int | None,
+    backend: str,
+    generator_device: str | None,
+    evaluate: bool,
+    out_dir: str,
+    log_prompts: bool,
+    seed: int,
+) -> None:
+    fabric.seed_everything(seed)
+    data = PromptDataModule(dataset, prompt_column=prompt_column, batch_size=train.batch_size, seed=seed)
+    tokenizer = load_tokenizer(policy)
+    model = load_policy(policy).train()
+    ref_policy = freeze(load_policy(policy)).to(fabric.device)
+    reward = RewardModelScore(reward_model)
     reward.setup(fabric.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args["lr"])
-    policy, optimizer = fabric.setup(model, optimizer)
-    loader = fabric.setup_dataloaders(data.dataloader(fabric.world_size, fabric.global_rank))  # each rank its own prompts
-    source = start_source(model, tokenizer, args["policy"], args["max_staleness"], backend=args["backend"], seed=args["seed"], generator_device=args["generator_device"])
-    sampling = SamplingConfig(k=args["k"], temperature=args["temperature"], max_new_tokens=args["max_new_tokens"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr)
+    fabric_policy, optimizer = fabric.setup(model, optimizer)
+    loader = fabric.setup_dataloaders(
+        data.dataloader(fabric.world_size, fabric.global_rank)
+    )  # each rank its own prompts
+    source = start_source(
+        model, tokenizer, policy, max_staleness, backend=backend, seed=seed, generator_device=generator_device
+    )
+    prompts_log = Path(out_dir, f"trained_prompts_rank{fabric.global_rank}.jsonl") if log_prompts else None
+    if prompts_log is not None:
+        prompts_log.parent.mkdir(parents=True, exist_ok=True)
+        prompts_log.write_text("")  # this run's batches only
 
-    gold_rows = [dict(r) for r in load_rows("builtin:eval_prompts")] if args["evaluate"] else []
+    gold_rows = [dict(r) for r in load_rows("builtin:eval_prompts")] if evaluate else []
     if gold_rows:
-        before = evaluate_policy(model, ref_policy, tokenizer, CopyGoldReward(), gold_rows, sampling, seed=1234)
+        before = evaluate_policy(model, ref_policy, tokenizer, CopyGoldReward(), gold_rows, train.sampling, seed=1234)
         fabric.print(f"before: {before}")
     try:
-        fit(fabric, policy, ref_policy, optimizer, source, reward, tokenizer, loader, sampling, args)
+        fit(fabric, fabric_policy, ref_policy, optimizer, source, reward, tokenizer, loader, train, prompts_log)
     finally:
         source.close()
     if gold_rows:
-        after = evaluate_policy(model, ref_policy, tokenizer, CopyGoldReward(), gold_rows, sampling, seed=1234)
-        fabric.log_dict(after, step=args["steps"])
+        after = evaluate_policy(model, ref_policy, tokenizer, CopyGoldReward(), gold_rows, train.sampling, seed=1234)
+        fabric.log_dict(after, step=train.steps)
         fabric.print(f"after: {after}")
-        fabric.print(f"gold win rate: {before['eval/gold_win_rate']:.3f} -> {after['eval/gold_win_rate']:.3f}; KL to reference: {after['eval/kl']:.3f}")
+        fabric.print(
+            f"gold win rate: {before['eval/gold_win_rate']:.3f} -> {after['eval/gold_win_rate']:.3f}; KL to reference: {after['eval/kl']:.3f}"
+        )
     fabric.logger.finalize("success")
 
 
-def fit(fabric, policy, ref_policy, optimizer, source, reward, tokenizer, loader, sampling, args) -> None:
+def fit(
+    fabric: L.Fabric,
+    policy: torch.nn.Module,
+    ref_policy: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    source: RolloutSource,
+    reward: RewardModelScore,
+    tokenizer: PreTrainedTokenizerBase,
+    loader: DataLoader,
+    train: TrainArgs,
+    prompts_log: Path | None,
+) -> None:
+    sampling = train.sampling
     step, version, start = 0, 0, time.perf_counter()
-    while step < args["steps"]:
+    while step < train.steps:
         for batch in loader:
             ready = source.step(batch, prompt_token_ids(tokenizer, [r["prompt"] for r in batch]), sampling, version)
             if ready is None:
@@ -131,15 +223,17 @@ def fit(fabric, policy, ref_policy, optimizer, source, reward, tokenizer, loader
             staleness = version - generations.policy_version  # versions between sampling and this update (0: on-policy)
             n, k = len(batch), sampling.k
             rollouts = build_rollout_batch(generations, tokenizer.pad_token_id).to(fabric.device)
-            scores, _, _ = score_rollouts(reward, tokenizer, generations, batch, args["missing_eos_penalty"])
+            scores, _, _ = score_rollouts(reward, tokenizer, generations, batch, train.missing_eos_penalty)
             scores = scores.to(fabric.device)  # (b,)
             with torch.no_grad():
                 old_logps = response_logprobs(policy, rollouts, sampling.temperature).sum(-1)  # (b,)
                 ref_logps = response_logprobs(ref_policy, rollouts, sampling.temperature).sum(-1)  # (b,)
                 kl = kl_k1(old_logps, ref_logps)  # (b,)
-                advantages = rloo_advantages((scores - args["kl_coef"] * kl).view(n, k)).flatten()  # (b,)
+                advantages = rloo_advantages((scores - train.kl_coef * kl).view(n, k)).flatten()  # (b,)
             logps = response_logprobs(policy, rollouts, sampling.temperature).sum(-1)  # (b,)
-            loss, stats = ppo_policy_loss(logps[:, None], old_logps[:, None], advantages[:, None], torch.ones_like(logps)[:, None], args["clip_eps"])
+            loss, stats = ppo_policy_loss(
+                logps[:, None], old_logps[:, None], advantages[:, None], torch.ones_like(logps)[:, None], train.clip_eps
+            )
             optimizer.zero_grad()
             fabric.backward(loss)
             fabric.clip_gradients(policy, optimizer, max_norm=1.0)
@@ -147,11 +241,22 @@ def fit(fabric, policy, ref_policy, optimizer, source, reward, tokenizer, loader
             step += 1
             version += 1
             source.after_update(version)  # refreshes the generator (a no-op when generating in this process)
-            metrics = {"train/loss": loss.item(), "train/clipfrac": stats.clipfrac.item(), "objective/scores": scores.mean().item(), "objective/kl": kl.mean().item(), "rollout/staleness": float(staleness)}
+            metrics = {
+                "train/loss": loss.item(),
+                "train/clipfrac": stats.clipfrac.item(),
+                "objective/scores": scores.mean().item(),
+                "objective/kl": kl.mean().item(),
+                "rollout/staleness": float(staleness),
+            }
             fabric.log_dict(metrics, step=step)
-            if step % 10 == 0 or step == args["steps"]:
-                fabric.print(f"step {step:4d}  loss {metrics['train/loss']:.4f}  score {metrics['objective/scores']:+.3f}  kl {metrics['objective/kl']:.3f}  {time.perf_counter() - start:.1f}s")
-            if step >= args["steps"]:
+            if prompts_log is not None:
+                with prompts_log.open("a") as f:
+                    f.write(json.dumps({"step": step, "prompts": [r["prompt"] for r in batch]}) + "\n")
+            if step % 10 == 0 or step == train.steps:
+                fabric.print(
+                    f"step {step:4d}  loss {metrics['train/loss']:.4f}  score {metrics['objective/scores']:+.3f}  kl {metrics['objective/kl']:.3f}  {time.perf_counter() - start:.1f}s"
+                )
+            if step >= train.steps:
                 return
 
 
