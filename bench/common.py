@@ -42,7 +42,9 @@ def module_and_data(config: str, overrides: Iterable[str] = ()):
 
 def quiet_trainer(**kwargs) -> L.Trainer:
     """A Trainer for measured runs: no logger, checkpoints, progress bar or model summary (they would cost time)."""
-    return L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kwargs)
+    return L.Trainer(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kwargs
+    )
 
 
 class StepClock(Callback):
@@ -101,7 +103,9 @@ def run_worker(script: str, spec: dict, timeout_s: float = 3600) -> dict:
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, script, "--worker", json.dumps(spec)], capture_output=True, text=True, timeout=timeout_s)
+    out = subprocess.run(
+        [sys.executable, script, "--worker", json.dumps(spec)], capture_output=True, text=True, timeout=timeout_s
+    )
     if out.returncode != 0:
         raise RuntimeError(f"{os.path.basename(script)} run {spec} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

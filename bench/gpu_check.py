@@ -35,13 +35,26 @@ class _Record(Callback):
         self.rows: list[dict] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        row = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("sync/", "rollout/staleness", "timing/", "train/loss"))}
+        row = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith(("sync/", "rollout/staleness", "timing/", "train/loss"))
+        }
         row.update(version=pl_module.policy_version, time=time.perf_counter())
         if len(self.rows) == 5:  # where the two processes really run, read while training
             import subprocess
 
-            apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"], capture_output=True, text=True).stdout
-            row.update(policy_device=str(next(pl_module.policy.parameters()).device), generator_pid=trainer.strategy.generator.pid, trainer_pid=os.getpid(), gpu_processes=apps.strip())
+            apps = subprocess.run(
+                ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+            ).stdout
+            row.update(
+                policy_device=str(next(pl_module.policy.parameters()).device),
+                generator_pid=trainer.strategy.generator.pid,
+                trainer_pid=os.getpid(),
+                gpu_processes=apps.strip(),
+            )
         self.rows.append(row)
         trainer.callback_metrics.clear()
 
@@ -58,11 +71,29 @@ def builtin_run(max_staleness: int, steps: int, device: str) -> dict:
     L.seed_everything(0)
     rows = [json.loads(line) for line in open(builtin_path("builtin:prompts"))]
     loader = DataLoader(rows, batch_size=64, shuffle=True, collate_fn=list)
-    module = OnlineDPO(policy="builtin:sft", reward=RewardModelScore("builtin:reward_model"), optimizer=lambda p: torch.optim.AdamW(p, lr=3e-4), beta=0.5, k=4, max_new_tokens=10)
-    strategy = AsyncRLHFStrategy(backend="transformers", device=device, generator_devices=[device], max_staleness=max_staleness, sync_every=1)
+    module = OnlineDPO(
+        policy="builtin:sft",
+        reward=RewardModelScore("builtin:reward_model"),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-4),
+        beta=0.5,
+        k=4,
+        max_new_tokens=10,
+    )
+    strategy = AsyncRLHFStrategy(
+        backend="transformers", device=device, generator_devices=[device], max_staleness=max_staleness, sync_every=1
+    )
     record = _Record()
-    trainer = L.Trainer(accelerator=device.split(":")[0], strategy=strategy, max_steps=steps, callbacks=[WeightSync(probe_every=1), record], logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tempfile.mkdtemp())
+    trainer = L.Trainer(
+        accelerator=device.split(":")[0],
+        strategy=strategy,
+        max_steps=steps,
+        callbacks=[WeightSync(probe_every=1), record],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tempfile.mkdtemp(),
+    )
     module.configure_model()
     before = [p.detach().clone() for p in module.policy.parameters()]
     trainer.fit(module, train_dataloaders=loader)
@@ -85,20 +116,30 @@ def builtin_run(max_staleness: int, steps: int, device: str) -> dict:
 def smollm2_shape(workdir: str, device: str, num_prompts: int = 64) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lightning_rlhf.models import builtin_path
     from lightning_rlhf.generation import SamplingConfig
     from lightning_rlhf.generation.process import GeneratorProcess, GeneratorSpec
     from lightning_rlhf.generation.transformers_backend import sequence_logprobs
     from lightning_rlhf.generation.weights import policy_state
-    from lightning_rlhf.models import load_tokenizer
+    from lightning_rlhf.models import builtin_path, load_tokenizer
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                         max_position_embeddings=2048, rope_theta=100000.0, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=2048,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+    )
     folder = os.path.join(workdir, "smollm2-shape")
     model = LlamaForCausalLM(config)
     model.save_pretrained(folder)
-    load_tokenizer(builtin_path("builtin:sft")).save_pretrained(folder)  # ids fit in the vocabulary; only eos and pad matter here
+    load_tokenizer(builtin_path("builtin:sft")).save_pretrained(
+        folder
+    )  # ids fit in the vocabulary; only eos and pad matter here
     model = model.to(device).eval()
     generator = GeneratorProcess(GeneratorSpec(backend="transformers", model=folder, device=device))
     start = time.perf_counter()
@@ -107,7 +148,16 @@ def smollm2_shape(workdir: str, device: str, num_prompts: int = 64) -> dict:
         startup = time.perf_counter() - start
         generator.push_weights(policy_state(model), version=0)
         prompt, completion = list(range(5, 37)), list(range(40, 72))
-        diff = lambda: (sequence_logprobs(model, prompt, completion) - torch.tensor(generator.sequence_logprobs(prompt, completion, 1.0))).abs().max().item()  # noqa: E731
+
+        def diff() -> float:
+            trainer_logprobs = sequence_logprobs(model, prompt, completion)
+            return (
+                (trainer_logprobs - torch.tensor(generator.sequence_logprobs(prompt, completion, 1.0)))
+                .abs()
+                .max()
+                .item()
+            )
+
         initial = diff()
         with torch.no_grad():
             for p in model.parameters():
@@ -154,9 +204,15 @@ def main() -> None:
     prepare()  # the built-in task's datasets and models, once
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("gpu_check.py needs a CUDA device (or --device cpu to try the script).")
-    result = {"device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu", "torch": torch.__version__}
-    parts = (("sync", lambda: builtin_run(0, args.steps, args.device)), ("async", lambda: builtin_run(1, args.steps, args.device)),
-             ("smollm2_shape", lambda: smollm2_shape(tempfile.mkdtemp(), args.device)))
+    result = {
+        "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
+        "torch": torch.__version__,
+    }
+    parts = (
+        ("sync", lambda: builtin_run(0, args.steps, args.device)),
+        ("async", lambda: builtin_run(1, args.steps, args.device)),
+        ("smollm2_shape", lambda: smollm2_shape(tempfile.mkdtemp(), args.device)),
+    )
     for name, fn in parts:
         try:
             result[name] = fn()

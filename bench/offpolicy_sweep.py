@@ -38,7 +38,14 @@ def run_one(algo: str, n: int, seed: int, steps: int, eval_prompts: int) -> dict
     from lightning_rlhf.callbacks import GoldEvaluation, OffPolicySimulation
     from lightning_rlhf.tasks.copy import CopyGoldReward
 
-    overrides = ["--seed_everything", str(seed), "--model.init_args.num_epochs", "1", "--model.init_args.num_mini_batches", "1"]
+    overrides = [
+        "--seed_everything",
+        str(seed),
+        "--model.init_args.num_epochs",
+        "1",
+        "--model.init_args.num_mini_batches",
+        "1",
+    ]
     module, data = module_and_data(f"configs/builtin/{algo}.yaml", overrides)
     evaluation = GoldEvaluation(CopyGoldReward(), num_prompts=eval_prompts)
     trainer = quiet_trainer(
@@ -85,10 +92,14 @@ def report(records: list[dict], json_path: str) -> None:
     summary = summarize(records)
     stem = os.path.splitext(json_path)[0]
     lines = ["| algorithm | N | seeds | gold win rate | KL to SFT | change from N=1 |", "|---|---|---|---|---|---|"]
-    for (algo, _), s in summary.items():
-        lines.append(f"| {algo} | {n} | {s['seeds']} | {s['win']:.3f} ± {s['win_std']:.3f} | {s['kl']:.2f} ± {s['kl_std']:.2f} | {s['delta']:+.3f} |")
+    for (algo, n), s in summary.items():
+        lines.append(
+            f"| {algo} | {n} | {s['seeds']} | {s['win']:.3f} ± {s['win_std']:.3f} | {s['kl']:.2f} ± {s['kl_std']:.2f} | {s['delta']:+.3f} |"
+        )
     if records:
-        lines.append(f"\nSFT policy: gold win rate {records[0]['sft_gold_win_rate']:.3f}. Mean ± standard deviation over seeds.")
+        lines.append(
+            f"\nSFT policy: gold win rate {records[0]['sft_gold_win_rate']:.3f}. Mean ± standard deviation over seeds."
+        )
     write_markdown(stem + ".md", lines)
     plt = pyplot()
     if plt is None:
@@ -104,7 +115,16 @@ def report(records: list[dict], json_path: str) -> None:
             ax.scatter([r["kl"] for r in points], [r["gold_win_rate"] for r in points], color=color, alpha=0.35, s=14)
             if (algo, n) in summary:
                 s = summary[(algo, n)]
-                ax.errorbar(s["kl"], s["win"], xerr=s["kl_std"], yerr=s["win_std"], fmt="o", color=color, label=f"N={n}", capsize=2)
+                ax.errorbar(
+                    s["kl"],
+                    s["win"],
+                    xerr=s["kl_std"],
+                    yerr=s["win_std"],
+                    fmt="o",
+                    color=color,
+                    label=f"N={n}",
+                    capsize=2,
+                )
         ax.axhline(records[0]["sft_gold_win_rate"], color="grey", lw=0.8, ls="--")
         ax.set_title(algo)
         ax.set_xlabel("KL to SFT policy")
@@ -115,7 +135,14 @@ def report(records: list[dict], json_path: str) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for algo in algos:
         xs = [n for n in ns if (algo, n) in summary]
-        ax.errorbar(xs, [summary[(algo, n)]["delta"] for n in xs], yerr=[summary[(algo, n)]["win_std"] for n in xs], marker="o", capsize=2, label=algo)
+        ax.errorbar(
+            xs,
+            [summary[(algo, n)]["delta"] for n in xs],
+            yerr=[summary[(algo, n)]["win_std"] for n in xs],
+            marker="o",
+            capsize=2,
+            label=algo,
+        )
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("N (mini-batches per policy; staleness up to N-1)")
@@ -128,13 +155,17 @@ def report(records: list[dict], json_path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", default=os.path.join(RESULTS, "offpolicy_sweep.json"))
-    parser.add_argument("--quick", action="store_true", help="N in {1, 2}, one seed, a few updates (a smoke test, not a result)")
+    parser.add_argument(
+        "--quick", action="store_true", help="N in {1, 2}, one seed, a few updates (a smoke test, not a result)"
+    )
     parser.add_argument("--algos", nargs="+", default=list(ALGOS), choices=ALGOS)
     parser.add_argument("--ns", nargs="+", type=int, default=list(NS))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--steps", type=int, default=128, help="updates per run, the same for every N")
     parser.add_argument("--eval_prompts", type=int, default=256)
-    parser.add_argument("--resume", action="store_true", help="keep the records already in --json and run only the missing ones")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the records already in --json and run only the missing ones"
+    )
     args = parser.parse_args()
     from lightning_rlhf.tasks.copy import prepare
 

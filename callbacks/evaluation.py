@@ -18,18 +18,27 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from lightning_rlhf.contracts import RLModule
 from lightning_rlhf.data.datamodules import load_rows
+from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.generation import SamplingConfig, TransformersBackend
 from lightning_rlhf.metrics import GoldWinRate
-from lightning_rlhf.contracts import RLModule
-from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.rewards.base import RewardFunction
 from lightning_rlhf.rollout_batch import build_rollout_batch, response_logprobs
 from lightning_rlhf.tokens import prompt_token_ids
 
 
 @torch.no_grad()
-def evaluate_policy(policy, ref_policy, tokenizer, gold: RewardFunction, rows: list[dict], sampling: SamplingConfig, seed: int, batch_size: int = 128) -> dict[str, float]:
+def evaluate_policy(
+    policy,
+    ref_policy,
+    tokenizer,
+    gold: RewardFunction,
+    rows: list[dict],
+    sampling: SamplingConfig,
+    seed: int,
+    batch_size: int = 128,
+) -> dict[str, float]:
     """Gold win rate, mean gold score, eos rate and KL to ``ref_policy`` on one sample per row.
 
     Sampling uses its own seeded RNG stream, so evaluating does not change the training run.
@@ -97,7 +106,9 @@ class GoldEvaluation(Callback):
         rows = load_rows(dataset)
         for key, column in (("prompt", prompt_column), ("reference", reference_column)):
             if column not in rows.column_names:
-                raise ConfigError(f"Evaluation dataset '{dataset}' has no column '{column}' (columns: {', '.join(rows.column_names)}); set `{key}_column`.")
+                raise ConfigError(
+                    f"Evaluation dataset '{dataset}' has no column '{column}' (columns: {', '.join(rows.column_names)}); set `{key}_column`."
+                )
         rows = rows.select(range(min(num_prompts, len(rows))))
         self.rows = [{**r, "prompt": r[prompt_column], "reference": r[reference_column]} for r in rows]
         self.gold = gold
@@ -108,10 +119,14 @@ class GoldEvaluation(Callback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not isinstance(pl_module, RLModule):
-            raise ConfigError(f"GoldEvaluation evaluates a policy trained by an RL module (OnlineDPO, RLOO, PPO), not {type(pl_module).__name__}; drop the callback.")
+            raise ConfigError(
+                f"GoldEvaluation evaluates a policy trained by an RL module (OnlineDPO, RLOO, PPO), not {type(pl_module).__name__}; drop the callback."
+            )
 
     def _run(self, trainer: L.Trainer, module: RLModule) -> dict[str, float]:
-        metrics = evaluate_policy(module.policy, module.ref_policy, module.tokenizer, self.gold, self.rows, module.sampling, self.seed)
+        metrics = evaluate_policy(
+            module.policy, module.ref_policy, module.tokenizer, self.gold, self.rows, module.sampling, self.seed
+        )
         metrics["step"] = trainer.global_step
         self.history.append(metrics)
         for logger in trainer.loggers:
@@ -124,7 +139,9 @@ class GoldEvaluation(Callback):
         self._run(trainer, pl_module)
 
     @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         # a generated batch may advance several optimizer steps: evaluate when a multiple is crossed
         last = self.history[-1]["step"] if self.history else 0
         crossed = self.every_n_steps and trainer.global_step // self.every_n_steps > last // self.every_n_steps

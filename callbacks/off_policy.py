@@ -39,9 +39,19 @@ class OffPolicySimulation(Callback):
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not isinstance(pl_module, RLModule):
-            raise ConfigError(f"OffPolicySimulation needs an RL module (OnlineDPO, RLOO, PPO), not {type(pl_module).__name__}.")
+            raise ConfigError(
+                f"OffPolicySimulation needs an RL module (OnlineDPO, RLOO, PPO), not {type(pl_module).__name__}."
+            )
         if type(pl_module.rollout_source) is not InProcessSource:
-            raise ConfigError("OffPolicySimulation simulates staleness in one process; drop it or use a synchronous strategy instead of an asynchronous one.")
+            raise ConfigError(
+                "OffPolicySimulation simulates staleness in one process; drop it or use a synchronous strategy instead of an asynchronous one."
+            )
         tokenizer = pl_module.tokenizer
-        source = SnapshotSource(pl_module.policy, [tokenizer.eos_token_id], tokenizer.pad_token_id, self.num_batches, seed=pl_module.generation_seed)
+        source = SnapshotSource(
+            pl_module.policy,
+            [tokenizer.eos_token_id],
+            tokenizer.pad_token_id,
+            self.num_batches,
+            seed=pl_module.generation_seed,
+        )
         pl_module.use_rollout_source(source)

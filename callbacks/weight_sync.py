@@ -42,7 +42,9 @@ class WeightSync(Callback):
         self._seen = len(source.refreshes) if source is not None else 0
 
     @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         source = pl_module.rollout_source if isinstance(pl_module, RLModule) else None
         if source is None:
             return
@@ -59,7 +61,9 @@ class WeightSync(Callback):
                     metrics["sync/logprob_max_diff"] = diff
             pl_module.log_dict(metrics, batch_size=1)
 
-    def logprob_max_diff(self, pl_module: RLModule, source: RolloutSource, version: int, temperature: float = 1.0) -> float | None:
+    def logprob_max_diff(
+        self, pl_module: RLModule, source: RolloutSource, version: int, temperature: float = 1.0
+    ) -> float | None:
         """Largest |trainer - generator| logprob over the probe's completion tokens; ``None`` without a generator here."""
         prompt, completion = self.probe
         generator_logprobs = source.sequence_logprobs(prompt, completion, temperature, version)

@@ -70,10 +70,16 @@ def explain(err: BaseException) -> str:
         return f"Unknown key '{match.group(1).lstrip('-')}'; check its spelling (`lightning-rlhf fit --help` lists the keys)."
     if match := re.search(r"Key \"?'?([\w.]+)'?\"? is not expected", text):
         return f"Unknown key '{match.group(1)}'; check its spelling (`lightning-rlhf fit --help` lists the keys)."
-    if "Does not validate against any of the Union subtypes" in text and (report := re.search(r"Errors:(.*?)Given value type:", text, re.S)):
+    if "Does not validate against any of the Union subtypes" in text and (
+        report := re.search(r"Errors:(.*?)Given value type:", text, re.S)
+    ):
         # jsonargparse keeps only the text of the error a constructor raised; it is the item that is not
         # "Expected a <type>" (the union's other choices), and the class it came from is in the given value
-        reasons = [" ".join(r.split()) for r in re.split(r"(?:^|\n)\s*- ", report.group(1)) if r.strip() and not r.strip().startswith("Expected a ")]
+        reasons = [
+            " ".join(r.split())
+            for r in re.split(r"(?:^|\n)\s*- ", report.group(1))
+            if r.strip() and not r.strip().startswith("Expected a ")
+        ]
         if reasons:
             owner = re.search(r"class_path='(?:[\w.]+\.)?(\w+)'", text)
             return f"{owner.group(1)}: {reasons[0]}" if owner else reasons[0]
@@ -92,7 +98,11 @@ def main(args: list[str] | None = None) -> None:
             args=args,
         )
     except (ConfigError, argparse.ArgumentError, ValueError, TypeError) as err:
-        if not isinstance(err, ConfigError) and not isinstance(err, argparse.ArgumentError) and "Does not validate" not in str(err):
+        if (
+            not isinstance(err, ConfigError)
+            and not isinstance(err, argparse.ArgumentError)
+            and "Does not validate" not in str(err)
+        ):
             raise  # a bug or a runtime error, not a configuration problem: keep the traceback
         print(f"lightning-rlhf: error: {explain(err)}", file=sys.stderr)
         raise SystemExit(2) from None

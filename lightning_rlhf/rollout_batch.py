@@ -71,7 +71,9 @@ def build_rollout_batch(generations: Generations, pad_token_id: int) -> RolloutB
 
 def _forward(model: torch.nn.Module, rollouts: RolloutBatch, **kwargs):
     position_ids = (rollouts.attention_mask.cumsum(-1) - 1).clamp(min=0)  # (b, p + t), left padding aware
-    return model(input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask, position_ids=position_ids, **kwargs)
+    return model(
+        input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask, position_ids=position_ids, **kwargs
+    )
 
 
 def response_logprobs(model: torch.nn.Module, rollouts: RolloutBatch, temperature: float) -> torch.Tensor:
@@ -85,7 +87,9 @@ def response_logprobs(model: torch.nn.Module, rollouts: RolloutBatch, temperatur
     return token_logprobs(logits, rollouts.response_ids, temperature) * rollouts.response_mask
 
 
-def response_logprobs_and_hidden(model: torch.nn.Module, rollouts: RolloutBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def response_logprobs_and_hidden(
+    model: torch.nn.Module, rollouts: RolloutBatch, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Like :func:`response_logprobs`, plus the last hidden state before each response token, (b, t, h)."""
     out = _forward(model, rollouts, output_hidden_states=True)
     logits = out.logits[:, rollouts.prompt_length - 1 : -1]  # (b, t, v)
@@ -105,7 +109,9 @@ def critic_values(critic: torch.nn.Module, rollouts: RolloutBatch) -> torch.Tens
     backbone = getattr(critic, critic.base_model_prefix)
     head = getattr(critic, "score", None) or critic.classifier
     position_ids = (rollouts.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = backbone(input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask, position_ids=position_ids).last_hidden_state
+    hidden = backbone(
+        input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask, position_ids=position_ids
+    ).last_hidden_state
     values = head(hidden[:, rollouts.prompt_length - 1 : -1]).squeeze(-1).float()  # (b, t)
     config = critic.config
     if getattr(config, "reward_mean", None) is not None:
@@ -142,5 +148,7 @@ def minibatches(size: int, num_mini_batches: int, generator: torch.Generator | N
         ValueError: If ``size`` is not divisible by ``num_mini_batches``.
     """
     if num_mini_batches < 1 or size % num_mini_batches:
-        raise ValueError(f"{size} samples cannot be split into num_mini_batches={num_mini_batches} equal parts; pick a divisor of {size}.")
+        raise ValueError(
+            f"{size} samples cannot be split into num_mini_batches={num_mini_batches} equal parts; pick a divisor of {size}."
+        )
     return list(torch.randperm(size, generator=generator).chunk(num_mini_batches))

@@ -13,7 +13,11 @@ def prompt_token_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
     """Tokenize prompts, through the chat template when the tokenizer has one."""
     if getattr(tokenizer, "chat_template", None):
         return [
-            list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False))
+            list(
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            )
             for p in prompts
         ]
     return [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]

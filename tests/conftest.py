@@ -9,7 +9,10 @@ import pytest  # noqa: E402
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: starts processes (generators, vLLM, DDP ranks, scripts) or trains for many steps; `pytest -m 'not slow'` skips them while iterating, CI runs everything")
+    config.addinivalue_line(
+        "markers",
+        "slow: starts processes (generators, vLLM, DDP ranks, scripts) or trains for many steps; `pytest -m 'not slow'` skips them while iterating, CI runs everything",
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)

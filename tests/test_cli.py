@@ -16,12 +16,21 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recurs
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     # a subprocess, like a user's shell, with a timeout so a hang fails the test
     code = "from lightning_rlhf.cli import main; main()"
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_there_is_a_config_per_algorithm_and_stage():
     names = {os.path.relpath(c, os.path.join(ROOT, "configs")) for c in CONFIGS}
-    assert {"quickstart.yaml", "builtin/online_dpo.yaml", "builtin/rloo.yaml", "builtin/ppo.yaml", "builtin/sft.yaml", "builtin/reward_model.yaml"} <= names
+    assert {
+        "quickstart.yaml",
+        "builtin/online_dpo.yaml",
+        "builtin/rloo.yaml",
+        "builtin/ppo.yaml",
+        "builtin/sft.yaml",
+        "builtin/reward_model.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: os.path.relpath(c, ROOT))
@@ -51,9 +60,17 @@ def test_quickstart_runs_and_reports_gold_win_rate(builtin_models, tmp_path):
     short = tmp_path / "short.yaml"  # a list in a later config replaces the earlier one
     short.write_text(
         "trainer:\n  max_steps: 4\n  callbacks:\n    - class_path: lightning_rlhf.callbacks.GoldEvaluation\n"
-        "      init_args:\n        num_prompts: 32\n        every_n_steps: 2\n"
+        "      init_args:\n        gold: lightning_rlhf.tasks.copy.CopyGoldReward\n        num_prompts: 32\n        every_n_steps: 2\n"
     )
-    out = run_cli("fit", "--config", "configs/quickstart.yaml", "--config", str(short), "--trainer.default_root_dir", str(tmp_path))
+    out = run_cli(
+        "fit",
+        "--config",
+        "configs/quickstart.yaml",
+        "--config",
+        str(short),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "gold win rate:" in out.stdout
     for noise in ("in eval mode at the start of training", "LeafSpec", "LOAD REPORT"):  # a quiet run: none of these
@@ -75,17 +92,27 @@ def test_quickstart_runs_and_reports_gold_win_rate(builtin_models, tmp_path):
         (["--trainer.max_stepz", "3"], "Unknown key 'trainer.max_stepz'"),
         (["--model.init_args.k", "1"], "set k >= 2"),
         (["--model.init_args.policy", "./no/such/model"], "The policy model path './no/such/model' does not exist"),
-        (["--data.init_args.prompt_column", "question"], "has no column 'question' (columns: prompt); set `prompt_column`"),
+        (
+            ["--data.init_args.prompt_column", "question"],
+            "has no column 'question' (columns: prompt); set `prompt_column`",
+        ),
         # raised inside constructors that jsonargparse reports as a union of choices: still one sentence
         (["--data.init_args.dataset", "{tmp}/broken.jsonl"], "broken.jsonl' (JSON parse error"),
-        (["--trainer.strategy.init_args.max_staleness", "-1"], "AsyncRLHFStrategy: max_staleness must be 0 (synchronous) or more, got -1."),
+        (
+            ["--trainer.strategy.init_args.max_staleness", "-1"],
+            "AsyncRLHFStrategy: max_staleness must be 0 (synchronous) or more, got -1.",
+        ),
     ],
 )
 @pytest.mark.slow  # a CLI subprocess each
 def test_bad_input_is_one_sentence_before_training(args, sentence, tmp_path):
-    (tmp_path / "broken.jsonl").write_text('{"prompt": "copy 1 2 ="}\n{"prompt": "copy 3\n')  # the second line is cut off
+    (tmp_path / "broken.jsonl").write_text(
+        '{"prompt": "copy 1 2 ="}\n{"prompt": "copy 3\n'
+    )  # the second line is cut off
     args = [a.format(tmp=tmp_path) for a in args]
-    out = run_cli("fit", "--config", "configs/quickstart.yaml", "--trainer.default_root_dir", str(tmp_path), *args, timeout=120)
+    out = run_cli(
+        "fit", "--config", "configs/quickstart.yaml", "--trainer.default_root_dir", str(tmp_path), *args, timeout=120
+    )
     assert out.returncode == 2
     error_lines = [line for line in out.stderr.splitlines() if line.startswith("lightning-rlhf: error:")]
     assert len(error_lines) == 1 and sentence in error_lines[0], out.stderr[-2000:]

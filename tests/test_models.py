@@ -54,7 +54,9 @@ def test_chat_template_is_used_when_present(tiny_model_dir):
     tokenizer = load_tokenizer(tiny_model_dir)
     plain = prompt_token_ids(tokenizer, ["1 2 3"])[0]
     assert plain == tokenizer("1 2 3")["input_ids"]
-    tokenizer.chat_template = "{% for m in messages %}copy {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}={% endif %}"
+    tokenizer.chat_template = (
+        "{% for m in messages %}copy {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}={% endif %}"
+    )
     templated = prompt_token_ids(tokenizer, ["1 2 3"])[0]
     assert tokenizer.decode(templated) == "copy 1 2 3 ="
 

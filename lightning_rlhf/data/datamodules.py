@@ -41,10 +41,14 @@ def load_rows(dataset: str, split: str = "train"):
     if os.path.isfile(path):
         ext = os.path.splitext(path)[1].lower()
         if ext not in _FILE_BUILDERS:
-            raise ConfigError(f"Dataset file '{dataset}' has an unsupported extension; use one of {', '.join(_FILE_BUILDERS)}.")
+            raise ConfigError(
+                f"Dataset file '{dataset}' has an unsupported extension; use one of {', '.join(_FILE_BUILDERS)}."
+            )
         try:
             return datasets.load_dataset(_FILE_BUILDERS[ext], data_files=path, split="train")
-        except Exception as err:  # datasets wraps the parser's error in its own ("An error occurred while generating the dataset")
+        except (
+            Exception
+        ) as err:  # datasets wraps the parser's error in its own ("An error occurred while generating the dataset")
             cause = err.__cause__ or err.__context__ or err
             detail = " ".join(str(cause).split())[:200]
             shape = "one JSON object per line" if ext == ".jsonl" else f"a valid {ext[1:]} file"
@@ -52,12 +56,16 @@ def load_rows(dataset: str, split: str = "train"):
     if os.path.isdir(path):
         return datasets.load_dataset(path, split=split)
     if dataset.startswith((".", "/", "~")) or dataset.endswith(tuple(_FILE_BUILDERS)):
-        raise ConfigError(f"Dataset path '{dataset}' does not exist; pass an existing file or folder, a hub dataset id or 'builtin:prompts'.")
+        raise ConfigError(
+            f"Dataset path '{dataset}' does not exist; pass an existing file or folder, a hub dataset id or 'builtin:prompts'."
+        )
     name, _, config = dataset.partition(":")
     try:
         return datasets.load_dataset(name, config or None, split=split)
     except Exception as err:  # datasets raises many types for unreachable ids
-        raise ConfigError(f"Could not load dataset '{dataset}' (split '{split}'): {str(err).splitlines()[0]}; pass a local file or a reachable hub id.") from err
+        raise ConfigError(
+            f"Could not load dataset '{dataset}' (split '{split}'): {str(err).splitlines()[0]}; pass a local file or a reachable hub id."
+        ) from err
 
 
 def _collate(rows: list[dict]) -> list[dict]:
@@ -94,7 +102,17 @@ class ResumableSampler(DistributedSampler):
         position: Returns the batches (per rank) already drawn, read at each ``iter()``.
     """
 
-    def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int, start_batch: int = 0, num_replicas: int = 1, rank: int = 0, position: Callable[[], int] | None = None) -> None:
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        start_batch: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        position: Callable[[], int] | None = None,
+    ) -> None:
         super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
         self.size = size
         self.batch_size = batch_size
@@ -124,7 +142,16 @@ class ResumableSampler(DistributedSampler):
 class _TextDataModule(L.LightningDataModule):
     """Shared loading, column checks and the (shuffled) dataloader; see the subclasses."""
 
-    def __init__(self, dataset: str, columns: dict[str, str], split: str, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> None:
+    def __init__(
+        self,
+        dataset: str,
+        columns: dict[str, str],
+        split: str,
+        batch_size: int,
+        shuffle: bool,
+        num_workers: int,
+        seed: int,
+    ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}.")
@@ -162,8 +189,23 @@ class _TextDataModule(L.LightningDataModule):
         sampler that is already distributed as it is, so a loader built for one rank
         would feed every rank the same prompts).
         """
-        sampler = ResumableSampler(len(self.rows), self.batch_size, self.shuffle, self.seed, num_replicas=num_replicas, rank=rank, position=position)
-        return DataLoader(self.rows, batch_size=self.batch_size, sampler=sampler, drop_last=True, collate_fn=_collate, num_workers=self.num_workers)
+        sampler = ResumableSampler(
+            len(self.rows),
+            self.batch_size,
+            self.shuffle,
+            self.seed,
+            num_replicas=num_replicas,
+            rank=rank,
+            position=position,
+        )
+        return DataLoader(
+            self.rows,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            collate_fn=_collate,
+            num_workers=self.num_workers,
+        )
 
 
 class PromptDataModule(_TextDataModule):
@@ -182,7 +224,16 @@ class PromptDataModule(_TextDataModule):
         ConfigError: If the dataset cannot be found or lacks the prompt column.
     """
 
-    def __init__(self, dataset: str = "builtin:prompts", prompt_column: str = "prompt", split: str = "train", batch_size: int = 16, shuffle: bool = True, num_workers: int = 0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        dataset: str = "builtin:prompts",
+        prompt_column: str = "prompt",
+        split: str = "train",
+        batch_size: int = 16,
+        shuffle: bool = True,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
         super().__init__(dataset, {"prompt": prompt_column}, split, batch_size, shuffle, num_workers, seed)
 
 
@@ -200,8 +251,26 @@ class DemonstrationDataModule(_TextDataModule):
         seed: Seed of the shuffling order.
     """
 
-    def __init__(self, dataset: str = "builtin:demonstrations", prompt_column: str = "prompt", completion_column: str = "completion", split: str = "train", batch_size: int = 32, shuffle: bool = True, num_workers: int = 0, seed: int = 0) -> None:
-        super().__init__(dataset, {"prompt": prompt_column, "completion": completion_column}, split, batch_size, shuffle, num_workers, seed)
+    def __init__(
+        self,
+        dataset: str = "builtin:demonstrations",
+        prompt_column: str = "prompt",
+        completion_column: str = "completion",
+        split: str = "train",
+        batch_size: int = 32,
+        shuffle: bool = True,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            dataset,
+            {"prompt": prompt_column, "completion": completion_column},
+            split,
+            batch_size,
+            shuffle,
+            num_workers,
+            seed,
+        )
 
 
 class PreferenceDataModule(_TextDataModule):
@@ -219,5 +288,24 @@ class PreferenceDataModule(_TextDataModule):
         seed: Seed of the shuffling order.
     """
 
-    def __init__(self, dataset: str = "builtin:preferences", prompt_column: str = "prompt", chosen_column: str = "chosen", rejected_column: str = "rejected", split: str = "train", batch_size: int = 32, shuffle: bool = True, num_workers: int = 0, seed: int = 0) -> None:
-        super().__init__(dataset, {"prompt": prompt_column, "chosen": chosen_column, "rejected": rejected_column}, split, batch_size, shuffle, num_workers, seed)
+    def __init__(
+        self,
+        dataset: str = "builtin:preferences",
+        prompt_column: str = "prompt",
+        chosen_column: str = "chosen",
+        rejected_column: str = "rejected",
+        split: str = "train",
+        batch_size: int = 32,
+        shuffle: bool = True,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            dataset,
+            {"prompt": prompt_column, "chosen": chosen_column, "rejected": rejected_column},
+            split,
+            batch_size,
+            shuffle,
+            num_workers,
+            seed,
+        )

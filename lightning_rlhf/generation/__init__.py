@@ -11,4 +11,12 @@ from lightning_rlhf.generation.base import GenerationBackend, Generations, Sampl
 from lightning_rlhf.generation.source import Refresh, RolloutSource
 from lightning_rlhf.generation.transformers_backend import TransformersBackend
 
-__all__ = ["GenerationBackend", "Generations", "Refresh", "RolloutSource", "SamplingConfig", "TransformersBackend", "truncate_at_stop"]
+__all__ = [
+    "GenerationBackend",
+    "Generations",
+    "Refresh",
+    "RolloutSource",
+    "SamplingConfig",
+    "TransformersBackend",
+    "truncate_at_stop",
+]

@@ -51,21 +51,36 @@ class Generations:
     def __post_init__(self) -> None:
         n = len(self.prompt_ids) * self.k
         if not len(self.completion_ids) == len(self.behavior_logprobs) == len(self.finish_reasons) == n:
-            raise ValueError(f"Generations must hold {n} completions ({len(self.prompt_ids)} prompts x k={self.k}), got {len(self.completion_ids)}.")
+            raise ValueError(
+                f"Generations must hold {n} completions ({len(self.prompt_ids)} prompts x k={self.k}), got {len(self.completion_ids)}."
+            )
 
     def split(self, prompts_per_part: list[int]) -> list[Generations]:
         """Cut into consecutive parts of the given numbers of prompts (each with its ``k`` completions)."""
         if sum(prompts_per_part) != len(self.prompt_ids):
-            raise ValueError(f"Parts of {prompts_per_part} prompts do not add up to the {len(self.prompt_ids)} generated.")
+            raise ValueError(
+                f"Parts of {prompts_per_part} prompts do not add up to the {len(self.prompt_ids)} generated."
+            )
         parts, start = [], 0
         for n in prompts_per_part:
             lo, hi = start * self.k, (start + n) * self.k
-            parts.append(Generations(self.prompt_ids[start : start + n], self.completion_ids[lo:hi], self.behavior_logprobs[lo:hi], self.finish_reasons[lo:hi], self.policy_version, self.k))
+            parts.append(
+                Generations(
+                    self.prompt_ids[start : start + n],
+                    self.completion_ids[lo:hi],
+                    self.behavior_logprobs[lo:hi],
+                    self.finish_reasons[lo:hi],
+                    self.policy_version,
+                    self.k,
+                )
+            )
             start += n
         return parts
 
 
-def truncate_at_stop(tokens: list[int], logprobs: list[float], stop_token_ids: set[int]) -> tuple[list[int], list[float], str]:
+def truncate_at_stop(
+    tokens: list[int], logprobs: list[float], stop_token_ids: set[int]
+) -> tuple[list[int], list[float], str]:
     """Cut a completion right after its first stop token.
 
     The paper's code (async_rlhf, from TRL 0.11 ``truncate_response``) replaces

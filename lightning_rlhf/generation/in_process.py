@@ -23,7 +23,9 @@ class InProcessSource:
         self.backend = backend
         self.refreshes: list[Refresh] = []  # the backend samples from the training weights themselves: nothing to send
 
-    def step(self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int) -> tuple[list[dict], Generations]:
+    def step(
+        self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int
+    ) -> tuple[list[dict], Generations]:
         if getattr(self.backend, "share_weights", False):
             self.backend.load_weights((), version)
         return rows, self.backend.generate(prompt_ids, sampling)
@@ -35,9 +37,13 @@ class InProcessSource:
         return []
 
     def resubmit(self, batches, prompt_ids, sampling, version) -> None:
-        raise RuntimeError("A synchronous run has no prompts in flight to resubmit; resume an asynchronous checkpoint with an asynchronous strategy.")
+        raise RuntimeError(
+            "A synchronous run has no prompts in flight to resubmit; resume an asynchronous checkpoint with an asynchronous strategy."
+        )
 
-    def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int], temperature: float, version: int) -> None:
+    def sequence_logprobs(
+        self, prompt_ids: list[int], completion_ids: list[int], temperature: float, version: int
+    ) -> None:
         return None  # no generator apart from the policy itself
 
     def close(self) -> None:
@@ -62,7 +68,9 @@ class SnapshotSource(InProcessSource):
         seed: Base seed of the sampling streams.
     """
 
-    def __init__(self, policy: torch.nn.Module, stop_token_ids: list[int], pad_token_id: int, every: int, seed: int | None = None) -> None:
+    def __init__(
+        self, policy: torch.nn.Module, stop_token_ids: list[int], pad_token_id: int, every: int, seed: int | None = None
+    ) -> None:
         if every < 1:
             raise ValueError(f"every must be at least 1 (1 is on-policy), got {every}.")
         self.policy = policy
@@ -81,7 +89,9 @@ class SnapshotSource(InProcessSource):
         self.snapshot_version = version
         self.refreshes.append(Refresh(version, time.perf_counter() - start, "period"))
 
-    def step(self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int) -> tuple[list[dict], Generations]:
+    def step(
+        self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int
+    ) -> tuple[list[dict], Generations]:
         round_start = version - version % self.every  # the version this round's mini-batches are sampled with
         if self.snapshot_version != round_start:
             self._refresh(round_start)

@@ -86,12 +86,18 @@ class PipelinedSource:
 
     def refresh(self, version: int, reason: str) -> None:
         """Send the current weights as ``version``."""
-        seconds = self._surviving(lambda: self.generator.push_weights(self.weights(), version, snapshot=self._snapshot), version)
+        seconds = self._surviving(
+            lambda: self.generator.push_weights(self.weights(), version, snapshot=self._snapshot), version
+        )
         self.refreshes.append(Refresh(version, seconds, reason))
 
-    def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int], temperature: float, version: int) -> list[float]:
+    def sequence_logprobs(
+        self, prompt_ids: list[int], completion_ids: list[int], temperature: float, version: int
+    ) -> list[float]:
         """The generator's logprobs of a probe sequence (after a failure, of its replacement, refitted to ``version``)."""
-        return self._surviving(lambda: self.generator.sequence_logprobs(prompt_ids, completion_ids, temperature), version)
+        return self._surviving(
+            lambda: self.generator.sequence_logprobs(prompt_ids, completion_ids, temperature), version
+        )
 
     def _surviving(self, call: Callable[[], T], version: int) -> T:
         """``call()``; when the generator dies and ``restart`` is set, replace it and call again.
@@ -137,7 +143,9 @@ class PipelinedSource:
     def _submit(self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig) -> None:
         self.pending.append((self._send(prompt_ids, sampling), rows, prompt_ids, sampling))
 
-    def step(self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int) -> tuple[list[dict], Generations] | None:
+    def step(
+        self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int
+    ) -> tuple[list[dict], Generations] | None:
         trained_at = version + len(self.pending)  # the version that will train on this request
         if self.generator.version is None or trained_at - self.generator.version > self.max_staleness:
             self.refresh(version, "bound")
@@ -148,7 +156,9 @@ class PipelinedSource:
         generations = self._surviving(lambda: self.generator.result(self.pending[0][0]), version)
         request_id, rows, _, _ = self.pending.popleft()
         if version - generations.policy_version > self.max_staleness:
-            raise RuntimeError(f"Rollout {request_id} is {version - generations.policy_version} versions old, over max_staleness={self.max_staleness}.")
+            raise RuntimeError(
+                f"Rollout {request_id} is {version - generations.policy_version} versions old, over max_staleness={self.max_staleness}."
+            )
         return rows, generations
 
     def close(self) -> None:
@@ -158,7 +168,13 @@ class PipelinedSource:
         """Prompts requested but not yet trained on (kept in checkpoints so none is lost on resume)."""
         return [rows for _, rows, _, _ in self.pending]
 
-    def resubmit(self, batches: list[list[dict]], prompt_ids: Callable[[list[dict]], list[list[int]]], sampling: SamplingConfig, version: int) -> None:
+    def resubmit(
+        self,
+        batches: list[list[dict]],
+        prompt_ids: Callable[[list[dict]], list[list[int]]],
+        sampling: SamplingConfig,
+        version: int,
+    ) -> None:
         """After a resume: request the checkpoint's pending prompts again, in order, with the current weights."""
         self.refresh(version, "resume")
         for rows in batches:
@@ -195,7 +211,14 @@ def start_source(
     if max_staleness is None:
         return InProcessSource(TransformersBackend(model, [tokenizer.eos_token_id], tokenizer.pad_token_id, seed=seed))
     device = generator_device or str(next(model.parameters()).device)
-    spec = GeneratorSpec(backend=backend, model=resolve_source(policy_source, "policy model"), seed=seed, device=device, vllm_kwargs=vllm_kwargs or {}, transport=weight_transport)
+    spec = GeneratorSpec(
+        backend=backend,
+        model=resolve_source(policy_source, "policy model"),
+        seed=seed,
+        device=device,
+        vllm_kwargs=vllm_kwargs or {},
+        transport=weight_transport,
+    )
     generator = GeneratorProcess(spec)
     generator.start()
     return PipelinedSource(generator, max_staleness, sync_every, lambda: policy_state(model))

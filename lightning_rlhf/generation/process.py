@@ -70,11 +70,15 @@ class GeneratorSpec:
             from lightning_rlhf.models import load_policy
 
             model = load_policy(self.model, self.dtype).to(self.device).eval()
-            return TransformersBackend(model, [tokenizer.eos_token_id], tokenizer.pad_token_id, share_weights=False, seed=self.seed)
+            return TransformersBackend(
+                model, [tokenizer.eos_token_id], tokenizer.pad_token_id, share_weights=False, seed=self.seed
+            )
         if self.backend == "vllm":
             from lightning_rlhf.generation.vllm_backend import VLLMBackend
 
-            return VLLMBackend(self.model, [tokenizer.eos_token_id], dtype=self.dtype, seed=self.seed, **self.vllm_kwargs)
+            return VLLMBackend(
+                self.model, [tokenizer.eos_token_id], dtype=self.dtype, seed=self.seed, **self.vllm_kwargs
+            )
         raise ValueError(f"Unknown generation backend {self.backend!r}; choose 'transformers' or 'vllm'.")
 
 
@@ -98,7 +102,9 @@ def isolate_cuda_device(device: str) -> str:
     index = target.index or 0
     visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
     if visible and index >= len(visible):
-        raise ValueError(f"Generator device {device} does not exist: CUDA_VISIBLE_DEVICES lists {len(visible)} GPU(s); pick cuda:0 to cuda:{len(visible) - 1}.")
+        raise ValueError(
+            f"Generator device {device} does not exist: CUDA_VISIBLE_DEVICES lists {len(visible)} GPU(s); pick cuda:0 to cuda:{len(visible) - 1}."
+        )
     os.environ["CUDA_VISIBLE_DEVICES"] = visible[index] if visible else str(index)
     return "cuda:0"
 
@@ -167,7 +173,9 @@ class GeneratorProcess:
         poll_s: How often a wait checks that the process is still alive.
     """
 
-    def __init__(self, spec: GeneratorSpec, start_timeout_s: float = 900.0, request_timeout_s: float = 900.0, poll_s: float = 0.2) -> None:
+    def __init__(
+        self, spec: GeneratorSpec, start_timeout_s: float = 900.0, request_timeout_s: float = 900.0, poll_s: float = 0.2
+    ) -> None:
         self.spec = spec
         self.start_timeout_s, self.request_timeout_s, self.poll_s = start_timeout_s, request_timeout_s, poll_s
         self.process: mp.Process | None = None
@@ -183,7 +191,12 @@ class GeneratorProcess:
         prefix = f"lightning_rlhf/{os.getpid()}/{next(_PREFIXES)}"
         self.requests, self.results = context.Queue(), context.Queue()
         # not a daemon: vLLM's engine starts processes of its own
-        self.process = context.Process(target=generator_main, args=(self.spec, self.requests, self.results, self._store.port, prefix), name="lightning-rlhf-generator", daemon=False)
+        self.process = context.Process(
+            target=generator_main,
+            args=(self.spec, self.requests, self.results, self._store.port, prefix),
+            name="lightning-rlhf-generator",
+            daemon=False,
+        )
         self.process.start()
         self._wait(("ready",), self.start_timeout_s)
         # vLLM's engine core and workers, recorded while their parent lives: once it dies they are
@@ -227,7 +240,14 @@ class GeneratorProcess:
         self.finish_transfer()
         self.requests.put(("weights", tensor_meta(named_tensors), version))
         try:
-            self._transfer = send_tensors(self.group, (t for _, t in named_tensors), self.spec.transport, alive=self.alive, wait=False, snapshot=snapshot)
+            self._transfer = send_tensors(
+                self.group,
+                (t for _, t in named_tensors),
+                self.spec.transport,
+                alive=self.alive,
+                wait=False,
+                snapshot=snapshot,
+            )
         except RuntimeError as err:
             raise self._death_error(f"while sending weights ({err})") from err
         self.version = version
@@ -278,7 +298,9 @@ class GeneratorProcess:
                 if not self.alive():
                     raise self._death_error() from None
                 if time.monotonic() > deadline:
-                    raise GeneratorError(f"The generator process (pid {self.pid}) sent no {key[0]} for {timeout_s:.0f} s; it may be stuck.") from None
+                    raise GeneratorError(
+                        f"The generator process (pid {self.pid}) sent no {key[0]} for {timeout_s:.0f} s; it may be stuck."
+                    ) from None
                 continue
             if item[0] == "error":
                 raise GeneratorError(f"The generator process (pid {self.pid}) failed: {item[1]}")

@@ -46,7 +46,9 @@ class SharedSource:
         if (self.rank == 0) != (inner is not None):
             raise ValueError("Rank 0, and only rank 0, owns the shared generator's rollouts.")
         self.pending: deque[list[dict]] = deque()  # this rank's prompts in flight, in order
-        self._refreshes: list[Refresh] = []  # on the ranks without the generator: the periodic refreshes they took part in
+        self._refreshes: list[
+            Refresh
+        ] = []  # on the ranks without the generator: the periodic refreshes they took part in
 
     @property
     def generator(self) -> GeneratorProcess | None:
@@ -64,9 +66,15 @@ class SharedSource:
     def refreshes(self) -> list[Refresh]:
         return self.inner.refreshes if self.inner is not None else self._refreshes
 
-    def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int], temperature: float, version: int) -> list[float] | None:
+    def sequence_logprobs(
+        self, prompt_ids: list[int], completion_ids: list[int], temperature: float, version: int
+    ) -> list[float] | None:
         """The shared generator's logprobs of a probe sequence on rank 0; ``None`` on the other ranks."""
-        return self.inner.sequence_logprobs(prompt_ids, completion_ids, temperature, version) if self.inner is not None else None
+        return (
+            self.inner.sequence_logprobs(prompt_ids, completion_ids, temperature, version)
+            if self.inner is not None
+            else None
+        )
 
     def after_update(self, version: int) -> None:
         """Rank 0 sends its weights (the others have the same); every rank takes part, so all hear of a failure."""
@@ -99,7 +107,9 @@ class SharedSource:
         except RuntimeError as err:
             if self.rank == 0:
                 raise
-            raise GeneratorError(f"Rank {self.rank} lost rank 0, which runs the shared generator ({' '.join(str(err).split())[:200]}); rank 0's error says why.") from err
+            raise GeneratorError(
+                f"Rank {self.rank} lost rank 0, which runs the shared generator ({' '.join(str(err).split())[:200]}); rank 0's error says why."
+            ) from err
         if failure is not None:
             raise failure
         status, value = received[0]
@@ -107,9 +117,13 @@ class SharedSource:
             raise GeneratorError(f"The shared generator on rank 0 failed: {value}")
         return value
 
-    def step(self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int) -> tuple[list[dict], Generations] | None:
+    def step(
+        self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int
+    ) -> tuple[list[dict], Generations] | None:
         def work(per_rank: list) -> list:
-            ready = self.inner.step([r for r, _ in per_rank], [ids for _, rank_ids in per_rank for ids in rank_ids], sampling, version)
+            ready = self.inner.step(
+                [r for r, _ in per_rank], [ids for _, rank_ids in per_rank for ids in rank_ids], sampling, version
+            )
             if ready is None:
                 return [None] * self.world_size
             rows_per_rank, generations = ready
@@ -125,14 +139,27 @@ class SharedSource:
         """This rank's prompts requested but not yet trained on."""
         return list(self.pending)
 
-    def resubmit(self, batches: list[list[dict]], prompt_ids: Callable[[list[dict]], list[list[int]]], sampling: SamplingConfig, version: int) -> None:
+    def resubmit(
+        self,
+        batches: list[list[dict]],
+        prompt_ids: Callable[[list[dict]], list[list[int]]],
+        sampling: SamplingConfig,
+        version: int,
+    ) -> None:
         """After a restart: every rank's checkpointed prompts in flight go to the generator again, step by step."""
 
         def work(per_rank: list) -> list:
             if len({len(b) for b in per_rank}) > 1:
-                raise ValueError(f"The ranks resume with different numbers of batches in flight ({[len(b) for b in per_rank]}); resume on the layout that saved the checkpoint.")
+                raise ValueError(
+                    f"The ranks resume with different numbers of batches in flight ({[len(b) for b in per_rank]}); resume on the layout that saved the checkpoint."
+                )
             steps = [list(step) for step in zip(*per_rank)]  # step j: every rank's j-th batch
-            self.inner.resubmit(steps, lambda rows_per_rank: [ids for rows in rows_per_rank for ids in prompt_ids(rows)], sampling, version)
+            self.inner.resubmit(
+                steps,
+                lambda rows_per_rank: [ids for rows in rows_per_rank for ids in prompt_ids(rows)],
+                sampling,
+                version,
+            )
             return [None] * self.world_size
 
         self._exchange(batches, work)

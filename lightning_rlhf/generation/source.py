@@ -39,7 +39,9 @@ class RolloutSource(Protocol):
 
     refreshes: list[Refresh]  # every refresh so far, in order; empty where the weights are shared in-process
 
-    def step(self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int) -> tuple[list[dict], Generations] | None:
+    def step(
+        self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int
+    ) -> tuple[list[dict], Generations] | None:
         """Take this step's prompts; return the ``(rows, generations)`` to train on now, or ``None`` while filling up."""
 
     def after_update(self, version: int) -> None:
@@ -48,10 +50,18 @@ class RolloutSource(Protocol):
     def pending_rows(self) -> list[list[dict]]:
         """Prompt batches requested but not trained on yet, oldest first (saved in checkpoints)."""
 
-    def resubmit(self, batches: list[list[dict]], prompt_ids: Callable[[list[dict]], list[list[int]]], sampling: SamplingConfig, version: int) -> None:
+    def resubmit(
+        self,
+        batches: list[list[dict]],
+        prompt_ids: Callable[[list[dict]], list[list[int]]],
+        sampling: SamplingConfig,
+        version: int,
+    ) -> None:
         """After a resume: ask again for a checkpoint's ``pending_rows``, in order, with the weights of ``version``."""
 
-    def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int], temperature: float, version: int) -> list[float] | None:
+    def sequence_logprobs(
+        self, prompt_ids: list[int], completion_ids: list[int], temperature: float, version: int
+    ) -> list[float] | None:
         """The generator's logprobs of one sequence (to check a refresh), or ``None`` where this rank has no generator."""
 
     def close(self) -> None:

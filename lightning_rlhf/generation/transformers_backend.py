@@ -25,7 +25,9 @@ from lightning_rlhf.tokens import left_pad
 
 
 @torch.no_grad()
-def sequence_logprobs(model: torch.nn.Module, prompt_ids: list[int], completion_ids: list[int], temperature: float = 1.0) -> torch.Tensor:
+def sequence_logprobs(
+    model: torch.nn.Module, prompt_ids: list[int], completion_ids: list[int], temperature: float = 1.0
+) -> torch.Tensor:
     """Temperature-scaled logprobs of ``completion_ids`` following ``prompt_ids`` under ``model``, (t,) on the CPU."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids + completion_ids], device=device)
@@ -45,7 +47,15 @@ class TransformersBackend(GenerationBackend):
         seed: Base seed of the per-call RNG streams; ``None`` samples from the global RNG.
     """
 
-    def __init__(self, model: torch.nn.Module, stop_token_ids: list[int], pad_token_id: int, share_weights: bool = True, batch_size: int = 64, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        stop_token_ids: list[int],
+        pad_token_id: int,
+        share_weights: bool = True,
+        batch_size: int = 64,
+        seed: int | None = None,
+    ) -> None:
         self.model = model
         self.stop_token_ids = set(stop_token_ids)
         self.pad_token_id = pad_token_id
@@ -92,7 +102,10 @@ class TransformersBackend(GenerationBackend):
         new_tokens = out.sequences[:, ids.shape[1] :]  # (n*k, t)
         logits = torch.stack(out.logits, dim=1)  # (n*k, t, v), raw (before the temperature)
         sampled_logprobs = token_logprobs(logits, new_tokens, sampling.temperature)  # (n*k, t)
-        results = [truncate_at_stop(t, lp, self.stop_token_ids) for t, lp in zip(new_tokens.tolist(), sampled_logprobs.tolist())]
+        results = [
+            truncate_at_stop(t, lp, self.stop_token_ids)
+            for t, lp in zip(new_tokens.tolist(), sampled_logprobs.tolist())
+        ]
         return [r[0] for r in results], [r[1] for r in results], [r[2] for r in results]
 
     def connect(self, port: int, prefix: str, transport: str = "gloo") -> None:
@@ -101,7 +114,9 @@ class TransformersBackend(GenerationBackend):
 
     def receive_weights(self, meta: list, version: int) -> None:
         device = next(self.model.parameters()).device
-        self.load_weights(((name, t.to(device)) for name, t in receive_tensors(self._group, meta, self._transport)), version)
+        self.load_weights(
+            ((name, t.to(device)) for name, t in receive_tensors(self._group, meta, self._transport)), version
+        )
 
     def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int], temperature: float) -> list[float]:
         return sequence_logprobs(self.model, prompt_ids, completion_ids, temperature).tolist()

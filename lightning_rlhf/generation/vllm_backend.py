@@ -124,7 +124,9 @@ class VLLMBackend(GenerationBackend):
         if temperature != 1.0:
             raise ValueError("vLLM's prompt logprobs are unscaled; probe with temperature 1.0.")
         ids = prompt_ids + completion_ids
-        output = self.llm.generate([TokensPrompt(prompt_token_ids=ids)], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+        output = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=ids)], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False
+        )[0]
         return [output.prompt_logprobs[i][ids[i]].logprob for i in range(len(prompt_ids), len(ids))]
 
     def close(self) -> None:

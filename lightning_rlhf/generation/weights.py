@@ -26,13 +26,22 @@ TensorMeta = tuple[str, tuple[int, ...], str]
 
 def host_store(timeout_s: float = 300.0) -> dist.TCPStore:
     """A store for the side group on 127.0.0.1 (port 0: the OS picks a free one)."""
-    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=timeout_s)
+    )
 
 
 TRANSPORTS = ("gloo", "nccl")
 
 
-def join_group(port: int, prefix: str, rank: int, store: dist.TCPStore | None = None, timeout_s: float = 300.0, transport: str = "gloo") -> dist.ProcessGroup:
+def join_group(
+    port: int,
+    prefix: str,
+    rank: int,
+    store: dist.TCPStore | None = None,
+    timeout_s: float = 300.0,
+    transport: str = "gloo",
+) -> dist.ProcessGroup:
     """Join the two-member group ``prefix`` (gloo blocks until the other side joins; NCCL meets at the first broadcast)."""
     timeout = datetime.timedelta(seconds=timeout_s)
     if store is None:
@@ -59,7 +68,15 @@ def tensor_meta(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[Tenso
 class Transfer:
     """Broadcasts in flight, with the tensors they send (kept referenced until they are done)."""
 
-    def __init__(self, group: dist.ProcessGroup, works: list, tensors: list[torch.Tensor], transport: str, alive: Callable[[], bool] | None, poll_s: float) -> None:
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        works: list,
+        tensors: list[torch.Tensor],
+        transport: str,
+        alive: Callable[[], bool] | None,
+        poll_s: float,
+    ) -> None:
         self.group, self.works, self.tensors = group, works, tensors
         self.transport, self.alive, self.poll_s = transport, alive, poll_s
 
@@ -98,7 +115,9 @@ def send_tensors(
     """
     device = staging_device(transport)
     if transport == "gloo":
-        staged = [tensor.detach().to(device, copy=snapshot).contiguous() for tensor in tensors]  # snapshot: a copy the caller cannot change
+        staged = [
+            tensor.detach().to(device, copy=snapshot).contiguous() for tensor in tensors
+        ]  # snapshot: a copy the caller cannot change
     else:
         staged = [tensor.detach().to(device).contiguous() for tensor in tensors]
     transfer = Transfer(group, [group.broadcast(tensor, 0) for tensor in staged], staged, transport, alive, poll_s)
@@ -107,7 +126,9 @@ def send_tensors(
     return transfer
 
 
-def receive_tensors(group: dist.ProcessGroup, meta: list[TensorMeta], transport: str = "gloo") -> Iterator[tuple[str, torch.Tensor]]:
+def receive_tensors(
+    group: dist.ProcessGroup, meta: list[TensorMeta], transport: str = "gloo"
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Receive the tensors described by ``meta`` from rank 0, in order."""
     device = staging_device(transport)
     for name, shape, dtype in meta:

@@ -79,9 +79,7 @@ def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return total / count.clamp(min=1)
 
 
-def masked_whiten(
-    values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8
-) -> Tensor:
+def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
     """Normalises ``values`` to zero mean and unit variance over masked entries.
 
     Computes ``(x - mean) / sqrt(var + eps)`` with the mean and biased

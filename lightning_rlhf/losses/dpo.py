@@ -61,10 +61,7 @@ def _margin_and_stats(
 ) -> tuple[Tensor, DPOStats]:
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}; pass a positive beta.")
-    shapes = {
-        tuple(x.shape)
-        for x in (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    }
+    shapes = {tuple(x.shape) for x in (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)}
     if len(shapes) != 1 or chosen_logps.ndim != 1:
         raise ValueError(
             f"expected four log-probability tensors of the same shape (b,), got shapes {sorted(shapes)}; "
@@ -109,9 +106,7 @@ def online_dpo_loss(
     Raises:
         ValueError: If ``beta <= 0`` or the inputs are not all of shape (b,).
     """
-    h, stats = _margin_and_stats(
-        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
-    )
+    h, stats = _margin_and_stats(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
     loss = -F.logsigmoid(beta * h).mean()
     return loss, stats
 
@@ -142,8 +137,6 @@ def online_ipo_loss(
     Raises:
         ValueError: If ``beta <= 0`` or the inputs are not all of shape (b,).
     """
-    h, stats = _margin_and_stats(
-        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
-    )
+    h, stats = _margin_and_stats(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
     loss = ((h - 1 / (2 * beta)) ** 2).mean()
     return loss, stats

@@ -102,8 +102,7 @@ def kl_penalized_rewards(
         )
     if scores.shape != logprobs.shape[:1]:
         raise ValueError(
-            f"scores has shape {tuple(scores.shape)} but expected ({logprobs.shape[0]},); "
-            "pass one score per response."
+            f"scores has shape {tuple(scores.shape)} but expected ({logprobs.shape[0]},); pass one score per response."
         )
     keep = mask.bool()  # (b, t)
     kl_fn = kl_k1 if estimator == "k1" else kl_k3
@@ -111,7 +110,5 @@ def kl_penalized_rewards(
     rewards = -kl_coef * kl  # (b, t)
     last = keep.long().sum(1) - 1  # (b,) index of the last real token, -1 if none
     rows = torch.nonzero(last >= 0).squeeze(1)  # (b',)
-    rewards = rewards.index_put(
-        (rows, last[rows]), scores[rows].to(rewards.dtype), accumulate=True
-    )  # (b, t)
+    rewards = rewards.index_put((rows, last[rows]), scores[rows].to(rewards.dtype), accumulate=True)  # (b, t)
     return rewards, kl

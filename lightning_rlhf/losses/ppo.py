@@ -71,8 +71,7 @@ def _check_same_shape(**tensors: Tensor) -> None:
     shapes = {name: tuple(x.shape) for name, x in tensors.items()}
     if len(set(shapes.values())) != 1 or next(iter(tensors.values())).ndim != 2:
         raise ValueError(
-            f"expected tensors of the same shape (b, t), got {shapes}; "
-            "pass token-level tensors aligned with the mask."
+            f"expected tensors of the same shape (b, t), got {shapes}; pass token-level tensors aligned with the mask."
         )
 
 

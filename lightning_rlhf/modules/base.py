@@ -92,10 +92,14 @@ class RLModuleBase(RolloutCheckpointing, L.LightningModule):
         if temperature <= 0:
             raise ConfigError(f"temperature must be positive (sampling is stochastic), got {temperature}.")
         if num_mini_batches < 1 or num_epochs < 1:
-            raise ConfigError(f"num_mini_batches and num_epochs must be at least 1, got {num_mini_batches} and {num_epochs}.")
+            raise ConfigError(
+                f"num_mini_batches and num_epochs must be at least 1, got {num_mini_batches} and {num_epochs}."
+            )
         for source in (policy, ref_policy):
             check_source(source, "policy model")
-        self.save_hyperparameters(ignore=["reward", "optimizer"])  # with the subclass's arguments (Lightning reads every __init__ frame)
+        self.save_hyperparameters(
+            ignore=["reward", "optimizer"]
+        )  # with the subclass's arguments (Lightning reads every __init__ frame)
         self.automatic_optimization = False
         self.policy_source, self.ref_source = policy, ref_policy or policy
         self.reward = reward if reward is not None else RewardModelScore()
@@ -120,7 +124,9 @@ class RLModuleBase(RolloutCheckpointing, L.LightningModule):
         self.policy = load_policy(self.policy_source).train()
         self.ref_policy = freeze(load_policy(self.ref_source))
         self.generation_seed = torch.initial_seed()
-        backend = TransformersBackend(self.policy, [self.tokenizer.eos_token_id], self.tokenizer.pad_token_id, seed=self.generation_seed)
+        backend = TransformersBackend(
+            self.policy, [self.tokenizer.eos_token_id], self.tokenizer.pad_token_id, seed=self.generation_seed
+        )
         self._source = InProcessSource(backend)
 
     @property
@@ -148,9 +154,15 @@ class RLModuleBase(RolloutCheckpointing, L.LightningModule):
         size = batch_size * per_prompt
         if size % self.num_mini_batches == 0:
             return
-        what = f"{batch_size} prompts" if per_prompt == 1 else f"{batch_size} prompts x k={per_prompt} completions = {size} rollouts"
+        what = (
+            f"{batch_size} prompts"
+            if per_prompt == 1
+            else f"{batch_size} prompts x k={per_prompt} completions = {size} rollouts"
+        )
         divisors = ", ".join(str(d) for d in range(1, size + 1) if size % d == 0)
-        raise ConfigError(f"num_mini_batches={self.num_mini_batches} does not split a generated batch of {what} evenly; pick one of {divisors}, or change the batch size.")
+        raise ConfigError(
+            f"num_mini_batches={self.num_mini_batches} does not split a generated batch of {what} evenly; pick one of {divisors}, or change the batch size."
+        )
 
     @override
     def configure_optimizers(self):

@@ -32,7 +32,11 @@ class RolloutCheckpointing:
         # filtered, and only that message. Any other module left in eval mode keeps the warning.
         frozen = {id(m) for m in self.ref_policy.modules()}
         if all(m.training or id(m) in frozen for m in self.modules()):
-            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training", category=PossibleUserWarning)
+            warnings.filterwarnings(
+                "ignore",
+                message=r"Found \d+ module\(s\) in eval mode at the start of training",
+                category=PossibleUserWarning,
+            )
 
     def draw_batch(self) -> None:
         """Count a batch drawn from the loader; after a resume, first ask again for the checkpoint's prompts in flight."""
@@ -48,7 +52,11 @@ class RolloutCheckpointing:
             dist.all_gather_object(per_rank, pending)  # every rank saves; all take part
         else:
             per_rank = [pending]
-        checkpoint["rollouts"] = {"policy_version": self.policy_version, "batches_drawn": self.batches_drawn, "pending_per_rank": per_rank}
+        checkpoint["rollouts"] = {
+            "policy_version": self.policy_version,
+            "batches_drawn": self.batches_drawn,
+            "pending_per_rank": per_rank,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("rollouts", {})

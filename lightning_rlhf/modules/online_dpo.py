@@ -49,9 +49,13 @@ class OnlineDPO(RLModuleBase):
 
     mini_batch_unit = "prompt"
 
-    def __init__(self, beta: float = 0.1, loss_type: Literal["sigmoid", "ipo"] = "sigmoid", k: int = 2, **kwargs) -> None:
+    def __init__(
+        self, beta: float = 0.1, loss_type: Literal["sigmoid", "ipo"] = "sigmoid", k: int = 2, **kwargs
+    ) -> None:
         if k < 2:
-            raise ConfigError(f"Online DPO needs at least two completions per prompt to form a pair, got k={k}; set k >= 2.")
+            raise ConfigError(
+                f"Online DPO needs at least two completions per prompt to form a pair, got k={k}; set k >= 2."
+            )
         if beta <= 0:
             raise ConfigError(f"beta must be positive, got {beta}.")
         if loss_type not in _LOSSES:

@@ -27,10 +27,23 @@ import torch
 from typing_extensions import override
 
 from lightning_rlhf.errors import ConfigError
-from lightning_rlhf.losses import clipped_value_loss, gae, kl_penalized_rewards, masked_mean, masked_whiten, ppo_policy_loss
+from lightning_rlhf.losses import (
+    clipped_value_loss,
+    gae,
+    kl_penalized_rewards,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+)
 from lightning_rlhf.models import load_reward_model
 from lightning_rlhf.modules.base import RLModuleBase, check_source
-from lightning_rlhf.rollout_batch import RolloutBatch, critic_values, minibatches, response_logprobs, response_logprobs_and_hidden
+from lightning_rlhf.rollout_batch import (
+    RolloutBatch,
+    critic_values,
+    minibatches,
+    response_logprobs,
+    response_logprobs_and_hidden,
+)
 
 
 class PPO(RLModuleBase):
@@ -100,9 +113,10 @@ class PPO(RLModuleBase):
 
     def logprobs_and_values(self, rollouts: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Policy logprobs and values of the response tokens, both (b, t), 0 on padding."""
+        temperature = self.sampling.temperature
         if self.critic is not None:
-            return response_logprobs(self.policy, rollouts, self.sampling.temperature), critic_values(self.critic, rollouts)
-        logprobs, hidden = response_logprobs_and_hidden(self.policy, rollouts, self.sampling.temperature)
+            return response_logprobs(self.policy, rollouts, temperature), critic_values(self.critic, rollouts)
+        logprobs, hidden = response_logprobs_and_hidden(self.policy, rollouts, temperature)
         return logprobs, self.value_head(hidden).squeeze(-1).float() * rollouts.response_mask
 
     @override
@@ -111,7 +125,9 @@ class PPO(RLModuleBase):
         with torch.no_grad():
             old_logprobs, old_values = self.logprobs_and_values(rollouts)  # (b, t), (b, t)
             ref_logprobs = response_logprobs(self.ref_policy, rollouts, self.sampling.temperature)  # (b, t)
-            rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, self.kl_coef, self.kl_estimator)  # (b, t)
+            rewards, kl = kl_penalized_rewards(
+                scores, old_logprobs, ref_logprobs, mask, self.kl_coef, self.kl_estimator
+            )  # (b, t)
             advantages, returns = gae(rewards, old_values, mask, self.gamma, self.lam)  # (b, t)
             if self.whiten_advantages:
                 advantages = masked_whiten(advantages, mask)
@@ -120,8 +136,12 @@ class PPO(RLModuleBase):
             for mb in minibatches(len(rollouts), self.num_mini_batches):
                 mb = mb.to(self.device)
                 logprobs, values = self.logprobs_and_values(rollouts[mb])  # (m, t)
-                policy_loss, stats = ppo_policy_loss(logprobs, old_logprobs[mb], advantages[mb], mask[mb], self.clip_eps)
-                value_loss, value_stats = clipped_value_loss(values, old_values[mb], returns[mb], mask[mb], self.value_clip_eps)
+                policy_loss, stats = ppo_policy_loss(
+                    logprobs, old_logprobs[mb], advantages[mb], mask[mb], self.clip_eps
+                )
+                value_loss, value_stats = clipped_value_loss(
+                    values, old_values[mb], returns[mb], mask[mb], self.value_clip_eps
+                )
                 loss = policy_loss + self.vf_coef * value_loss
                 self.optimizer_step_on(loss)
 

@@ -52,11 +52,17 @@ class RewardModel(L.LightningModule):
     @override
     def training_step(self, batch: list[dict], batch_idx: int) -> torch.Tensor:
         prompts = [r["prompt"] for r in batch]
-        sequences = encode_prompt_completion(self.tokenizer, prompts + prompts, [r["chosen"] for r in batch] + [r["rejected"] for r in batch])
+        sequences = encode_prompt_completion(
+            self.tokenizer, prompts + prompts, [r["chosen"] for r in batch] + [r["rejected"] for r in batch]
+        )
         ids, mask = left_pad(sequences, self.tokenizer.pad_token_id)
         scores = score_sequences(self.model, ids.to(self.device), mask.to(self.device))  # (2b,)
         loss, stats = bradley_terry_loss(scores[: len(batch)], scores[len(batch) :])
-        self.log_dict({"train/loss": loss, "train/accuracy": stats.accuracy, "train/margin": stats.margin}, prog_bar=True, batch_size=len(batch))
+        self.log_dict(
+            {"train/loss": loss, "train/accuracy": stats.accuracy, "train/margin": stats.margin},
+            prog_bar=True,
+            batch_size=len(batch),
+        )
         return loss
 
     def save_pretrained(self, path: str | Path) -> None:

@@ -44,9 +44,13 @@ class RLOO(RLModuleBase):
         ConfigError: If ``k < 2``, and as :class:`RLModuleBase`.
     """
 
-    def __init__(self, kl_coef: float = 0.05, k: int = 4, clip_eps: float = 0.2, normalize_advantages: bool = False, **kwargs) -> None:
+    def __init__(
+        self, kl_coef: float = 0.05, k: int = 4, clip_eps: float = 0.2, normalize_advantages: bool = False, **kwargs
+    ) -> None:
         if k < 2:
-            raise ConfigError(f"RLOO needs at least two completions per prompt for the leave-one-out baseline, got k={k}; set k >= 2.")
+            raise ConfigError(
+                f"RLOO needs at least two completions per prompt for the leave-one-out baseline, got k={k}; set k >= 2."
+            )
         super().__init__(k=k, **kwargs)
         self.kl_coef, self.clip_eps, self.normalize_advantages = kl_coef, clip_eps, normalize_advantages
 
@@ -67,7 +71,9 @@ class RLOO(RLModuleBase):
                 mb = mb.to(self.device)
                 logps = response_logprobs(self.policy, rollouts[mb], temperature).sum(-1)  # (m,)
                 ones = torch.ones_like(logps)[:, None]  # (m, 1): one "token" per sequence
-                loss, stats = ppo_policy_loss(logps[:, None], old_logps[mb, None], advantages[mb, None], ones, self.clip_eps)
+                loss, stats = ppo_policy_loss(
+                    logps[:, None], old_logps[mb, None], advantages[mb, None], ones, self.clip_eps
+                )
                 self.optimizer_step_on(loss)
 
         return {

@@ -26,7 +26,9 @@ class SFT(L.LightningModule):
         max_length: Sequences are truncated to this many tokens.
     """
 
-    def __init__(self, policy: str = "builtin:base", optimizer: OptimizerCallable = torch.optim.AdamW, max_length: int = 512) -> None:
+    def __init__(
+        self, policy: str = "builtin:base", optimizer: OptimizerCallable = torch.optim.AdamW, max_length: int = 512
+    ) -> None:
         super().__init__()
         if not policy.startswith("builtin:"):
             resolve_source(policy, "policy model")

@@ -35,7 +35,9 @@ class RewardModelScore(RewardFunction):
         ConfigError: If ``model`` is a path that does not exist.
     """
 
-    def __init__(self, model: str = "builtin:reward_model", batch_size: int = 64, dtype: str = "float32", normalize: bool = True) -> None:
+    def __init__(
+        self, model: str = "builtin:reward_model", batch_size: int = 64, dtype: str = "float32", normalize: bool = True
+    ) -> None:
         if not model.startswith("builtin:"):
             resolve_source(model, "reward model")  # fail fast on a wrong path
         self.source = model

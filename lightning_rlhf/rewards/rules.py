@@ -33,7 +33,9 @@ class GSM8kExactMatch(RewardFunction):
 
     def __call__(self, prompts: list[str], completions: list[str], rows: list[dict] | None = None) -> torch.Tensor:
         if rows is None or any(self.answer_column not in r for r in rows):
-            raise ValueError(f"GSM8kExactMatch needs the dataset column '{self.answer_column}'; set `answer_column` to the column with the reference answers.")
+            raise ValueError(
+                f"GSM8kExactMatch needs the dataset column '{self.answer_column}'; set `answer_column` to the column with the reference answers."
+            )
         scores = []
         for completion, row in zip(completions, rows):
             reference = str(row[self.answer_column])

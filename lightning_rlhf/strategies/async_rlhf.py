@@ -52,7 +52,11 @@ class _AsyncGeneration:
         """Generator device and CPU cores for generator and trainer (separate cores by default on CPU)."""
         config, local_rank = self.generation, getattr(self, "local_rank", 0) or 0
         if config.generator_devices:
-            return config.generator_devices[local_rank % len(config.generator_devices)], config.generator_cores, config.trainer_cores
+            return (
+                config.generator_devices[local_rank % len(config.generator_devices)],
+                config.generator_cores,
+                config.trainer_cores,
+            )
         if self.root_device.type == "cuda":
             return str(self.root_device), config.generator_cores, config.trainer_cores
         cores = sorted(os.sched_getaffinity(0))
@@ -81,7 +85,9 @@ class _AsyncGeneration:
     def _rl_module(self) -> RLModule:
         module = self.lightning_module
         if not isinstance(module, RLModule):
-            raise ConfigError(f"{type(self).__name__} generates for an RL module (OnlineDPO, RLOO, PPO), not {type(module).__name__}; use the default strategy for it.")
+            raise ConfigError(
+                f"{type(self).__name__} generates for an RL module (OnlineDPO, RLOO, PPO), not {type(module).__name__}; use the default strategy for it."
+            )
         return module
 
     def start_generator(self) -> None:
@@ -96,7 +102,13 @@ class _AsyncGeneration:
             os.sched_setaffinity(0, set(trainer_cores))
             torch.set_num_threads(len(trainer_cores))
         restart = self._new_generator if config.restart_on_failure else None
-        source = PipelinedSource(self._generator, config.max_staleness, config.sync_every, self.policy_weights, restart=restart) if owner else None
+        source = (
+            PipelinedSource(
+                self._generator, config.max_staleness, config.sync_every, self.policy_weights, restart=restart
+            )
+            if owner
+            else None
+        )
         if config.shared_generator:
             # every rank takes part in creating the group; prompts and rollouts travel over it as objects
             source = SharedSource(source, dist.new_group(backend="gloo"), config.sync_every)
@@ -173,8 +185,16 @@ class AsyncRLHFStrategy(_AsyncGeneration, SingleDeviceStrategy):
         weight_transport: Literal["gloo", "nccl"] = "gloo",
     ) -> None:
         config = GenerationConfig(
-            backend=backend, max_staleness=max_staleness, sync_every=sync_every, generator_devices=generator_devices, generator_cores=generator_cores,
-            trainer_cores=trainer_cores, dtype=dtype, vllm_kwargs=vllm_kwargs, restart_on_failure=restart_on_failure, weight_transport=weight_transport,
+            backend=backend,
+            max_staleness=max_staleness,
+            sync_every=sync_every,
+            generator_devices=generator_devices,
+            generator_cores=generator_cores,
+            trainer_cores=trainer_cores,
+            dtype=dtype,
+            vllm_kwargs=vllm_kwargs,
+            restart_on_failure=restart_on_failure,
+            weight_transport=weight_transport,
         )
         super().__init__(device=torch.device(device))
         self._init_async(config)
@@ -210,9 +230,17 @@ class AsyncRLHFDDPStrategy(_AsyncGeneration, DDPStrategy):
         **ddp_kwargs,
     ) -> None:
         config = GenerationConfig(
-            backend=backend, max_staleness=max_staleness, sync_every=sync_every, generator_devices=generator_devices, generator_cores=generator_cores,
-            trainer_cores=trainer_cores, dtype=dtype, vllm_kwargs=vllm_kwargs, restart_on_failure=restart_on_failure,
-            shared_generator=shared_generator, weight_transport=weight_transport,
+            backend=backend,
+            max_staleness=max_staleness,
+            sync_every=sync_every,
+            generator_devices=generator_devices,
+            generator_cores=generator_cores,
+            trainer_cores=trainer_cores,
+            dtype=dtype,
+            vllm_kwargs=vllm_kwargs,
+            restart_on_failure=restart_on_failure,
+            shared_generator=shared_generator,
+            weight_transport=weight_transport,
         )
         super().__init__(**ddp_kwargs)
         self._init_async(config)
@@ -251,11 +279,21 @@ class AsyncRLHFDeepSpeedStrategy(_AsyncGeneration, DeepSpeedStrategy):
         **deepspeed_kwargs,
     ) -> None:
         if shared_generator and stage == 3:
-            raise ConfigError("shared_generator sends rank 0's weights, but ZeRO-3 shards them over the ranks; use stage 2, or one generator per rank (shared_generator: false).")
+            raise ConfigError(
+                "shared_generator sends rank 0's weights, but ZeRO-3 shards them over the ranks; use stage 2, or one generator per rank (shared_generator: false)."
+            )
         config = GenerationConfig(
-            backend=backend, max_staleness=max_staleness, sync_every=sync_every, generator_devices=generator_devices, generator_cores=generator_cores,
-            trainer_cores=trainer_cores, dtype=dtype, vllm_kwargs=vllm_kwargs, restart_on_failure=restart_on_failure,
-            shared_generator=shared_generator, weight_transport=weight_transport,
+            backend=backend,
+            max_staleness=max_staleness,
+            sync_every=sync_every,
+            generator_devices=generator_devices,
+            generator_cores=generator_cores,
+            trainer_cores=trainer_cores,
+            dtype=dtype,
+            vllm_kwargs=vllm_kwargs,
+            restart_on_failure=restart_on_failure,
+            shared_generator=shared_generator,
+            weight_transport=weight_transport,
         )
         super().__init__(stage=stage, **deepspeed_kwargs)
         self._init_async(config)
@@ -310,9 +348,13 @@ def check_transport(transport: str, trainer_device: torch.device, generator_devi
         return
     generator = torch.device(generator_device)
     if trainer_device.type != "cuda" or generator.type != "cuda":
-        raise ConfigError(f"weight_transport 'nccl' needs the trainer and the generator on GPUs (here {trainer_device} and {generator}); use 'gloo'.")
+        raise ConfigError(
+            f"weight_transport 'nccl' needs the trainer and the generator on GPUs (here {trainer_device} and {generator}); use 'gloo'."
+        )
     if generator == trainer_device or (generator.index or 0) == (trainer_device.index or 0):
-        raise ConfigError(f"weight_transport 'nccl' cannot join two processes on one GPU ({generator}); give the generator its own with generator_devices, or use 'gloo'.")
+        raise ConfigError(
+            f"weight_transport 'nccl' cannot join two processes on one GPU ({generator}); give the generator its own with generator_devices, or use 'gloo'."
+        )
 
 
 for _cls in (AsyncRLHFStrategy, AsyncRLHFDDPStrategy, AsyncRLHFDeepSpeedStrategy):

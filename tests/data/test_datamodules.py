@@ -41,7 +41,11 @@ def test_missing_dataset_path(tmp_path):
 
 def test_builtin_datasets_have_their_columns():
     assert next(iter(DemonstrationDataModule(batch_size=2).train_dataloader()))[0].keys() >= {"prompt", "completion"}
-    assert next(iter(PreferenceDataModule(batch_size=2).train_dataloader()))[0].keys() >= {"prompt", "chosen", "rejected"}
+    assert next(iter(PreferenceDataModule(batch_size=2).train_dataloader()))[0].keys() >= {
+        "prompt",
+        "chosen",
+        "rejected",
+    }
 
 
 def _stream(size, batch_size, epochs, rank=0, num_replicas=1):
@@ -67,7 +71,9 @@ def test_sampler_continues_the_stream_at_the_position_whatever_the_epoch_cut():
     from lightning_rlhf.data.datamodules import ResumableSampler
 
     drawn = 0
-    sampler = ResumableSampler(26, 4, shuffle=True, seed=7, position=lambda: drawn)  # 6 whole batches an epoch, 2 rows dropped
+    sampler = ResumableSampler(
+        26, 4, shuffle=True, seed=7, position=lambda: drawn
+    )  # 6 whole batches an epoch, 2 rows dropped
     reference = _stream(26, 4, epochs=3)
     trained = []
     # passes cut where a resumed Lightning might cut them: early, at an epoch boundary, or running to the end
@@ -76,7 +82,9 @@ def test_sampler_continues_the_stream_at_the_position_whatever_the_epoch_cut():
             trained.append(batch)
             drawn += 1
     assert trained == reference  # 3 epochs: nothing lost, nothing twice, each epoch in its own seeded order
-    assert len(_batches(iter(ResumableSampler(26, 4, shuffle=True, seed=7, position=lambda: 6)), 4)) == 6  # a boundary starts the next epoch whole
+    assert (
+        len(_batches(iter(ResumableSampler(26, 4, shuffle=True, seed=7, position=lambda: 6)), 4)) == 6
+    )  # a boundary starts the next epoch whole
 
 
 def test_sampler_shards_ranks_and_starts_part_way_without_a_position():
@@ -84,7 +92,10 @@ def test_sampler_shards_ranks_and_starts_part_way_without_a_position():
 
     for rank in (0, 1):
         sampler = ResumableSampler(24, 4, shuffle=True, seed=7, start_batch=2, num_replicas=2, rank=rank)
-        assert _batches(iter(sampler), 4) + _batches(iter(sampler), 4) == _stream(24, 4, epochs=2, rank=rank, num_replicas=2)[2:]
+        assert (
+            _batches(iter(sampler), 4) + _batches(iter(sampler), 4)
+            == _stream(24, 4, epochs=2, rank=rank, num_replicas=2)[2:]
+        )
     # the sampler's own shards (not the reference's): disjoint, and together the whole epoch
     shards = [list(ResumableSampler(24, 4, shuffle=True, seed=7, num_replicas=2, rank=r)) for r in (0, 1)]
     assert len(shards[0]) == len(shards[1]) == 12
@@ -95,7 +106,11 @@ def test_sampler_shards_ranks_and_starts_part_way_without_a_position():
     "name, text, message",
     [
         ("prompts.txt", "copy 1 2 =\n", r"unsupported extension; use one of .*jsonl"),
-        ("prompts.jsonl", '{"prompt": "a"}\n{"prompt": "b\n', r"Could not read dataset file '.*prompts.jsonl' \(.*\); it must be one JSON object per line"),
+        (
+            "prompts.jsonl",
+            '{"prompt": "a"}\n{"prompt": "b\n',
+            r"Could not read dataset file '.*prompts.jsonl' \(.*\); it must be one JSON object per line",
+        ),
     ],
 )
 def test_a_prompt_file_that_cannot_be_read_names_the_file_and_the_fix(name, text, message, tmp_path):
@@ -107,6 +122,8 @@ def test_a_prompt_file_that_cannot_be_read_names_the_file_and_the_fix(name, text
 
 def test_a_fabric_script_s_ranks_get_disjoint_prompts(jsonl):
     data = PromptDataModule(jsonl, prompt_column="question", batch_size=2)
-    per_rank = [[row["prompt"] for batch in data.dataloader(num_replicas=2, rank=rank) for row in batch] for rank in (0, 1)]
+    per_rank = [
+        [row["prompt"] for batch in data.dataloader(num_replicas=2, rank=rank) for row in batch] for rank in (0, 1)
+    ]
     assert len(per_rank[0]) == len(per_rank[1]) == 4  # 10 rows, 2 ranks, whole batches of 2
     assert not set(per_rank[0]) & set(per_rank[1])

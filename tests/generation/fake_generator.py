@@ -27,7 +27,9 @@ class FakeGenerator:
     def result(self, request_id):
         self._call("result")
         prompt_ids, version = self.requests.pop(request_id)
-        return Generations(prompt_ids, [[7] for _ in prompt_ids], [[-1.0] for _ in prompt_ids], ["stop"] * len(prompt_ids), version, 1)
+        return Generations(
+            prompt_ids, [[7] for _ in prompt_ids], [[-1.0] for _ in prompt_ids], ["stop"] * len(prompt_ids), version, 1
+        )
 
     def push_weights(self, named_tensors, version, snapshot=True):
         self._call("push")

@@ -57,10 +57,25 @@ def test_every_must_be_positive(tiny_model_dir):
 def test_generations_split_into_parts_of_prompts():
     from lightning_rlhf.generation.base import Generations
 
-    g = Generations([[1], [2], [3]], [[10], [11], [20], [21], [30], [31]], [[-1.0], [-1.1], [-2.0], [-2.1], [-3.0], [-3.1]], ["stop"] * 5 + ["length"], 7, 2)
+    g = Generations(
+        [[1], [2], [3]],
+        [[10], [11], [20], [21], [30], [31]],
+        [[-1.0], [-1.1], [-2.0], [-2.1], [-3.0], [-3.1]],
+        ["stop"] * 5 + ["length"],
+        7,
+        2,
+    )
     first, second = g.split([1, 2])
-    assert first.prompt_ids == [[1]] and first.completion_ids == [[10], [11]] and first.behavior_logprobs == [[-1.0], [-1.1]]
-    assert second.prompt_ids == [[2], [3]] and second.completion_ids == [[20], [21], [30], [31]] and second.finish_reasons == ["stop", "stop", "stop", "length"]
+    assert (
+        first.prompt_ids == [[1]]
+        and first.completion_ids == [[10], [11]]
+        and first.behavior_logprobs == [[-1.0], [-1.1]]
+    )
+    assert (
+        second.prompt_ids == [[2], [3]]
+        and second.completion_ids == [[20], [21], [30], [31]]
+        and second.finish_reasons == ["stop", "stop", "stop", "length"]
+    )
     assert first.policy_version == second.policy_version == 7
     with pytest.raises(ValueError, match="do not add up"):
         g.split([1, 1])

@@ -8,7 +8,6 @@ import itertools
 import pytest
 
 from fake_generator import FakeGenerator
-
 from lightning_rlhf.generation import SamplingConfig
 from lightning_rlhf.generation.pipeline import PipelinedSource
 from lightning_rlhf.generation.process import GeneratorError
@@ -50,7 +49,9 @@ def test_the_pipeline_keeps_max_staleness_batches_in_flight(max_staleness, expec
     trained, staleness = run(source, 8)
     assert trained == list(range(8 - max_staleness)) and staleness == expected
     # refreshed after every version (sync_every=1); only the first request's refresh was the bound's
-    assert [(r.version, r.reason) for r in source.refreshes] == [(0, "bound")] + [(v, "period") for v in range(1, 9 - max_staleness)]
+    assert [(r.version, r.reason) for r in source.refreshes] == [(0, "bound")] + [
+        (v, "period") for v in range(1, 9 - max_staleness)
+    ]
 
 
 def test_a_refresh_period_longer_than_the_bound_is_made_up_by_forced_refreshes():
@@ -72,13 +73,17 @@ def test_a_replacement_is_asked_again_for_every_batch_in_flight(die_at):
 
 
 def test_a_replacement_that_dies_while_being_refitted_is_replaced_in_turn():
-    source, started = restarting(FakeGenerator(die_at=("result", 2)), FakeGenerator(die_at=("submit", 1)), FakeGenerator())
+    source, started = restarting(
+        FakeGenerator(die_at=("result", 2)), FakeGenerator(die_at=("submit", 1)), FakeGenerator()
+    )
     trained, _ = run(source, 9)
     assert trained == list(range(8)) and source.restarts == 2
 
 
 def test_after_max_restarts_failures_in_a_row_the_error_stops_training():
-    source, started = restarting(FakeGenerator(die_at=("result", 1)), *[FakeGenerator(die_at=("push", 1)) for _ in range(4)])
+    source, started = restarting(
+        FakeGenerator(die_at=("result", 1)), *[FakeGenerator(die_at=("push", 1)) for _ in range(4)]
+    )
     with pytest.raises(GeneratorError, match="died at push 1"):
         run(source, 4)
     assert source.restarts == 3  # max_restarts replacements, then the error
@@ -92,7 +97,12 @@ def test_without_restart_a_death_is_an_error():
 
 def test_a_resume_asks_again_for_the_checkpoint_s_prompts_first_with_the_current_weights():
     source = PipelinedSource(FakeGenerator(), max_staleness=1, sync_every=1, weights=lambda: [])
-    source.resubmit([[{"prompt": 10}], [{"prompt": 11}]], lambda rows: [[r["prompt"]] for r in rows], SAMPLING, version=5)
-    assert source.refreshes[0].reason == "resume" and [rows for rows in source.pending_rows()] == [[{"prompt": 10}], [{"prompt": 11}]]
+    source.resubmit(
+        [[{"prompt": 10}], [{"prompt": 11}]], lambda rows: [[r["prompt"]] for r in rows], SAMPLING, version=5
+    )
+    assert source.refreshes[0].reason == "resume" and [rows for rows in source.pending_rows()] == [
+        [{"prompt": 10}],
+        [{"prompt": 11}],
+    ]
     ready = source.step([{"prompt": 12}], [[12]], SAMPLING, 5)
     assert ready[0] == [{"prompt": 10}] and ready[1].policy_version == 5

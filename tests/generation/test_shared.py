@@ -5,8 +5,8 @@ The two-rank runs with real generators are in tests/strategies/test_async.py.
 
 import pytest
 import torch.distributed as dist
-from fake_generator import FakeGenerator
 
+from fake_generator import FakeGenerator
 from lightning_rlhf.generation import SamplingConfig
 from lightning_rlhf.generation.pipeline import PipelinedSource
 from lightning_rlhf.generation.process import GeneratorError

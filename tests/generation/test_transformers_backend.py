@@ -2,12 +2,16 @@ import torch
 
 from lightning_rlhf.generation import SamplingConfig, TransformersBackend, truncate_at_stop
 from lightning_rlhf.models import load_policy, load_tokenizer
-from lightning_rlhf.tokens import prompt_token_ids
 from lightning_rlhf.rollout_batch import build_rollout_batch, response_logprobs
+from lightning_rlhf.tokens import prompt_token_ids
 
 
 def test_truncate_at_stop_keeps_the_stop_token_and_drops_the_rest():
-    assert truncate_at_stop([5, 6, 2, 7, 2], [-1.0, -2.0, -3.0, -4.0, -5.0], {2}) == ([5, 6, 2], [-1.0, -2.0, -3.0], "stop")
+    assert truncate_at_stop([5, 6, 2, 7, 2], [-1.0, -2.0, -3.0, -4.0, -5.0], {2}) == (
+        [5, 6, 2],
+        [-1.0, -2.0, -3.0],
+        "stop",
+    )
     assert truncate_at_stop([5, 6], [-1.0, -2.0], {2}) == ([5, 6], [-1.0, -2.0], "length")
 
 
@@ -23,7 +27,9 @@ def test_generate_shapes_versions_and_behaviour_logprobs(tiny_model_dir):
 
     assert len(generations.completion_ids) == 6 and generations.k == 3
     assert generations.policy_version == 7
-    for tokens, logprobs, reason in zip(generations.completion_ids, generations.behavior_logprobs, generations.finish_reasons):
+    for tokens, logprobs, reason in zip(
+        generations.completion_ids, generations.behavior_logprobs, generations.finish_reasons
+    ):
         assert len(tokens) == len(logprobs) <= 6
         assert (reason == "stop") == (tokenizer.eos_token_id in tokens)
         if reason == "stop":
@@ -42,10 +48,17 @@ def test_response_logprobs_use_the_temperature(tiny_model_dir):
     model = load_policy(tiny_model_dir)
     backend = TransformersBackend(model, [tokenizer.eos_token_id], tokenizer.pad_token_id)
     torch.manual_seed(0)
-    rollouts = build_rollout_batch(backend.generate(prompt_token_ids(tokenizer, ["copy 1 2 ="]), SamplingConfig(2, 1.0, 4)), tokenizer.pad_token_id)
+    rollouts = build_rollout_batch(
+        backend.generate(prompt_token_ids(tokenizer, ["copy 1 2 ="]), SamplingConfig(2, 1.0, 4)), tokenizer.pad_token_id
+    )
     with torch.no_grad():
         hot, cold = response_logprobs(model, rollouts, 2.0), response_logprobs(model, rollouts, 0.5)
-        logits = model(input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask).logits[:, rollouts.prompt_length - 1 : -1]
-    expected = torch.log_softmax(logits / 2.0, -1).gather(-1, rollouts.response_ids[..., None]).squeeze(-1) * rollouts.response_mask
+        logits = model(input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask).logits[
+            :, rollouts.prompt_length - 1 : -1
+        ]
+    expected = (
+        torch.log_softmax(logits / 2.0, -1).gather(-1, rollouts.response_ids[..., None]).squeeze(-1)
+        * rollouts.response_mask
+    )
     assert torch.allclose(hot, expected, atol=1e-5)
     assert not torch.allclose(hot, cold)

@@ -48,7 +48,9 @@ def test_a_send_gives_up_when_the_receiver_dies_instead_of_waiting():
     with pytest.raises(RuntimeError, match="died during the weight transfer"):
         transfer.wait()
     assert time.monotonic() - died_at < 1.0  # noticed at the next poll, not at the group's timeout
-    list(receive_tensors(receiver, tensor_meta([("w", weights[0])])))  # let the pending broadcast finish before the group goes
+    list(
+        receive_tensors(receiver, tensor_meta([("w", weights[0])]))
+    )  # let the pending broadcast finish before the group goes
 
 
 def test_nccl_transfer_aborts_its_group_when_the_receiver_dies(monkeypatch):
@@ -73,5 +75,7 @@ def test_nccl_transfer_aborts_its_group_when_the_receiver_dies(monkeypatch):
     monkeypatch.setattr(weights, "staging_device", lambda transport: torch.device("cpu"))
     group, checks = Group(), []
     with pytest.raises(RuntimeError, match="died during the weight transfer"):
-        weights.send_tensors(group, [torch.ones(2)], "nccl", alive=lambda: checks.append(1) or len(checks) < 3, poll_s=0.0)
+        weights.send_tensors(
+            group, [torch.ones(2)], "nccl", alive=lambda: checks.append(1) or len(checks) < 3, poll_s=0.0
+        )
     assert group.aborted and len(checks) == 3

@@ -66,9 +66,7 @@ def test_ppo_all_padded_row_is_ignored():
     logprobs, old, adv, mask = _policy_case()
     big = lambda x, fill: torch.cat([x, torch.full_like(x, fill)])  # noqa: E731
     loss, _ = ppo_policy_loss(logprobs, old, adv, mask, clip_eps=0.2)
-    loss2, stats2 = ppo_policy_loss(
-        big(logprobs, 3.0), big(old, -3.0), big(adv, 100.0), big(mask, 0), clip_eps=0.2
-    )
+    loss2, stats2 = ppo_policy_loss(big(logprobs, 3.0), big(old, -3.0), big(adv, 100.0), big(mask, 0), clip_eps=0.2)
     assert loss2.item() == pytest.approx(loss.item())
     assert stats2.clipfrac.item() == pytest.approx(0.5)
 

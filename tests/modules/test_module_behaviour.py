@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from lightning_rlhf.callbacks import GoldEvaluation, OffPolicySimulation
-from lightning_rlhf.tasks.copy import CopyGoldReward
 from lightning_rlhf.data import PromptDataModule
-from lightning_rlhf.generation import Generations
 from lightning_rlhf.errors import ConfigError
+from lightning_rlhf.generation import Generations
 from lightning_rlhf.modules import PPO, RLOO, OnlineDPO
 from lightning_rlhf.rewards import RewardFunction, RewardModelScore
 from lightning_rlhf.rollout_batch import score_rollouts
+from lightning_rlhf.tasks.copy import CopyGoldReward
 
 
 class Constant(RewardFunction):
@@ -40,7 +40,10 @@ class FixedRollouts:
 
     def step(self, rows, prompt_ids, sampling, version):
         word = self.tokenizer.convert_tokens_to_ids("1")
-        completions = [[word, word, self.tokenizer.eos_token_id] if r == "stop" else [word] * sampling.max_new_tokens for r in self.reasons]
+        completions = [
+            [word, word, self.tokenizer.eos_token_id] if r == "stop" else [word] * sampling.max_new_tokens
+            for r in self.reasons
+        ]
         logprobs = [[-1.0] * len(c) for c in completions]
         return rows, Generations(prompt_ids, completions, logprobs, list(self.reasons), version, sampling.k)
 
@@ -64,7 +67,14 @@ def fit_one_step(module, reasons: list[str], batch_size: int = 2) -> dict[str, f
     """Train ``module`` for one generated batch of the fixed rollouts; return what it logged."""
     module.configure_model()
     module.use_rollout_source(FixedRollouts(module.tokenizer, reasons))
-    trainer = L.Trainer(max_steps=module.num_epochs * module.num_mini_batches, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=module.num_epochs * module.num_mini_batches,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, PromptDataModule(batch_size=batch_size, shuffle=False))
     return {key: value.item() for key, value in trainer.callback_metrics.items()}
 
@@ -80,20 +90,32 @@ def test_score_rollouts_replaces_the_score_of_a_completion_without_eos():
     from lightning_rlhf.tasks.copy import make_tokenizer
 
     tokenizer = make_tokenizer()
-    generations = FixedRollouts(tokenizer, ["stop", "length", "stop", "length"]).step([{"prompt": "a"}, {"prompt": "b"}], [[5], [6]], SimpleNamespace(k=2, max_new_tokens=4), 0)[1]
-    scores, raw, _ = score_rollouts(Constant(2.0), tokenizer, generations, [{"prompt": "a"}, {"prompt": "b"}], missing_eos_penalty=-1.0)
+    generations = FixedRollouts(tokenizer, ["stop", "length", "stop", "length"]).step(
+        [{"prompt": "a"}, {"prompt": "b"}], [[5], [6]], SimpleNamespace(k=2, max_new_tokens=4), 0
+    )[1]
+    scores, raw, _ = score_rollouts(
+        Constant(2.0), tokenizer, generations, [{"prompt": "a"}, {"prompt": "b"}], missing_eos_penalty=-1.0
+    )
     assert scores.tolist() == [2.0, -1.0, 2.0, -1.0] and raw.tolist() == [2.0] * 4
-    unpenalized, _, _ = score_rollouts(Constant(2.0), tokenizer, generations, [{"prompt": "a"}, {"prompt": "b"}], missing_eos_penalty=None)
+    unpenalized, _, _ = score_rollouts(
+        Constant(2.0), tokenizer, generations, [{"prompt": "a"}, {"prompt": "b"}], missing_eos_penalty=None
+    )
     assert unpenalized.tolist() == [2.0] * 4
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_each_module_gives_a_completion_without_eos_the_penalty(name, builtin_models):
     # 2 prompts x k=2; one of the four completions hits max_new_tokens without eos: scores 2, -1, 2, 2
-    logged = fit_one_step(MODULES[name](reward=Constant(2.0), k=2, missing_eos_penalty=-1.0, max_new_tokens=4), ["stop", "length", "stop", "stop"])
+    logged = fit_one_step(
+        MODULES[name](reward=Constant(2.0), k=2, missing_eos_penalty=-1.0, max_new_tokens=4),
+        ["stop", "length", "stop", "stop"],
+    )
     assert logged["objective/scores"] == pytest.approx((2.0 - 1.0 + 2.0 + 2.0) / 4)
     assert logged["rollout/eos_rate"] == pytest.approx(0.75)
-    unpenalized = fit_one_step(MODULES[name](reward=Constant(2.0), k=2, missing_eos_penalty=None, max_new_tokens=4), ["stop", "length", "stop", "stop"])
+    unpenalized = fit_one_step(
+        MODULES[name](reward=Constant(2.0), k=2, missing_eos_penalty=None, max_new_tokens=4),
+        ["stop", "length", "stop", "stop"],
+    )
     assert unpenalized["objective/scores"] == pytest.approx(2.0)
 
 
@@ -101,7 +123,9 @@ def test_each_module_gives_a_completion_without_eos_the_penalty(name, builtin_mo
 def test_online_dpo_module_trains_the_loss_it_was_given(loss_type, expected, builtin_models):
     # at the first step the policy is the reference, so every log-ratio h is 0:
     # DPO's loss is -log sigmoid(0) = log 2, IPO's is (0 - 1 / (2 beta))^2 = 1 with beta 0.5
-    logged = fit_one_step(OnlineDPO(beta=0.5, loss_type=loss_type, reward=Constant(0.0), k=2, max_new_tokens=4), ["stop"] * 4)
+    logged = fit_one_step(
+        OnlineDPO(beta=0.5, loss_type=loss_type, reward=Constant(0.0), k=2, max_new_tokens=4), ["stop"] * 4
+    )
     assert logged["train/loss"] == pytest.approx(expected, abs=1e-5)
 
 
@@ -113,8 +137,15 @@ def test_off_policy_simulation_trains_on_data_zero_to_n_minus_one_versions_old(b
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             staleness.append(trainer.callback_metrics["rollout/staleness"].item())
 
-    trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=False, callbacks=[OffPolicySimulation(num_batches=3), Record()],
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=6,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[OffPolicySimulation(num_batches=3), Record()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, PromptDataModule(batch_size=4))
     assert staleness == [0.0, 1.0, 2.0, 0.0, 1.0, 2.0]  # each round of 3 batches sampled by one snapshot
 
@@ -150,13 +181,25 @@ def test_vllm_asked_for_but_not_installed_is_refused(monkeypatch):
         AsyncRLHFStrategy(backend="vllm")
 
 
-@pytest.mark.parametrize("name, batch_size, num_mini_batches, message", [
-    ("online_dpo", 4, 3, "does not split a generated batch of 4 prompts evenly; pick one of 1, 2, 4"),
-    ("rloo", 2, 3, "2 prompts x k=2 completions = 4 rollouts"),
-])
-def test_num_mini_batches_that_does_not_divide_the_batch_is_refused_before_training(name, batch_size, num_mini_batches, message, builtin_models):
+@pytest.mark.parametrize(
+    "name, batch_size, num_mini_batches, message",
+    [
+        ("online_dpo", 4, 3, "does not split a generated batch of 4 prompts evenly; pick one of 1, 2, 4"),
+        ("rloo", 2, 3, "2 prompts x k=2 completions = 4 rollouts"),
+    ],
+)
+def test_num_mini_batches_that_does_not_divide_the_batch_is_refused_before_training(
+    name, batch_size, num_mini_batches, message, builtin_models
+):
     module = MODULES[name](reward=Constant(0.0), k=2, num_mini_batches=num_mini_batches)
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with pytest.raises(ConfigError, match=message):
         trainer.fit(module, PromptDataModule(batch_size=batch_size))
     assert module.policy_version == 0  # nothing was trained
@@ -165,8 +208,16 @@ def test_num_mini_batches_that_does_not_divide_the_batch_is_refused_before_train
 def test_resume_on_another_number_of_ranks_is_refused():
     module = OnlineDPO()
     module._trainer = SimpleNamespace(global_rank=0, world_size=1)
-    checkpoint = {"rollouts": {"policy_version": 3, "batches_drawn": 4, "pending_per_rank": [[[{"prompt": "a"}]], [[{"prompt": "b"}]]]}}
-    with pytest.raises(ConfigError, match=r"saved by 2 rank\(s\) with prompts in flight and is resumed on 1; resume on 2 rank"):
+    checkpoint = {
+        "rollouts": {
+            "policy_version": 3,
+            "batches_drawn": 4,
+            "pending_per_rank": [[[{"prompt": "a"}]], [[{"prompt": "b"}]]],
+        }
+    }
+    with pytest.raises(
+        ConfigError, match=r"saved by 2 rank\(s\) with prompts in flight and is resumed on 1; resume on 2 rank"
+    ):
         module.on_load_checkpoint(checkpoint)
     module._trainer = SimpleNamespace(global_rank=1, world_size=2)  # the same layout: each rank takes back its own
     module.on_load_checkpoint(checkpoint)
@@ -183,7 +234,10 @@ def test_gold_evaluation_counts_a_tie_as_half_a_win_and_keeps_its_history(tmp_pa
     assert metric.compute().item() == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
 
     saved = GoldEvaluation(CopyGoldReward(), num_prompts=2)
-    saved.history = [{"eval/gold_win_rate": 0.4, "eval/kl": 0.0, "step": 0}, {"eval/gold_win_rate": 0.5, "eval/kl": 0.3, "step": 10}]
+    saved.history = [
+        {"eval/gold_win_rate": 0.4, "eval/kl": 0.0, "step": 0},
+        {"eval/gold_win_rate": 0.5, "eval/kl": 0.3, "step": 10},
+    ]
     resumed = GoldEvaluation(CopyGoldReward(), num_prompts=2)
     resumed.load_state_dict(saved.state_dict())
     assert resumed.history == saved.history and resumed.history is not saved.history

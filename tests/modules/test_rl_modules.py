@@ -9,12 +9,12 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_rlhf.data import PromptDataModule, load_rows
-from lightning_rlhf.generation import SamplingConfig, TransformersBackend
 from lightning_rlhf.errors import ConfigError
-from lightning_rlhf.tokens import prompt_token_ids
+from lightning_rlhf.generation import SamplingConfig, TransformersBackend
 from lightning_rlhf.modules import PPO, RLOO, OnlineDPO
 from lightning_rlhf.rewards import RewardModelScore
 from lightning_rlhf.rollout_batch import score_rollouts
+from lightning_rlhf.tokens import prompt_token_ids
 
 
 def _read_metric(log_dir: str, key: str) -> list[float]:
@@ -36,10 +36,15 @@ def proxy_score(module, reward, rows: list[dict]) -> float:
     measures the policy, not which batches the run happened to draw (the per-batch
     scores of one short run differ by about 0.08 from window to window).
     """
-    backend = TransformersBackend(module.policy, [module.tokenizer.eos_token_id], module.tokenizer.pad_token_id, batch_size=256)
+    backend = TransformersBackend(
+        module.policy, [module.tokenizer.eos_token_id], module.tokenizer.pad_token_id, batch_size=256
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1234)
-        generations = backend.generate(prompt_token_ids(module.tokenizer, [r["prompt"] for r in rows]), SamplingConfig(k=4, temperature=0.7, max_new_tokens=10))
+        generations = backend.generate(
+            prompt_token_ids(module.tokenizer, [r["prompt"] for r in rows]),
+            SamplingConfig(k=4, temperature=0.7, max_new_tokens=10),
+        )
     scores, _, _ = score_rollouts(reward, module.tokenizer, generations, rows, missing_eos_penalty=-1.0)
     return scores.mean().item()
 
@@ -64,7 +69,15 @@ def test_module_changes_parameters_and_raises_the_proxy_reward(name, builtin_mod
     before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
     score_before = proxy_score(module, reward, held_out)
     logger = CSVLogger(tmp_path, name=name)
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=logger, log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=logger,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, PromptDataModule(batch_size=32))
 
     changed = [n for n, p in module.policy.named_parameters() if not torch.equal(p, before[n])]
@@ -73,10 +86,14 @@ def test_module_changes_parameters_and_raises_the_proxy_reward(name, builtin_mod
     scores = _read_metric(logger.log_dir, "objective/scores")
     assert len(scores) == steps // kwargs.get("num_epochs", 1)  # one row per generated batch
     score_after = proxy_score(module, reward, held_out)
-    print(f"{name}: proxy score on held-out prompts {score_before:.3f} -> {score_after:.3f}")  # for the notes (pytest -s)
+    print(
+        f"{name}: proxy score on held-out prompts {score_before:.3f} -> {score_after:.3f}"
+    )  # for the notes (pytest -s)
     # scores are normalized (SFT samples: mean 0, std 1). Measured on 2 cores (seeded, pytest -s):
     # online DPO -0.045 -> 0.235, RLOO -0.045 -> 0.228, PPO (k=1, 60 batches) -0.045 -> 0.037
-    assert score_after > score_before + 0.05, f"proxy reward did not rise on held-out prompts: {score_before:.3f} -> {score_after:.3f}"
+    assert score_after > score_before + 0.05, (
+        f"proxy reward did not rise on held-out prompts: {score_before:.3f} -> {score_after:.3f}"
+    )
     assert _read_metric(logger.log_dir, "rollout/staleness") == [0.0] * len(scores)  # synchronous: always on-policy
 
 

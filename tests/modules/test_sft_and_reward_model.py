@@ -16,7 +16,15 @@ def _metric(logger, key):
 
 
 def _trainer(steps, logger):
-    return L.Trainer(max_steps=steps, accelerator="cpu", logger=logger, log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    return L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=logger,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
 
 
 @pytest.mark.slow
@@ -34,7 +42,9 @@ def test_sft_lowers_the_completion_loss_and_saves(tiny_model_dir, tmp_path):
 def test_sft_masks_the_prompt_out_of_the_labels(tiny_model_dir):
     module = SFT(policy=tiny_model_dir)
     module.configure_model()
-    ids, mask, labels = module.encode([{"prompt": "copy 1 2 =", "completion": "1 2"}, {"prompt": "copy 3 =", "completion": "3"}])
+    ids, mask, labels = module.encode(
+        [{"prompt": "copy 1 2 =", "completion": "1 2"}, {"prompt": "copy 3 =", "completion": "3"}]
+    )
     tok = module.tokenizer
     # row 0: <s> copy 1 2 = | 1 2 </s> -> labels only on the last three tokens
     assert labels[0].tolist() == [-100] * 5 + tok("1 2", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]

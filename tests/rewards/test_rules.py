@@ -37,7 +37,9 @@ def test_missing_eos_penalty_replaces_the_score():
 def test_missing_eos_penalty_warns_when_it_would_reward_a_missing_stop_token():
     finished = torch.tensor([True, True, False])
     with pytest.warns(UserWarning, match="rewards a missing stop token"):
-        apply_missing_eos_penalty(torch.tensor([-4.0, -3.0, -5.0]), finished, -1.0)  # -1 beats the finished mean of -3.5
+        apply_missing_eos_penalty(
+            torch.tensor([-4.0, -3.0, -5.0]), finished, -1.0
+        )  # -1 beats the finished mean of -3.5
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         apply_missing_eos_penalty(torch.tensor([0.5, 1.5, 2.0]), finished, -1.0)  # a real penalty: silent

@@ -1,6 +1,6 @@
 """A small training run used by the strategy tests (run in a subprocess: spawned generators need a __main__ guard).
 
-    python tests/strategies/run_training.py --out run.json --algo online_dpo --mode async --max_staleness 1 --steps 6
+python tests/strategies/run_training.py --out run.json --algo online_dpo --mode async --max_staleness 1 --steps 6
 """
 
 import argparse
@@ -87,7 +87,11 @@ class Record(Callback):
         print(f"training stopped at {time.time():.3f} by {type(exception).__name__}", file=sys.stderr, flush=True)
 
 
-ALGOS = {"online_dpo": (OnlineDPO, dict(beta=0.5, k=4)), "rloo": (RLOO, dict(k=4)), "ppo": (PPO, dict(k=2, num_epochs=2, critic=None))}
+ALGOS = {
+    "online_dpo": (OnlineDPO, dict(beta=0.5, k=4)),
+    "rloo": (RLOO, dict(k=4)),
+    "ppo": (PPO, dict(k=2, num_epochs=2, critic=None)),
+}
 
 
 def zero_layout(trainer, module) -> dict | None:
@@ -98,9 +102,17 @@ def zero_layout(trainer, module) -> dict | None:
     params = list(module.policy.parameters())
     whole = sum(getattr(p, "ds_numel", p.numel()) for p in params)
     if all(hasattr(p, "ds_tensor") for p in params):
-        return {"whole": whole, "params_held": sum(p.ds_tensor.numel() for p in params), "largest_param_fraction": max(p.ds_tensor.numel() / p.ds_numel for p in params)}
+        return {
+            "whole": whole,
+            "params_held": sum(p.ds_tensor.numel() for p in params),
+            "largest_param_fraction": max(p.ds_tensor.numel() / p.ds_numel for p in params),
+        }
     master = trainer.strategy.deepspeed_engine.optimizer.single_partition_of_fp32_groups
-    return {"whole": whole, "params_held": sum(p.numel() for p in params), "master_weights_held": sum(t.numel() for t in master)}
+    return {
+        "whole": whole,
+        "params_held": sum(p.numel() for p in params),
+        "master_weights_held": sum(t.numel() for t in master),
+    }
 
 
 def main() -> None:
@@ -123,11 +135,17 @@ def main() -> None:
     parser.add_argument("--save_ckpt", default=None)
     parser.add_argument("--vllm_kwargs", default="{}")
     parser.add_argument("--restart_on_failure", action="store_true")
-    parser.add_argument("--shared_generator", action="store_true", help="ddp/deepspeed: one generator on rank 0 for every rank")
+    parser.add_argument(
+        "--shared_generator", action="store_true", help="ddp/deepspeed: one generator on rank 0 for every rank"
+    )
     parser.add_argument("--dataset", default="builtin:prompts")
     parser.add_argument("--shuffle", action="store_true")
     parser.add_argument("--fail_at_version", type=int, default=None, help="raise inside training at this version")
-    parser.add_argument("--kill_generator", default=None, help='generators kill themselves on this schedule, e.g. "generate:3,weights:2" (see die_on_schedule)')
+    parser.add_argument(
+        "--kill_generator",
+        default=None,
+        help='generators kill themselves on this schedule, e.g. "generate:3,weights:2" (see die_on_schedule)',
+    )
     args = parser.parse_args()
     if args.kill_generator:  # read by the spawned generators, which inherit the environment
         os.environ["KILL_GENERATOR"] = args.kill_generator
@@ -144,7 +162,13 @@ def main() -> None:
         max_new_tokens=10,
         **kwargs,
     )
-    strategy_kwargs = dict(backend=args.backend, max_staleness=args.max_staleness, sync_every=args.sync_every, vllm_kwargs=json.loads(args.vllm_kwargs), restart_on_failure=args.restart_on_failure)
+    strategy_kwargs = dict(
+        backend=args.backend,
+        max_staleness=args.max_staleness,
+        sync_every=args.sync_every,
+        vllm_kwargs=json.loads(args.vllm_kwargs),
+        restart_on_failure=args.restart_on_failure,
+    )
     if args.mode == "sync":
         strategy, devices = "auto", 1
     elif args.mode == "async":
@@ -152,7 +176,12 @@ def main() -> None:
     elif args.mode == "ddp":
         strategy, devices = AsyncRLHFDDPStrategy(shared_generator=args.shared_generator, **strategy_kwargs), 2
     else:
-        strategy, devices = AsyncRLHFDeepSpeedStrategy(stage=int(args.mode[-1]), shared_generator=args.shared_generator, **strategy_kwargs), 2
+        strategy, devices = (
+            AsyncRLHFDeepSpeedStrategy(
+                stage=int(args.mode[-1]), shared_generator=args.shared_generator, **strategy_kwargs
+            ),
+            2,
+        )
     log_dir = os.path.dirname(os.path.abspath(args.out))
     trainer = L.Trainer(
         max_steps=args.steps * getattr(module, "num_epochs", 1),
@@ -178,13 +207,32 @@ def main() -> None:
     prompts_per_rank = [prompts for prompts, _, _ in per_rank]
     if trainer.global_rank == 0:
         rows = list(csv.DictReader(open(glob.glob(os.path.join(log_dir, "logs", "version_*", "metrics.csv"))[-1])))
-        series = {key: [float(r[key]) for r in rows if r.get(key)] for key in set().union(*(r.keys() for r in rows)) if key != "epoch"}
+        series = {
+            key: [float(r[key]) for r in rows if r.get(key)]
+            for key in set().union(*(r.keys() for r in rows))
+            if key != "epoch"
+        }
         params = torch.cat([p.detach().flatten() for p in module.policy.parameters()])
         source = module.rollout_source  # a PipelinedSource or SharedSource under the asynchronous strategies
-        extra = {"restarts": source.restarts, "forced_refreshes": source.forced_refreshes} if args.mode != "sync" else {}
-        json.dump({"metrics": series, "policy_version": module.policy_version, "param_norm": params.norm().item(), "pid": os.getpid(), "trained_prompts": record.prompts, "trained_prompts_per_rank": prompts_per_rank, "generators": sum(bool(has) for _, has, _ in per_rank),
-                   "generator_per_rank": [bool(has) for _, has, _ in per_rank], "zero_per_rank": [zero for _, _, zero in per_rank],
-                   "deaths": sorted(os.listdir(os.environ["KILL_GENERATOR_MARKS"])) if args.kill_generator else [], **extra}, open(args.out, "w"))
+        extra = (
+            {"restarts": source.restarts, "forced_refreshes": source.forced_refreshes} if args.mode != "sync" else {}
+        )
+        json.dump(
+            {
+                "metrics": series,
+                "policy_version": module.policy_version,
+                "param_norm": params.norm().item(),
+                "pid": os.getpid(),
+                "trained_prompts": record.prompts,
+                "trained_prompts_per_rank": prompts_per_rank,
+                "generators": sum(bool(has) for _, has, _ in per_rank),
+                "generator_per_rank": [bool(has) for _, has, _ in per_rank],
+                "zero_per_rank": [zero for _, _, zero in per_rank],
+                "deaths": sorted(os.listdir(os.environ["KILL_GENERATOR_MARKS"])) if args.kill_generator else [],
+                **extra,
+            },
+            open(args.out, "w"),
+        )
 
 
 if __name__ == "__main__":

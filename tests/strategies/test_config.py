@@ -32,7 +32,9 @@ def test_a_shared_generator_is_off_by_default_and_can_be_asked_for():
 def test_shared_generator_under_zero3_is_refused():
     with pytest.raises(ConfigError, match="ZeRO-3 shards them"):
         AsyncRLHFDeepSpeedStrategy(backend="transformers", stage=3, shared_generator=True)
-    assert AsyncRLHFDeepSpeedStrategy(backend="transformers", stage=2, shared_generator=True).generation.shared_generator
+    assert AsyncRLHFDeepSpeedStrategy(
+        backend="transformers", stage=2, shared_generator=True
+    ).generation.shared_generator
 
 
 def test_unknown_weight_transport_is_refused():
@@ -56,7 +58,9 @@ def test_nccl_needs_two_different_gpus():
 def test_generator_sees_only_its_own_gpu(monkeypatch):
     from lightning_rlhf.generation.process import isolate_cuda_device
 
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # records the original state, so what the function sets is undone after
+    monkeypatch.setenv(
+        "CUDA_VISIBLE_DEVICES", ""
+    )  # records the original state, so what the function sets is undone after
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert isolate_cuda_device("cpu") == "cpu" and "CUDA_VISIBLE_DEVICES" not in os.environ
     assert isolate_cuda_device("cuda:3") == "cuda:0" and os.environ["CUDA_VISIBLE_DEVICES"] == "3"

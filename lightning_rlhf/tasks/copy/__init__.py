@@ -8,4 +8,13 @@ models and their training in :mod:`~lightning_rlhf.tasks.copy.prepare`.
 from lightning_rlhf.tasks.copy.prepare import make_base_model, make_tokenizer, prepare
 from lightning_rlhf.tasks.copy.rules import CopyGoldReward, gold_score, make_prompt, noisy_copy, prompt_digits
 
-__all__ = ["CopyGoldReward", "gold_score", "make_base_model", "make_prompt", "make_tokenizer", "noisy_copy", "prepare", "prompt_digits"]
+__all__ = [
+    "CopyGoldReward",
+    "gold_score",
+    "make_base_model",
+    "make_prompt",
+    "make_tokenizer",
+    "noisy_copy",
+    "prepare",
+    "prompt_digits",
+]

@@ -40,7 +40,14 @@ import torch
 from lightning_rlhf.data.datamodules import DemonstrationDataModule, PreferenceDataModule
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.generation import SamplingConfig, TransformersBackend
-from lightning_rlhf.models import BUILTIN_ARTIFACTS, BUILTIN_PREFIX, PREPARE_COMMAND, builtin_root, load_policy, load_tokenizer
+from lightning_rlhf.models import (
+    BUILTIN_ARTIFACTS,
+    BUILTIN_PREFIX,
+    PREPARE_COMMAND,
+    builtin_root,
+    load_policy,
+    load_tokenizer,
+)
 from lightning_rlhf.modules.reward_model import RewardModel
 from lightning_rlhf.modules.sft import SFT
 from lightning_rlhf.rewards.model import save_reward_normalization
@@ -138,7 +145,6 @@ def make_base_model(tokenizer, seed: int = 0):
 # ---------------------------------------------------------------- artifacts
 
 
-
 @contextlib.contextmanager
 def _lock(root: Path):
     root.mkdir(parents=True, exist_ok=True)
@@ -161,12 +167,22 @@ def prepare(*names: str) -> None:
     """
     wanted = {name.removeprefix(BUILTIN_PREFIX) for name in names} or set(BUILTIN_ARTIFACTS)
     if unknown := sorted(wanted - set(BUILTIN_ARTIFACTS)):
-        raise ConfigError(f"Unknown built-in artifact 'builtin:{unknown[0]}'; choose one of {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_ARTIFACTS)}.")
+        raise ConfigError(
+            f"Unknown built-in artifact 'builtin:{unknown[0]}'; choose one of {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_ARTIFACTS)}."
+        )
     root = builtin_root()
-    models = [m for m in ("base", "sft", "reward_model") if m in wanted or (m == "sft" and "reward_model" in wanted) or (m == "base" and wanted & {"sft", "reward_model"})]
+    models = [
+        m
+        for m in ("base", "sft", "reward_model")
+        if m in wanted
+        or (m == "sft" and "reward_model" in wanted)
+        or (m == "base" and wanted & {"sft", "reward_model"})
+    ]
     missing = [m for m in models if not (root / m / ".done").exists()]
     if missing and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(f"The built-in '{missing[-1]}' is not prepared yet and this is a multi-process run; prepare it once first with `{PREPARE_COMMAND}`.")
+        raise ConfigError(
+            f"The built-in '{missing[-1]}' is not prepared yet and this is a multi-process run; prepare it once first with `{PREPARE_COMMAND}`."
+        )
     with _lock(root):
         if not (root / "data" / ".done").exists():
             write_datasets(root / "data")
@@ -211,8 +227,13 @@ def _sft_samples(root: Path, num_prompts: int, k: int, temperature: float, seed:
     backend = TransformersBackend(policy, [tokenizer.eos_token_id], tokenizer.pad_token_id, batch_size=256, seed=seed)
     rng = random.Random(seed)
     prompts = [make_prompt(random_digits(rng)) for _ in range(num_prompts)]
-    generations = backend.generate(prompt_token_ids(tokenizer, prompts), SamplingConfig(k=k, temperature=temperature, max_new_tokens=MAX_DIGITS + 4))
-    return [p for p in prompts for _ in range(k)], tokenizer.batch_decode(generations.completion_ids, skip_special_tokens=True)
+    generations = backend.generate(
+        prompt_token_ids(tokenizer, prompts),
+        SamplingConfig(k=k, temperature=temperature, max_new_tokens=MAX_DIGITS + 4),
+    )
+    return [p for p in prompts for _ in range(k)], tokenizer.batch_decode(
+        generations.completion_ids, skip_special_tokens=True
+    )
 
 
 def _sft_preferences(root: Path, num_prompts: int, seed: int = 1) -> list[dict]:
@@ -229,7 +250,9 @@ def _sft_preferences(root: Path, num_prompts: int, seed: int = 1) -> list[dict]:
 
 
 def _train_reward_model(root: Path) -> None:
-    print(f"lightning-rlhf: training the built-in proxy reward model into {root / 'reward_model'} (once, about a minute)")
+    print(
+        f"lightning-rlhf: training the built-in proxy reward model into {root / 'reward_model'} (once, about a minute)"
+    )
     mixed = root / "data" / "preferences_with_sft_samples.jsonl"
     with open(root / "data" / "preferences.jsonl") as f:
         rows = [json.loads(line) for line in f][: NUM_PREFERENCES // 2]
