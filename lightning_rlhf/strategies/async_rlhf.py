@@ -101,14 +101,11 @@ class _AsyncGeneration:
         if trainer_cores:  # pin after the child started, so it did not inherit the trainer's mask
             os.sched_setaffinity(0, set(trainer_cores))
             torch.set_num_threads(len(trainer_cores))
-        restart = self._new_generator if config.restart_on_failure else None
-        source = (
-            PipelinedSource(
-                self._generator, config.max_staleness, config.sync_every, self.policy_weights, restart=restart
-            )
-            if owner
-            else None
-        )
+        source = None
+        if owner:
+            restart = self._new_generator if config.restart_on_failure else None
+            weights = self.policy_weights
+            source = PipelinedSource(self._generator, config.max_staleness, config.sync_every, weights, restart=restart)
         if config.shared_generator:
             # every rank takes part in creating the group; prompts and rollouts travel over it as objects
             source = SharedSource(source, dist.new_group(backend="gloo"), config.sync_every)
