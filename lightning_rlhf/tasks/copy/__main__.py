@@ -2,6 +2,11 @@
 
 import sys
 
-from lightning_rlhf.tasks.copy.prepare import prepare
+from lightning_rlhf.errors import ConfigError
+from lightning_rlhf.tasks.copy.artifacts import prepare
 
-prepare(*sys.argv[1:])
+try:
+    prepare(*sys.argv[1:])
+except ConfigError as err:
+    print(f"lightning-rlhf: error: {err}", file=sys.stderr)
+    raise SystemExit(2) from None

@@ -42,3 +42,18 @@ def test_tokenizer_round_trip():
     assert tokenizer.decode(ids, skip_special_tokens=True) == "copy 1 2 3 ="
     assert tokenizer.eos_token_id != tokenizer.pad_token_id
     assert tokenizer.unk_token_id not in tokenizer("copy 0 9 =")["input_ids"]
+
+
+def test_an_unprepared_builtin_names_the_command_that_prepares_it(tmp_path, monkeypatch):
+    from lightning_rlhf.errors import ConfigError
+    from lightning_rlhf.models import BUILTIN_TASK, PREPARE_COMMAND, builtin_path, resolve_source
+    from lightning_rlhf.tasks.copy import prepare
+
+    monkeypatch.setenv("LIGHTNING_RLHF_CACHE", str(tmp_path))  # an empty cache
+    with pytest.raises(ConfigError, match=f"'builtin:sft' is not prepared yet .*`{PREPARE_COMMAND}`"):
+        resolve_source("builtin:sft", "policy model")
+    with pytest.raises(ConfigError, match="Unknown built-in artifact 'builtin:nope'; choose one of builtin:base"):
+        prepare("nope")
+    prepare("prompts")  # the datasets alone: no model is trained for them
+    assert builtin_path("builtin:prompts").endswith("prompts.jsonl")
+    assert not (tmp_path / BUILTIN_TASK / "sft").exists()

@@ -145,6 +145,10 @@ def make_base_model(tokenizer, seed: int = 0):
 # ---------------------------------------------------------------- artifacts
 
 
+MODELS = ("base", "sft", "reward_model")  # in training order: each starts from the one before
+MODELS_NEEDED = {"base": {"base"}, "sft": {"base", "sft"}, "reward_model": set(MODELS)}  # datasets need none
+
+
 @contextlib.contextmanager
 def _lock(root: Path):
     root.mkdir(parents=True, exist_ok=True)
@@ -171,13 +175,7 @@ def prepare(*names: str) -> None:
             f"Unknown built-in artifact 'builtin:{unknown[0]}'; choose one of {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_ARTIFACTS)}."
         )
     root = builtin_root()
-    models = [
-        m
-        for m in ("base", "sft", "reward_model")
-        if m in wanted
-        or (m == "sft" and "reward_model" in wanted)
-        or (m == "base" and wanted & {"sft", "reward_model"})
-    ]
+    models = [m for m in MODELS if any(m in MODELS_NEEDED.get(name, ()) for name in wanted)]  # in training order
     missing = [m for m in models if not (root / m / ".done").exists()]
     if missing and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(
