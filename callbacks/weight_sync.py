@@ -66,10 +66,11 @@ class WeightSync(Callback):
     ) -> float | None:
         """Largest |trainer - generator| logprob over the probe's completion tokens; ``None`` without a generator here."""
         prompt, completion = self.probe
+        # on every rank, also those without a generator: under ZeRO-3 a forward pass gathers from all ranks
+        trainer_logprobs = sequence_logprobs(pl_module.policy, prompt, completion, temperature)
         generator_logprobs = source.sequence_logprobs(prompt, completion, temperature, version)
         if generator_logprobs is None:
             return None
-        trainer_logprobs = sequence_logprobs(pl_module.policy, prompt, completion, temperature)
         return (trainer_logprobs - torch.tensor(generator_logprobs)).abs().max().item()
 
     @override

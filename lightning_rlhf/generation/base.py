@@ -55,6 +55,21 @@ class Generations:
                 f"Generations must hold {n} completions ({len(self.prompt_ids)} prompts x k={self.k}), got {len(self.completion_ids)}."
             )
 
+    @classmethod
+    def concat(cls, parts: list[Generations]) -> Generations:
+        """One batch from consecutive parts (the inverse of :meth:`split`); all must come from one policy version."""
+        versions = {p.policy_version for p in parts}
+        if len(versions) != 1 or len({p.k for p in parts}) != 1:
+            raise ValueError(f"Parts of one request were sampled with different versions or k: {sorted(versions)}.")
+        return cls(
+            [ids for p in parts for ids in p.prompt_ids],
+            [ids for p in parts for ids in p.completion_ids],
+            [lp for p in parts for lp in p.behavior_logprobs],
+            [r for p in parts for r in p.finish_reasons],
+            parts[0].policy_version,
+            parts[0].k,
+        )
+
     def split(self, prompts_per_part: list[int]) -> list[Generations]:
         """Cut into consecutive parts of the given numbers of prompts (each with its ``k`` completions)."""
         if sum(prompts_per_part) != len(self.prompt_ids):
@@ -105,12 +120,14 @@ class GenerationBackend(ABC):
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Replace the sampler's weights with the policy's and record their version."""
 
-    def connect(self, port: int, prefix: str, transport: str = "gloo") -> None:
-        """Join the side process group as rank 1 (generator-process backends only)."""
+    def connect(
+        self, port: int, prefix: str, transport: str = "gloo", world_size: int = 2, timeout_s: float = 1800.0
+    ) -> None:
+        """Join the weight-transfer group as rank 1 (or ``1 + tp_rank``) of ``world_size`` (generator-process backends only)."""
         raise NotImplementedError(f"{type(self).__name__} cannot run in a generator process.")
 
-    def receive_weights(self, meta: list, version: int) -> None:
-        """Receive the tensors described by ``meta`` over the side group and load them."""
+    def receive_weights(self, refit, version: int) -> None:
+        """Receive the weights described by ``refit`` (a :class:`~lightning_rlhf.generation.weights.Refit`) and load them."""
         raise NotImplementedError(f"{type(self).__name__} cannot run in a generator process.")
 
     def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int], temperature: float) -> list[float]:

@@ -27,10 +27,11 @@ import torch
 
 from lightning_rlhf.generation.base import Generations, SamplingConfig
 from lightning_rlhf.generation.in_process import InProcessSource
+from lightning_rlhf.generation.pool import GeneratorPool
 from lightning_rlhf.generation.process import GeneratorError, GeneratorProcess, GeneratorSpec
 from lightning_rlhf.generation.source import Refresh
 from lightning_rlhf.generation.transformers_backend import TransformersBackend
-from lightning_rlhf.generation.weights import policy_state
+from lightning_rlhf.generation.weights import WeightStream, policy_state, stream_of
 from lightning_rlhf.models import resolve_source
 
 T = TypeVar("T")
@@ -43,18 +44,19 @@ class PipelinedSource:
         generator: The generator process.
         max_staleness: Most versions a rollout may lag the policy it trains.
         sync_every: Refresh the generator's weights after every this many versions.
-        weights: Returns the policy's ``(name, tensor)`` pairs to send (gathered under ZeRO-3).
+        weights: Returns the policy's weights to send, a :class:`~lightning_rlhf.generation.weights.WeightStream`
+            (gathered parameter by parameter under ZeRO-3).
         restart: Starts a replacement generator after a failure; ``None`` lets the failure stop training.
         max_restarts: Most replacements in a row for one call before its error is raised.
     """
 
     def __init__(
         self,
-        generator: GeneratorProcess,
+        generator: GeneratorProcess | GeneratorPool,
         max_staleness: int,
         sync_every: int,
-        weights: Callable[[], list[tuple[str, torch.Tensor]]],
-        restart: Callable[[], GeneratorProcess] | None = None,
+        weights: Callable[[], WeightStream],
+        restart: Callable[[], GeneratorProcess | GeneratorPool] | None = None,
         max_restarts: int = 3,
     ) -> None:
         if max_staleness < 0:
@@ -71,9 +73,6 @@ class PipelinedSource:
         self.pending: deque[tuple[int, list[dict], list[list[int]], SamplingConfig]] = deque()
         self.request_ids = 0
         self.refreshes: list[Refresh] = []
-        # synchronous (0): the trainer waits for the next rollouts, which the generator samples only after
-        # taking the weights, so they are unchanged until sent; otherwise the next step trains meanwhile
-        self._snapshot = max_staleness > 0
 
     @property
     def forced_refreshes(self) -> int:
@@ -86,9 +85,7 @@ class PipelinedSource:
 
     def refresh(self, version: int, reason: str) -> None:
         """Send the current weights as ``version``."""
-        seconds = self._surviving(
-            lambda: self.generator.push_weights(self.weights(), version, snapshot=self._snapshot), version
-        )
+        seconds = self._surviving(lambda: self.generator.push_weights(self.weights(), version), version)
         self.refreshes.append(Refresh(version, seconds, reason))
 
     def sequence_logprobs(
@@ -129,7 +126,7 @@ class PipelinedSource:
         self.generator.close()
         self.generator = self.restart()
         self.restarts += 1
-        seconds = self.generator.push_weights(self.weights(), version, snapshot=self._snapshot)
+        seconds = self.generator.push_weights(self.weights(), version)
         self.refreshes.append(Refresh(version, seconds, "restart"))
         for i, (_, rows, ids, sampling) in enumerate(self.pending):
             self.pending[i] = (self._send(ids, sampling), rows, ids, sampling)
@@ -174,9 +171,14 @@ class PipelinedSource:
         prompt_ids: Callable[[list[dict]], list[list[int]]],
         sampling: SamplingConfig,
         version: int,
+        refresh: bool = True,
     ) -> None:
-        """After a resume: request the checkpoint's pending prompts again, in order, with the current weights."""
-        self.refresh(version, "resume")
+        """After a resume: request the checkpoint's pending prompts again, in order, with the current weights.
+
+        ``refresh=False``: the caller has just refreshed (a shared generator, whose ranks refresh together).
+        """
+        if refresh:
+            self.refresh(version, "resume")
         for rows in batches:
             ids = prompt_ids(rows)
             self._surviving(lambda rows=rows, ids=ids: self._submit(rows, ids, sampling), version)
@@ -193,6 +195,7 @@ def start_source(
     vllm_kwargs: dict | None = None,
     generator_device: str | None = None,
     weight_transport: str = "gloo",
+    dtype: str = "auto",
 ) -> InProcessSource | PipelinedSource:
     """A rollout source for a plain (Fabric) training loop; call ``close()`` when done.
 
@@ -206,14 +209,17 @@ def start_source(
         seed: Base seed of the sampling streams.
         vllm_kwargs: Extra ``vllm.LLM`` arguments.
         generator_device: Device of the generator process; default: the policy's.
-        weight_transport: ``"gloo"`` or ``"nccl"`` (see :mod:`lightning_rlhf.generation.weights`).
+        weight_transport: ``"gloo"``, ``"nccl"`` or ``"cuda_ipc"`` (see :mod:`lightning_rlhf.generation.weights`).
+        dtype: Generator weights dtype; ``"auto"``: bfloat16 on a GPU, float32 on CPU.
     """
     if max_staleness is None:
         return InProcessSource(TransformersBackend(model, [tokenizer.eos_token_id], tokenizer.pad_token_id, seed=seed))
     device = generator_device or str(next(model.parameters()).device)
+    dtype = resolve_dtype(dtype, device)
     spec = GeneratorSpec(
         backend=backend,
         model=resolve_source(policy_source, "policy model"),
+        dtype=dtype,
         seed=seed,
         device=device,
         vllm_kwargs=vllm_kwargs or {},
@@ -221,4 +227,14 @@ def start_source(
     )
     generator = GeneratorProcess(spec)
     generator.start()
-    return PipelinedSource(generator, max_staleness, sync_every, lambda: policy_state(model))
+    tied_head = backend == "vllm" and device == "cpu"
+    return PipelinedSource(
+        generator, max_staleness, sync_every, lambda: stream_of(policy_state(model, tied_head), getattr(torch, dtype))
+    )
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``"auto"``: bfloat16 on a GPU (half the bytes to send and hold), float32 on CPU (logprobs equal the trainer's)."""
+    if dtype == "auto":
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    return dtype

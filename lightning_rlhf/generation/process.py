@@ -28,7 +28,19 @@ import psutil
 import torch
 
 from lightning_rlhf.generation.base import Generations, SamplingConfig
-from lightning_rlhf.generation.weights import host_store, join_group, send_tensors, tensor_meta
+from lightning_rlhf.generation.weights import (
+    DEFAULT_BUCKET_BYTES,
+    DEFAULT_TIMEOUT_S,
+    Refit,
+    WeightStream,
+    host_store,
+    ipc_handles,
+    join_group,
+    join_watching,
+    pack_stream,
+    send_buckets,
+    staging_device,
+)
 
 _PREFIXES = itertools.count()
 
@@ -48,8 +60,11 @@ class GeneratorSpec:
         seed: Base seed; request ``i`` is sampled with a seed derived from ``(seed, i)``.
         device: Torch device of the generator (``"cpu"``, ``"cuda:1"``, ...).
         cpu_cores: CPU cores to pin the generator to (``None``: no pinning).
-        vllm_kwargs: Extra ``vllm.LLM`` arguments.
-        transport: Side-group transport for weights, ``"gloo"`` or ``"nccl"`` (see :mod:`~lightning_rlhf.generation.weights`).
+        vllm_kwargs: Extra ``vllm.LLM`` arguments; they override every default of the backend.
+        transport: How weights travel: ``"gloo"``, ``"nccl"`` or ``"cuda_ipc"`` (see :mod:`~lightning_rlhf.generation.weights`).
+        bucket_bytes: Size of the packed buckets weights travel in.
+        timeout_s: The one limit on every wait for this generator (requests, the side group).
+        shares_gpu: The trainer trains on the generator's GPU (sets vLLM's memory default).
     """
 
     backend: str = "transformers"
@@ -60,6 +75,14 @@ class GeneratorSpec:
     cpu_cores: list[int] | None = None
     vllm_kwargs: dict = field(default_factory=dict)
     transport: str = "gloo"
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    shares_gpu: bool = False
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        """GPUs of this generator: ``"cuda:1,2"`` is a tensor-parallel generator over GPUs 1 and 2."""
+        return len(gpu_indices(self.device)) if self.device.startswith("cuda") else 1
 
     def build(self):
         from lightning_rlhf.models import load_tokenizer
@@ -69,6 +92,8 @@ class GeneratorSpec:
             from lightning_rlhf.generation.transformers_backend import TransformersBackend
             from lightning_rlhf.models import load_policy
 
+            if self.tensor_parallel_size > 1:
+                raise ValueError("The transformers backend runs on one device; tensor parallelism needs backend: vllm.")
             model = load_policy(self.model, self.dtype).to(self.device).eval()
             return TransformersBackend(
                 model, [tokenizer.eos_token_id], tokenizer.pad_token_id, share_weights=False, seed=self.seed
@@ -77,7 +102,13 @@ class GeneratorSpec:
             from lightning_rlhf.generation.vllm_backend import VLLMBackend
 
             return VLLMBackend(
-                self.model, [tokenizer.eos_token_id], dtype=self.dtype, seed=self.seed, **self.vllm_kwargs
+                self.model,
+                [tokenizer.eos_token_id],
+                dtype=self.dtype,
+                seed=self.seed,
+                tensor_parallel_size=self.tensor_parallel_size,
+                shares_gpu=self.shares_gpu,
+                **self.vllm_kwargs,
             )
         raise ValueError(f"Unknown generation backend {self.backend!r}; choose 'transformers' or 'vllm'.")
 
@@ -89,23 +120,28 @@ def _pin(cores: list[int] | None) -> None:
         torch.set_num_threads(len(cores))
 
 
-def isolate_cuda_device(device: str) -> str:
-    """Make ``device`` the only GPU this process sees (call before CUDA starts); returns its name there.
+def gpu_indices(device: str) -> list[int]:
+    """The GPUs named by a device string: ``"cuda"`` -> [0], ``"cuda:1"`` -> [1], ``"cuda:1,2"`` -> [1, 2]."""
+    return [int(i) for i in (device.removeprefix("cuda").removeprefix(":") or "0").split(",")]
 
-    vLLM always runs on the first visible GPU, so the generator's device is
-    chosen through ``CUDA_VISIBLE_DEVICES``; the trainer's numbering (which may
-    itself be a ``CUDA_VISIBLE_DEVICES`` subset) is mapped to the physical GPU.
+
+def isolate_cuda_device(device: str) -> str:
+    """Make the generator's GPU(s) the only ones this process sees (call before CUDA starts); returns its device there.
+
+    vLLM runs on the first visible GPU(s), so the generator's devices are chosen
+    through ``CUDA_VISIBLE_DEVICES``: ``"cuda:1"`` shows it GPU 1, ``"cuda:1,2"``
+    GPUs 1 and 2 for a tensor-parallel generator. The trainer's numbering (which
+    may itself be a ``CUDA_VISIBLE_DEVICES`` subset) is mapped to physical GPUs.
     """
-    target = torch.device(device)
-    if target.type != "cuda":
+    if not device.startswith("cuda"):
         return device
-    index = target.index or 0
+    indices = gpu_indices(device)
     visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    if visible and index >= len(visible):
+    if visible and max(indices) >= len(visible):
         raise ValueError(
-            f"Generator device {device} does not exist: CUDA_VISIBLE_DEVICES lists {len(visible)} GPU(s); pick cuda:0 to cuda:{len(visible) - 1}."
+            f"Generator device {device} does not exist: CUDA_VISIBLE_DEVICES lists {len(visible)} GPU(s); pick among cuda:0 to cuda:{len(visible) - 1}."
         )
-    os.environ["CUDA_VISIBLE_DEVICES"] = visible[index] if visible else str(index)
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible[i] if visible else str(i) for i in indices)
     return "cuda:0"
 
 
@@ -138,16 +174,16 @@ def generator_main(spec: GeneratorSpec, requests, results, port: int, prefix: st
         _pin(spec.cpu_cores)
         backend = spec.build()
         results.put(("ready", os.getpid()))
-        backend.connect(port, prefix, spec.transport)
+        backend.connect(port, prefix, spec.transport, 1 + spec.tensor_parallel_size, spec.timeout_s)
         while True:
             kind, *payload = requests.get()
             if kind == "generate":
                 request_id, prompt_ids, sampling = payload
                 results.put(("generations", request_id, backend.generate(prompt_ids, sampling)))
             elif kind == "weights":
-                meta, version = payload
+                refit, version = payload
                 start = time.perf_counter()
-                backend.receive_weights(meta, version)
+                backend.receive_weights(refit, version)
                 results.put(("weights", version, time.perf_counter() - start))
             elif kind == "logprobs":
                 prompt_ids, completion_ids, temperature = payload
@@ -167,27 +203,26 @@ class GeneratorProcess:
     """Trainer-side handle of one generator process.
 
     Args:
-        spec: How to build the backend.
+        spec: How to build the backend; ``spec.timeout_s`` bounds every wait for a result.
         start_timeout_s: Longest wait for the backend to load.
-        request_timeout_s: Longest wait for one result while the process is alive.
         poll_s: How often a wait checks that the process is still alive.
     """
 
-    def __init__(
-        self, spec: GeneratorSpec, start_timeout_s: float = 900.0, request_timeout_s: float = 900.0, poll_s: float = 0.2
-    ) -> None:
+    def __init__(self, spec: GeneratorSpec, start_timeout_s: float = 900.0, poll_s: float = 0.2) -> None:
         self.spec = spec
-        self.start_timeout_s, self.request_timeout_s, self.poll_s = start_timeout_s, request_timeout_s, poll_s
+        self.start_timeout_s, self.request_timeout_s, self.poll_s = start_timeout_s, spec.timeout_s, poll_s
         self.process: mp.Process | None = None
         self.version: int | None = None  # last version sent
+        self.acknowledged: int | None = None  # last version the generator has loaded
         self.last_refresh_seconds: float | None = None  # generator-side load time of the last acknowledged refresh
-        self._transfer = None  # weights still being sent
+        self._transfer = None  # weights still being sent (gloo, nccl)
+        self._shared: list[torch.Tensor] = []  # cuda_ipc buckets, kept until the generator has loaded them
         self._inbox: dict[tuple, object] = {}
         self._descendants: list[psutil.Process] = []
 
     def start(self) -> None:
         context = mp.get_context("spawn")
-        self._store = host_store()
+        self._store = host_store(self.spec.timeout_s)
         prefix = f"lightning_rlhf/{os.getpid()}/{next(_PREFIXES)}"
         self.requests, self.results = context.Queue(), context.Queue()
         # not a daemon: vLLM's engine starts processes of its own
@@ -202,8 +237,20 @@ class GeneratorProcess:
         # vLLM's engine core and workers, recorded while their parent lives: once it dies they are
         # re-parented, and close() could no longer find them among its children
         self._descendants = self._children()
-        self.group = join_group(self._store.port, prefix, 0, store=self._store, transport=self.spec.transport)
-        self.version = None
+        world_size = 1 + self.spec.tensor_parallel_size
+        try:
+            self.group = join_watching(
+                lambda: join_group(
+                    self._store.port, prefix, 0, world_size, self._store, self.spec.timeout_s, self.spec.transport
+                ),
+                self.alive,
+                self.poll_s,
+            )
+            if self.spec.transport == "nccl":  # NCCL sets its communicator up at the first collective: meet now
+                join_watching(lambda: self.group.broadcast(torch.zeros(1, device="cuda"), 0).wait(), self.alive)
+        except RuntimeError as err:
+            raise self._death_error(f"before joining the weight-transfer group ({err})") from err
+        self.version = self.acknowledged = None
 
     def _children(self) -> list[psutil.Process]:
         try:
@@ -225,33 +272,35 @@ class GeneratorProcess:
     def result(self, request_id: int) -> Generations:
         return self._wait(("generations", request_id), self.request_timeout_s)
 
-    def push_weights(self, named_tensors: list[tuple[str, torch.Tensor]], version: int, snapshot: bool = True) -> float:
-        """Send the policy's weights; returns the seconds the trainer was held up.
+    def push_weights(self, stream: WeightStream, version: int) -> float:
+        """Send the policy's weights as ``version``; returns the seconds the trainer was held up."""
+        start = time.perf_counter()
+        self._check_alive()
+        buffers = pack_stream(stream, self.spec.bucket_bytes, staging_device(self.spec.transport))
+        self.push_packed(Refit(stream.meta, self.spec.bucket_bytes), buffers, version)
+        return time.perf_counter() - start
 
-        Over gloo the weights are copied to host memory (``snapshot``) and sent in
-        the background while training goes on; the generator takes them before
-        any request made after this call (requests are handled in order). The
-        previous transfer is finished first, so at most one copy is in flight.
-        ``snapshot=False`` skips the copy, for a caller that will not change the
-        weights before the generator answers its next request (a synchronous run).
+    def push_packed(self, refit: Refit, buffers: list[torch.Tensor], version: int) -> None:
+        """Send weights already packed into ``refit``'s buckets (several generators share one packing).
+
+        The buckets travel in the background while training goes on; the
+        generator takes them before any request made after this call (requests
+        are handled in order), even if it is busy with a long request now. The
+        previous refresh is finished first, so at most one is in flight.
         """
         self._check_alive()
-        start = time.perf_counter()
         self.finish_transfer()
-        self.requests.put(("weights", tensor_meta(named_tensors), version))
         try:
-            self._transfer = send_tensors(
-                self.group,
-                (t for _, t in named_tensors),
-                self.spec.transport,
-                alive=self.alive,
-                wait=False,
-                snapshot=snapshot,
-            )
+            if self.spec.transport == "cuda_ipc":
+                self._shared = buffers
+                refit = Refit(refit.meta, refit.bucket_bytes, ipc_handles(buffers))
+                self.requests.put(("weights", refit, version))
+            else:
+                self.requests.put(("weights", refit, version))
+                self._transfer = send_buckets(self.group, buffers, self.spec.transport, alive=self.alive)
         except RuntimeError as err:
             raise self._death_error(f"while sending weights ({err})") from err
         self.version = version
-        return time.perf_counter() - start
 
     def finish_transfer(self) -> None:
         """Wait until the last weights sent have left (raises :class:`GeneratorError` if the generator died)."""
@@ -261,6 +310,14 @@ class GeneratorProcess:
                 transfer.wait()
             except RuntimeError as err:
                 raise self._death_error(f"while sending weights ({err})") from err
+        if self._shared:  # cuda_ipc: the generator reads the trainer's buckets until it acknowledges them
+            self.wait_loaded()
+            self._shared = []
+
+    def wait_loaded(self) -> None:
+        """Block until the generator has loaded the last weights sent (its acknowledgement)."""
+        while self.version is not None and self.acknowledged != self.version:
+            self._wait(("acknowledged",), self.request_timeout_s)
 
     def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int], temperature: float) -> list[float]:
         """The generator's temperature-scaled logprobs of ``completion_ids`` after ``prompt_ids``."""
@@ -305,7 +362,9 @@ class GeneratorProcess:
             if item[0] == "error":
                 raise GeneratorError(f"The generator process (pid {self.pid}) failed: {item[1]}")
             if item[0] == "weights":
-                self.last_refresh_seconds = item[2]
+                self.acknowledged, self.last_refresh_seconds = item[1], item[2]
+                if key == ("acknowledged",):
+                    return None
                 continue
             if item[0] == "generations":
                 self._inbox[("generations", item[1])] = item[2]
@@ -319,7 +378,7 @@ class GeneratorProcess:
             return
         children = {c.pid: c for c in self._descendants + self._children()}.values()
         process, self.process = self.process, None
-        self._transfer = None  # not waited for: its receiver is going away
+        self._transfer, self._shared = None, []  # not waited for: the receiver is going away
         if process.is_alive():
             with contextlib.suppress(OSError, ValueError):  # the queue may be closed already
                 self.requests.put(("stop",))

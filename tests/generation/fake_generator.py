@@ -31,7 +31,7 @@ class FakeGenerator:
             prompt_ids, [[7] for _ in prompt_ids], [[-1.0] for _ in prompt_ids], ["stop"] * len(prompt_ids), version, 1
         )
 
-    def push_weights(self, named_tensors, version, snapshot=True):
+    def push_weights(self, stream, version):
         self._call("push")
         self.version = version
         return 0.0

@@ -11,8 +11,13 @@ from lightning_rlhf.generation import SamplingConfig
 from lightning_rlhf.generation.pipeline import PipelinedSource
 from lightning_rlhf.generation.process import GeneratorError
 from lightning_rlhf.generation.shared import SharedSource
+from lightning_rlhf.generation.weights import WeightStream
 
 SAMPLING = SamplingConfig(k=1, temperature=1.0, max_new_tokens=2)
+
+
+def no_weights() -> WeightStream:
+    return WeightStream([], [])
 
 
 @pytest.fixture
@@ -40,8 +45,8 @@ def drive(source: SharedSource, batches: int) -> tuple[list[int], list[int]]:
 
 @pytest.mark.parametrize("max_staleness, sync_every", [(0, 1), (1, 1), (1, 3), (2, 2)])
 def test_the_shared_pipeline_keeps_the_bound_and_the_refresh_period(group, max_staleness, sync_every):
-    inner = PipelinedSource(FakeGenerator(), max_staleness, sync_every, weights=lambda: [])
-    source = SharedSource(inner, group, sync_every)
+    inner = PipelinedSource(FakeGenerator(), max_staleness, sync_every, weights=no_weights)
+    source = SharedSource(inner, group, sync_every, max_staleness, no_weights)
     trained, staleness = drive(source, 9)
     assert trained == list(range(9 - max_staleness)) and max(staleness) <= max_staleness
     periodic = [r.version for r in source.refreshes if r.reason == "period"]
@@ -50,11 +55,12 @@ def test_the_shared_pipeline_keeps_the_bound_and_the_refresh_period(group, max_s
 
 
 def test_a_failure_on_rank_0_reaches_the_caller(group):
-    source = SharedSource(PipelinedSource(FakeGenerator(die_at=("result", 1)), 1, 1, weights=lambda: []), group, 1)
+    inner = PipelinedSource(FakeGenerator(die_at=("result", 1)), 1, 1, weights=no_weights)
+    source = SharedSource(inner, group, 1, 1, no_weights)
     with pytest.raises(GeneratorError, match="died at result 1"):
         drive(source, 3)
 
 
 def test_only_rank_0_owns_the_generator(group):
     with pytest.raises(ValueError, match="Rank 0, and only rank 0"):
-        SharedSource(None, group, 1)
+        SharedSource(None, group, 1, 1, no_weights)

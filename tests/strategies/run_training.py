@@ -72,10 +72,13 @@ class Record(Callback):
     def __init__(self, fail_at_version):
         self.prompts, self.fail_at_version, self.version = [], fail_at_version, 0
         self.has_generator = None  # whether this rank ran a generator process
+        self.generator_pids: list[int] = []  # its generator processes (several with num_generators)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.has_generator is None:
-            self.has_generator = getattr(trainer.strategy, "generator", None) is not None
+            generator = getattr(trainer.strategy, "generator", None)
+            self.has_generator = generator is not None
+            self.generator_pids = getattr(generator, "pids", [getattr(generator, "pid", None)])
         if outputs:  # a batch was trained on: its rows and generations (None while the pipeline fills up)
             self.version = pl_module.policy_version
             self.prompts.append([r["prompt"] for r in outputs["rows"]])
@@ -138,6 +141,7 @@ def main() -> None:
     parser.add_argument(
         "--shared_generator", action="store_true", help="ddp/deepspeed: one generator on rank 0 for every rank"
     )
+    parser.add_argument("--num_generators", type=int, default=1, help="generator processes per rank")
     parser.add_argument("--dataset", default="builtin:prompts")
     parser.add_argument("--shuffle", action="store_true")
     parser.add_argument("--fail_at_version", type=int, default=None, help="raise inside training at this version")
@@ -168,6 +172,7 @@ def main() -> None:
         sync_every=args.sync_every,
         vllm_kwargs=json.loads(args.vllm_kwargs),
         restart_on_failure=args.restart_on_failure,
+        num_generators=args.num_generators,
     )
     if args.mode == "sync":
         strategy, devices = "auto", 1
@@ -227,6 +232,7 @@ def main() -> None:
                 "trained_prompts_per_rank": prompts_per_rank,
                 "generators": sum(bool(has) for _, has, _ in per_rank),
                 "generator_per_rank": [bool(has) for _, has, _ in per_rank],
+                "generator_pids": record.generator_pids,
                 "zero_per_rank": [zero for _, _, zero in per_rank],
                 "deaths": sorted(os.listdir(os.environ["KILL_GENERATOR_MARKS"])) if args.kill_generator else [],
                 **extra,

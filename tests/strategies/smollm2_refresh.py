@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lightning_rlhf.generation import SamplingConfig
 from lightning_rlhf.generation.process import GeneratorProcess, GeneratorSpec
 from lightning_rlhf.generation.transformers_backend import sequence_logprobs
-from lightning_rlhf.generation.weights import policy_state
+from lightning_rlhf.generation.weights import policy_state, stream_of
 from lightning_rlhf.models import smollm2_135m
 from lightning_rlhf.tokens import prompt_token_ids
 
@@ -35,7 +35,7 @@ def main() -> None:
     try:
         startup = time.perf_counter() - start
         prompt = prompt_token_ids(tokenizer, ["What is the capital of France?"])[0]
-        generator.push_weights(policy_state(model), version=0)
+        generator.push_weights(stream_of(policy_state(model, tied_head=True)), version=0)
         generator.submit(0, [prompt], SamplingConfig(k=1, temperature=1.0, max_new_tokens=12))
         completion = generator.result(0).completion_ids[0]
         before = (
@@ -61,7 +61,9 @@ def main() -> None:
             .item()
         )
         start = time.perf_counter()
-        held_seconds = generator.push_weights(policy_state(model), version=1)  # what holds the trainer up
+        held_seconds = generator.push_weights(
+            stream_of(policy_state(model, tied_head=True)), version=1
+        )  # what holds the trainer up
         generator.finish_transfer()
         refresh_seconds = time.perf_counter() - start  # the whole transfer
         after = (

@@ -231,6 +231,28 @@ def test_deepspeed_two_ranks_with_a_generator_each(stage, tmp_path):
     assert max(run["metrics"]["sync/logprob_max_diff"]) < 1e-3  # the sent weights were whole (gathered under ZeRO-3)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+def test_zero3_ranks_share_one_generator(tmp_path):
+    """The paper's chat layout in miniature: ZeRO-3 ranks beside one generator; every rank gathers, rank 0 sends."""
+    run = train(
+        tmp_path, "--mode", "deepspeed3", "--shared_generator", "--max_staleness", "1", "--steps", "4", timeout=600
+    )
+    assert run["policy_version"] == 4 and run["generator_per_rank"] == [True, False]
+    assert all(zero["params_held"] < zero["whole"] for zero in run["zero_per_rank"])  # really sharded
+    assert run["metrics"]["rollout/staleness"] == [0.0, 1.0, 1.0, 1.0]
+    assert max(run["metrics"]["sync/logprob_max_diff"]) < 1e-3  # rank 0 sent whole weights, gathered by all
+    assert len({tuple(p) for prompts in run["trained_prompts_per_rank"] for p in prompts}) == 8  # disjoint
+
+
+def test_two_generators_split_every_step_within_the_bound(tmp_path):
+    """num_generators=2 on this 2-core machine: each step's prompts split over two processes, refreshed alike."""
+    run = train(tmp_path, "--num_generators", "2", "--max_staleness", "1", "--steps", "4")
+    assert run["policy_version"] == 4 and len(set(run["generator_pids"])) == 2
+    assert run["metrics"]["rollout/staleness"] == [0.0, 1.0, 1.0, 1.0]
+    assert max(run["metrics"]["sync/logprob_max_diff"]) < 1e-3
+    assert all(len(prompts) == 8 for prompts in run["trained_prompts"])  # both halves came back, in order
+
+
 def stopped_at(stderr: str, ranks: int) -> float:
     """When the last rank stopped training, as run_training.py's ``on_exception`` reports it (wall clock)."""
     reports = [float(t) for t in re.findall(r"training stopped at ([0-9.]+)", stderr)]
@@ -317,6 +339,20 @@ def test_restarted_generators_lose_no_prompt_and_train_none_twice(backend, tmp_p
     processes = len(schedule) + 1 if backend == "vllm" else 0
     assert run.roles() == {"generator": len(schedule) + 1, "engine core": processes, "worker": processes}, run.titles
     assert run.leftovers() == []
+
+
+def test_a_pool_of_generators_that_dies_is_replaced_and_loses_no_prompt(tmp_path):
+    """num_generators=2, both killed at their 2nd request: the pool is replaced, refitted, asked again."""
+    dataset, rows = prompts_file(tmp_path)
+    common = ["--num_generators", "2", "--batch_size", "8", "--dataset", dataset, "--shuffle", "--steps", "8"]
+    run = Watched(tmp_path, *common, "--restart_on_failure", "--kill_generator", "generate:2")
+    code, stderr = run.wait(timeout=600)
+    assert code == 0, stderr[-3000:]
+    result = json.load(open(run.out))
+    assert result["deaths"] == ["death0-generate"] and result["restarts"] == 1
+    assert result["trained_prompts"] == seeded_order(rows, 8, 8)  # none lost, none twice, in order
+    assert max(result["metrics"]["sync/logprob_max_diff"]) < 1e-3  # the new pool was refitted
+    assert run.roles()["generator"] == 4 and run.leftovers() == []
 
 
 def test_restarted_shared_generator_loses_no_rank_s_prompts(tmp_path):

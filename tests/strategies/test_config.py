@@ -15,6 +15,9 @@ from lightning_rlhf.strategies import AsyncRLHFDDPStrategy, AsyncRLHFDeepSpeedSt
         (dict(backend="sglang"), "Unknown generation backend 'sglang'"),
         (dict(max_staleness=-1), "max_staleness must be 0"),
         (dict(sync_every=0), "sync_every must be at least 1"),
+        (dict(num_generators=0), "num_generators must be at least 1"),
+        (dict(bucket_bytes=1000), "bucket_bytes must be at least 1 MiB"),
+        (dict(dtype="fp8"), "Unknown generator dtype 'fp8'"),
     ],
 )
 def test_bad_arguments_name_the_fix(kwargs, message):
@@ -29,12 +32,21 @@ def test_a_shared_generator_is_off_by_default_and_can_be_asked_for():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
-def test_shared_generator_under_zero3_is_refused():
-    with pytest.raises(ConfigError, match="ZeRO-3 shards them"):
-        AsyncRLHFDeepSpeedStrategy(backend="transformers", stage=3, shared_generator=True)
+def test_a_shared_generator_under_zero3_is_accepted_but_not_its_restart():
+    """The paper's chat layout (ZeRO-3 ranks beside one generator); rank 0 alone could not refit a replacement."""
     assert AsyncRLHFDeepSpeedStrategy(
-        backend="transformers", stage=2, shared_generator=True
+        backend="transformers", stage=3, shared_generator=True
     ).generation.shared_generator
+    with pytest.raises(ConfigError, match="restart_on_failure cannot refit a shared generator under ZeRO-3"):
+        AsyncRLHFDeepSpeedStrategy(backend="transformers", stage=3, shared_generator=True, restart_on_failure=True)
+
+
+def test_generator_dtype_auto_is_bfloat16_on_gpu_and_float32_on_cpu():
+    from lightning_rlhf.generation.pipeline import resolve_dtype
+
+    assert AsyncRLHFStrategy(backend="transformers").generation.dtype == "auto"
+    assert resolve_dtype("auto", "cuda:1") == "bfloat16" and resolve_dtype("auto", "cpu") == "float32"
+    assert resolve_dtype("float32", "cuda:1") == "float32"  # an explicit choice stays
 
 
 def test_unknown_weight_transport_is_refused():
@@ -51,8 +63,23 @@ def test_nccl_needs_two_different_gpus():
         check_transport("nccl", torch.device("cpu"), "cpu")
     with pytest.raises(ConfigError, match="cannot join two processes on one GPU"):
         check_transport("nccl", torch.device("cuda", 0), "cuda:0")
+    with pytest.raises(ConfigError, match="cannot join two processes on one GPU"):
+        check_transport("nccl", torch.device("cuda", 1), "cuda:1,2")  # a tensor-parallel generator over the trainer's
     check_transport("nccl", torch.device("cuda", 0), "cuda:1")  # the paper's layout: accepted
+    check_transport("nccl", torch.device("cuda", 0), "cuda:1,2")  # a tensor-parallel generator beside it
     check_transport("gloo", torch.device("cuda", 0), "cuda:0")  # gloo goes through host memory: any layout
+
+
+def test_cuda_ipc_is_for_a_generator_on_the_trainers_own_gpu():
+    import torch
+
+    from lightning_rlhf.strategies.async_rlhf import check_transport
+
+    check_transport("cuda_ipc", torch.device("cuda", 0), "cuda:0")
+    with pytest.raises(ConfigError, match="shares memory on the trainer's own GPU"):
+        check_transport("cuda_ipc", torch.device("cuda", 0), "cuda:1")
+    with pytest.raises(ConfigError, match="needs the trainer and the generator on GPUs"):
+        check_transport("cuda_ipc", torch.device("cpu"), "cpu")
 
 
 def test_generator_sees_only_its_own_gpu(monkeypatch):
@@ -69,3 +96,16 @@ def test_generator_sees_only_its_own_gpu(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
     with pytest.raises(ValueError, match="lists 2 GPU"):
         isolate_cuda_device("cuda:2")
+
+
+def test_a_tensor_parallel_generator_sees_all_its_gpus_and_joins_as_one_rank_each(monkeypatch):
+    """``cuda:1,2``: two vLLM workers, side-group ranks 1 and 2 of 3 (the trainer is rank 0)."""
+    from lightning_rlhf.generation.process import GeneratorSpec, isolate_cuda_device
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert isolate_cuda_device("cuda:1,2") == "cuda:0" and os.environ["CUDA_VISIBLE_DEVICES"] == "1,2"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert isolate_cuda_device("cuda:2,3") == "cuda:0" and os.environ["CUDA_VISIBLE_DEVICES"] == "6,7"
+    assert GeneratorSpec(device="cuda:2,3").tensor_parallel_size == 2
+    assert GeneratorSpec(device="cuda:1").tensor_parallel_size == 1 == GeneratorSpec(device="cpu").tensor_parallel_size
