@@ -8,9 +8,16 @@
    the logprob difference after every refresh, refresh seconds, step time, and
    whether the parameters moved.
 2. A model of SmolLM2-135M's shape (its ``LlamaConfig``, random weights: the
-   real checkpoint is not on that machine) in a generator process on
-   ``cuda:0``: refresh seconds and the logprob difference before and after a
-   refresh, and sampling throughput.
+   real checkpoint is not on that machine) in a transformers generator process
+   on ``cuda:0``, refreshed in packed buckets over gloo in bfloat16 and over
+   CUDA IPC in bfloat16 and float32: refresh seconds, what held the trainer,
+   the logprob difference before and after a refresh (against the trainer's
+   weights in the generator's dtype: CUDA IPC should be exact), sampling throughput.
+3. NCCL between two processes on one GPU: our layout check refuses it before
+   starting; raw NCCL is run anyway to record how it fails and how fast, with
+   ``torch.cuda.nccl.version()``.
+
+vLLM is not needed (the GPU machine we can expect has none).
 
 Needs the built-in artifacts (``$LIGHTNING_RLHF_CACHE``) prepared beforehand.
 """
@@ -113,13 +120,20 @@ def builtin_run(max_staleness: int, steps: int, device: str) -> dict:
     }
 
 
-def smollm2_shape(workdir: str, device: str, num_prompts: int = 64) -> dict:
+def smollm2_shape(workdir: str, device: str, transport: str, dtype: str, num_prompts: int = 64) -> dict:
+    """A SmolLM2-135M-shaped model in a transformers generator on ``device``: refreshes over ``transport``.
+
+    The trainer keeps float32 master weights; the generator holds ``dtype``, and
+    the trainer casts to it while packing. The probe compares the generator's
+    logprobs with the trainer's model cast to the same dtype: over ``cuda_ipc``
+    on one GPU both run the same kernels on the same bits, so they should agree exactly.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lightning_rlhf.generation import SamplingConfig
     from lightning_rlhf.generation.process import GeneratorProcess, GeneratorSpec
     from lightning_rlhf.generation.transformers_backend import sequence_logprobs
-    from lightning_rlhf.generation.weights import policy_state
+    from lightning_rlhf.generation.weights import policy_state, stream_of
     from lightning_rlhf.models import builtin_path, load_tokenizer
 
     torch.manual_seed(0)
@@ -135,28 +149,30 @@ def smollm2_shape(workdir: str, device: str, num_prompts: int = 64) -> dict:
         tie_word_embeddings=True,
     )
     folder = os.path.join(workdir, "smollm2-shape")
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(folder)
-    load_tokenizer(builtin_path("builtin:sft")).save_pretrained(
-        folder
-    )  # ids fit in the vocabulary; only eos and pad matter here
-    model = model.to(device).eval()
-    generator = GeneratorProcess(GeneratorSpec(backend="transformers", model=folder, device=device))
+    if not os.path.exists(folder):
+        LlamaForCausalLM(config).save_pretrained(folder)
+        load_tokenizer(builtin_path("builtin:sft")).save_pretrained(folder)  # only eos and pad matter here
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    spec = GeneratorSpec(backend="transformers", model=folder, device=device, dtype=dtype, transport=transport)
+    generator = GeneratorProcess(spec)
     start = time.perf_counter()
     generator.start()
+    cast = getattr(torch, dtype)
+
+    def weights():
+        return stream_of(policy_state(model), cast)
+
     try:
         startup = time.perf_counter() - start
-        generator.push_weights(policy_state(model), version=0)
+        generator.push_weights(weights(), version=0)
         prompt, completion = list(range(5, 37)), list(range(40, 72))
 
         def diff() -> float:
-            trainer_logprobs = sequence_logprobs(model, prompt, completion)
-            return (
-                (trainer_logprobs - torch.tensor(generator.sequence_logprobs(prompt, completion, 1.0)))
-                .abs()
-                .max()
-                .item()
-            )
+            twin = LlamaForCausalLM(config).to(device, cast).eval()  # the trainer's weights in the generator's dtype
+            twin.load_state_dict({k: v.to(cast) for k, v in model.state_dict().items()})
+            trainer_logprobs = sequence_logprobs(twin, prompt, completion)
+            generator_logprobs = torch.tensor(generator.sequence_logprobs(prompt, completion, 1.0))
+            return (trainer_logprobs.float().cpu() - generator_logprobs).abs().max().item()
 
         initial = diff()
         with torch.no_grad():
@@ -164,10 +180,10 @@ def smollm2_shape(workdir: str, device: str, num_prompts: int = 64) -> dict:
                 p.add_(0.02 * p.std() * torch.randn_like(p))
         stale = diff()
         refresh, held = [], []
-        for version in (1, 2, 3):  # the whole transfer, and the part of it that holds the trainer up
+        for version in (1, 2, 3):  # the whole refresh, and the part of it that holds the trainer up
             start = time.perf_counter()
-            held.append(generator.push_weights(policy_state(model), version=version))
-            generator.finish_transfer()
+            held.append(generator.push_weights(weights(), version=version))
+            generator.wait_loaded()
             refresh.append(time.perf_counter() - start)
         after = diff()
         sampling = SamplingConfig(k=4, temperature=1.0, max_new_tokens=64)
@@ -182,6 +198,8 @@ def smollm2_shape(workdir: str, device: str, num_prompts: int = 64) -> dict:
     finally:
         generator.close()
     return {
+        "transport": transport,
+        "dtype": dtype,
         "parameters": sum(p.numel() for p in model.parameters()),
         "generator_start_seconds": startup,
         "refresh_seconds": refresh,
@@ -190,6 +208,58 @@ def smollm2_shape(workdir: str, device: str, num_prompts: int = 64) -> dict:
         "diff_stale": stale,
         "diff_after_refresh": after,
         "sample_tokens_per_s": tokens / seconds,
+    }
+
+
+def _nccl_rank(rank: int, port: int, out) -> None:
+    from lightning_rlhf.generation.weights import join_group
+
+    torch.cuda.set_device(0)
+    start = time.perf_counter()
+    try:
+        group = join_group(port, "nccl-one-gpu", rank, 2, timeout_s=60, transport="nccl")
+        group.broadcast(torch.ones(4, device="cuda:0"), 0).wait()
+        torch.cuda.synchronize()
+        out.put((rank, "no error", time.perf_counter() - start))
+    except Exception as exc:
+        out.put((rank, f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}", time.perf_counter() - start))
+
+
+def nccl_on_one_gpu() -> dict:
+    """NCCL between two processes on one GPU: our check refuses the layout; raw NCCL should fail fast."""
+    import multiprocessing as mp
+
+    from lightning_rlhf.errors import ConfigError
+    from lightning_rlhf.generation.weights import host_store
+    from lightning_rlhf.strategies.async_rlhf import check_transport
+
+    try:
+        check_transport("nccl", torch.device("cuda", 0), "cuda:0")
+        refused = "not refused"
+    except ConfigError as err:
+        refused = str(err)
+    store = host_store(timeout_s=60)
+    context = mp.get_context("spawn")
+    out = context.Queue()
+    procs = [context.Process(target=_nccl_rank, args=(r, store.port, out)) for r in (0, 1)]
+    start = time.perf_counter()
+    for p in procs:
+        p.start()
+    results = []
+    for _ in procs:
+        try:
+            results.append(out.get(timeout=120))
+        except Exception:
+            results.append(("?", "no answer within 120 s (a hang)", 120.0))
+    for p in procs:
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+    return {
+        "nccl_version": ".".join(map(str, torch.cuda.nccl.version())),
+        "our_check": refused,
+        "ranks": [{"rank": r, "outcome": o, "seconds": s} for r, o, s in results],
+        "seconds": time.perf_counter() - start,
     }
 
 
@@ -208,10 +278,14 @@ def main() -> None:
         "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
         "torch": torch.__version__,
     }
+    workdir = tempfile.mkdtemp()
     parts = (
         ("sync", lambda: builtin_run(0, args.steps, args.device)),
         ("async", lambda: builtin_run(1, args.steps, args.device)),
-        ("smollm2_shape", lambda: smollm2_shape(tempfile.mkdtemp(), args.device)),
+        ("smollm2_gloo_bf16", lambda: smollm2_shape(workdir, args.device, "gloo", "bfloat16")),
+        ("smollm2_cuda_ipc_bf16", lambda: smollm2_shape(workdir, args.device, "cuda_ipc", "bfloat16")),
+        ("smollm2_cuda_ipc_fp32", lambda: smollm2_shape(workdir, args.device, "cuda_ipc", "float32")),
+        ("nccl_on_one_gpu", nccl_on_one_gpu),
     )
     for name, fn in parts:
         try:
