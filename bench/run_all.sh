@@ -9,3 +9,4 @@ python bench/sync_vs_async.py        # learning curves against wall-clock time, 
 python bench/peer_trl.py             # the same online DPO workload through TRL
 python bench/scaling.py              # model size and batch size
 python bench/async_speedup.py        # episodes/s per generation backend
+python bench/weight_transfer.py --buckets 64 256 1024   # refresh time and generator memory per bucket size

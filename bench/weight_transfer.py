@@ -38,6 +38,16 @@ from common import RESULTS, run_worker, write_json, write_markdown  # noqa: E402
 
 MiB = 2**20
 SHAPES = {
+    # a few MiB, for the --quick smoke run
+    "tiny": dict(
+        vocab_size=4096,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
     # SmolLM2-135M-Instruct's LlamaConfig (tied embeddings)
     "smollm2-135m": dict(
         vocab_size=49152,
@@ -202,7 +212,10 @@ def main() -> None:
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "lightning_rlhf_weight_transfer"))
     parser.add_argument("--out", default=os.path.join(RESULTS, "weight_transfer"))
     parser.add_argument("--report", action="store_true", help="only rewrite the table from --out's JSON")
+    parser.add_argument("--quick", action="store_true", help="a tiny model, 1 MiB buckets, transformers: a smoke run")
     args = parser.parse_args()
+    if args.quick:
+        args.shapes, args.buckets, args.backends, args.refreshes = ["tiny"], [1], ["transformers"], 1
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return

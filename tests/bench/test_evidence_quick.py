@@ -82,3 +82,20 @@ def test_scaling_quick_smoke(builtin_models, tmp_path):
             and r["trainer_peak_rss_gb"] > 0
             and r["generator_peak_rss_gb"] > 0
         )
+
+
+def test_weight_transfer_quick_smoke(tmp_path):
+    out = tmp_path / "weight_transfer"
+    proc = subprocess.run(
+        [sys.executable, "bench/weight_transfer.py", "--quick", "--out", str(out), "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
+    keys = {"transport", "backend", "params", "bytes", "bucket_bytes", "seconds", "trainer_hold_seconds"}
+    assert keys | {"generator_peak_extra_bytes", "note"} <= row.keys()
+    assert row["transport"] == "gloo" and row["buckets"] > 1 and row["seconds"] > 0
+    assert "| tiny | gloo | transformers |" in out.with_suffix(".md").read_text()
