@@ -49,13 +49,11 @@ class _Record(Callback):
         }
         row.update(version=pl_module.policy_version, time=time.perf_counter())
         if len(self.rows) == 5:  # where the two processes really run, read while training
+            import shutil
             import subprocess
 
-            apps = subprocess.run(
-                ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-            ).stdout
+            query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"]
+            apps = subprocess.run(query, capture_output=True, text=True).stdout if shutil.which("nvidia-smi") else ""
             row.update(
                 policy_device=str(next(pl_module.policy.parameters()).device),
                 generator_pid=trainer.strategy.generator.pid,
@@ -214,9 +212,9 @@ def smollm2_shape(workdir: str, device: str, transport: str, dtype: str, num_pro
 def _nccl_rank(rank: int, port: int, out) -> None:
     from lightning_rlhf.generation.weights import join_group
 
-    torch.cuda.set_device(0)
     start = time.perf_counter()
     try:
+        torch.cuda.set_device(0)
         group = join_group(port, "nccl-one-gpu", rank, 2, timeout_s=60, transport="nccl")
         group.broadcast(torch.ones(4, device="cuda:0"), 0).wait()
         torch.cuda.synchronize()

@@ -212,6 +212,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "lightning_rlhf_weight_transfer"))
     parser.add_argument("--out", default=os.path.join(RESULTS, "weight_transfer"))
     parser.add_argument("--report", action="store_true", help="only rewrite the table from --out's JSON")
+    parser.add_argument("--append", action="store_true", help="add the rows to those already in --out's JSON")
     parser.add_argument("--quick", action="store_true", help="a tiny model, 1 MiB buckets, transformers: a smoke run")
     args = parser.parse_args()
     if args.quick:
@@ -233,7 +234,7 @@ def main() -> None:
         layouts.append(("gloo", "cuda:0", "cuda:0"))
     else:
         layouts = [("gloo", "cpu", "cpu")]
-    rows = []
+    rows = json.load(open(args.out + ".json"))["rows"] if args.append else []
     for shape in args.shapes:
         model = save_model(shape, args.workdir)
         for backend in backends:

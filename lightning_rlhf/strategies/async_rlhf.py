@@ -69,7 +69,8 @@ class _AsyncGeneration:
     def _spec(self, index: int) -> GeneratorSpec:
         config, module = self.generation, self._rl_module()
         device, generator_cores, _ = self._layout(index)
-        check_transport(config.weight_transport, self.root_device, device)
+        check_transport(config.weight_transport, self.root_device, device, config.backend)
+        on_gpu = device.startswith("cuda")
         return GeneratorSpec(
             backend=config.backend,
             model=resolve_source(module.policy_source, "policy model"),
@@ -80,7 +81,9 @@ class _AsyncGeneration:
             vllm_kwargs=config.vllm_kwargs,
             transport=config.weight_transport,
             bucket_bytes=config.bucket_bytes,
-            shares_gpu=self.root_device.type == "cuda" and gpu_indices(device)[0] == (self.root_device.index or 0),
+            shares_gpu=on_gpu
+            and self.root_device.type == "cuda"
+            and (self.root_device.index or 0) in gpu_indices(device),
         )
 
     def _new_generator(self) -> GeneratorProcess | GeneratorPool:
@@ -336,8 +339,12 @@ class AsyncRLHFDeepSpeedStrategy(_AsyncGeneration, DeepSpeedStrategy):
         return stream_of(policy_state(policy, self._tied_head()), self._generator_dtype(), gather)
 
 
-def check_transport(transport: str, trainer_device: torch.device, generator_device: str) -> None:
-    """Say before any process starts when the transport cannot join these devices."""
+def check_transport(transport: str, trainer_device: torch.device, generator_device: str, backend: str = "vllm") -> None:
+    """Say before any process starts when the transport (or the backend) cannot serve these devices."""
+    if generator_device.startswith("cuda") and len(gpu_indices(generator_device)) > 1 and backend != "vllm":
+        raise ConfigError(
+            f"Generator device {generator_device} names several GPUs (tensor parallelism), which only backend: vllm can use; name one GPU per generator."
+        )
     if transport == "gloo":
         return
     if trainer_device.type != "cuda" or not generator_device.startswith("cuda"):

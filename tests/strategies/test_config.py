@@ -68,6 +68,8 @@ def test_nccl_needs_two_different_gpus():
     check_transport("nccl", torch.device("cuda", 0), "cuda:1")  # the paper's layout: accepted
     check_transport("nccl", torch.device("cuda", 0), "cuda:1,2")  # a tensor-parallel generator beside it
     check_transport("gloo", torch.device("cuda", 0), "cuda:0")  # gloo goes through host memory: any layout
+    with pytest.raises(ConfigError, match="only backend: vllm can use"):
+        check_transport("gloo", torch.device("cuda", 0), "cuda:1,2", backend="transformers")
 
 
 def test_cuda_ipc_is_for_a_generator_on_the_trainers_own_gpu():
