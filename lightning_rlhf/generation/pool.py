@@ -16,7 +16,7 @@ import time
 
 from lightning_rlhf.generation.base import Generations, SamplingConfig
 from lightning_rlhf.generation.process import GeneratorProcess
-from lightning_rlhf.generation.weights import Refit, WeightStream, pack_stream, staging_device
+from lightning_rlhf.generation.weights import Refit, WeightStream, pack_device, pack_stream
 
 
 def split_sizes(n: int, parts: int) -> list[int]:
@@ -76,7 +76,7 @@ class GeneratorPool:
         """Pack once, send the same buckets to every generator; returns the seconds the trainer was held up."""
         start = time.perf_counter()
         spec = self.generators[0].spec
-        buffers = pack_stream(stream, spec.bucket_bytes, staging_device(spec.transport))
+        buffers = pack_stream(stream, spec.bucket_bytes, pack_device(spec.transport))
         refit = Refit(stream.meta, spec.bucket_bytes)
         for generator in self.generators:
             generator.push_packed(refit, buffers, version)

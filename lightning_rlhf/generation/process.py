@@ -37,9 +37,9 @@ from lightning_rlhf.generation.weights import (
     ipc_handles,
     join_group,
     join_watching,
+    pack_device,
     pack_stream,
     send_buckets,
-    staging_device,
 )
 
 _PREFIXES = itertools.count()
@@ -276,7 +276,7 @@ class GeneratorProcess:
         """Send the policy's weights as ``version``; returns the seconds the trainer was held up."""
         start = time.perf_counter()
         self._check_alive()
-        buffers = pack_stream(stream, self.spec.bucket_bytes, staging_device(self.spec.transport))
+        buffers = pack_stream(stream, self.spec.bucket_bytes, pack_device(self.spec.transport))
         self.push_packed(Refit(stream.meta, self.spec.bucket_bytes), buffers, version)
         return time.perf_counter() - start
 

@@ -253,31 +253,56 @@ def tensor_meta(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[Tenso
 
 
 class Transfer:
-    """Buckets in flight, kept referenced until they are delivered."""
+    """Packed buckets being sent by a background thread, one at a time, while the trainer goes on.
+
+    Each bucket is dropped once sent, so the host copy shrinks as the
+    generator takes it. Over NCCL each bucket is staged in host memory and put
+    on the GPU only when its turn comes: the trainer's GPU holds one bucket of
+    a refresh at a time (ZeRO-3's whole point), not a second model.
+    """
 
     def __init__(
         self,
-        group: dist.ProcessGroup | None,
-        works: list,
+        group: dist.ProcessGroup,
         buffers: list[torch.Tensor],
         transport: str,
         alive: Callable[[], bool] | None,
         poll_s: float,
     ) -> None:
-        self.group, self.works, self.buffers = group, works, buffers
+        self.group, self.buffers = group, list(buffers)  # a list of its own: generators of a pool share buckets
         self.transport, self.alive, self.poll_s = transport, alive, poll_s
+        self.error: BaseException | None = None
+        self._abandoned = threading.Event()
+        self._thread = threading.Thread(target=self._send, name="lightning-rlhf-send-weights", daemon=True)
+        self._thread.start()
+
+    def _send(self) -> None:
+        try:
+            for i, bucket in enumerate(self.buffers):
+                if self.transport == "nccl":
+                    bucket = bucket.to(staging_device("nccl"), non_blocking=True)
+                work = self.group.broadcast(bucket, 0)
+                while not work.is_completed():
+                    if self._abandoned.is_set():
+                        return
+                    time.sleep(self.poll_s)
+                work.wait()  # raises the transport's own error, if it had one
+                self.buffers[i] = bucket = None
+        except BaseException as err:  # handed to wait(), in the trainer's thread
+            self.error = err
 
     def wait(self) -> None:
         """Block until every bucket is sent; a receiver that died raises ``RuntimeError`` instead of a hang."""
-        while not all(work.is_completed() for work in self.works):
+        while self._thread.is_alive():
             if self.alive is not None and not self.alive():
+                self._abandoned.set()
                 if self.transport == "nccl":
-                    self.group.abort()  # or the pending broadcasts hold this GPU's NCCL stream for good
+                    self.group.abort()  # or the pending broadcast holds this GPU's NCCL stream for good
                 raise RuntimeError("the receiving process died during the weight transfer")
-            time.sleep(self.poll_s)
-        for work in self.works:
-            work.wait()  # raises the transport's own error, if it had one
+            self._thread.join(self.poll_s)
         self.buffers = []
+        if self.error is not None:
+            raise RuntimeError(f"the weight transfer failed: {self.error}") from self.error
 
 
 def pack_stream(stream: WeightStream, bucket_bytes: int, device: torch.device) -> list[torch.Tensor]:
@@ -303,15 +328,20 @@ def send_buckets(
     wait: bool = False,
     poll_s: float = 0.005,
 ) -> Transfer:
-    """Broadcast packed buckets from rank 0; returns the transfer in flight (already finished when ``wait``).
+    """Broadcast packed buckets from rank 0 in the background; returns the transfer (finished when ``wait``).
 
     Not waiting is what keeps a refresh from waiting behind a generator busy
     with a long request: it takes the buckets when it gets to them.
     """
-    transfer = Transfer(group, [group.broadcast(b, 0) for b in buffers], buffers, transport, alive, poll_s)
+    transfer = Transfer(group, buffers, transport, alive, poll_s)
     if wait:
         transfer.wait()
     return transfer
+
+
+def pack_device(transport: str) -> torch.device:
+    """Where the trainer packs: its GPU for ``cuda_ipc`` (the generator reads it there), host memory otherwise."""
+    return staging_device("cuda_ipc") if transport == "cuda_ipc" else torch.device("cpu")
 
 
 def ipc_handles(buffers: list[torch.Tensor]) -> list[bytes]:

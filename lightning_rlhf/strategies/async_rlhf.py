@@ -11,7 +11,7 @@ machinery:
 * ``async_rlhf_ddp`` (:class:`AsyncRLHFDDPStrategy`): DDP, one generator per rank, or one on rank 0
   for all ranks (``shared_generator``);
 * ``async_rlhf_deepspeed`` (:class:`AsyncRLHFDeepSpeedStrategy`): DeepSpeed ZeRO-2/3, one generator
-  per rank (or shared under ZeRO-2); ZeRO-3 parameters are gathered before they are sent.
+  per rank, or one shared by all; ZeRO-3 parameters are gathered one at a time as they are packed.
 
 Everything the strategy starts it also stops: at the end of ``fit``, on an
 exception or Ctrl-C (``on_exception``), and at interpreter exit.
@@ -252,17 +252,19 @@ class AsyncRLHFDDPStrategy(_AsyncGeneration, DDPStrategy):
 
 
 class AsyncRLHFDeepSpeedStrategy(_AsyncGeneration, DeepSpeedStrategy):
-    """DeepSpeed ZeRO training with one generator process per rank; ZeRO-3 weights are gathered before sending.
+    """DeepSpeed ZeRO training with a generator process per rank or one shared; ZeRO-3 weights are gathered as sent.
 
     Runs on CUDA and, for testing, on CPU with gloo (Lightning's own DeepSpeed strategy
-    accepts CUDA only; DeepSpeed itself runs on CPU).
+    accepts CUDA only; DeepSpeed itself runs on CPU). Under ZeRO-3 each parameter is
+    gathered only while it is packed, by every rank at every refresh.
 
-    Args: as :class:`AsyncRLHFStrategy`, plus ``stage`` (2 or 3), ``shared_generator`` (stage 2 only:
-    one generator on rank 0 for every rank, as in :class:`AsyncRLHFDDPStrategy`) and every
-    ``DeepSpeedStrategy`` argument through ``deepspeed_kwargs``.
+    Args: as :class:`AsyncRLHFStrategy`, plus ``stage`` (2 or 3), ``shared_generator`` (one generator
+    on rank 0 for every rank, as in :class:`AsyncRLHFDDPStrategy`; under ZeRO-3 the paper's chat
+    layout) and every ``DeepSpeedStrategy`` argument through ``deepspeed_kwargs``.
 
     Raises:
-        ConfigError: As :class:`AsyncRLHFStrategy`, and for ``shared_generator`` under ZeRO-3.
+        ConfigError: As :class:`AsyncRLHFStrategy`, and for ``restart_on_failure`` with a shared generator
+            under ZeRO-3 (rank 0 alone cannot gather the weights to refit a replacement).
     """
 
     strategy_name = "async_rlhf_deepspeed"

@@ -208,8 +208,9 @@ def test_the_side_group_has_one_rank_per_tensor_parallel_worker():
     assert all(torch.equal(got[r][0][0][1], named[0][1]) for r in (1, 2))
 
 
-def test_nccl_transfer_aborts_its_group_when_the_receiver_dies():
+def test_nccl_transfer_aborts_its_group_when_the_receiver_dies(monkeypatch):
     """The NCCL-only step (aborting the group, or its pending broadcast holds the GPU's NCCL stream) with a stand-in."""
+    monkeypatch.setattr(weights, "staging_device", lambda transport: torch.device("cpu"))  # no GPU here
 
     class NeverDone:
         def is_completed(self):
