@@ -40,6 +40,7 @@ from lightning_rlhf.generation.weights import (
     pack_device,
     pack_stream,
     send_buckets,
+    staging_device,
 )
 
 _PREFIXES = itertools.count()
@@ -238,16 +239,24 @@ class GeneratorProcess:
         # re-parented, and close() could no longer find them among its children
         self._descendants = self._children()
         world_size = 1 + self.spec.tensor_parallel_size
+        # the trainer's GPU, read in this thread: the joining thread would start on cuda:0
+        device = staging_device("nccl") if self.spec.transport == "nccl" else None
         try:
             self.group = join_watching(
                 lambda: join_group(
-                    self._store.port, prefix, 0, world_size, self._store, self.spec.timeout_s, self.spec.transport
+                    self._store.port,
+                    prefix,
+                    0,
+                    world_size,
+                    self._store,
+                    self.spec.timeout_s,
+                    self.spec.transport,
+                    device,
                 ),
                 self.alive,
                 self.poll_s,
             )
-            if self.spec.transport == "nccl":  # NCCL sets its communicator up at the first collective: meet now
-                join_watching(lambda: self.group.broadcast(torch.zeros(1, device="cuda"), 0).wait(), self.alive)
+
         except RuntimeError as err:
             raise self._death_error(f"before joining the weight-transfer group ({err})") from err
         self.version = self.acknowledged = None

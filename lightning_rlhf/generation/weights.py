@@ -64,10 +64,14 @@ def join_group(
     store: dist.TCPStore | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     transport: str = "gloo",
+    device: torch.device | None = None,
 ) -> dist.ProcessGroup | None:
     """Join the side group ``prefix`` as ``rank`` of ``world_size`` (``None`` for ``cuda_ipc``, which needs none).
 
-    Gloo blocks until every member has joined; NCCL meets at the first collective.
+    Blocks until every member has joined: gloo at its rendezvous; NCCL, which
+    sets its communicator up at the first collective, at a one-element
+    broadcast made here by every member, on ``device`` (default: this
+    thread's current GPU).
     """
     if transport == "cuda_ipc":
         return None
@@ -78,9 +82,13 @@ def join_group(
     if transport == "gloo":
         return dist.ProcessGroupGloo(store, rank, world_size, timeout)
     if transport == "nccl":
+        device = device or torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)  # for this thread: the one joining may not be the one that asked
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timeout
-        return dist.ProcessGroupNCCL(store, rank, world_size, options)  # bound to the current CUDA device
+        group = dist.ProcessGroupNCCL(store, rank, world_size, options)
+        group.broadcast(torch.zeros(1, device=device), 0).wait()  # every member meets here, so set-up is watched
+        return group
     raise ValueError(f"Unknown weight transport {transport!r}; choose one of {', '.join(TRANSPORTS)}.")
 
 
@@ -272,15 +280,19 @@ class Transfer:
         self.group, self.buffers = group, list(buffers)  # a list of its own: generators of a pool share buckets
         self.transport, self.alive, self.poll_s = transport, alive, poll_s
         self.error: BaseException | None = None
+        # read here, in the caller's thread: a new thread's current CUDA device is cuda:0, not the trainer's
+        self._device = staging_device(transport) if transport == "nccl" else None
         self._abandoned = threading.Event()
         self._thread = threading.Thread(target=self._send, name="lightning-rlhf-send-weights", daemon=True)
         self._thread.start()
 
     def _send(self) -> None:
         try:
+            if self._device is not None and self._device.type == "cuda":
+                torch.cuda.set_device(self._device)  # the device the NCCL group was created on
             for i, bucket in enumerate(self.buffers):
-                if self.transport == "nccl":
-                    bucket = bucket.to(staging_device("nccl"), non_blocking=True)
+                if self._device is not None:
+                    bucket = bucket.to(self._device)
                 work = self.group.broadcast(bucket, 0)
                 while not work.is_completed():
                     if self._abandoned.is_set():
