@@ -18,6 +18,17 @@ from lightning.pytorch.callbacks import Callback
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "results")
 
+# SmolLM2-135M-Instruct's LlamaConfig arguments (tied embeddings): its shape, for random-weight stand-ins
+SMOLLM2_135M_SHAPE = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    tie_word_embeddings=True,
+)
+
 
 def module_and_data(config: str, overrides: Iterable[str] = ()):
     """The LightningModule and DataModule of a recipe YAML (``configs/...``), with ``--key value`` overrides.

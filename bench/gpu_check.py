@@ -34,6 +34,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from common import SMOLLM2_135M_SHAPE
+
 
 class _Record(Callback):
     """Per-step metrics and wall times of the policy updates."""
@@ -135,17 +137,7 @@ def smollm2_shape(workdir: str, device: str, transport: str, dtype: str, num_pro
     from lightning_rlhf.models import builtin_path, load_tokenizer
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=2048,
-        rope_theta=100000.0,
-        tie_word_embeddings=True,
-    )
+    config = LlamaConfig(**SMOLLM2_135M_SHAPE, max_position_embeddings=2048, rope_theta=100000.0)
     folder = os.path.join(workdir, "smollm2-shape")
     if not os.path.exists(folder):
         LlamaForCausalLM(config).save_pretrained(folder)

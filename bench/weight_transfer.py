@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import contextlib
 
-from common import RESULTS, run_worker, write_json, write_markdown  # noqa: E402
+from common import RESULTS, SMOLLM2_135M_SHAPE, run_worker, write_json, write_markdown  # noqa: E402
 
 MiB = 2**20
 SHAPES = {
@@ -48,16 +48,7 @@ SHAPES = {
         num_key_value_heads=2,
         tie_word_embeddings=True,
     ),
-    # SmolLM2-135M-Instruct's LlamaConfig (tied embeddings)
-    "smollm2-135m": dict(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        tie_word_embeddings=True,
-    ),
+    "smollm2-135m": SMOLLM2_135M_SHAPE,
     # Llama 3.2 1B's shape (tied embeddings)
     "llama-1b": dict(
         vocab_size=128256,
