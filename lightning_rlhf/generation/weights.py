@@ -256,10 +256,6 @@ def stream_of(
     return WeightStream(meta, tensors())
 
 
-def tensor_meta(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[TensorMeta]:
-    return [(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in named_tensors]
-
-
 class Transfer:
     """Packed buckets being sent by a background thread, one at a time, while the trainer goes on.
 

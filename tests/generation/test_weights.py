@@ -20,7 +20,6 @@ from lightning_rlhf.generation.weights import (
     receive_buckets,
     send_buckets,
     stream_of,
-    tensor_meta,
     unpack,
 )
 
@@ -131,7 +130,7 @@ def test_buckets_stream_over_gloo_and_the_receiver_holds_one_at_a_time(reuse):
     store, sender, receiver = _pair()
     named = [(f"w{i}", torch.full((MiB // 4,), float(i))) for i in range(4)]  # 1 MiB each
     expected = [(n, t.clone()) for n, t in named]
-    refit = Refit(tensor_meta(named), bucket_bytes=2 * MiB)
+    refit = Refit(stream_of(named).meta, bucket_bytes=2 * MiB)
     buffers = pack_stream(stream_of(named), refit.bucket_bytes, torch.device("cpu"))
     for _, t in named:  # the trainer's next optimizer step changes the weights in place right away
         t.add_(100.0)
@@ -195,7 +194,7 @@ def test_the_side_group_has_one_rank_per_tensor_parallel_worker():
     for t in threads:
         t.join(30)
     named = [("w", torch.arange(10.0))]
-    refit = Refit(tensor_meta(named), MiB)
+    refit = Refit(stream_of(named).meta, MiB)
     got = {}
     receivers = [
         threading.Thread(target=lambda r=r: got.__setitem__(r, list(receive_buckets(groups[r], refit)))) for r in (1, 2)
