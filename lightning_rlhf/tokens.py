@@ -9,21 +9,34 @@ from __future__ import annotations
 import torch
 
 
-def prompt_token_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Tokenize prompts, through the chat template when the tokenizer has one."""
-    if getattr(tokenizer, "chat_template", None):
-        return [
-            list(
-                tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False
-                )
+def prompt_token_ids(tokenizer, prompts: list) -> list[list[int]]:
+    """Tokenize prompts: a string through the chat template when the tokenizer has one, a list of messages always.
+
+    A prompt is either text or a conversation (``[{"role": ..., "content": ...}, ...]``,
+    as in No Robots' ``messages``) that ends before the turn to generate.
+
+    Raises:
+        ValueError: If a prompt is a conversation and the tokenizer has no chat template.
+    """
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    ids = []
+    for prompt in prompts:
+        if isinstance(prompt, str) and not has_template:
+            ids.append(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+            continue
+        if not has_template:
+            raise ValueError(
+                "A prompt is a list of chat messages but the tokenizer has no chat template; "
+                "use a chat model's tokenizer or give the prompts as text."
             )
-            for p in prompts
-        ]
-    return [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        ids.append(
+            list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+        )
+    return ids
 
 
-def encode_prompt_completion(tokenizer, prompts: list[str], completions: list[str]) -> list[list[int]]:
+def encode_prompt_completion(tokenizer, prompts: list, completions: list[str]) -> list[list[int]]:
     """Token ids of prompt (with chat template) + completion + eos, one list per pair.
 
     Reward models and SFT policies are trained on this encoding, and reward

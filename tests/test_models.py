@@ -59,6 +59,17 @@ def test_chat_template_is_used_when_present(tiny_model_dir):
     )
     templated = prompt_token_ids(tokenizer, ["1 2 3"])[0]
     assert tokenizer.decode(templated) == "copy 1 2 3 ="
+    conversation = [
+        {"role": "user", "content": "1"},
+        {"role": "assistant", "content": "2"},
+        {"role": "user", "content": "3"},
+    ]
+    assert tokenizer.decode(prompt_token_ids(tokenizer, [conversation])[0]) == "copy 1 copy 2 copy 3 ="
+
+
+def test_a_conversation_needs_a_chat_template(tiny_model_dir):
+    with pytest.raises(ValueError, match="no chat template"):
+        prompt_token_ids(load_tokenizer(tiny_model_dir), [[{"role": "user", "content": "1"}]])
 
 
 def test_a_reward_model_started_from_a_policy_loads_without_the_load_report(tiny_model_dir):

@@ -14,6 +14,7 @@ data module is built, before any model is loaded.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
@@ -70,6 +71,41 @@ def load_rows(dataset: str, split: str = "train"):
 
 def _collate(rows: list[dict]) -> list[dict]:
     return rows
+
+
+def adapt_prompt(row: dict, template: str | None = None, prompt_column: str = "prompt") -> dict:
+    """A row whose ``prompt`` is ready to tokenize: the task's data adapter.
+
+    * ``template`` (e.g. the paper's GSM8k ``"[MATH_TASK] Problem:\\n{question}\\n\\nSolution:"``)
+      is filled from the row's columns; the prompt column is also there under its
+      own name (``prompt_column``).
+    * A conversation (a list of ``{"role", "content"}`` messages, like No Robots'
+      ``messages``) that ends with the assistant's turn becomes the prompt without
+      that turn, and the turn's text becomes ``reference`` (what a judge compares against).
+
+    Raises:
+        ConfigError: If the template names a column the row does not have.
+    """
+    row = dict(row)
+    if template is not None:
+        try:
+            row["prompt"] = template.format(**{**row, prompt_column: row["prompt"]})
+        except KeyError as err:
+            raise ConfigError(
+                f"prompt_template names the column {err} that the dataset does not have (columns: {', '.join(row)})."
+            ) from None
+    prompt = row["prompt"]
+    if isinstance(prompt, list) and prompt and prompt[-1].get("role") == "assistant":
+        row["prompt"], row["reference"] = prompt[:-1], prompt[-1]["content"]
+    return row
+
+
+def _adapt_batch(rows: list[dict], template: str | None, prompt_column: str) -> list[dict]:
+    return [adapt_prompt(row, template, prompt_column) for row in rows]
+
+
+def _is_conversation(prompt) -> bool:
+    return isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt)
 
 
 class ResumableSampler(DistributedSampler):
@@ -151,6 +187,7 @@ class _TextDataModule(L.LightningDataModule):
         shuffle: bool,
         num_workers: int,
         seed: int,
+        prompt_template: str | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -171,6 +208,12 @@ class _TextDataModule(L.LightningDataModule):
         renames = {column: key for key, column in columns.items() if column != key}
         self.rows = rows.rename_columns(renames) if renames else rows
         self.position: Callable[[], int] | None = None
+        self.collate = _collate
+        if prompt_template is not None or _is_conversation(self.rows[0]["prompt"] if len(self.rows) else None):
+            adapt_prompt(
+                self.rows[0], prompt_template, columns["prompt"]
+            )  # a template naming a missing column fails now
+            self.collate = functools.partial(_adapt_batch, template=prompt_template, prompt_column=columns["prompt"])
 
     def follow(self, position: Callable[[], int]) -> None:
         """Start every training ``iter()`` at ``position()`` batches into the stream (see :class:`ResumableSampler`)."""
@@ -203,7 +246,7 @@ class _TextDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             sampler=sampler,
             drop_last=True,
-            collate_fn=_collate,
+            collate_fn=self.collate,
             num_workers=self.num_workers,
         )
 
@@ -211,17 +254,22 @@ class _TextDataModule(L.LightningDataModule):
 class PromptDataModule(_TextDataModule):
     """Prompts for RL (online DPO, RLOO, PPO).
 
+    Each row is adapted by :func:`adapt_prompt`: the prompt template filled in,
+    a conversation's final assistant turn split off as its reference.
+
     Args:
         dataset: ``builtin:prompts``, a local file/folder, or a hub id.
-        prompt_column: Column that holds the prompt text.
+        prompt_column: Column that holds the prompt: text, or a conversation (a list of chat messages).
         split: Split to read from a hub dataset or folder.
         batch_size: Prompts per training step (each gets ``k`` completions).
         shuffle: Shuffle every epoch (seeded by ``seed``).
         num_workers: DataLoader worker processes.
         seed: Seed of the shuffling order.
+        prompt_template: Format string filled from each row's columns, e.g.
+            ``"[MATH_TASK] Problem:\\n{question}\\n\\nSolution:"``; ``None`` takes the prompt column as it is.
 
     Raises:
-        ConfigError: If the dataset cannot be found or lacks the prompt column.
+        ConfigError: If the dataset cannot be found, lacks the prompt column, or the template names a missing column.
     """
 
     def __init__(
@@ -233,8 +281,11 @@ class PromptDataModule(_TextDataModule):
         shuffle: bool = True,
         num_workers: int = 0,
         seed: int = 0,
+        prompt_template: str | None = None,
     ) -> None:
-        super().__init__(dataset, {"prompt": prompt_column}, split, batch_size, shuffle, num_workers, seed)
+        super().__init__(
+            dataset, {"prompt": prompt_column}, split, batch_size, shuffle, num_workers, seed, prompt_template
+        )
 
 
 class DemonstrationDataModule(_TextDataModule):

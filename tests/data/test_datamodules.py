@@ -127,3 +127,31 @@ def test_a_fabric_script_s_ranks_get_disjoint_prompts(jsonl):
     ]
     assert len(per_rank[0]) == len(per_rank[1]) == 4  # 10 rows, 2 ranks, whole batches of 2
     assert not set(per_rank[0]) & set(per_rank[1])
+
+
+def test_a_prompt_template_is_filled_from_the_row_and_a_conversation_gives_its_last_turn_as_reference(tmp_path):
+    from lightning_rlhf.data.datamodules import adapt_prompt
+
+    row = adapt_prompt({"prompt": "2 + 2?", "answer": "#### 4"}, "Problem:\n{question}\nSolution:", "question")
+    assert row["prompt"] == "Problem:\n2 + 2?\nSolution:" and row["answer"] == "#### 4"
+    with pytest.raises(ConfigError, match="names the column 'title'"):
+        adapt_prompt({"prompt": "x"}, "{title}: {prompt}")
+    turns = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "u"},
+        {"role": "assistant", "content": "a"},
+    ]
+    row = adapt_prompt({"prompt": turns})
+    assert row["prompt"] == turns[:2] and row["reference"] == "a"
+    assert adapt_prompt({"prompt": turns[:2]})["prompt"] == turns[:2]  # nothing to split off
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"question": f"{i} + {i}?", "messages": turns}) + "\n" for i in range(4)))
+    batch = next(
+        iter(PromptDataModule(str(path), "question", batch_size=2, prompt_template="Q: {question}").dataloader())
+    )
+    assert all(r["prompt"].startswith("Q: ") and r["prompt"].endswith("?") for r in batch)
+    batch = next(iter(PromptDataModule(str(path), "messages", batch_size=2).dataloader()))
+    assert all(r["prompt"] == turns[:2] and r["reference"] == "a" for r in batch)
+    with pytest.raises(ConfigError, match="names the column 'title'"):
+        PromptDataModule(str(path), "question", prompt_template="{title}")  # before any model is loaded
