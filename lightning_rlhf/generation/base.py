@@ -19,7 +19,8 @@ class SamplingConfig:
 
     Args:
         k: Completions per prompt.
-        temperature: Softmax temperature; training logprobs use the same one.
+        temperature: Softmax temperature; training logprobs use the same one. ``0`` decodes greedily
+            (evaluation only; behaviour logprobs are then unscaled).
         max_new_tokens: Longest completion; longer ones end with finish reason ``"length"``.
     """
 

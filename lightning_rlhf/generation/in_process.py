@@ -46,6 +46,9 @@ class InProcessSource:
     ) -> None:
         return None  # no generator apart from the policy itself
 
+    def evaluate(self, prompt_ids: list[list[int]], sampling: SamplingConfig, version: int) -> None:
+        return None  # the caller generates with the policy itself (a snapshot may be older)
+
     def close(self) -> None:
         self.backend.close()
 

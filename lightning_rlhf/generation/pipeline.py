@@ -96,6 +96,20 @@ class PipelinedSource:
             lambda: self.generator.sequence_logprobs(prompt_ids, completion_ids, temperature), version
         )
 
+    def evaluate(self, prompt_ids: list[list[int]], sampling: SamplingConfig, version: int) -> Generations:
+        """Completions of ``version``'s weights on the generator (refreshed first when it holds older ones).
+
+        The request queues behind those in flight; it is not one of them (not in
+        ``pending``, not in checkpoints), and a failure is survived like any other call.
+        """
+        if self.generator.version != version:
+            self.refresh(version, "eval")
+
+        def ask() -> Generations:
+            return self.generator.result(self._send(prompt_ids, sampling))
+
+        return self._surviving(ask, version)
+
     def _surviving(self, call: Callable[[], T], version: int) -> T:
         """``call()``; when the generator dies and ``restart`` is set, replace it and call again.
 

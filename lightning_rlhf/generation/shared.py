@@ -92,6 +92,10 @@ class SharedSource:
             else None
         )
 
+    def evaluate(self, prompt_ids: list[list[int]], sampling: SamplingConfig, version: int) -> None:
+        """``None``: each rank evaluates in its own process (a refresh for rank 0 alone would leave the others behind)."""
+        return None
+
     def after_update(self, version: int) -> None:
         if version % self.sync_every == 0:
             self._refresh(version, "period")

@@ -25,12 +25,13 @@ class Refresh:
         seconds: Trainer-side seconds it took.
         reason: ``"period"`` (every ``sync_every`` versions), ``"bound"`` (the staleness
             bound demanded it before a request), ``"restart"`` (a replacement generator
-            refitted) or ``"resume"`` (before asking again for a checkpoint's prompts).
+            refitted), ``"resume"`` (before asking again for a checkpoint's prompts) or
+            ``"eval"`` (an evaluation needed the current weights).
     """
 
     version: int
     seconds: float
-    reason: Literal["period", "bound", "restart", "resume"]
+    reason: Literal["period", "bound", "restart", "resume", "eval"]
 
 
 @runtime_checkable
@@ -63,6 +64,14 @@ class RolloutSource(Protocol):
         self, prompt_ids: list[int], completion_ids: list[int], temperature: float, version: int
     ) -> list[float] | None:
         """The generator's logprobs of one sequence (to check a refresh), or ``None`` where this rank has no generator."""
+
+    def evaluate(self, prompt_ids: list[list[int]], sampling: SamplingConfig, version: int) -> Generations | None:
+        """Completions of the policy at ``version`` on this source's generator, or ``None`` where it has none.
+
+        For evaluation: ``None`` tells the caller to generate in its own process
+        with the policy itself. A greedy request (temperature 0) draws no random
+        numbers, so the training's sampling streams are the same with or without it.
+        """
 
     def close(self) -> None:
         """Release what the source started."""

@@ -77,7 +77,8 @@ class TransformersBackend(GenerationBackend):
                 chunk = self._generate_chunk(prompt_ids[start : start + self.batch_size], sampling)
                 for part, out in zip((completions, logprobs, reasons), chunk):
                     part.extend(out)
-        self.calls += 1
+        if sampling.temperature > 0:  # a greedy (evaluation) request draws no random numbers: streams stay as they were
+            self.calls += 1
         return Generations(prompt_ids, completions, logprobs, reasons, self.policy_version, sampling.k)
 
     def _generate_chunk(self, prompt_ids: list[list[int]], sampling: SamplingConfig):
@@ -85,9 +86,10 @@ class TransformersBackend(GenerationBackend):
         ids, mask = left_pad(prompt_ids, self.pad_token_id)
         was_training = self.model.training
         self.model.eval()
+        greedy = sampling.temperature == 0
         config = GenerationConfig(
-            do_sample=True,
-            temperature=sampling.temperature,
+            do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature,
             top_k=0,
             top_p=1.0,
             max_new_tokens=sampling.max_new_tokens,
@@ -101,7 +103,7 @@ class TransformersBackend(GenerationBackend):
         self.model.train(was_training)
         new_tokens = out.sequences[:, ids.shape[1] :]  # (n*k, t)
         logits = torch.stack(out.logits, dim=1)  # (n*k, t, v), raw (before the temperature)
-        sampled_logprobs = token_logprobs(logits, new_tokens, sampling.temperature)  # (n*k, t)
+        sampled_logprobs = token_logprobs(logits, new_tokens, sampling.temperature or 1.0)  # (n*k, t); greedy: unscaled
         results = [
             truncate_at_stop(t, lp, self.stop_token_ids)
             for t, lp in zip(new_tokens.tolist(), sampled_logprobs.tolist())

@@ -106,3 +106,15 @@ def test_a_resume_asks_again_for_the_checkpoint_s_prompts_first_with_the_current
     ]
     ready = source.step([{"prompt": 12}], [[12]], SAMPLING, 5)
     assert ready[0] == [{"prompt": 10}] and ready[1].policy_version == 5
+
+
+def test_an_evaluation_sees_the_current_weights_and_leaves_the_pipeline_as_it_was():
+    source = PipelinedSource(FakeGenerator(), max_staleness=1, sync_every=2, weights=lambda: None)
+    source.step([{"prompt": 0}], [[0]], SAMPLING, 0)  # in flight, sampled with version 0
+    source.after_update(1)  # sync_every 2: the generator still holds version 0
+    evaluated = source.evaluate([[5], [6]], SAMPLING, 1)
+    assert evaluated.policy_version == 1 and evaluated.prompt_ids == [[5], [6]]
+    assert [(r.version, r.reason) for r in source.refreshes] == [(0, "bound"), (1, "eval")]
+    assert source.pending_rows() == [[{"prompt": 0}]]  # the request in flight is still the next to train on
+    source.evaluate([[5]], SAMPLING, 1)  # already current: no second refresh
+    assert len(source.refreshes) == 2
