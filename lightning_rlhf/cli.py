@@ -5,7 +5,7 @@ overridden on the command line (``--model.init_args.beta 0.05``).
 
 Unless a YAML sets ``trainer.logger``, runs log to both CSV and TensorBoard
 under ``--trainer.default_root_dir``. When the config names a ``builtin:``
-artifact, the built-in task is prepared first (once; :func:`lightning_rlhf.tasks.copy.prepare`).
+artifact, what it needs is prepared first (once; :func:`lightning_rlhf.tasks.prepare`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing_extensions import override
 import lightning_rlhf.strategies  # noqa: F401  (registers the async_rlhf strategy names)
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.models import BUILTIN_PREFIX
-from lightning_rlhf.tasks.copy import prepare
+from lightning_rlhf.tasks import prepare
 
 
 class RLHFCLI(LightningCLI):
@@ -31,8 +31,9 @@ class RLHFCLI(LightningCLI):
     @override
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
-        if _builtin_names(config.as_dict()):  # the whole task: a module's default reward is builtin:reward_model too
-            prepare()
+        # a copy-task name prepares that whole task: a module's default reward is its reward model
+        if names := _builtin_names(config.as_dict()):
+            prepare(*names)
 
     @override
     def instantiate_trainer(self, **kwargs):

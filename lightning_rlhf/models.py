@@ -29,9 +29,9 @@ from transformers import (
 from lightning_rlhf.errors import ConfigError
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_TASK = "copy-v4"  # folder of the built-in task's artifacts; a new version when they change
-# name -> (path under the task's folder, folder whose ``.done`` marks it prepared)
-BUILTIN_ARTIFACTS = {
+BUILTIN_TASK = "copy-v4"  # folder of the built-in artifacts; a new version when they change
+# name -> (path under that folder, folder whose ``.done`` marks it prepared)
+COPY_ARTIFACTS = {  # the built-in copy task (lightning_rlhf.tasks.copy)
     "base": ("base", "base"),
     "sft": ("sft", "sft"),
     "reward_model": ("reward_model", "reward_model"),
@@ -39,6 +39,13 @@ BUILTIN_ARTIFACTS = {
     "eval_prompts": ("data/eval_prompts.jsonl", "data"),
     "demonstrations": ("data/demonstrations.jsonl", "data"),
     "preferences": ("data/preferences.jsonl", "data"),
+}
+BUILTIN_ARTIFACTS = {
+    **COPY_ARTIFACTS,
+    # the arithmetic task with a real model (lightning_rlhf.tasks.arithmetic)
+    "arithmetic_prompts": ("arithmetic/prompts.jsonl", "arithmetic"),
+    "arithmetic_eval": ("arithmetic/eval.jsonl", "arithmetic"),
+    "smollm2": ("smollm2-135m-instruct", "smollm2-135m-instruct"),
 }
 PREPARE_COMMAND = "python -m lightning_rlhf.tasks.copy"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")

@@ -4,3 +4,16 @@ Tasks sit on top of the package: they train their artifacts with its data
 modules and LightningModules, and nothing below imports them. A ``builtin:``
 source names one of their artifacts (:func:`lightning_rlhf.models.builtin_path`).
 """
+
+from lightning_rlhf.models import BUILTIN_PREFIX, COPY_ARTIFACTS
+
+
+def prepare(*names: str) -> None:
+    """Prepare what the ``builtin:`` sources ``names`` need, each once: the whole copy task if any is one of its artifacts."""
+    from lightning_rlhf.tasks import arithmetic, copy
+
+    wanted = {name.removeprefix(BUILTIN_PREFIX) for name in names}
+    if wanted & set(COPY_ARTIFACTS):
+        copy.prepare()
+    if wanted & arithmetic.ARTIFACTS:
+        arithmetic.prepare(*wanted)

@@ -41,8 +41,8 @@ from lightning_rlhf.data.datamodules import DemonstrationDataModule, PreferenceD
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.generation import SamplingConfig, TransformersBackend
 from lightning_rlhf.models import (
-    BUILTIN_ARTIFACTS,
     BUILTIN_PREFIX,
+    COPY_ARTIFACTS,
     PREPARE_COMMAND,
     builtin_root,
     load_policy,
@@ -150,7 +150,7 @@ MODELS_NEEDED = {"base": {"base"}, "sft": {"base", "sft"}, "reward_model": set(M
 
 
 @contextlib.contextmanager
-def _lock(root: Path):
+def lock(root: Path):
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -169,10 +169,10 @@ def prepare(*names: str) -> None:
     Raises:
         ConfigError: On an unknown name, or when a multi-process run would have to train them.
     """
-    wanted = {name.removeprefix(BUILTIN_PREFIX) for name in names} or set(BUILTIN_ARTIFACTS)
-    if unknown := sorted(wanted - set(BUILTIN_ARTIFACTS)):
+    wanted = {name.removeprefix(BUILTIN_PREFIX) for name in names} or set(COPY_ARTIFACTS)
+    if unknown := sorted(wanted - set(COPY_ARTIFACTS)):
         raise ConfigError(
-            f"Unknown built-in artifact 'builtin:{unknown[0]}'; choose one of {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_ARTIFACTS)}."
+            f"Unknown built-in artifact 'builtin:{unknown[0]}' of the copy task; choose one of {', '.join(BUILTIN_PREFIX + n for n in COPY_ARTIFACTS)}."
         )
     root = builtin_root()
     models = [m for m in MODELS if any(m in MODELS_NEEDED.get(name, ()) for name in wanted)]  # in training order
@@ -181,7 +181,7 @@ def prepare(*names: str) -> None:
         raise ConfigError(
             f"The built-in '{missing[-1]}' is not prepared yet and this is a multi-process run; prepare it once first with `{PREPARE_COMMAND}`."
         )
-    with _lock(root):
+    with lock(root):
         if not (root / "data" / ".done").exists():
             write_datasets(root / "data")
             (root / "data" / ".done").touch()
