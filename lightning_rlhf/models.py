@@ -102,8 +102,9 @@ def builtin_path(source: str) -> str:
         )
     path, marker = BUILTIN_ARTIFACTS[name]
     if not (builtin_root() / marker / ".done").exists():
+        command = PREPARE_COMMAND if name in COPY_ARTIFACTS else f"python -m lightning_rlhf.tasks {source}"
         raise ConfigError(
-            f"The built-in artifact '{source}' is not prepared yet in {builtin_root()}; prepare it once with `{PREPARE_COMMAND}` (the lightning-rlhf CLI and the recipes do this by themselves)."
+            f"The built-in artifact '{source}' is not prepared yet in {builtin_root()}; prepare it once with `{command}` (the lightning-rlhf CLI and the recipes do this by themselves)."
         )
     return str(builtin_root() / path)
 

@@ -54,7 +54,8 @@ def _cli(*args: str, run: bool = False):
 def test_every_paper_recipe_parses_with_its_synchronous_overlay(config, capsys):
     with open(config) as f:
         assert f.readline().startswith(f"# lightning-rlhf fit --config {os.path.relpath(config, ROOT)}")
-    for overlay in ([], ["--config", OVERLAYS[0]]):
+    asynchronous = "strategy:" in open(config).read()  # the RL recipes; SFT and reward model have no generator
+    for overlay in ([], ["--config", OVERLAYS[0]]) if asynchronous else ([],):
         with pytest.raises(SystemExit) as exit_info:  # every key and class checked, nothing loaded
             _cli("fit", "--config", config, *overlay, "--print_config", run=True)
         assert exit_info.value.code in (0, None)

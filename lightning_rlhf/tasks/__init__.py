@@ -5,7 +5,8 @@ modules and LightningModules, and nothing below imports them. A ``builtin:``
 source names one of their artifacts (:func:`lightning_rlhf.models.builtin_path`).
 """
 
-from lightning_rlhf.models import BUILTIN_PREFIX, COPY_ARTIFACTS
+from lightning_rlhf.errors import ConfigError
+from lightning_rlhf.models import BUILTIN_ARTIFACTS, BUILTIN_PREFIX, COPY_ARTIFACTS
 
 
 def prepare(*names: str) -> None:
@@ -13,6 +14,10 @@ def prepare(*names: str) -> None:
     from lightning_rlhf.tasks import arithmetic, copy
 
     wanted = {name.removeprefix(BUILTIN_PREFIX) for name in names}
+    if unknown := sorted(wanted - set(BUILTIN_ARTIFACTS)):
+        raise ConfigError(
+            f"Unknown built-in artifact 'builtin:{unknown[0]}'; choose one of {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_ARTIFACTS)}."
+        )
     if wanted & set(COPY_ARTIFACTS):
         copy.prepare()
     if wanted & arithmetic.ARTIFACTS:

@@ -172,7 +172,7 @@ def prepare(*names: str) -> None:
     wanted = {name.removeprefix(BUILTIN_PREFIX) for name in names} or set(COPY_ARTIFACTS)
     if unknown := sorted(wanted - set(COPY_ARTIFACTS)):
         raise ConfigError(
-            f"Unknown built-in artifact 'builtin:{unknown[0]}' of the copy task; choose one of {', '.join(BUILTIN_PREFIX + n for n in COPY_ARTIFACTS)}."
+            f"Unknown built-in artifact 'builtin:{unknown[0]}'; choose one of {', '.join(BUILTIN_PREFIX + n for n in COPY_ARTIFACTS)}."
         )
     root = builtin_root()
     models = [m for m in MODELS if any(m in MODELS_NEEDED.get(name, ()) for name in wanted)]  # in training order
