@@ -81,6 +81,7 @@ def ppo_policy_loss(
     advantages: Tensor,
     mask: Tensor,
     clip_eps: float,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, PPOStats]:
     """Token-level PPO clipped surrogate loss (Schulman et al. 2017, eq. 7).
 
@@ -94,6 +95,10 @@ def ppo_policy_loss(
         advantages: Per-token advantages, (b, t); treated as constants.
         mask: 1 on real tokens, 0 on padding, (b, t).
         clip_eps: Clip range ``eps`` for the ratio ``[1 - eps, 1 + eps]``.
+        weights: Constant per-token (b, t) or per-sequence (b, 1) factors applied to each
+            token's clipped loss before the average, e.g. the truncated importance weights of
+            :func:`~lightning_rlhf.losses.truncated_importance_weights`; the average still
+            divides by the number of real tokens. ``None``: all 1.
 
     Returns:
         ``(loss, stats)``: the scalar loss and detached ``PPOStats``.
@@ -110,7 +115,10 @@ def ppo_policy_loss(
     ratio = torch.exp(log_ratio)  # (b, t)
     unclipped = -advantages * ratio  # (b, t)
     clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)  # (b, t)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token = torch.maximum(unclipped, clipped)  # (b, t)
+    if weights is not None:
+        per_token = per_token * weights.detach()  # after the clip, as TIS (verl) and TRL apply it
+    loss = masked_mean(per_token, mask)
     with torch.no_grad():
         stats = PPOStats(
             policy_loss=loss.detach(),

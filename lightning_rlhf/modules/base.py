@@ -15,6 +15,7 @@ and callbacks see. Its checkpoints keep the prompts in flight
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Literal
 
@@ -28,6 +29,7 @@ from lightning_rlhf.data import PromptDataModule
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.generation import RolloutSource, SamplingConfig, TransformersBackend
 from lightning_rlhf.generation.in_process import InProcessSource
+from lightning_rlhf.losses import ISStats
 from lightning_rlhf.models import freeze, load_policy, load_tokenizer, resolve_source
 from lightning_rlhf.modules.checkpointing import RolloutCheckpointing
 from lightning_rlhf.rewards import RewardFunction, RewardModelScore
@@ -39,6 +41,26 @@ def check_source(source: str | None, what: str) -> None:
     """Fail now, before any weights are read, on a model path that does not exist (``builtin:`` is prepared later)."""
     if source is not None and not source.startswith("builtin:"):
         resolve_source(source, what)
+
+
+LR_SCHEDULES = ("constant", "linear")
+
+
+def check_importance_sampling_cap(cap: float | None) -> None:
+    """Refuse a truncation cap that is not positive (``None`` turns the correction off)."""
+    if cap is not None and cap <= 0:
+        raise ConfigError(
+            f"importance_sampling_cap must be positive (the largest weight a rollout may get, e.g. 2.0) or null to turn the correction off, got {cap}."
+        )
+
+
+def importance_sampling_metrics(stats: ISStats) -> dict[str, torch.Tensor]:
+    """The logged statistics of the truncated importance weights."""
+    return {
+        "offpolicy/is_ratio_mean": stats.ratio_mean,
+        "offpolicy/is_ratio_max": stats.ratio_max,
+        "offpolicy/is_clipfrac": stats.clipfrac,
+    }
 
 
 class RLModuleBase(RolloutCheckpointing, L.LightningModule):
@@ -61,10 +83,17 @@ class RLModuleBase(RolloutCheckpointing, L.LightningModule):
         num_mini_batches: Optimizer steps per epoch over each generated batch.
         num_epochs: Passes over each generated batch.
         gradient_clip_val: Max gradient norm; ``None`` disables clipping.
+        lr_schedule: ``"constant"`` or ``"linear"``: the learning rate decays linearly from the
+            optimizer's ``lr`` towards 0 over the run's optimizer steps, as TRL's default schedule
+            in the paper's code: the i-th optimizer step (from 0) uses ``lr * (1 - i / total)``,
+            where ``total`` is ``trainer.max_steps`` (Lightning counts optimizer steps under manual
+            optimization) or, without it, the epochs' batches x ``num_epochs`` x ``num_mini_batches``.
+            An asynchronous run's first batches (the pipeline filling) take no step, so it ends
+            slightly above 0.
 
     Raises:
         ConfigError: If ``temperature <= 0``, ``num_mini_batches`` or ``num_epochs`` is below 1,
-            or a model path does not exist.
+            ``lr_schedule`` is unknown, or a model path does not exist.
 
     Attributes:
         mini_batch_unit: What ``num_mini_batches`` splits: ``"prompt"`` (a pair per prompt, online DPO)
@@ -87,8 +116,11 @@ class RLModuleBase(RolloutCheckpointing, L.LightningModule):
         num_mini_batches: int = 1,
         num_epochs: int = 1,
         gradient_clip_val: float | None = 1.0,
+        lr_schedule: Literal["constant", "linear"] = "constant",
     ) -> None:
         super().__init__()
+        if lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}.")
         if temperature <= 0:
             raise ConfigError(f"temperature must be positive (sampling is stochastic), got {temperature}.")
         if num_mini_batches < 1 or num_epochs < 1:
@@ -108,6 +140,7 @@ class RLModuleBase(RolloutCheckpointing, L.LightningModule):
         self.missing_eos_penalty = missing_eos_penalty
         self.num_mini_batches, self.num_epochs = num_mini_batches, num_epochs
         self.gradient_clip_val = gradient_clip_val
+        self.lr_schedule = lr_schedule
         self.policy: torch.nn.Module | None = None
         self.ref_policy: torch.nn.Module | None = None
         self.tokenizer = None
@@ -166,7 +199,29 @@ class RLModuleBase(RolloutCheckpointing, L.LightningModule):
 
     @override
     def configure_optimizers(self):
-        return self.optimizer_factory(self.policy.parameters())
+        return self.with_lr_schedule(self.optimizer_factory(self.policy.parameters()))
+
+    def with_lr_schedule(self, optimizer: torch.optim.Optimizer):
+        """``optimizer``, with the ``lr_schedule``'s scheduler when it has one (stepped in :meth:`optimizer_step_on`).
+
+        Manual optimization: Lightning keeps the scheduler in checkpoints (an exact resume
+        continues the decay) but leaves stepping it to us.
+        """
+        if self.lr_schedule == "constant":
+            return optimizer
+        trainer = self.trainer
+        if trainer.max_steps != -1:
+            total = trainer.max_steps  # with manual optimization Lightning counts optimizer steps
+        else:
+            batches = trainer.estimated_stepping_batches  # the epochs' batches
+            if not math.isfinite(batches):
+                raise ConfigError(
+                    "lr_schedule: linear decays over the run's length, but the run has none; set trainer.max_steps or max_epochs."
+                )
+            total = int(batches) * self.num_epochs * self.num_mini_batches
+        total = max(1, total)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: max(0.0, 1.0 - i / total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     @override
     def training_step(self, batch: list[dict], batch_idx: int) -> dict | None:
@@ -180,6 +235,7 @@ class RLModuleBase(RolloutCheckpointing, L.LightningModule):
         rollouts = build_rollout_batch(generations, self.tokenizer.pad_token_id).to(self.device)
         scores, _, _ = score_rollouts(self.reward, self.tokenizer, generations, rows, self.missing_eos_penalty)
         scores = scores.to(self.device)  # (b,)
+        lr = self.optimizers().param_groups[0]["lr"]  # the rate of this batch's first update
         metrics = self.learn(rollouts, scores)
         train_seconds = time.perf_counter() - train_start
         staleness = self.policy_version - generations.policy_version  # versions between sampler and learner
@@ -193,6 +249,7 @@ class RLModuleBase(RolloutCheckpointing, L.LightningModule):
                 "rollout/eos_rate": rollouts.finished.float().mean(),
                 "rollout/response_length": rollouts.response_mask.sum(-1).float().mean(),
                 "rollout/staleness": float(staleness),
+                "train/lr": lr,
                 "timing/rollout_seconds": train_start - start,
                 "timing/train_seconds": train_seconds,
             },
@@ -205,6 +262,15 @@ class RLModuleBase(RolloutCheckpointing, L.LightningModule):
         """The algorithm: update the policy on ``rollouts`` (b = n * k, prompt-major) scored ``scores`` (b,); return metrics."""
         raise NotImplementedError
 
+    @override
+    def on_train_start(self) -> None:
+        """Set the rate the schedule gives now: a resumed run restored the optimizer's last rate, which a new ``max_steps`` changes."""
+        if self.lr_schedule == "constant":
+            return
+        schedule = self.lr_schedulers()
+        for group, base, factor in zip(self.optimizers().param_groups, schedule.base_lrs, schedule.lr_lambdas):
+            group["lr"] = base * factor(schedule.last_epoch)
+
     def optimizer_step_on(self, loss: torch.Tensor) -> None:
         """One optimizer step on ``loss``: zero, backward, clip to ``gradient_clip_val``, step."""
         optimizer = self.optimizers()
@@ -213,6 +279,8 @@ class RLModuleBase(RolloutCheckpointing, L.LightningModule):
         if self.gradient_clip_val is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
         optimizer.step()
+        if self.lr_schedule != "constant":
+            self.lr_schedulers().step()
 
     def prompt_ids(self, rows: list[dict]) -> list[list[int]]:
         return prompt_token_ids(self.tokenizer, [r["prompt"] for r in rows])

@@ -11,6 +11,9 @@ Sources:
       ``num_mini_batches`` x ``num_epochs`` updates per generated batch.
     * Losses: :func:`lightning_rlhf.losses.kl_penalized_rewards`, :func:`~lightning_rlhf.losses.gae`,
       :func:`~lightning_rlhf.losses.ppo_policy_loss`, :func:`~lightning_rlhf.losses.clipped_value_loss`.
+    * Off-policy correction (opt-in, ``importance_sampling_cap``): each token's clipped loss weighted
+      by ``min(pi_old / pi_behaviour, C)`` (:func:`~lightning_rlhf.losses.truncated_importance_weights`,
+      token level as verl's TIS); the paper's code has none.
 
 Deviations:
     * ``critic=None`` puts a linear value head on the policy's last hidden state instead of a
@@ -34,9 +37,15 @@ from lightning_rlhf.losses import (
     masked_mean,
     masked_whiten,
     ppo_policy_loss,
+    truncated_importance_weights,
 )
 from lightning_rlhf.models import load_reward_model
-from lightning_rlhf.modules.base import RLModuleBase, check_source
+from lightning_rlhf.modules.base import (
+    RLModuleBase,
+    check_importance_sampling_cap,
+    check_source,
+    importance_sampling_metrics,
+)
 from lightning_rlhf.rollout_batch import (
     RolloutBatch,
     critic_values,
@@ -64,11 +73,16 @@ class PPO(RLModuleBase):
         lam: GAE lambda.
         whiten_advantages: Whiten advantages over the generated batch.
         num_epochs: Passes over each generated batch (PPO epochs).
+        importance_sampling_cap: ``C`` of the truncated importance-sampling correction for rollouts
+            sampled by older weights: each token's clipped loss is weighted by
+            ``min(pi_old / pi_behaviour, C)`` (logged as ``offpolicy/is_ratio_mean`` and
+            ``offpolicy/is_clipfrac``). ``None`` (default): off.
         **kwargs: The arguments every RL module takes (policy, reward, optimizer over policy and critic,
             ...; see :class:`RLModuleBase`).
 
     Raises:
-        ConfigError: If ``k < 1``, a critic path does not exist, and as :class:`RLModuleBase`.
+        ConfigError: If ``k < 1``, a critic path does not exist, ``importance_sampling_cap <= 0``,
+            and as :class:`RLModuleBase`.
     """
 
     def __init__(
@@ -84,16 +98,19 @@ class PPO(RLModuleBase):
         lam: float = 0.95,
         whiten_advantages: bool = True,
         num_epochs: int = 4,
+        importance_sampling_cap: float | None = None,
         **kwargs,
     ) -> None:
         if k < 1:
             raise ConfigError(f"k is the number of completions per prompt and must be at least 1, got {k}.")
         check_source(critic, "critic model")
+        check_importance_sampling_cap(importance_sampling_cap)
         super().__init__(k=k, num_epochs=num_epochs, **kwargs)
         self.critic_source = critic
         self.kl_coef, self.kl_estimator = kl_coef, kl_estimator
         self.clip_eps, self.value_clip_eps, self.vf_coef = clip_eps, value_clip_eps, vf_coef
         self.gamma, self.lam, self.whiten_advantages = gamma, lam, whiten_advantages
+        self.importance_sampling_cap = importance_sampling_cap
 
     @override
     def configure_model(self) -> None:
@@ -109,7 +126,7 @@ class PPO(RLModuleBase):
     @override
     def configure_optimizers(self):
         value_model = self.critic if self.critic is not None else self.value_head
-        return self.optimizer_factory([*self.policy.parameters(), *value_model.parameters()])
+        return self.with_lr_schedule(self.optimizer_factory([*self.policy.parameters(), *value_model.parameters()]))
 
     def logprobs_and_values(self, rollouts: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Policy logprobs and values of the response tokens, both (b, t), 0 on padding."""
@@ -131,13 +148,24 @@ class PPO(RLModuleBase):
             advantages, returns = gae(rewards, old_values, mask, self.gamma, self.lam)  # (b, t)
             if self.whiten_advantages:
                 advantages = masked_whiten(advantages, mask)
+        weights, offpolicy = None, {}
+        if self.importance_sampling_cap is not None:
+            weights, is_stats = truncated_importance_weights(
+                old_logprobs, rollouts.behavior_logprobs, mask, self.importance_sampling_cap, "token"
+            )  # (b, t)
+            offpolicy = importance_sampling_metrics(is_stats)
 
         for _ in range(self.num_epochs):
             for mb in minibatches(len(rollouts), self.num_mini_batches):
                 mb = mb.to(self.device)
                 logprobs, values = self.logprobs_and_values(rollouts[mb])  # (m, t)
                 policy_loss, stats = ppo_policy_loss(
-                    logprobs, old_logprobs[mb], advantages[mb], mask[mb], self.clip_eps
+                    logprobs,
+                    old_logprobs[mb],
+                    advantages[mb],
+                    mask[mb],
+                    self.clip_eps,
+                    weights=None if weights is None else weights[mb],
                 )
                 value_loss, value_stats = clipped_value_loss(
                     values, old_values[mb], returns[mb], mask[mb], self.value_clip_eps
@@ -154,4 +182,5 @@ class PPO(RLModuleBase):
             "train/approx_kl": stats.approx_kl,
             "objective/kl": (kl * mask).sum(-1).mean(),
             "objective/entropy": -masked_mean(old_logprobs, mask),
+            **offpolicy,
         }

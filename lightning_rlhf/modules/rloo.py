@@ -11,6 +11,10 @@ Sources:
       *replaces* the score; ``num_mini_batches`` x ``num_epochs`` updates per generated batch.
     * Advantages: :func:`lightning_rlhf.losses.rloo_advantages`; loss:
       :func:`lightning_rlhf.losses.ppo_policy_loss` on (b, 1) sequence-level tensors.
+    * Off-policy correction (opt-in, ``importance_sampling_cap``): each sequence's loss weighted by
+      the truncated product of its token ratios ``min(pi_old / pi_behaviour, C)``
+      (:func:`lightning_rlhf.losses.truncated_importance_weights`, TRL's sequence-level mode);
+      the paper's code has none.
 
 Deviations:
     * Completions are dropped after the stop token instead of padded.
@@ -23,8 +27,8 @@ import torch
 from typing_extensions import override
 
 from lightning_rlhf.errors import ConfigError
-from lightning_rlhf.losses import kl_k1, ppo_policy_loss, rloo_advantages
-from lightning_rlhf.modules.base import RLModuleBase
+from lightning_rlhf.losses import kl_k1, ppo_policy_loss, rloo_advantages, truncated_importance_weights
+from lightning_rlhf.modules.base import RLModuleBase, check_importance_sampling_cap, importance_sampling_metrics
 from lightning_rlhf.rollout_batch import RolloutBatch, minibatches, response_logprobs
 
 
@@ -38,33 +42,56 @@ class RLOO(RLModuleBase):
         k: Completions sampled per prompt (at least 2).
         clip_eps: PPO clipping range of the sequence ratio.
         normalize_advantages: Whiten the advantages over the generated batch.
+        importance_sampling_cap: ``C`` of the truncated importance-sampling correction for rollouts
+            sampled by older weights: each sequence's loss is weighted by
+            ``min(pi_old / pi_behaviour, C)``, the product of its token ratios (logged as
+            ``offpolicy/is_ratio_mean`` and ``offpolicy/is_clipfrac``). ``None`` (default): off.
         **kwargs: The arguments every RL module takes (policy, reward, optimizer, ...; see :class:`RLModuleBase`).
 
     Raises:
-        ConfigError: If ``k < 2``, and as :class:`RLModuleBase`.
+        ConfigError: If ``k < 2``, ``importance_sampling_cap <= 0``, and as :class:`RLModuleBase`.
     """
 
     def __init__(
-        self, kl_coef: float = 0.05, k: int = 4, clip_eps: float = 0.2, normalize_advantages: bool = False, **kwargs
+        self,
+        kl_coef: float = 0.05,
+        k: int = 4,
+        clip_eps: float = 0.2,
+        normalize_advantages: bool = False,
+        importance_sampling_cap: float | None = None,
+        **kwargs,
     ) -> None:
         if k < 2:
             raise ConfigError(
                 f"RLOO needs at least two completions per prompt for the leave-one-out baseline, got k={k}; set k >= 2."
             )
+        check_importance_sampling_cap(importance_sampling_cap)
         super().__init__(k=k, **kwargs)
         self.kl_coef, self.clip_eps, self.normalize_advantages = kl_coef, clip_eps, normalize_advantages
+        self.importance_sampling_cap = importance_sampling_cap
 
     @override
     def learn(self, rollouts: RolloutBatch, scores: torch.Tensor) -> dict[str, torch.Tensor]:
         k, temperature = self.sampling.k, self.sampling.temperature
         with torch.no_grad():
-            old_logps = response_logprobs(self.policy, rollouts, temperature).sum(-1)  # (b,)
+            old_token_logps = response_logprobs(self.policy, rollouts, temperature)  # (b, t)
+            old_logps = old_token_logps.sum(-1)  # (b,)
             ref_logps = response_logprobs(self.ref_policy, rollouts, temperature).sum(-1)  # (b,)
             kl = kl_k1(old_logps, ref_logps)  # (b,) sequence KL, k1 summed over tokens
             rewards = scores - self.kl_coef * kl  # (b,)
             advantages = rloo_advantages(rewards.view(-1, k)).flatten()  # (b,)
             if self.normalize_advantages:
                 advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        weights, offpolicy = None, {}
+        if self.importance_sampling_cap is not None:
+            weights, is_stats = truncated_importance_weights(
+                old_token_logps,
+                rollouts.behavior_logprobs,
+                rollouts.response_mask,
+                self.importance_sampling_cap,
+                "sequence",
+            )  # (b, 1)
+            offpolicy = importance_sampling_metrics(is_stats)
 
         for _ in range(self.num_epochs):
             for mb in minibatches(len(rollouts), self.num_mini_batches):
@@ -72,7 +99,12 @@ class RLOO(RLModuleBase):
                 logps = response_logprobs(self.policy, rollouts[mb], temperature).sum(-1)  # (m,)
                 ones = torch.ones_like(logps)[:, None]  # (m, 1): one "token" per sequence
                 loss, stats = ppo_policy_loss(
-                    logps[:, None], old_logps[mb, None], advantages[mb, None], ones, self.clip_eps
+                    logps[:, None],
+                    old_logps[mb, None],
+                    advantages[mb, None],
+                    ones,
+                    self.clip_eps,
+                    weights=None if weights is None else weights[mb],
                 )
                 self.optimizer_step_on(loss)
 
@@ -84,4 +116,5 @@ class RLOO(RLModuleBase):
             "objective/rlhf_reward": rewards.mean(),
             "objective/kl": kl.mean(),
             "objective/advantage_std": advantages.std(),
+            **offpolicy,
         }
