@@ -29,11 +29,13 @@ from transformers import (
 from lightning_rlhf.errors import ConfigError
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_TASK = "copy-v4"  # folder of the built-in artifacts; a new version when they change
+BUILTIN_TASK = "copy-v5"  # folder of the built-in artifacts; a new version when they change
 # name -> (path under that folder, folder whose ``.done`` marks it prepared)
 COPY_ARTIFACTS = {  # the built-in copy task (lightning_rlhf.tasks.copy)
     "base": ("base", "base"),
     "sft": ("sft", "sft"),
+    "base_large": ("base_large", "base_large"),
+    "sft_large": ("sft_large", "sft_large"),
     "reward_model": ("reward_model", "reward_model"),
     "prompts": ("data/prompts.jsonl", "data"),
     "eval_prompts": ("data/eval_prompts.jsonl", "data"),

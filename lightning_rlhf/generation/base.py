@@ -94,6 +94,15 @@ class Generations:
         return parts
 
 
+def call_seed(seed: int, calls: int) -> int:
+    """The seed of a backend's ``calls``-th sampled request: one stream per call, the same in every backend.
+
+    Kept below 2**63 (what ``torch.manual_seed`` and vLLM's generators take): a base seed
+    from ``torch.initial_seed()`` may itself be a 64-bit number.
+    """
+    return (seed * 1_000_003 + calls) % 2**63
+
+
 def truncate_at_stop(
     tokens: list[int], logprobs: list[float], stop_token_ids: set[int]
 ) -> tuple[list[int], list[float], str]:

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import torch
 from transformers import GenerationConfig
 
-from lightning_rlhf.generation.base import GenerationBackend, Generations, SamplingConfig, truncate_at_stop
+from lightning_rlhf.generation.base import GenerationBackend, Generations, SamplingConfig, call_seed, truncate_at_stop
 from lightning_rlhf.generation.weights import Refit, join_group, receive_buckets
 from lightning_rlhf.losses import token_logprobs
 from lightning_rlhf.tokens import left_pad
@@ -72,7 +72,7 @@ class TransformersBackend(GenerationBackend):
         device = next(self.model.parameters()).device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=self.seed is not None):
             if self.seed is not None:
-                torch.manual_seed(self.seed * 1_000_003 + self.calls)
+                torch.manual_seed(call_seed(self.seed, self.calls))
             for start in range(0, len(prompt_ids), self.batch_size):
                 chunk = self._generate_chunk(prompt_ids[start : start + self.batch_size], sampling)
                 for part, out in zip((completions, logprobs, reasons), chunk):

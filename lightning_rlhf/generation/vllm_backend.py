@@ -31,7 +31,7 @@ import os
 
 import torch
 
-from lightning_rlhf.generation.base import GenerationBackend, Generations, SamplingConfig, truncate_at_stop
+from lightning_rlhf.generation.base import GenerationBackend, Generations, SamplingConfig, call_seed, truncate_at_stop
 from lightning_rlhf.generation.weights import Refit, join_group, receive_buckets
 
 # Fraction of a GPU's memory vLLM takes (weights + KV cache): a GPU of its own, or one shared with
@@ -164,7 +164,7 @@ class VLLMBackend(GenerationBackend):
             max_tokens=sampling.max_new_tokens,
             logprobs=0,
             stop_token_ids=sorted(self.stop_token_ids),
-            seed=self.seed * 1_000_003 + self.calls,
+            seed=call_seed(self.seed, self.calls),
         )
         if sampling.temperature > 0:
             self.calls += 1  # a greedy (evaluation) request leaves the sampling seeds of training as they were

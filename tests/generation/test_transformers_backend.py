@@ -62,3 +62,21 @@ def test_response_logprobs_use_the_temperature(tiny_model_dir):
     )
     assert torch.allclose(hot, expected, atol=1e-5)
     assert not torch.allclose(hot, cold)
+
+
+def test_a_64_bit_base_seed_samples_and_stays_reproducible(tiny_model_dir):
+    # torch.initial_seed() may be any 64-bit number; each call's seed must still fit torch.manual_seed
+    from lightning_rlhf.generation.base import call_seed
+
+    assert 0 <= call_seed(2**64 - 1, 7) < 2**63
+    assert call_seed(5, 2) == 5 * 1_000_003 + 2  # small seeds: the streams of earlier versions, unchanged
+    policy, tokenizer = load_policy(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    prompts = prompt_token_ids(tokenizer, ["copy 1 2 3 ="])
+    sampling = SamplingConfig(k=2, temperature=1.0, max_new_tokens=4)
+    runs = [
+        TransformersBackend(policy, [tokenizer.eos_token_id], tokenizer.pad_token_id, seed=2**64 - 1).generate(
+            prompts, sampling
+        )
+        for _ in range(2)
+    ]
+    assert runs[0].completion_ids == runs[1].completion_ids

