@@ -65,19 +65,9 @@ def _one_update(cls, kwargs, builtin_models, tmp_path, ratio=None, per_token=Fal
         module._source = None
         module.use_rollout_source(OlderBehaviour(backend, ratio, per_token))
     before = [p.detach().clone() for p in module.policy.parameters()]
-    logger = CSVLogger(tmp_path, name=f"{cls.__name__}_{ratio}_{cap}")
-    trainer = L.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=logger,
-        log_every_n_steps=1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, PromptDataModule(batch_size=8, seed=0))
+    metrics = _fit(module, tmp_path, 1, f"{cls.__name__}_{ratio}_{cap}")
     delta = torch.cat([(p.detach() - b).flatten() for p, b in zip(module.policy.parameters(), before)])
-    return delta, _metrics(logger.log_dir)[0]
+    return delta, metrics[0]
 
 
 CASES = {
@@ -141,7 +131,11 @@ def _fit(module, tmp_path, max_steps, name, ckpt_path=None, checkpoint=None, sto
         enable_model_summary=False,
     )
     trainer.fit(module, PromptDataModule(batch_size=8, seed=0), ckpt_path=ckpt_path)
-    return [float(row["train/lr"]) for row in _metrics(logger.log_dir) if row.get("train/lr")], module
+    return _metrics(logger.log_dir)
+
+
+def _rates(metrics: list[dict]) -> list[float]:
+    return [float(row["train/lr"]) for row in metrics if row.get("train/lr")]
 
 
 def _decaying(builtin_models, **kwargs):
@@ -156,25 +150,30 @@ def _decaying(builtin_models, **kwargs):
 
 def test_linear_decay_and_its_exact_resume(builtin_models, tmp_path):
     L.seed_everything(0)
-    rates, module = _fit(_decaying(builtin_models), tmp_path, 4, "full")
+    module = _decaying(builtin_models)
+    rates = _rates(_fit(module, tmp_path, 4, "full"))
     # four optimizer steps: lr * (1 - i / 4)
     assert rates == pytest.approx([1e-3, 0.75e-3, 0.5e-3, 0.25e-3])
     assert module.optimizers().param_groups[0]["lr"] == pytest.approx(0.0)
 
     # two updates per batch (num_epochs 2): max_steps counts optimizer steps, eight over four batches
     L.seed_everything(0)
-    rates, _ = _fit(_decaying(builtin_models, num_epochs=2), tmp_path, 8, "epochs")
+    rates = _rates(_fit(_decaying(builtin_models, num_epochs=2), tmp_path, 8, "epochs"))
     assert rates == pytest.approx([1e-3, 0.75e-3, 0.5e-3, 0.25e-3])  # each batch's first update
     # stopped after 2 of 4 steps and resumed: the schedule continues where it was
     L.seed_everything(0)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
     _fit(_decaying(builtin_models), tmp_path, 4, "first_half", checkpoint=checkpoint, stop_after=2)
-    rates, _ = _fit(_decaying(builtin_models), tmp_path, 4, "resumed", ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    rates = _rates(
+        _fit(_decaying(builtin_models), tmp_path, 4, "resumed", ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    )
     assert rates == pytest.approx([0.5e-3, 0.25e-3])
     # a run of 2 steps continued to 6: the rate follows the new length from the first resumed step (1 - 2 / 6)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt2", save_last=True, every_n_train_steps=1)
     _fit(_decaying(builtin_models), tmp_path, 2, "short", checkpoint=checkpoint)
-    rates, _ = _fit(_decaying(builtin_models), tmp_path, 6, "longer", ckpt_path=str(tmp_path / "ckpt2" / "last.ckpt"))
+    rates = _rates(
+        _fit(_decaying(builtin_models), tmp_path, 6, "longer", ckpt_path=str(tmp_path / "ckpt2" / "last.ckpt"))
+    )
     assert rates == pytest.approx([1e-3 * (1 - i / 6) for i in range(2, 6)])
 
 
