@@ -3,7 +3,10 @@
     python bench/peer_trl.py --json docs/results/peer_trl.json
     python bench/peer_trl.py --quick --json /tmp/peer_trl_quick.json
 
-Runs, each in a fresh subprocess (no shared state; model loading and start-up are not timed):
+Runs, each in a fresh subprocess (no shared state; model loading and start-up are not timed),
+repeated ``--repeats`` times (default 3) in interleaved order (trl, trl_2threads, sync, async,
+then again): each figure is the median over repeats, and each ratio to TRL the median of the
+ratios within a repeat, so that the machine's drift between minutes hits both sides alike:
 
 * ``trl``: ``trl.experimental.online_dpo.OnlineDPOTrainer`` (trl 1.16.0) on the CPU, one process
   pinned to one core with one torch thread (``--trl_threads``), generating with transformers ``generate``.
@@ -14,6 +17,8 @@ Runs, each in a fresh subprocess (no shared state; model loading and start-up ar
   batch, so at any moment one thread works, as in the ``trl`` run.
 * ``async``: the same with ``max_staleness=1`` (the paper's setting): generation of batch i+1
   overlaps training on batch i.
+* ``async_score_on_generator``: ``async`` with ``score_on_generator=True``: the generator process
+  also scores its samples with the proxy, so scoring overlaps training too.
 * ``sync_vllm``/``async_vllm`` (full run, when vLLM is installed): ours with the vLLM backend.
 
 The headline ratios (``async_over_trl``, ``sync_over_trl``) use the transformers backend for
@@ -64,6 +69,7 @@ import importlib.util
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 
@@ -227,7 +233,11 @@ def run_ours(spec: dict) -> dict:
     )
     # default layout on 2+ cores: generator pinned to the first core, trainer to the others, one thread each
     strategy = AsyncRLHFStrategy(
-        backend=spec["backend"], max_staleness=spec["max_staleness"], sync_every=1, vllm_kwargs={"max_model_len": 64}
+        backend=spec["backend"],
+        max_staleness=spec["max_staleness"],
+        sync_every=1,
+        vllm_kwargs={"max_model_len": 64},
+        score_on_generator=spec["score_on_generator"],
     )
     clock = StepClock()
     trainer = quiet_trainer(
@@ -275,14 +285,19 @@ def _runs(args: argparse.Namespace) -> list[dict]:
         )
     for backend in args.backends:
         suffix = "" if backend == "transformers" else f"_{backend}"
-        for name, staleness in (("sync", 0), ("async", 1)):
+        for name, staleness, score_on_generator in (
+            ("sync", 0, False),
+            ("async", 1, False),
+            ("async_score_on_generator", 1, True),
+        ):
             runs.append(
                 {
                     "name": name + suffix,
                     "kind": "ours",
                     "backend": backend,
                     "max_staleness": staleness,
-                    "generation": backend,
+                    "score_on_generator": score_on_generator,
+                    "generation": backend + (", scored in the generator" if score_on_generator else ""),
                     **common,
                 }
             )
@@ -292,14 +307,18 @@ def _runs(args: argparse.Namespace) -> list[dict]:
 def _summary(args: argparse.Namespace, results: list[dict]) -> dict:
     """Flat ``<run>_<metric>`` keys, ratios to TRL, the per-run details and the workload."""
     by_name = {r["name"]: r for r in results}
-    trl = by_name["trl"]["episodes_per_s"]
     summary: dict = {}
     for r in results:
         summary[f"{r['name']}_episodes_per_s"] = r["episodes_per_s"]
         if r["name"] != "trl":
-            summary[f"{r['name']}_over_trl"] = r["episodes_per_s"] / trl
-    best_trl = max(r["episodes_per_s"] for r in results if r["name"].startswith("trl"))
-    summary["async_over_best_trl"] = by_name["async"]["episodes_per_s"] / best_trl
+            # the median over repeats of the ratio within one repeat (runs interleaved: drift cancels)
+            ratios = [mine / trl for mine, trl in zip(r["repeats"], by_name["trl"]["repeats"])]
+            r["over_trl_repeats"] = ratios
+            summary[f"{r['name']}_over_trl"] = statistics.median(ratios)
+    best_trl = [max(values) for values in zip(*(r["repeats"] for r in results if r["name"].startswith("trl")))]
+    summary["async_over_best_trl"] = statistics.median(
+        [mine / best for mine, best in zip(by_name["async"]["repeats"], best_trl)]
+    )
     for r in results:
         for metric, value in r["eval"].items():
             summary[f"{r['name']}_{metric}"] = value
@@ -322,6 +341,7 @@ def _summary(args: argparse.Namespace, results: list[dict]) -> dict:
         "missing_eos": f"ours: score := {MISSING_EOS_SCORE}; TRL: score -= {-MISSING_EOS_SCORE}",
         "eval_prompts": args.eval_prompts,
         "eval_seed": EVAL_SEED,
+        "repeats": args.repeats,
         "quick": args.quick,
     }
     summary["runs"] = results
@@ -334,15 +354,17 @@ def _summary(args: argparse.Namespace, results: list[dict]) -> dict:
 
 def _markdown(summary: dict) -> str:
     table = [
-        "| run | generation | episodes/s | x TRL | proxy reward | gold win rate | KL | eos rate |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | generation | episodes/s (median) | episodes/s (each repeat) | x TRL (median) | x TRL (each repeat) "
+        "| proxy reward | gold win rate | KL | eos rate |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["runs"]:
         ratio = "1.00" if r["name"] == "trl" else f"{summary[r['name'] + '_over_trl']:.2f}"
+        ratios = ", ".join(f"{x:.2f}" for x in r.get("over_trl_repeats", []))
         e = r["eval"]
         table.append(
-            f"| {r['name']} | {r['generation']} | {r['episodes_per_s']:.1f} | {ratio} | {e['proxy_reward']:.3f} | "
-            f"{e['gold_win_rate']:.3f} | {e['kl']:.2f} | {e['eos_rate']:.2f} |"
+            f"| {r['name']} | {r['generation']} | {r['episodes_per_s']:.1f} | {', '.join(f'{x:.0f}' for x in r['repeats'])} "
+            f"| {ratio} | {ratios} | {e['proxy_reward']:.3f} | {e['gold_win_rate']:.3f} | {e['kl']:.2f} | {e['eos_rate']:.2f} |"
         )
     return "\n".join(table)
 
@@ -360,6 +382,7 @@ def main() -> None:
         help="our generation backends (default: transformers, and vllm when installed; quick: transformers)",
     )
     parser.add_argument("--steps", type=int, default=30, help="timed steps per run")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every run (medians reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--batch_size", type=int, default=64, help="prompts per step (each gets 2 completions)")
     parser.add_argument(
@@ -381,7 +404,7 @@ def main() -> None:
         print(json.dumps({"name": spec["name"], "generation": spec["generation"], **result}))
         return
     if args.quick:
-        args.steps, args.warmup, args.batch_size, args.eval_prompts = 3, 1, 8, 32
+        args.steps, args.warmup, args.batch_size, args.eval_prompts, args.repeats = 3, 1, 8, 32, 1
     if args.backends is None:
         args.backends = ["transformers"] + (["vllm"] if importlib.util.find_spec("vllm") and not args.quick else [])
     if args.warmup < 1:
@@ -390,10 +413,18 @@ def main() -> None:
         parser.error(
             "--backends must include transformers: the headline ratios compare the same generation path as TRL's"
         )
+    runs = _runs(args)
+    measured: dict[str, list[dict]] = {spec["name"]: [] for spec in runs}
+    for repeat in range(args.repeats):  # interleaved: every run once per repeat, so drift hits them alike
+        for spec in runs:
+            measured[spec["name"]].append(_subprocess_run(spec))
+            print(json.dumps({"repeat": repeat, **measured[spec["name"]][-1]}), flush=True)
     results = []
-    for spec in _runs(args):
-        results.append(_subprocess_run(spec))
-        print(json.dumps(results[-1]), flush=True)
+    for spec in runs:
+        rs = measured[spec["name"]]
+        speeds = [r["episodes_per_s"] for r in rs]
+        middle = rs[speeds.index(statistics.median_low(speeds))]  # the median repeat (its evaluation too)
+        results.append({**middle, "episodes_per_s": statistics.median(speeds), "repeats": speeds})
     summary = _summary(args, results)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:

@@ -119,6 +119,35 @@ def critic_values(critic: torch.nn.Module, rollouts: RolloutBatch) -> torch.Tens
     return values * rollouts.response_mask
 
 
+def raw_scores(reward: RewardFunction, rows: list[dict], completions: list[str], k: int) -> torch.Tensor:
+    """``reward``'s scores of ``completions`` (n*k, prompt-major) of the prompts in ``rows`` (n), float32 on the CPU."""
+    prompts = [row["prompt"] for row in rows for _ in range(k)]
+    expanded_rows = [row for row in rows for _ in range(k)]
+    return reward(prompts, completions, expanded_rows).float().cpu()
+
+
+class RewardScorer:
+    """Scores in the generator process (``score_on_generator``): decodes with the policy's tokenizer, scores with ``reward``.
+
+    Args:
+        reward: An unloaded copy of the module's reward (:meth:`RewardFunction.unloaded_copy`).
+        tokenizer_source: Where the policy's tokenizer loads from (the generator's model).
+    """
+
+    def __init__(self, reward: RewardFunction, tokenizer_source: str) -> None:
+        self.reward, self.tokenizer_source, self.tokenizer = reward, tokenizer_source, None
+
+    def setup(self, device: torch.device) -> None:
+        from lightning_rlhf.models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(self.tokenizer_source)
+        self.reward.setup(device)
+
+    def __call__(self, rows: list[dict], generations: Generations) -> list[float]:
+        completions = self.tokenizer.batch_decode(generations.completion_ids, skip_special_tokens=True)
+        return raw_scores(self.reward, rows, completions, generations.k).tolist()
+
+
 def score_rollouts(
     reward: RewardFunction,
     tokenizer,
@@ -126,17 +155,17 @@ def score_rollouts(
     rows: list[dict],
     missing_eos_penalty: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Score every completion with ``reward``, then apply the missing-EOS penalty.
+    """Score every completion with ``reward`` (unless the generator already did), then apply the missing-EOS penalty.
 
     Returns:
         ``(scores, raw_scores, completions)``: the penalised and raw scores, (b,),
         and the decoded completion texts.
     """
-    k = generations.k
-    prompts = [row["prompt"] for row in rows for _ in range(k)]
-    expanded_rows = [row for row in rows for _ in range(k)]
     completions = tokenizer.batch_decode(generations.completion_ids, skip_special_tokens=True)
-    raw = reward(prompts, completions, expanded_rows).float().cpu()
+    if generations.scores is not None:  # scored beside generation (score_on_generator)
+        raw = torch.tensor(generations.scores, dtype=torch.float32)
+    else:
+        raw = raw_scores(reward, rows, completions, generations.k)
     finished = torch.tensor([r == "stop" for r in generations.finish_reasons])
     return apply_missing_eos_penalty(raw, finished, missing_eos_penalty), raw, completions
 

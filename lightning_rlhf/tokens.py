@@ -19,6 +19,8 @@ def prompt_token_ids(tokenizer, prompts: list) -> list[list[int]]:
         ValueError: If a prompt is a conversation and the tokenizer has no chat template.
     """
     has_template = bool(getattr(tokenizer, "chat_template", None))
+    if not has_template and all(isinstance(p, str) for p in prompts):
+        return tokenizer(list(prompts), add_special_tokens=True)["input_ids"] if prompts else []  # one batched call
     ids = []
     for prompt in prompts:
         if isinstance(prompt, str) and not has_template:

@@ -67,6 +67,13 @@ def test_chat_template_is_used_when_present(tiny_model_dir):
     assert tokenizer.decode(prompt_token_ids(tokenizer, [conversation])[0]) == "copy 1 copy 2 copy 3 ="
 
 
+def test_text_prompts_are_tokenized_in_one_call_with_the_same_ids(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    prompts = ["1 2 3", "4", "5 6 7 8 9"]  # different lengths: no padding may leak into the batched ids
+    assert prompt_token_ids(tokenizer, prompts) == [tokenizer(p)["input_ids"] for p in prompts]
+    assert prompt_token_ids(tokenizer, []) == []
+
+
 def test_a_conversation_needs_a_chat_template(tiny_model_dir):
     with pytest.raises(ValueError, match="no chat template"):
         prompt_token_ids(load_tokenizer(tiny_model_dir), [[{"role": "user", "content": "1"}]])

@@ -40,6 +40,7 @@ class Generations:
         finish_reasons: n*k of ``"stop"`` (ended with a stop token) or ``"length"`` (hit ``max_new_tokens``).
         policy_version: Version of the weights that produced them (number of optimizer steps).
         k: Completions per prompt.
+        scores: n*k raw reward scores when the generator scored them (``score_on_generator``), else ``None``.
     """
 
     prompt_ids: list[list[int]]
@@ -48,6 +49,7 @@ class Generations:
     finish_reasons: list[str]
     policy_version: int
     k: int
+    scores: list[float] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.prompt_ids) * self.k
@@ -55,6 +57,8 @@ class Generations:
             raise ValueError(
                 f"Generations must hold {n} completions ({len(self.prompt_ids)} prompts x k={self.k}), got {len(self.completion_ids)}."
             )
+        if self.scores is not None and len(self.scores) != n:
+            raise ValueError(f"Generations hold {n} completions but {len(self.scores)} scores.")
 
     @classmethod
     def concat(cls, parts: list[Generations]) -> Generations:
@@ -62,6 +66,7 @@ class Generations:
         versions = {p.policy_version for p in parts}
         if len(versions) != 1 or len({p.k for p in parts}) != 1:
             raise ValueError(f"Parts of one request were sampled with different versions or k: {sorted(versions)}.")
+        scored = all(p.scores is not None for p in parts)
         return cls(
             [ids for p in parts for ids in p.prompt_ids],
             [ids for p in parts for ids in p.completion_ids],
@@ -69,6 +74,7 @@ class Generations:
             [r for p in parts for r in p.finish_reasons],
             parts[0].policy_version,
             parts[0].k,
+            [s for p in parts for s in p.scores] if scored else None,
         )
 
     def split(self, prompts_per_part: list[int]) -> list[Generations]:
@@ -88,6 +94,7 @@ class Generations:
                     self.finish_reasons[lo:hi],
                     self.policy_version,
                     self.k,
+                    self.scores[lo:hi] if self.scores is not None else None,
                 )
             )
             start += n

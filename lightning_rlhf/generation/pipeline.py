@@ -143,16 +143,21 @@ class PipelinedSource:
         seconds = self.generator.push_weights(self.weights(), version)
         self.refreshes.append(Refresh(version, seconds, "restart"))
         for i, (_, rows, ids, sampling) in enumerate(self.pending):
-            self.pending[i] = (self._send(ids, sampling), rows, ids, sampling)
+            self.pending[i] = (self._send(ids, sampling, rows), rows, ids, sampling)
 
-    def _send(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> int:
-        """Ask the generator for rollouts of ``prompt_ids``; returns the request's id (raises if the generator is dead)."""
+    def _send(self, prompt_ids: list[list[int]], sampling: SamplingConfig, rows: list[dict] | None = None) -> int:
+        """Ask the generator for rollouts of ``prompt_ids`` (scored there, given ``rows``, when it holds the reward); returns the request's id (raises if the generator is dead)."""
         request_id, self.request_ids = self.request_ids, self.request_ids + 1
-        self.generator.submit(request_id, prompt_ids, sampling)
+        if rows is None:
+            self.generator.submit(request_id, prompt_ids, sampling)
+            return request_id
+        if rows and isinstance(rows[0], list):  # a SharedSource's request: one list of rows per rank
+            rows = [row for rank_rows in rows for row in rank_rows]
+        self.generator.submit(request_id, prompt_ids, sampling, rows)
         return request_id
 
     def _submit(self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig) -> None:
-        self.pending.append((self._send(prompt_ids, sampling), rows, prompt_ids, sampling))
+        self.pending.append((self._send(prompt_ids, sampling, rows), rows, prompt_ids, sampling))
 
     def step(
         self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int

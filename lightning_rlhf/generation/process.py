@@ -23,6 +23,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import psutil
 import torch
@@ -66,6 +67,8 @@ class GeneratorSpec:
         bucket_bytes: Size of the packed buckets weights travel in.
         timeout_s: The one limit on every wait for this generator (requests, the side group).
         shares_gpu: The trainer trains on the generator's GPU (sets vLLM's memory default).
+        scorer: Scores every training request's completions in the generator process, on ``device``
+            (``score_on_generator``); ``None`` leaves scoring to the trainer.
     """
 
     backend: str = "transformers"
@@ -79,6 +82,7 @@ class GeneratorSpec:
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
     timeout_s: float = DEFAULT_TIMEOUT_S
     shares_gpu: bool = False
+    scorer: Scorer | None = None
 
     @property
     def tensor_parallel_size(self) -> int:
@@ -166,6 +170,20 @@ def _follow_parent() -> None:
     threading.Thread(target=watch, name="lightning-rlhf-follow-trainer", daemon=True).start()
 
 
+class Scorer(Protocol):
+    """What scores completions inside the generator process (``score_on_generator``).
+
+    Built by the strategy (:class:`~lightning_rlhf.rollout_batch.RewardScorer`), so that this layer
+    never imports rewards; sent to the process unloaded and set up there.
+    """
+
+    def setup(self, device: torch.device) -> None:
+        """Load what scoring needs onto ``device``; called once, in the generator process."""
+
+    def __call__(self, rows: list[dict], generations: Generations) -> list[float]:
+        """The raw score of each completion (n*k, prompt-major) of the prompts in ``rows``."""
+
+
 def generator_main(spec: GeneratorSpec, requests, results, port: int, prefix: str) -> None:
     """Entry point of the generator process."""
     _follow_parent()
@@ -174,13 +192,18 @@ def generator_main(spec: GeneratorSpec, requests, results, port: int, prefix: st
         spec.device = isolate_cuda_device(spec.device)
         _pin(spec.cpu_cores)
         backend = spec.build()
+        if spec.scorer is not None:
+            spec.scorer.setup(torch.device(spec.device if spec.device.startswith("cuda") else "cpu"))
         results.put(("ready", os.getpid()))
         backend.connect(port, prefix, spec.transport, 1 + spec.tensor_parallel_size, spec.timeout_s)
         while True:
             kind, *payload = requests.get()
             if kind == "generate":
-                request_id, prompt_ids, sampling = payload
-                results.put(("generations", request_id, backend.generate(prompt_ids, sampling)))
+                request_id, prompt_ids, sampling, rows = payload
+                generations = backend.generate(prompt_ids, sampling)
+                if rows is not None:  # a training request, with the scorer here: score beside generation
+                    generations.scores = spec.scorer(rows, generations)
+                results.put(("generations", request_id, generations))
             elif kind == "weights":
                 refit, version = payload
                 start = time.perf_counter()
@@ -274,9 +297,13 @@ class GeneratorProcess:
     def alive(self) -> bool:
         return self.process is not None and self.process.is_alive()
 
-    def submit(self, request_id: int, prompt_ids: list[list[int]], sampling: SamplingConfig) -> None:
+    def submit(
+        self, request_id: int, prompt_ids: list[list[int]], sampling: SamplingConfig, rows: list[dict] | None = None
+    ) -> None:
+        """Ask for completions of ``prompt_ids``; with ``rows`` (the prompts' dataset rows) they are also scored, when the spec has a reward."""
         self._check_alive()
-        self.requests.put(("generate", request_id, prompt_ids, sampling))
+        rows = rows if self.spec.scorer is not None else None  # rows travel only to be scored
+        self.requests.put(("generate", request_id, prompt_ids, sampling, rows))
 
     def result(self, request_id: int) -> Generations:
         return self._wait(("generations", request_id), self.request_timeout_s)

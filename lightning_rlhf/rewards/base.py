@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 
 import torch
@@ -17,6 +18,13 @@ class RewardFunction(ABC):
 
     def setup(self, device: torch.device) -> None:  # noqa: B027 (optional: rule rewards have no weights)
         """Load weights and move them to ``device``; called once before training."""
+
+    def unloaded_copy(self) -> RewardFunction:
+        """A copy to send to another process (the generator's, with ``score_on_generator``), which sets it up there.
+
+        Rewards that hold weights return one without them, so no weights are pickled.
+        """
+        return copy.copy(self)
 
     @abstractmethod
     def __call__(self, prompts: list[str], completions: list[str], rows: list[dict] | None = None) -> torch.Tensor:

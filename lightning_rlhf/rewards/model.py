@@ -57,6 +57,9 @@ class RewardModelScore(RewardFunction):
                 self.shift, self.scale = float(config.reward_mean), float(config.reward_std)
         self._model.to(device)
 
+    def unloaded_copy(self) -> RewardModelScore:
+        return RewardModelScore(self.source, self.batch_size, self.dtype, self.normalize)
+
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str], rows: list[dict] | None = None) -> torch.Tensor:
         if self._model is None:

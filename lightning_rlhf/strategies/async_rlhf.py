@@ -39,6 +39,7 @@ from lightning_rlhf.generation.process import GeneratorProcess, GeneratorSpec, g
 from lightning_rlhf.generation.shared import SharedSource
 from lightning_rlhf.generation.weights import DEFAULT_BUCKET_BYTES, WeightStream, policy_state, stream_of
 from lightning_rlhf.models import resolve_source
+from lightning_rlhf.rollout_batch import RewardScorer
 from lightning_rlhf.strategies.config import GenerationConfig
 
 
@@ -71,9 +72,10 @@ class _AsyncGeneration:
         device, generator_cores, _ = self._layout(index)
         check_transport(config.weight_transport, self.root_device, device, config.backend)
         on_gpu = device.startswith("cuda")
+        model = resolve_source(module.policy_source, "policy model")
         return GeneratorSpec(
             backend=config.backend,
-            model=resolve_source(module.policy_source, "policy model"),
+            model=model,
             dtype=resolve_dtype(config.dtype, device),
             seed=module.generation_seed + index,  # each generator its own sampling streams
             device=device,
@@ -84,6 +86,7 @@ class _AsyncGeneration:
             shares_gpu=on_gpu
             and self.root_device.type == "cuda"
             and (self.root_device.index or 0) in gpu_indices(device),
+            scorer=RewardScorer(module.reward.unloaded_copy(), model) if config.score_on_generator else None,
         )
 
     def _new_generator(self) -> GeneratorProcess | GeneratorPool:
@@ -186,6 +189,10 @@ class AsyncRLHFStrategy(_AsyncGeneration, SingleDeviceStrategy):
             (a generator on the trainer's GPU). The last two have not yet run on GPUs with vLLM.
         num_generators: Generator processes per rank; each step's prompts are split among them.
         bucket_bytes: Weights travel in packed buckets of about this size; the generator holds one at a time.
+        score_on_generator: Score each batch with the module's reward in the generator process, right after
+            sampling it, instead of in the trainer's. The trainer then only learns; asynchronously, scoring
+            overlaps training as generation does (the reward model is loaded on the generator's device,
+            so leave room for it there, e.g. a lower vLLM ``gpu_memory_utilization``). Off by default.
 
     Raises:
         ConfigError: On an unknown backend, transport or dtype, a negative ``max_staleness``, ``sync_every < 1``,
@@ -209,6 +216,7 @@ class AsyncRLHFStrategy(_AsyncGeneration, SingleDeviceStrategy):
         weight_transport: Literal["gloo", "nccl", "cuda_ipc"] = "gloo",
         num_generators: int = 1,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        score_on_generator: bool = False,
     ) -> None:
         config = GenerationConfig.of(locals())
         super().__init__(device=torch.device(device))
@@ -244,6 +252,7 @@ class AsyncRLHFDDPStrategy(_AsyncGeneration, DDPStrategy):
         weight_transport: Literal["gloo", "nccl", "cuda_ipc"] = "gloo",
         num_generators: int = 1,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        score_on_generator: bool = False,
         **ddp_kwargs,
     ) -> None:
         config = GenerationConfig.of(locals())
@@ -285,6 +294,7 @@ class AsyncRLHFDeepSpeedStrategy(_AsyncGeneration, DeepSpeedStrategy):
         weight_transport: Literal["gloo", "nccl", "cuda_ipc"] = "gloo",
         num_generators: int = 1,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        score_on_generator: bool = False,
         **deepspeed_kwargs,
     ) -> None:
         if shared_generator and stage == 3 and restart_on_failure:

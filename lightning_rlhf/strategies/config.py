@@ -34,6 +34,7 @@ class GenerationConfig:
     weight_transport: Literal["gloo", "nccl", "cuda_ipc"] = "gloo"
     num_generators: int = 1
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    score_on_generator: bool = False
 
     @classmethod
     def of(cls, arguments: dict) -> GenerationConfig:

@@ -67,6 +67,8 @@ def test_peer_trl_quick_smoke(builtin_models, tmp_path):
     for key in ("trl_episodes_per_s", "sync_episodes_per_s", "async_episodes_per_s"):
         assert summary[key] > 0
     assert summary["async_over_trl"] == summary["async_episodes_per_s"] / summary["trl_episodes_per_s"]
+    assert [len(run["repeats"]) for run in summary["runs"]] == [1, 1, 1, 1]  # --quick: one repeat of each run
+    assert summary["async_score_on_generator_episodes_per_s"] > 0
 
 
 def test_scaling_quick_smoke(builtin_models, tmp_path):

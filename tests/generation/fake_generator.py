@@ -11,6 +11,7 @@ class FakeGenerator:
         self.die_at, self.calls = die_at, {}
         self.version: int | None = None
         self.requests: dict[int, tuple[list[list[int]], int]] = {}
+        self.rows: dict[int, list[dict] | None] = {}  # the rows each request carried (to be scored), by request id
         self.dead = self.closed = False
 
     def _call(self, kind: str) -> None:
@@ -20,9 +21,10 @@ class FakeGenerator:
         if self.dead:
             raise GeneratorError(f"died at {kind} {self.calls[kind]}")
 
-    def submit(self, request_id, prompt_ids, sampling):
+    def submit(self, request_id, prompt_ids, sampling, rows=None):
         self._call("submit")
         self.requests[request_id] = (prompt_ids, self.version)
+        self.rows[request_id] = rows
 
     def result(self, request_id):
         self._call("result")

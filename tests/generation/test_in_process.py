@@ -81,6 +81,19 @@ def test_generations_split_into_parts_of_prompts():
         g.split([1, 1])
 
 
+def test_scores_from_the_generator_follow_their_completions_through_split_and_concat():
+    from lightning_rlhf.generation.base import Generations
+
+    g = Generations([[1], [2]], [[10], [11], [20], [21]], [[-1.0]] * 4, ["stop"] * 4, 3, 2, [0.1, 0.2, 0.3, 0.4])
+    first, second = g.split([1, 1])
+    assert first.scores == [0.1, 0.2] and second.scores == [0.3, 0.4]
+    assert Generations.concat([first, second]).scores == [0.1, 0.2, 0.3, 0.4]
+    unscored = Generations([[3]], [[30], [31]], [[-1.0]] * 2, ["stop"] * 2, 3, 2)
+    assert Generations.concat([first, unscored]).scores is None  # partly scored: the trainer scores them all
+    with pytest.raises(ValueError, match="4 completions but 3 scores"):
+        Generations([[1], [2]], [[10], [11], [20], [21]], [[-1.0]] * 4, ["stop"] * 4, 3, 2, [0.1, 0.2, 0.3])
+
+
 def test_each_snapshot_is_recorded_as_a_periodic_refresh(tiny_model_dir):
     tokenizer, policy = load_tokenizer(tiny_model_dir), load_policy(tiny_model_dir)
     source = SnapshotSource(policy, [tokenizer.eos_token_id], tokenizer.pad_token_id, every=2, seed=0)

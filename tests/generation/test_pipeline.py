@@ -118,3 +118,15 @@ def test_an_evaluation_sees_the_current_weights_and_leaves_the_pipeline_as_it_wa
     assert source.pending_rows() == [[{"prompt": 0}]]  # the request in flight is still the next to train on
     source.evaluate([[5]], SAMPLING, 1)  # already current: no second refresh
     assert len(source.refreshes) == 2
+
+
+def test_training_requests_carry_their_rows_to_be_scored_and_evaluations_do_not():
+    generator = FakeGenerator()
+    source, started = restarting(generator, FakeGenerator())
+    source.step([{"prompt": 0}], [[0]], SAMPLING, 0)
+    source.step([[{"prompt": 1}], [{"prompt": 2}]], [[1], [2]], SAMPLING, 0)  # a SharedSource's: rows per rank
+    source.evaluate([[5]], SAMPLING, 0)
+    assert list(generator.rows.values()) == [[{"prompt": 0}], [{"prompt": 1}, {"prompt": 2}], None]
+    generator.dead = True  # the replacement is asked again for the request in flight, with its rows
+    source.step([{"prompt": 3}], [[3]], SAMPLING, 1)
+    assert list(started[1].rows.values())[:2] == [[{"prompt": 1}, {"prompt": 2}], [{"prompt": 3}]]

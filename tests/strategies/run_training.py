@@ -73,6 +73,7 @@ class Record(Callback):
         self.prompts, self.fail_at_version, self.version = [], fail_at_version, 0
         self.has_generator = None  # whether this rank ran a generator process
         self.generator_pids: list[int] = []  # its generator processes (several with num_generators)
+        self.scored_by_generator: list[bool] = []  # per batch trained on: did its generations arrive with scores
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.has_generator is None:
@@ -82,6 +83,7 @@ class Record(Callback):
         if outputs:  # a batch was trained on: its rows and generations (None while the pipeline fills up)
             self.version = pl_module.policy_version
             self.prompts.append([r["prompt"] for r in outputs["rows"]])
+            self.scored_by_generator.append(outputs["generations"].scores is not None)
         if self.fail_at_version is not None and self.version >= self.fail_at_version:
             raise RuntimeError("failing on purpose")
 
@@ -142,6 +144,7 @@ def main() -> None:
         "--shared_generator", action="store_true", help="ddp/deepspeed: one generator on rank 0 for every rank"
     )
     parser.add_argument("--num_generators", type=int, default=1, help="generator processes per rank")
+    parser.add_argument("--score_on_generator", action="store_true", help="the generator scores its samples")
     parser.add_argument("--dataset", default="builtin:prompts")
     parser.add_argument("--shuffle", action="store_true")
     parser.add_argument("--fail_at_version", type=int, default=None, help="raise inside training at this version")
@@ -173,6 +176,7 @@ def main() -> None:
         vllm_kwargs=json.loads(args.vllm_kwargs),
         restart_on_failure=args.restart_on_failure,
         num_generators=args.num_generators,
+        score_on_generator=args.score_on_generator,
     )
     if args.mode == "sync":
         strategy, devices = "auto", 1
@@ -229,6 +233,7 @@ def main() -> None:
                 "param_norm": params.norm().item(),
                 "pid": os.getpid(),
                 "trained_prompts": record.prompts,
+                "scored_by_generator": record.scored_by_generator,
                 "trained_prompts_per_rank": prompts_per_rank,
                 "generators": sum(bool(has) for _, has, _ in per_rank),
                 "generator_per_rank": [bool(has) for _, has, _ in per_rank],

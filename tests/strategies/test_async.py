@@ -165,6 +165,16 @@ def test_staleness_zero_reproduces_the_synchronous_run_step_for_step(algo, tmp_p
     assert asynchronous["metrics"]["rollout/staleness"] == [0.0] * 6
 
 
+def test_scoring_on_the_generator_gives_the_same_scores_and_training(tmp_path):
+    # the generator scores with its own copy of the reward model: same samples, same scores, same updates
+    sync = train(tmp_path / "sync", "--mode", "sync", "--steps", "4")
+    scored = train(tmp_path / "gen", "--mode", "async", "--max_staleness", "0", "--score_on_generator", "--steps", "4")
+    assert scored["scored_by_generator"] == [True] * 4 and sync["scored_by_generator"] == [False] * 4
+    assert scored["metrics"]["objective/scores"] == pytest.approx(sync["metrics"]["objective/scores"], abs=1e-5)
+    assert scored["metrics"]["train/loss"] == pytest.approx(sync["metrics"]["train/loss"], abs=1e-5)
+    assert scored["param_norm"] == pytest.approx(sync["param_norm"], rel=1e-6)
+
+
 @pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed")
 def test_staleness_zero_with_vllm_trains_each_batch_on_the_weights_that_sampled_it(tmp_path):
     # vLLM draws other samples than transformers, so losses differ from the synchronous run's; what holds is
