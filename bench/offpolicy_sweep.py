@@ -138,7 +138,7 @@ def slope(records: list[dict]) -> tuple[float, float]:
     sxx = sum((x - mx) ** 2 for x in xs)
     b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
     residual = sum((y - my - b * (x - mx)) ** 2 for x, y in zip(xs, ys))
-    return b, math.sqrt(residual / (len(xs) - 2) / sxx)
+    return b, math.sqrt(residual / (len(xs) - 2) / sxx) if len(xs) > 2 else float("nan")
 
 
 def report(records: list[dict], grid: list[dict], json_path: str) -> None:
@@ -147,7 +147,17 @@ def report(records: list[dict], grid: list[dict], json_path: str) -> None:
     policies = sorted({r["policy"] for r in records})
     params = {r["policy"]: r["policy_params"] for r in records}
     sft = {r["policy"]: r["sft_gold_win_rate"] for r in records}
-    lines = ["Tuning grid (small policy, N = 1, mean gold win rate over the grid's seeds):", ""]
+    lines = [
+        "| policy | variant | N | seeds | gold win rate | KL to SFT | change from N=1 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (policy, variant, n), s in summary.items():
+        lines.append(
+            f"| {policy} ({params[policy] / 1e6:.1f}M) | {variant} | {n} | {s['seeds']} | {s['win']:.3f} ± {s['win_se']:.3f} "
+            f"| {s['kl']:.2f} ± {s['kl_se']:.2f} | {s['delta']:+.3f} ± {s['delta_se']:.3f} |"
+        )
+    lines += ["", "Mean ± standard error over seeds; the change is from the same variant's N = 1.", ""]
+    lines += ["Tuning grid (small policy, N = 1, mean gold win rate over the grid's seeds):", ""]
     lines += ["| algorithm | lr | beta / kl_coef | seeds | gold win rate | KL |", "|---|---|---|---|---|---|"]
     cells: dict[tuple, list[dict]] = {}
     for r in grid:
@@ -158,16 +168,6 @@ def report(records: list[dict], grid: list[dict], json_path: str) -> None:
         win, win_se = mean_se([r["gold_win_rate"] for r in rs])
         kl = statistics.fmean(r["kl"] for r in rs)
         lines.append(f"| {algo} | {lr:g} | {strength:g} | {len(rs)} | {win:.3f} ± {win_se:.3f}{mark} | {kl:.2f} |")
-    lines += ["", "Sweep (mean ± standard error over seeds; change from the same variant's N = 1):", ""]
-    lines += [
-        "| policy | variant | N | seeds | gold win rate | KL to SFT | change from N=1 |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for (policy, variant, n), s in summary.items():
-        lines.append(
-            f"| {policy} ({params[policy] / 1e6:.1f}M) | {variant} | {n} | {s['seeds']} | {s['win']:.3f} ± {s['win_se']:.3f} "
-            f"| {s['kl']:.2f} ± {s['kl_se']:.2f} | {s['delta']:+.3f} ± {s['delta_se']:.3f} |"
-        )
     lines += ["", "Slope of the gold win rate per doubling of N (least squares over every run; ± standard error):", ""]
     lines += ["| policy | " + " | ".join(VARIANTS) + " |", "|---|" + "---|" * len(VARIANTS)]
     for policy in policies:
@@ -257,10 +257,12 @@ def run_all(jobs: list[dict], path: str, steps: int, eval_prompts: int) -> list[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", default=os.path.join(RESULTS, "offpolicy_sweep.json"))
-    parser.add_argument("--grid_json", default=os.path.join(RESULTS, "offpolicy_grid.json"))
-    parser.add_argument("--stage", choices=("grid", "sweep", "report"), default="sweep",
+    parser.add_argument(
+        "--grid_json", default=None, help="the grid's records (default: offpolicy_grid.json beside --json)"
+    )
+    parser.add_argument("--stage", choices=("all", "grid", "sweep", "report"), default="all",
                         help="grid: tune each algorithm at N=1; sweep: every N with the grid's choice; report: tables and plots")  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="N in {1, 2}, one seed, a few updates (a smoke test)")
+    parser.add_argument("--quick", action="store_true", help="a smoke test: one grid cell, N in {1, 2}, one seed, the small policy, 4 updates")  # fmt: skip
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
     parser.add_argument("--ns", nargs="+", type=int, default=list(NS))
@@ -272,6 +274,7 @@ def main() -> None:
                         help="run every K-th job from the I-th (one process per core, each with its own --json)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    args.grid_json = args.grid_json or os.path.join(os.path.dirname(os.path.abspath(args.json)), "offpolicy_grid.json")
     if args.threads:
         import torch
 
@@ -279,21 +282,22 @@ def main() -> None:
     from lightning_rlhf.tasks.copy import prepare
 
     prepare()  # the built-in task's datasets and models, once
+    lrs, strengths = GRID_LRS, GRID_STRENGTHS
     if args.quick:
         args.ns, args.seeds, args.grid_seeds, args.steps, args.eval_prompts = [1, 2], [0], [0], 4, 32
+        args.policies, lrs, strengths = ["small"], GRID_LRS[:1], {a: v[:1] for a, v in GRID_STRENGTHS.items()}
     start = time.perf_counter()
-    if args.stage == "grid":
-        algos = [v for v in args.variants if v in ALGOS]
+    if args.stage in ("all", "grid"):
         jobs = [
             dict(variant=a, n=1, seed=seed, policy="small", lr=lr, strength=strength)
-            for a in algos
-            for lr in GRID_LRS
-            for strength in GRID_STRENGTHS[a]
+            for a in ALGOS
+            for lr in lrs
+            for strength in strengths[a]
             for seed in args.grid_seeds
         ]
         grid = run_all(jobs, args.grid_json, args.steps, args.eval_prompts)
         print(json.dumps(choose(grid), indent=1))
-    elif args.stage == "sweep":
+    if args.stage in ("all", "sweep"):
         best = choose(json.load(open(args.grid_json)))
         jobs = [
             dict(
@@ -311,7 +315,7 @@ def main() -> None:
         ]
         index, count = args.shard
         run_all(jobs[index::count], args.json, args.steps, args.eval_prompts)
-    else:
+    if args.stage in ("all", "report"):
         report(json.load(open(args.json)), json.load(open(args.grid_json)), args.json)
     print(f"{args.stage} took {time.perf_counter() - start:.0f} s")
 

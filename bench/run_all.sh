@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python bench/builtin_task.py        # the quickstart per backend and a long run against the proxy
-python bench/offpolicy_sweep.py      # online DPO, RLOO, PPO x N in 1..32 x 3 seeds
+python bench/offpolicy_sweep.py      # tuning grid at N=1, then online DPO, RLOO, PPO (RLOO and PPO also with IS) x N in 1..64 x 5 seeds x 2 policy sizes
 python bench/sync_vs_async.py        # learning curves against wall-clock time, 3 seeds
 python bench/peer_trl.py             # the same online DPO workload through TRL
 python bench/scaling.py              # model size and batch size

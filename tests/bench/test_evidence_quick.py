@@ -32,17 +32,32 @@ def _run(script: str, out, *extra: str) -> None:
 def test_offpolicy_sweep_quick_smoke(builtin_models, tmp_path):
     out = tmp_path / "offpolicy_sweep.json"
     _run("offpolicy_sweep.py", out)
+    grid = json.loads((tmp_path / "offpolicy_grid.json").read_text())  # the tuning grid, written beside the sweep
+    assert sorted(r["algo"] for r in grid) == ["online_dpo", "ppo", "rloo"] and all(r["n"] == 1 for r in grid)
     records = json.loads(out.read_text())
-    assert {(r["algo"], r["n"]) for r in records} == {(a, n) for a in ("online_dpo", "rloo", "ppo") for n in (1, 2)}
+    variants = {(r["algo"], r["is_correction"], r["n"]) for r in records}
+    assert variants == {
+        (algo, is_correction, n)
+        for algo, is_correction in [
+            ("online_dpo", False),
+            ("rloo", False),
+            ("ppo", False),
+            ("rloo", True),
+            ("ppo", True),
+        ]
+        for n in (1, 2)
+    }
     for r in records:
         assert (
-            {"algo", "n", "seed", "gold_win_rate", "kl"} <= r.keys()
+            {"algo", "n", "seed", "policy_params", "is_correction", "gold_win_rate", "kl"} <= r.keys()
             and r["updates"] == 4
             and 0.0 <= r["gold_win_rate"] <= 1.0
+            and r["policy_params"] > 0
+            and r["lr"] == next(g["lr"] for g in grid if g["algo"] == r["algo"])  # the grid's choice
         )
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "offpolicy_sweep_win_vs_kl.png").stat().st_size > 0 and (
-            tmp_path / "offpolicy_sweep_delta.png"
+            tmp_path / "offpolicy_sweep_by_n.png"
         ).stat().st_size > 0
 
 
