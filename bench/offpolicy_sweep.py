@@ -1,21 +1,30 @@
-"""How much staleness can each objective take? The paper's off-policy sweep, in miniature.
+"""How much staleness can each objective take? The paper's off-policy sweep, in miniature, made fair.
 
-    python bench/offpolicy_sweep.py                   # full sweep -> docs/results/offpolicy_sweep.{json,md,png}
+    python bench/offpolicy_sweep.py                   # grid, sweep, report -> docs/results/offpolicy_{grid,sweep}.*
     python bench/offpolicy_sweep.py --quick --json /tmp/sweep.json
+    python bench/offpolicy_sweep.py --stage sweep --shard 0 2 --json a.json --threads 1 &   # one process per core
+    python bench/offpolicy_sweep.py --stage sweep --shard 1 2 --json b.json --threads 1
 
 Noukhovitch et al. 2025, Sec. 3.1 (their Fig. 3): for online DPO, RLOO and PPO,
 generate ``N`` mini-batches with one policy, then take ``N`` updates, one per
-mini-batch (``N`` in 1, 2, 4, ..., 32; 1 is on-policy), with the same number of
-updates for every ``N``. Each run starts from the built-in SFT policy with the
-algorithm's recipe (``configs/builtin/<algo>.yaml``) changed to one update per
-generated batch; staleness comes from :class:`~lightning_rlhf.callbacks.OffPolicySimulation`
-(one process, a policy snapshot refreshed every ``N`` versions). At the end the
-gold win rate and KL to the SFT policy are measured on held-out prompts.
+mini-batch (``N = 1`` is on-policy), with the same number of updates for every ``N``.
+Each run starts from an SFT policy with the algorithm's recipe (``configs/builtin/<algo>.yaml``)
+changed to one update per generated batch and a learning rate decaying linearly to zero, as in
+the paper; staleness comes from :class:`~lightning_rlhf.callbacks.OffPolicySimulation` (one
+process, a policy snapshot refreshed every ``N`` versions). At the end the gold win rate and KL
+to the SFT policy are measured on held-out prompts.
 
-Writes a JSON list of records (``algo``, ``n``, ``seed``, ``gold_win_rate``,
-``kl``, ...), a markdown table of means over seeds, and two plots: gold win rate
-against KL per algorithm, and the change in win rate from ``N = 1``. Records are
-written after every run; ``--resume`` skips the ones already in the file.
+1. **Grid** (``--stage grid``): every algorithm gets the same grid at ``N = 1`` on the small
+   policy: learning rates ``GRID_LRS`` x two strengths of its KL term (DPO's beta; RLOO's and PPO's
+   kl_coef), two seeds; the cell with the best mean gold win rate is chosen.
+2. **Sweep** (``--stage sweep``): ``N`` in 1..64 x 5 seeds x two policies (``builtin:sft``, 0.1M
+   parameters, and ``builtin:sft_large``, 1.1M) x online DPO, RLOO, PPO, and RLOO and PPO with
+   truncated importance sampling (``importance_sampling_cap`` 2), each with the grid's choice.
+3. **Report** (``--stage report``): mean ± standard error per cell, the change from ``N = 1``,
+   the least-squares slope of the gold win rate per doubling of ``N``, and two plots.
+
+Records are written after every run, and a run already in the file is skipped, so an interrupted
+stage continues where it stopped.
 """
 
 from __future__ import annotations
