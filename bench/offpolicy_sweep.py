@@ -41,6 +41,7 @@ from common import RESULTS, mean_std, module_and_data, pyplot, quiet_trainer, wr
 
 ALGOS = ("online_dpo", "rloo", "ppo")
 VARIANTS = ("online_dpo", "rloo", "ppo", "rloo+is", "ppo+is")  # "+is": truncated importance sampling on
+COLORS = {"online_dpo": "C0", "rloo": "C1", "ppo": "C2", "rloo+is": "C1", "ppo+is": "C2"}  # +is: dashed, same hue
 POLICIES = {"small": "builtin:sft", "large": "builtin:sft_large"}  # 0.1M and 1.1M parameters
 NS = (1, 2, 4, 8, 16, 32, 64)
 SEEDS = (0, 1, 2, 3, 4)
@@ -204,6 +205,7 @@ def report(records: list[dict], grid: list[dict], json_path: str) -> None:
                 marker="o",
                 capsize=2,
                 ls="--" if v.endswith("+is") else "-",
+                color=COLORS[v],
                 label=v,
             )
         ax.axhline(sft[policy], color="grey", lw=0.8, ls=":")
@@ -218,7 +220,15 @@ def report(records: list[dict], grid: list[dict], json_path: str) -> None:
     for ax, policy in zip(axes[0], policies):
         for v in VARIANTS:
             rs = [r for r in records if r["policy"] == policy and variant_of(r) == v]
-            ax.scatter([r["kl"] for r in rs], [r["gold_win_rate"] for r in rs], s=10, alpha=0.5, label=v)
+            ax.scatter(
+                [r["kl"] for r in rs],
+                [r["gold_win_rate"] for r in rs],
+                s=10,
+                alpha=0.5,
+                color=COLORS[v],
+                marker="x" if v.endswith("+is") else "o",
+                label=v,
+            )
         ax.set_title(policy)
         ax.set_xlabel("KL to SFT policy")
     axes[0][0].set_ylabel("final gold win rate")
