@@ -22,6 +22,8 @@ class WordTokenizer:
     eos_token_id, pad_token_id = 0, 0
 
     def __call__(self, text, add_special_tokens=True):
+        if isinstance(text, list):  # a batch, as a Hugging Face tokenizer takes it
+            return {"input_ids": [[len(t)] for t in text]}
         return {"input_ids": [len(text)]}
 
     def batch_decode(self, ids, skip_special_tokens=True):
