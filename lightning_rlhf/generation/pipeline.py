@@ -146,7 +146,7 @@ class PipelinedSource:
             self.pending[i] = (self._send(ids, sampling, rows), rows, ids, sampling)
 
     def _send(self, prompt_ids: list[list[int]], sampling: SamplingConfig, rows: list[dict] | None = None) -> int:
-        """Ask the generator for rollouts of ``prompt_ids`` (scored there, given ``rows``, when it holds the reward); returns the request's id (raises if the generator is dead)."""
+        """Ask the generator for rollouts of ``prompt_ids`` (scored there, given ``rows``, when it has a scorer); returns the request's id (raises if the generator is dead)."""
         request_id, self.request_ids = self.request_ids, self.request_ids + 1
         if rows is None:
             self.generator.submit(request_id, prompt_ids, sampling)

@@ -300,7 +300,7 @@ class GeneratorProcess:
     def submit(
         self, request_id: int, prompt_ids: list[list[int]], sampling: SamplingConfig, rows: list[dict] | None = None
     ) -> None:
-        """Ask for completions of ``prompt_ids``; with ``rows`` (the prompts' dataset rows) they are also scored, when the spec has a reward."""
+        """Ask for completions of ``prompt_ids``; with ``rows`` (the prompts' dataset rows) they are also scored, when the spec has a scorer."""
         self._check_alive()
         rows = rows if self.spec.scorer is not None else None  # rows travel only to be scored
         self.requests.put(("generate", request_id, prompt_ids, sampling, rows))
