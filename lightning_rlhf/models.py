@@ -87,8 +87,9 @@ def resolve_source(source: str, what: str = "model") -> str:
 
 
 def builtin_root() -> Path:
-    """The built-in task's folder: ``$LIGHTNING_RLHF_CACHE`` (default ``~/.cache/lightning_rlhf``) / ``BUILTIN_TASK``."""
-    return Path(os.environ.get("LIGHTNING_RLHF_CACHE", Path.home() / ".cache" / "lightning_rlhf")) / BUILTIN_TASK
+    """The built-in task's folder: ``$LIGHTNING_RLHF_CACHE`` (unset or empty: ``~/.cache/lightning_rlhf``) / ``BUILTIN_TASK``."""
+    root = os.environ.get("LIGHTNING_RLHF_CACHE") or Path.home() / ".cache" / "lightning_rlhf"
+    return Path(root) / BUILTIN_TASK
 
 
 def builtin_path(source: str) -> str:
