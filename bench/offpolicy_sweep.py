@@ -103,6 +103,7 @@ def run_one(
         "n": n,
         "seed": seed,
         "policy": POLICIES[policy],
+        "policy_key": policy,
         "policy_params": sum(p.numel() for p in module.policy.parameters()),
         "lr": trainer.optimizers[0].param_groups[0]["initial_lr"],  # before the decay
         STRENGTH_KEY[algo]: getattr(module, STRENGTH_KEY[algo]),
@@ -169,11 +170,8 @@ def report(records: list[dict], grid: list[dict], json_path: str) -> None:
     lines += ["", "Mean ± standard error over seeds; the change is from the same variant's N = 1.", ""]
     lines += ["Tuning grid (small policy, N = 1, mean gold win rate over the grid's seeds):", ""]
     lines += ["| algorithm | lr | beta / kl_coef | seeds | gold win rate | KL |", "|---|---|---|---|---|---|"]
-    cells: dict[tuple, list[dict]] = {}
-    for r in grid:
-        cells.setdefault((r["algo"], r["lr"], r[STRENGTH_KEY[r["algo"]]]), []).append(r)
     best = choose(grid)
-    for (algo, lr, strength), rs in cells.items():
+    for (algo, lr, strength), rs in grid_cells(grid).items():
         mark = " **chosen**" if (best[algo]["lr"], best[algo]["strength"]) == (lr, strength) else ""
         win, win_se = mean_se([r["gold_win_rate"] for r in rs])
         kl = statistics.fmean(r["kl"] for r in rs)
@@ -241,14 +239,19 @@ def variant_of(record: dict) -> str:
     return record["algo"] + ("+is" if record.get("is_correction") else "")
 
 
+def grid_cells(grid: list[dict]) -> dict[tuple[str, float, float], list[dict]]:
+    """The grid's runs by (algo, lr, strength), one list of seeds each."""
+    cells: dict[tuple[str, float, float], list[dict]] = {}
+    for r in grid:
+        cells.setdefault((r["algo"], r["lr"], r[STRENGTH_KEY[r["algo"]]]), []).append(r)
+    return cells
+
+
 def choose(grid: list[dict]) -> dict[str, dict]:
     """Each algorithm's (lr, strength) with the highest mean gold win rate over the grid's seeds."""
-    means: dict[tuple, list[float]] = {}
-    for r in grid:
-        means.setdefault((r["algo"], r["lr"], r[STRENGTH_KEY[r["algo"]]]), []).append(r["gold_win_rate"])
     best: dict[str, dict] = {}
-    for (algo, lr, strength), wins in means.items():
-        score = statistics.fmean(wins)
+    for (algo, lr, strength), rs in grid_cells(grid).items():
+        score = statistics.fmean(r["gold_win_rate"] for r in rs)
         if algo not in best or score > best[algo]["gold_win_rate"]:
             best[algo] = {"lr": lr, "strength": strength, "gold_win_rate": score}
     return best
@@ -265,10 +268,8 @@ def run_all(jobs: list[dict], path: str, steps: int, eval_prompts: int) -> list[
     for job in jobs:
         if key(job) in done:
             continue
-        record = run_one(steps=steps, eval_prompts=eval_prompts, **job)
-        record["policy_key"] = job["policy"]
-        records.append(record)
-        print(json.dumps(record), flush=True)
+        records.append(run_one(steps=steps, eval_prompts=eval_prompts, **job))
+        print(json.dumps(records[-1]), flush=True)
         write_json(path, records)
     return records
 

@@ -148,9 +148,6 @@ class PipelinedSource:
     def _send(self, prompt_ids: list[list[int]], sampling: SamplingConfig, rows: list[dict] | None = None) -> int:
         """Ask the generator for rollouts of ``prompt_ids`` (scored there, given ``rows``, when it has a scorer); returns the request's id (raises if the generator is dead)."""
         request_id, self.request_ids = self.request_ids, self.request_ids + 1
-        if rows is None:
-            self.generator.submit(request_id, prompt_ids, sampling)
-            return request_id
         if rows and isinstance(rows[0], list):  # a SharedSource's request: one list of rows per rank
             rows = [row for rank_rows in rows for row in rank_rows]
         self.generator.submit(request_id, prompt_ids, sampling, rows)
