@@ -44,9 +44,14 @@ def encode_prompt_completion(tokenizer, prompts: list, completions: list[str]) -
     Reward models and SFT policies are trained on this encoding, and reward
     models score it.
     """
+    return [p + c for p, c in zip(*encode_pairs(tokenizer, prompts, completions))]
+
+
+def encode_pairs(tokenizer, prompts: list, completions: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+    """:func:`encode_prompt_completion` in two parts: the prompts' ids and the completions' ids (each ending with eos)."""
     prompt_ids = prompt_token_ids(tokenizer, prompts)
-    completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
-    return [p + c + [tokenizer.eos_token_id] for p, c in zip(prompt_ids, completion_ids)]
+    completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"] if completions else []
+    return prompt_ids, [c + [tokenizer.eos_token_id] for c in completion_ids]
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,14 +6,71 @@ import torch
 
 from lightning_rlhf.models import freeze, load_reward_model, load_tokenizer, resolve_source
 from lightning_rlhf.rewards.base import RewardFunction
-from lightning_rlhf.tokens import encode_prompt_completion, left_pad
+from lightning_rlhf.tokens import encode_pairs, left_pad
 
 
 def score_sequences(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Scalar score of each left-padded sequence: the head's output at the last token, (n,)."""
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids)
-    return out.logits[:, -1].float() if out.logits.ndim == 2 else out.logits[:, -1, 0].float()
+    return _last_score(model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits)
+
+
+def _last_score(logits: torch.Tensor) -> torch.Tensor:
+    return logits[:, -1].float() if logits.ndim == 2 else logits[:, -1, 0].float()
+
+
+def score_pairs(
+    model: torch.nn.Module,
+    prompt_ids: list[list[int]],
+    completion_ids: list[list[int]],
+    pad_id: int,
+    share_prompts: bool = True,
+) -> torch.Tensor:
+    """:func:`score_sequences` of each ``prompt + completion``, running each distinct prompt through the model once, (n,).
+
+    With k samples per prompt the k sequences share the prompt's keys and values:
+    the distinct prompts (left-padded) run once with a cache, the cache rows are
+    gathered per sequence (``Cache.batch_select_indices``, transformers'
+    ``cache_utils.py``), and the completions (left-padded after the prompt,
+    a gap of padding masked out between them) run on top of it with positions
+    counted over real tokens only, so each sequence sees exactly the keys,
+    values and positions of its own unpadded forward pass. The saving is the
+    prompt's share of the tokens times ``(k - 1) / k``: about 20 % of the
+    built-in task's scoring at k=2, most of it on long prompts such as TL;DR's.
+
+    Runs every sequence whole (:func:`score_sequences`) when ``share_prompts`` is
+    off, when nothing is shared (all prompts distinct), when the model returns no
+    cache, or when a completion ends with ``pad_id`` (a model whose pad and eos
+    ids agree: its classifier head reads the last non-pad token of the ids it is
+    given, which would then differ from the whole sequence's).
+    """
+    device = next(model.parameters()).device
+
+    def whole() -> torch.Tensor:
+        ids, mask = left_pad([p + c for p, c in zip(prompt_ids, completion_ids)], pad_id)
+        return score_sequences(model, ids.to(device), mask.to(device))
+
+    groups: dict[tuple[int, ...], int] = {}
+    index = [groups.setdefault(tuple(p), len(groups)) for p in prompt_ids]
+    if not share_prompts or len(groups) == len(prompt_ids) or any(not c or c[-1] == pad_id for c in completion_ids):
+        return whole()
+    shared_ids, shared_mask = (t.to(device) for t in left_pad([list(p) for p in groups], pad_id))
+    out = model(
+        input_ids=shared_ids,
+        attention_mask=shared_mask,
+        position_ids=(shared_mask.cumsum(-1) - 1).clamp(min=0),
+        use_cache=True,
+    )
+    cache = getattr(out, "past_key_values", None)
+    if cache is None or not hasattr(cache, "batch_select_indices"):
+        return whole()
+    rows = torch.tensor(index, device=device)
+    cache.batch_select_indices(rows)
+    ids, completion_mask = (t.to(device) for t in left_pad(completion_ids, pad_id))
+    mask = torch.cat([shared_mask[rows], completion_mask], dim=1)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared_ids.shape[1] :]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=False)
+    return _last_score(out.logits)
 
 
 class RewardModelScore(RewardFunction):
@@ -30,13 +87,21 @@ class RewardModelScore(RewardFunction):
         batch_size: Sequences scored per forward pass.
         dtype: Weights dtype, ``"float32"`` or ``"bfloat16"``.
         normalize: Apply the config's ``reward_mean``/``reward_std`` when present.
+        share_prompts: Run a prompt repeated within a batch (the k samples of one
+            prompt) through the model once (:func:`score_pairs`); the scores are the
+            same up to float rounding. Off runs every sequence whole.
 
     Raises:
         ConfigError: If ``model`` is a path that does not exist.
     """
 
     def __init__(
-        self, model: str = "builtin:reward_model", batch_size: int = 64, dtype: str = "float32", normalize: bool = True
+        self,
+        model: str = "builtin:reward_model",
+        batch_size: int = 64,
+        dtype: str = "float32",
+        normalize: bool = True,
+        share_prompts: bool = True,
     ) -> None:
         if not model.startswith("builtin:"):
             resolve_source(model, "reward model")  # fail fast on a wrong path
@@ -44,6 +109,7 @@ class RewardModelScore(RewardFunction):
         self.batch_size = batch_size
         self.dtype = dtype
         self.normalize = normalize
+        self.share_prompts = share_prompts
         self.shift, self.scale = 0.0, 1.0
         self._model = None
         self._tokenizer = None
@@ -58,18 +124,23 @@ class RewardModelScore(RewardFunction):
         self._model.to(device)
 
     def unloaded_copy(self) -> RewardModelScore:
-        return RewardModelScore(self.source, self.batch_size, self.dtype, self.normalize)
+        return RewardModelScore(self.source, self.batch_size, self.dtype, self.normalize, self.share_prompts)
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str], rows: list[dict] | None = None) -> torch.Tensor:
         if self._model is None:
             self.setup(torch.device("cpu"))
-        device = next(self._model.parameters()).device
-        sequences = encode_prompt_completion(self._tokenizer, prompts, completions)
-        scores = []
-        for start in range(0, len(sequences), self.batch_size):
-            ids, mask = left_pad(sequences[start : start + self.batch_size], self._tokenizer.pad_token_id)
-            scores.append(score_sequences(self._model, ids.to(device), mask.to(device)))
+        prompt_ids, completion_ids = encode_pairs(self._tokenizer, prompts, completions)
+        scores = [
+            score_pairs(
+                self._model,
+                prompt_ids[start : start + self.batch_size],
+                completion_ids[start : start + self.batch_size],
+                self._tokenizer.pad_token_id,
+                self.share_prompts,
+            )
+            for start in range(0, len(prompt_ids), self.batch_size)
+        ]
         return (torch.cat(scores) - self.shift) / self.scale
 
 

@@ -21,3 +21,44 @@ def test_normalization_from_the_config_gives_sft_like_samples_mean_0_std_1(built
     assert normalized.std().item() == pytest.approx(1.0, abs=1e-5)
     torch.testing.assert_close(normalized, (raw - mean) / std)  # an affine map: the ranking of completions is unchanged
     torch.testing.assert_close(RewardModelScore(folder, normalize=False)(prompts, completions), raw)
+
+
+PROMPTS = ["copy 1 2 3 =", "copy 4 5 =", "copy 6 7 8 9 =", "copy 2 ="]
+COMPLETIONS = ["1 2 3", "", "4 5", "6 7", "6 7 8 9", "2", "3 2 1", "4 4 4 4 4", "9", "2 2", "1", "6 7 8 9 9"]
+
+
+def _count_embedded_tokens(model) -> list[int]:
+    counts = []
+    model.get_input_embeddings().register_forward_hook(lambda module, args, out: counts.append(args[0].numel()))
+    return counts
+
+
+def test_prompts_shared_by_several_samples_run_once_with_the_same_scores(builtin_models):
+    prompts = [PROMPTS[i % 4] for i in (0, 1, 2, 3, 3, 2, 1, 0, 0, 2, 1, 3)]  # each three times, not side by side
+    whole = RewardModelScore(builtin_models["reward_model"], share_prompts=False)
+    shared = RewardModelScore(builtin_models["reward_model"])
+    whole.setup(torch.device("cpu")), shared.setup(torch.device("cpu"))
+    whole_tokens, shared_tokens = _count_embedded_tokens(whole._model), _count_embedded_tokens(shared._model)
+
+    torch.testing.assert_close(shared(prompts, COMPLETIONS), whole(prompts, COMPLETIONS), atol=1e-5, rtol=1e-5)
+    assert len(shared_tokens) == 2 and len(whole_tokens) == 1  # the four distinct prompts, then the completions on top
+    assert sum(shared_tokens) < sum(whole_tokens)
+    # batches split the groups: still the same scores
+    torch.testing.assert_close(
+        RewardModelScore(builtin_models["reward_model"], batch_size=5)(prompts, COMPLETIONS),
+        whole(prompts, COMPLETIONS),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+def test_a_model_whose_pad_is_its_eos_scores_whole_sequences(builtin_models):
+    """Its head reads the last non-pad token of the ids it is given: on an empty completion's lone eos that would be a pad."""
+    prompts = [p for p in PROMPTS for _ in range(3)]
+    scores = {}
+    for share in (False, True):
+        reward = RewardModelScore(builtin_models["reward_model"], normalize=False, share_prompts=share)
+        reward.setup(torch.device("cpu"))
+        reward._tokenizer.pad_token_id = reward._model.config.pad_token_id = reward._tokenizer.eos_token_id
+        scores[share] = reward(prompts, COMPLETIONS)
+    torch.testing.assert_close(scores[True], scores[False])
