@@ -4,14 +4,17 @@
     python bench/peer_trl.py --quick --json /tmp/peer_trl_quick.json
 
 Runs, each in a fresh subprocess (no shared state; model loading and start-up are not timed),
-repeated ``--repeats`` times (default 3) in interleaved order (trl, trl_2threads, sync, async,
-then again): each figure is the median over repeats, and each ratio to TRL the median of the
-ratios within a repeat, so that the machine's drift between minutes hits both sides alike:
+repeated ``--repeats`` times (default 3) in interleaved order (trl, trl_2threads, trl_shared_prompts,
+sync, async, async_score_on_generator, then again): each figure is the median over repeats, and
+each ratio to TRL the median of the ratios within a repeat, so that the machine's drift between
+minutes hits both sides alike:
 
 * ``trl``: ``trl.experimental.online_dpo.OnlineDPOTrainer`` (trl 1.16.0) on the CPU, one process
   pinned to one core with one torch thread (``--trl_threads``), generating with transformers ``generate``.
 * ``trl_2threads`` (full run): the same with both cores and two torch threads, so TRL may use
-  all the hardware our asynchronous run uses (``async_over_best_trl`` compares with the faster of the two).
+  all the hardware our asynchronous run uses (``async_over_best_trl`` compares with the fastest TRL run).
+* ``trl_shared_prompts`` (full run): ``trl`` with our scorer's prompt sharing on (below), to show
+  how much of our lead is that scorer rather than the engine.
 * ``sync``: our ``OnlineDPO`` through ``AsyncRLHFStrategy(max_staleness=0)``: the generator
   process on core 0 and the trainer on core 1, one thread each, and the trainer waits for every
   batch, so at any moment one thread works, as in the ``trl`` run.
@@ -47,7 +50,10 @@ What differs between the runs (TRL behaviour we cannot set from its config):
 * Reward input: TRL's built-in reward-model path scores the text ``prompt + completion`` without
   BOS/EOS and without a separating space (``"... =1 2"`` is an unknown word to the built-in
   word-level tokenizer), so TRL gets the proxy model as a callable reward (``reward_funcs``) that
-  runs our ``RewardModelScore``: the same model, encoding and cost as ours.
+  runs our ``RewardModelScore``: the same model and encoding as ours. Its cost: TRL's own path runs
+  every sequence whole, so ``trl`` and ``trl_2threads`` score with ``share_prompts=False``; ours (and
+  ``trl_shared_prompts``) run each prompt once for its two completions (``share_prompts``, the default:
+  the same scores within 1e-5, less arithmetic).
 * Prompts: TRL tokenizes prompt text with ``add_special_tokens=False``, so its prompts carry the
   BOS token as text (``"<s> copy ... ="``); the token ids are the same as ours.
 * Pairs: with tied scores TRL still trains on (first, second); ours gives that prompt no gradient.
@@ -153,7 +159,7 @@ def run_trl(spec: dict) -> dict:
 
     tokenizer = load_tokenizer("builtin:sft")
     policy = load_policy("builtin:sft")
-    proxy = RewardModelScore("builtin:reward_model")
+    proxy = RewardModelScore("builtin:reward_model", share_prompts=spec["share_prompts"])
     proxy.setup(torch.device("cpu"))
     bos_prefix = tokenizer.bos_token + " "
 
@@ -264,23 +270,19 @@ def _subprocess_run(spec: dict) -> dict:
 def _runs(args: argparse.Namespace) -> list[dict]:
     """The runs to make: TRL, ours sync and async with transformers, and with vLLM when asked."""
     common = {key: getattr(args, key) for key in ("steps", "warmup", "batch_size", "eval_prompts")}
-    runs = [
-        {
-            "name": "trl",
-            "kind": "trl",
-            "threads": args.trl_threads,
-            "generation": "transformers generate (TRL)",
-            **common,
-        }
-    ]
+    trl = {"kind": "trl", "threads": args.trl_threads, "share_prompts": False, **common}
+    runs = [{"name": "trl", "generation": "transformers generate (TRL)", **trl}]
     if not args.quick and args.trl_threads == 1 and len(os.sched_getaffinity(0)) >= 2:
         runs.append(
+            {**trl, "name": "trl_2threads", "threads": 2, "generation": "transformers generate (TRL), 2 threads"}
+        )
+    if not args.quick:
+        runs.append(
             {
-                "name": "trl_2threads",
-                "kind": "trl",
-                "threads": 2,
-                "generation": "transformers generate (TRL), 2 threads",
-                **common,
+                **trl,
+                "name": "trl_shared_prompts",
+                "share_prompts": True,
+                "generation": "transformers generate (TRL), our prompt-sharing scorer",
             }
         )
     for backend in args.backends:
