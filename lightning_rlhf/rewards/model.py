@@ -130,18 +130,29 @@ class RewardModelScore(RewardFunction):
     def __call__(self, prompts: list[str], completions: list[str], rows: list[dict] | None = None) -> torch.Tensor:
         if self._model is None:
             self.setup(torch.device("cpu"))
+        if not prompts:
+            return torch.zeros(0)
         prompt_ids, completion_ids = encode_pairs(self._tokenizer, prompts, completions)
-        scores = [
-            score_pairs(
-                self._model,
-                prompt_ids[start : start + self.batch_size],
-                completion_ids[start : start + self.batch_size],
-                self._tokenizer.pad_token_id,
-                self.share_prompts,
-            )
-            for start in range(0, len(prompt_ids), self.batch_size)
-        ]
-        return (torch.cat(scores) - self.shift) / self.scale
+        order = list(range(len(prompt_ids)))
+        if self.share_prompts:  # the samples of one prompt side by side, so that a batch holds them together
+            first: dict[tuple[int, ...], int] = {}
+            order.sort(key=lambda i: first.setdefault(tuple(prompt_ids[i]), i))
+        batches = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        scores = torch.cat(
+            [
+                score_pairs(
+                    self._model,
+                    [prompt_ids[i] for i in batch],
+                    [completion_ids[i] for i in batch],
+                    self._tokenizer.pad_token_id,
+                    self.share_prompts,
+                )
+                for batch in batches
+            ]
+        )
+        in_order = torch.empty_like(scores)
+        in_order[torch.tensor(order, device=scores.device, dtype=torch.long)] = scores
+        return (in_order - self.shift) / self.scale
 
 
 def save_reward_normalization(folder: str, prompts: list[str], completions: list[str]) -> tuple[float, float]:

@@ -28,8 +28,12 @@ COMPLETIONS = ["1 2 3", "", "4 5", "6 7", "6 7 8 9", "2", "3 2 1", "4 4 4 4 4", 
 
 
 def _count_embedded_tokens(model) -> list[int]:
+    """Tokens other than padding that each forward pass of ``model`` embeds."""
     counts = []
-    model.get_input_embeddings().register_forward_hook(lambda module, args, out: counts.append(args[0].numel()))
+    pad = model.config.pad_token_id
+    model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: counts.append(int((args[0] != pad).sum()))
+    )
     return counts
 
 
@@ -43,13 +47,15 @@ def test_prompts_shared_by_several_samples_run_once_with_the_same_scores(builtin
     torch.testing.assert_close(shared(prompts, COMPLETIONS), whole(prompts, COMPLETIONS), atol=1e-5, rtol=1e-5)
     assert len(shared_tokens) == 2 and len(whole_tokens) == 1  # the four distinct prompts, then the completions on top
     assert sum(shared_tokens) < sum(whole_tokens)
-    # batches split the groups: still the same scores
-    torch.testing.assert_close(
-        RewardModelScore(builtin_models["reward_model"], batch_size=5)(prompts, COMPLETIONS),
-        whole(prompts, COMPLETIONS),
-        atol=1e-5,
-        rtol=1e-5,
-    )
+    # all four prompts, then all four again (TRL's order), in batches of four: the samples of a prompt are
+    # gathered into one batch first, so that prompts are still shared, and the scores come back in the order given
+    prompts = PROMPTS * 3
+    small_batches = RewardModelScore(builtin_models["reward_model"], batch_size=4)
+    small_batches.setup(torch.device("cpu"))
+    whole_tokens.clear()
+    small_tokens = _count_embedded_tokens(small_batches._model)
+    torch.testing.assert_close(small_batches(prompts, COMPLETIONS), whole(prompts, COMPLETIONS), atol=1e-5, rtol=1e-5)
+    assert sum(small_tokens) < sum(whole_tokens)
 
 
 def test_a_model_whose_pad_is_its_eos_scores_whole_sequences(builtin_models):
