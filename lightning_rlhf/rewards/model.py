@@ -34,9 +34,11 @@ def score_pairs(
     ``cache_utils.py``), and the completions (left-padded after the prompt,
     a gap of padding masked out between them) run on top of it with positions
     counted over real tokens only, so each sequence sees exactly the keys,
-    values and positions of its own unpadded forward pass. The saving is the
-    prompt's share of the tokens times ``(k - 1) / k``: about 20 % of the
-    built-in task's scoring at k=2, most of it on long prompts such as TL;DR's.
+    values and positions of its own unpadded forward pass. The arithmetic saved is
+    the prompt's share of the tokens times ``(k - 1) / k``, most on long prompts
+    such as TL;DR's. Measured on the built-in task at k=2 (one CPU thread): 20-25 %
+    less time for a call alone, but no gain measurable end to end in
+    ``bench/peer_trl.py`` (docs/results.md, section 3).
 
     Runs every sequence whole (:func:`score_sequences`) when ``share_prompts`` is
     off, when nothing is shared (all prompts distinct), when the model returns no
