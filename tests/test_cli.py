@@ -126,22 +126,19 @@ def test_quickstart_runs_and_reports_gold_win_rate(builtin_models, tmp_path):
         ),
     ],
 )
-def test_bad_input_is_one_sentence_before_training(args, sentence, tmp_path, capsys, monkeypatch):
-    """In this process, to save a CLI start-up per case; ``test_unknown_key_in_a_yaml_file`` runs the real command."""
-    from lightning_rlhf.cli import main
-
+@pytest.mark.slow  # a CLI subprocess each
+def test_bad_input_is_one_sentence_before_training(args, sentence, tmp_path):
     (tmp_path / "broken.jsonl").write_text(
         '{"prompt": "copy 1 2 ="}\n{"prompt": "copy 3\n'
     )  # the second line is cut off
     args = [a.format(tmp=tmp_path) for a in args]
-    monkeypatch.chdir(ROOT)  # where the command runs from
-    with pytest.raises(SystemExit) as exit:
-        main(["fit", "--config", "configs/quickstart.yaml", "--trainer.default_root_dir", str(tmp_path), *args])
-    assert exit.value.code == 2
-    stderr = capsys.readouterr().err
-    error_lines = [line for line in stderr.splitlines() if line.startswith("lightning-rlhf: error:")]
-    assert len(error_lines) == 1 and sentence in error_lines[0], stderr[-2000:]
-    assert "Traceback" not in stderr
+    out = run_cli(
+        "fit", "--config", "configs/quickstart.yaml", "--trainer.default_root_dir", str(tmp_path), *args, timeout=120
+    )
+    assert out.returncode == 2
+    error_lines = [line for line in out.stderr.splitlines() if line.startswith("lightning-rlhf: error:")]
+    assert len(error_lines) == 1 and sentence in error_lines[0], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
     assert not glob.glob(str(tmp_path / "csv" / "version_*" / "metrics.csv"))  # nothing trained
 
 
