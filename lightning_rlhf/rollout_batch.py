@@ -50,14 +50,18 @@ def build_rollout_batch(generations: Generations, pad_token_id: int) -> RolloutB
     """Pad :class:`Generations` into a :class:`RolloutBatch` (each prompt repeated ``k`` times)."""
     k = generations.k
     prompts, prompt_mask = left_pad([p for p in generations.prompt_ids for _ in range(k)], pad_token_id)  # (b, p)
-    b, t = len(generations.completion_ids), max(1, max(len(c) for c in generations.completion_ids))
+    b = len(generations.completion_ids)
+    lengths = torch.tensor([len(c) for c in generations.completion_ids], dtype=torch.long)
+    t = max(1, int(lengths.max()))
+    filled = torch.arange(t) < lengths[:, None]  # (b, t): each row's first len(c) places
     response_ids = torch.full((b, t), pad_token_id, dtype=torch.long)
-    response_mask = torch.zeros((b, t), dtype=torch.long)
+    response_ids[filled] = torch.tensor([x for c in generations.completion_ids for x in c], dtype=torch.long)
+    response_mask = filled.long()
     behavior = torch.zeros((b, t))
-    for i, (tokens, logprobs) in enumerate(zip(generations.completion_ids, generations.behavior_logprobs)):
-        response_ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        response_mask[i, : len(tokens)] = 1
-        behavior[i, : len(logprobs)] = torch.tensor(logprobs)
+    logprob_lengths = torch.tensor([len(lp) for lp in generations.behavior_logprobs], dtype=torch.long)
+    behavior[torch.arange(t) < logprob_lengths[:, None]] = torch.tensor(
+        [x for lp in generations.behavior_logprobs for x in lp], dtype=torch.float32
+    )
     return RolloutBatch(
         input_ids=torch.cat([prompts, response_ids], dim=1),
         attention_mask=torch.cat([prompt_mask, response_mask], dim=1),
@@ -119,11 +123,20 @@ def critic_values(critic: torch.nn.Module, rollouts: RolloutBatch) -> torch.Tens
     return values * rollouts.response_mask
 
 
-def raw_scores(reward: RewardFunction, rows: list[dict], completions: list[str], k: int) -> torch.Tensor:
-    """``reward``'s scores of ``completions`` (n*k, prompt-major) of the prompts in ``rows`` (n), float32 on the CPU."""
-    prompts = [row["prompt"] for row in rows for _ in range(k)]
-    expanded_rows = [row for row in rows for _ in range(k)]
-    return reward(prompts, completions, expanded_rows).float().cpu()
+def raw_scores(
+    reward: RewardFunction, rows: list[dict], completions: list[str], k: int, known: list[float | None] | None = None
+) -> torch.Tensor:
+    """``reward``'s scores of ``completions`` (n*k, prompt-major) of the prompts in ``rows`` (n), float32 on the CPU.
+
+    Entries of ``known`` that are not ``None`` (scored already, in the generator) are kept, not scored again.
+    """
+    todo = [j for j in range(len(completions)) if known is None or known[j] is None]
+    scores = torch.tensor([float("nan") if s is None else s for s in known] if known else [0.0] * len(completions))
+    if todo:
+        expanded_rows = [rows[j // k] for j in todo]
+        scored = reward([row["prompt"] for row in expanded_rows], [completions[j] for j in todo], expanded_rows)
+        scores[todo] = scored.float().cpu()
+    return scores
 
 
 class RewardScorer:
@@ -132,10 +145,12 @@ class RewardScorer:
     Args:
         reward: An unloaded copy of the module's reward (:meth:`RewardFunction.unloaded_copy`).
         tokenizer_source: Where the policy's tokenizer loads from (the generator's model).
+        fraction: Of each batch's prompts, the share scored here (the first ones, with all their
+            samples); the rest is left as ``None`` for the trainer to score.
     """
 
-    def __init__(self, reward: RewardFunction, tokenizer_source: str) -> None:
-        self.reward, self.tokenizer_source, self.tokenizer = reward, tokenizer_source, None
+    def __init__(self, reward: RewardFunction, tokenizer_source: str, fraction: float = 1.0) -> None:
+        self.reward, self.tokenizer_source, self.fraction, self.tokenizer = reward, tokenizer_source, fraction, None
 
     def setup(self, device: torch.device) -> None:
         from lightning_rlhf.models import load_tokenizer
@@ -143,9 +158,11 @@ class RewardScorer:
         self.tokenizer = load_tokenizer(self.tokenizer_source)
         self.reward.setup(device)
 
-    def __call__(self, rows: list[dict], generations: Generations) -> list[float]:
-        completions = self.tokenizer.batch_decode(generations.completion_ids, skip_special_tokens=True)
-        return raw_scores(self.reward, rows, completions, generations.k).tolist()
+    def __call__(self, rows: list[dict], generations: Generations) -> list[float | None]:
+        n, k = round(self.fraction * len(rows)), generations.k
+        completions = self.tokenizer.batch_decode(generations.completion_ids[: n * k], skip_special_tokens=True)
+        scores = raw_scores(self.reward, rows[:n], completions, k).tolist() if n else []
+        return scores + [None] * (len(generations.completion_ids) - n * k)
 
 
 def score_rollouts(
@@ -155,17 +172,14 @@ def score_rollouts(
     rows: list[dict],
     missing_eos_penalty: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Score every completion with ``reward`` (unless the generator already did), then apply the missing-EOS penalty.
+    """Score every completion with ``reward`` (but those the generator scored), then apply the missing-EOS penalty.
 
     Returns:
         ``(scores, raw_scores, completions)``: the penalised and raw scores, (b,),
         and the decoded completion texts.
     """
     completions = tokenizer.batch_decode(generations.completion_ids, skip_special_tokens=True)
-    if generations.scores is not None:  # scored beside generation (score_on_generator)
-        raw = torch.tensor(generations.scores, dtype=torch.float32)
-    else:
-        raw = raw_scores(reward, rows, completions, generations.k)
+    raw = raw_scores(reward, rows, completions, generations.k, generations.scores)
     finished = torch.tensor([r == "stop" for r in generations.finish_reasons])
     return apply_missing_eos_penalty(raw, finished, missing_eos_penalty), raw, completions
 

@@ -40,7 +40,8 @@ class Generations:
         finish_reasons: n*k of ``"stop"`` (ended with a stop token) or ``"length"`` (hit ``max_new_tokens``).
         policy_version: Version of the weights that produced them (number of optimizer steps).
         k: Completions per prompt.
-        scores: n*k raw reward scores when the generator scored them (``score_on_generator``), else ``None``.
+        scores: n*k raw reward scores when the generator scored them (``score_on_generator``), else ``None``;
+            ``None`` entries are left for the trainer to score (a fraction scored on the generator).
     """
 
     prompt_ids: list[list[int]]
@@ -49,7 +50,7 @@ class Generations:
     finish_reasons: list[str]
     policy_version: int
     k: int
-    scores: list[float] | None = None
+    scores: list[float | None] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.prompt_ids) * self.k

@@ -180,8 +180,8 @@ class Scorer(Protocol):
     def setup(self, device: torch.device) -> None:
         """Load what scoring needs onto ``device``; called once, in the generator process."""
 
-    def __call__(self, rows: list[dict], generations: Generations) -> list[float]:
-        """The raw score of each completion (n*k, prompt-major) of the prompts in ``rows``."""
+    def __call__(self, rows: list[dict], generations: Generations) -> list[float | None]:
+        """The raw score of each completion (n*k, prompt-major) of the prompts in ``rows``; ``None`` where left to the trainer."""
 
 
 def generator_main(spec: GeneratorSpec, requests, results, port: int, prefix: str) -> None:

@@ -86,7 +86,9 @@ class _AsyncGeneration:
             shares_gpu=on_gpu
             and self.root_device.type == "cuda"
             and (self.root_device.index or 0) in gpu_indices(device),
-            scorer=RewardScorer(module.reward.unloaded_copy(), model) if config.score_on_generator else None,
+            scorer=RewardScorer(module.reward.unloaded_copy(), model, config.score_on_generator)
+            if config.score_on_generator
+            else None,
         )
 
     def _new_generator(self) -> GeneratorProcess | GeneratorPool:
@@ -192,7 +194,10 @@ class AsyncRLHFStrategy(_AsyncGeneration, SingleDeviceStrategy):
         score_on_generator: Score each batch with the module's reward in the generator process, right after
             sampling it, instead of in the trainer's. The trainer then only learns; asynchronously, scoring
             overlaps training as generation does (the reward model is loaded on the generator's device,
-            so leave room for it there, e.g. a lower vLLM ``gpu_memory_utilization``). Off by default.
+            so leave room for it there, e.g. a lower vLLM ``gpu_memory_utilization``). A number between
+            0 and 1 splits the work: the generator scores that fraction of each batch's prompts (the first
+            ones, with all their samples) and the trainer the rest, so that neither side waits for the
+            other when scoring everything on the generator would make it the slower one. Off by default.
 
     Raises:
         ConfigError: On an unknown backend, transport or dtype, a negative ``max_staleness``, ``sync_every < 1``,
@@ -216,7 +221,7 @@ class AsyncRLHFStrategy(_AsyncGeneration, SingleDeviceStrategy):
         weight_transport: Literal["gloo", "nccl", "cuda_ipc"] = "gloo",
         num_generators: int = 1,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-        score_on_generator: bool = False,
+        score_on_generator: bool | float = False,
     ) -> None:
         config = GenerationConfig.of(locals())
         super().__init__(device=torch.device(device))
@@ -252,7 +257,7 @@ class AsyncRLHFDDPStrategy(_AsyncGeneration, DDPStrategy):
         weight_transport: Literal["gloo", "nccl", "cuda_ipc"] = "gloo",
         num_generators: int = 1,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-        score_on_generator: bool = False,
+        score_on_generator: bool | float = False,
         **ddp_kwargs,
     ) -> None:
         config = GenerationConfig.of(locals())
@@ -294,7 +299,7 @@ class AsyncRLHFDeepSpeedStrategy(_AsyncGeneration, DeepSpeedStrategy):
         weight_transport: Literal["gloo", "nccl", "cuda_ipc"] = "gloo",
         num_generators: int = 1,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-        score_on_generator: bool = False,
+        score_on_generator: bool | float = False,
         **deepspeed_kwargs,
     ) -> None:
         if shared_generator and stage == 3 and restart_on_failure:

@@ -103,6 +103,36 @@ def test_score_rollouts_replaces_the_score_of_a_completion_without_eos():
     assert unpenalized.tolist() == [2.0] * 4
 
 
+class Recording(Constant):
+    """A :class:`Constant` that keeps the prompts it was asked to score."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__(value)
+        self.asked: list[str] = []
+
+    def __call__(self, prompts, completions, rows=None):
+        self.asked += prompts
+        return super().__call__(prompts, completions, rows)
+
+
+def test_the_trainer_scores_only_what_the_generator_left_unscored():
+    from lightning_rlhf.rollout_batch import RewardScorer
+    from lightning_rlhf.tasks.copy import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    rows = [{"prompt": p} for p in "abcd"]
+    generations = FixedRollouts(tokenizer, ["stop"] * 8).step(
+        rows, [[5], [6], [7], [8]], SimpleNamespace(k=2, max_new_tokens=4), 0
+    )[1]
+    on_generator = RewardScorer(Recording(5.0), "builtin:sft", fraction=0.5)
+    on_generator.tokenizer = tokenizer  # what setup() loads in the generator process
+    generations.scores = on_generator(rows, generations)  # the first half of the prompts, each with its k samples
+    assert generations.scores == [5.0] * 4 + [None] * 4 and on_generator.reward.asked == ["a", "a", "b", "b"]
+    on_trainer = Recording(2.0)
+    scores, raw, _ = score_rollouts(on_trainer, tokenizer, generations, rows, missing_eos_penalty=-1.0)
+    assert raw.tolist() == [5.0] * 4 + [2.0] * 4 and on_trainer.asked == ["c", "c", "d", "d"]
+
+
 @pytest.mark.parametrize("name", MODULES)
 def test_each_module_gives_a_completion_without_eos_the_penalty(name, builtin_models):
     # 2 prompts x k=2; one of the four completions hits max_new_tokens without eos: scores 2, -1, 2, 2

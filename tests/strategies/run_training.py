@@ -73,7 +73,7 @@ class Record(Callback):
         self.prompts, self.fail_at_version, self.version = [], fail_at_version, 0
         self.has_generator = None  # whether this rank ran a generator process
         self.generator_pids: list[int] = []  # its generator processes (several with num_generators)
-        self.scored_by_generator: list[bool] = []  # per batch trained on: did its generations arrive with scores
+        self.scored_by_generator: list[float] = []  # per batch trained on: the share of its scores that came with it
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.has_generator is None:
@@ -83,7 +83,10 @@ class Record(Callback):
         if outputs:  # a batch was trained on: its rows and generations (None while the pipeline fills up)
             self.version = pl_module.policy_version
             self.prompts.append([r["prompt"] for r in outputs["rows"]])
-            self.scored_by_generator.append(outputs["generations"].scores is not None)
+            scores = outputs["generations"].scores or []
+            self.scored_by_generator.append(
+                sum(s is not None for s in scores) / len(outputs["generations"].completion_ids)
+            )
         if self.fail_at_version is not None and self.version >= self.fail_at_version:
             raise RuntimeError("failing on purpose")
 
@@ -144,7 +147,14 @@ def main() -> None:
         "--shared_generator", action="store_true", help="ddp/deepspeed: one generator on rank 0 for every rank"
     )
     parser.add_argument("--num_generators", type=int, default=1, help="generator processes per rank")
-    parser.add_argument("--score_on_generator", action="store_true", help="the generator scores its samples")
+    parser.add_argument(
+        "--score_on_generator",
+        type=float,
+        nargs="?",
+        const=1.0,
+        default=0.0,
+        help="the generator scores its samples (or this fraction of each batch's prompts)",
+    )
     parser.add_argument("--dataset", default="builtin:prompts")
     parser.add_argument("--shuffle", action="store_true")
     parser.add_argument("--fail_at_version", type=int, default=None, help="raise inside training at this version")

@@ -165,11 +165,14 @@ def test_staleness_zero_reproduces_the_synchronous_run_step_for_step(algo, tmp_p
     assert asynchronous["metrics"]["rollout/staleness"] == [0.0] * 6
 
 
-def test_scoring_on_the_generator_gives_the_same_scores_and_training(tmp_path):
-    # the generator scores with its own copy of the reward model: same samples, same scores, same updates
+@pytest.mark.parametrize("fraction", [1.0, 0.25])
+def test_scoring_on_the_generator_gives_the_same_scores_and_training(tmp_path, fraction):
+    # the generator scores (all, or the first quarter of each batch's prompts) with its own copy of the reward
+    # model, the trainer the rest: same samples, same scores, same updates
     sync = train(tmp_path / "sync", "--mode", "sync", "--steps", "4")
-    scored = train(tmp_path / "gen", "--mode", "async", "--max_staleness", "0", "--score_on_generator", "--steps", "4")
-    assert scored["scored_by_generator"] == [True] * 4 and sync["scored_by_generator"] == [False] * 4
+    on_generator = ("--mode", "async", "--max_staleness", "0", "--score_on_generator", str(fraction))
+    scored = train(tmp_path / "gen", *on_generator, "--steps", "4")
+    assert scored["scored_by_generator"] == [fraction] * 4 and sync["scored_by_generator"] == [0.0] * 4
     assert scored["metrics"]["objective/scores"] == pytest.approx(sync["metrics"]["objective/scores"], abs=1e-5)
     assert scored["metrics"]["train/loss"] == pytest.approx(sync["metrics"]["train/loss"], abs=1e-5)
     assert scored["param_norm"] == pytest.approx(sync["param_norm"], rel=1e-6)

@@ -18,6 +18,7 @@ from lightning_rlhf.strategies import AsyncRLHFDDPStrategy, AsyncRLHFDeepSpeedSt
         (dict(num_generators=0), "num_generators must be at least 1"),
         (dict(bucket_bytes=1000), "bucket_bytes must be at least 1 MiB"),
         (dict(dtype="fp8"), "Unknown generator dtype 'fp8'"),
+        (dict(score_on_generator=1.5), "score_on_generator must be true, false or the fraction"),
     ],
 )
 def test_bad_arguments_name_the_fix(kwargs, message):
@@ -47,6 +48,12 @@ def test_generator_dtype_auto_is_bfloat16_on_gpu_and_float32_on_cpu():
     assert AsyncRLHFStrategy(backend="transformers").generation.dtype == "auto"
     assert resolve_dtype("auto", "cuda:1") == "bfloat16" and resolve_dtype("auto", "cpu") == "float32"
     assert resolve_dtype("float32", "cuda:1") == "float32"  # an explicit choice stays
+
+
+def test_score_on_generator_is_a_share_of_each_batch():
+    assert AsyncRLHFStrategy(backend="transformers").generation.score_on_generator == 0.0
+    assert AsyncRLHFStrategy(backend="transformers", score_on_generator=True).generation.score_on_generator == 1.0
+    assert AsyncRLHFStrategy(backend="transformers", score_on_generator=0.6).generation.score_on_generator == 0.6
 
 
 def test_unknown_weight_transport_is_refused():
