@@ -5,9 +5,9 @@
 
 Runs, each in a fresh subprocess (no shared state; model loading and start-up are not timed),
 repeated ``--repeats`` times (default 3) in interleaved order (trl, trl_2threads, trl_shared_prompts,
-sync, async, async_score_on_generator, then again): each figure is the median over repeats, and
-each ratio to TRL the median of the ratios within a repeat, so that the machine's drift between
-minutes hits both sides alike:
+sync_in_process, sync, async, async_score_on_generator, async_score_split, then again): each
+figure is the median over repeats, and each ratio to TRL the median of the ratios within a repeat,
+so that the machine's drift between minutes hits both sides alike:
 
 * ``trl``: ``trl.experimental.online_dpo.OnlineDPOTrainer`` (trl 1.16.0) on the CPU, one process
   pinned to one core with one torch thread (``--trl_threads``), generating with transformers ``generate``.
@@ -15,13 +15,19 @@ minutes hits both sides alike:
   all the hardware our asynchronous run uses (``async_over_best_trl`` compares with the fastest TRL run).
 * ``trl_shared_prompts`` (full run): ``trl`` with our scorer's prompt sharing on (below), to show
   how much of our lead is that scorer rather than the engine.
+* ``sync_in_process``: our ``OnlineDPO`` with no strategy (the module's default: it samples in its
+  own process), pinned to one core with one thread: the same shape as the ``trl`` run.
 * ``sync``: our ``OnlineDPO`` through ``AsyncRLHFStrategy(max_staleness=0)``: the generator
   process on core 0 and the trainer on core 1, one thread each, and the trainer waits for every
-  batch, so at any moment one thread works, as in the ``trl`` run.
+  batch, so at any moment one thread works, as in the ``trl`` run (but paying the hand-over
+  between the two processes every step).
 * ``async``: the same with ``max_staleness=1`` (the paper's setting): generation of batch i+1
   overlaps training on batch i.
 * ``async_score_on_generator``: ``async`` with ``score_on_generator=True``: the generator process
   also scores its samples with the proxy, so scoring overlaps training too.
+* ``async_score_split``: ``async`` with ``score_on_generator=SCORE_SPLIT`` (0.7): the generator scores
+  the first 70 % of each batch's prompts, the trainer the rest, so that neither side waits long for the
+  other (0.7 was chosen by timing both sides at 0.6, 0.7 and 0.8; docs/results.md, section 3).
 * ``sync_vllm``/``async_vllm`` (full run, when vLLM is installed): ours with the vLLM backend.
 
 The headline ratios (``async_over_trl``, ``sync_over_trl``) use the transformers backend for
@@ -92,6 +98,7 @@ MISSING_EOS_SCORE = -1.0  # ours: the score of a completion without EOS; TRL sub
 EVAL_SEED = 1234
 SEED = 0
 TARGET_ASYNC_OVER_TRL = 2.0
+SCORE_SPLIT = 0.7  # async_score_split: the share of each batch's prompts scored in the generator process
 
 
 def _optimizer(params) -> torch.optim.Optimizer:
@@ -237,14 +244,20 @@ def run_ours(spec: dict) -> dict:
         missing_eos_penalty=MISSING_EOS_SCORE,
         gradient_clip_val=1.0,
     )
-    # default layout on 2+ cores: generator pinned to the first core, trainer to the others, one thread each
-    strategy = AsyncRLHFStrategy(
-        backend=spec["backend"],
-        max_staleness=spec["max_staleness"],
-        sync_every=1,
-        vllm_kwargs={"max_model_len": 64},
-        score_on_generator=spec["score_on_generator"],
-    )
+    if spec["in_process"]:
+        # no strategy: the module samples in this process (its default), pinned to one core like the trl run
+        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:1]))
+        torch.set_num_threads(1)
+        strategy = "auto"
+    else:
+        # default layout on 2+ cores: generator pinned to the first core, trainer to the others, one thread each
+        strategy = AsyncRLHFStrategy(
+            backend=spec["backend"],
+            max_staleness=spec["max_staleness"],
+            sync_every=1,
+            vllm_kwargs={"max_model_len": 64},
+            score_on_generator=spec["score_on_generator"],
+        )
     clock = StepClock()
     trainer = quiet_trainer(
         max_steps=spec["warmup"] + spec["steps"],
@@ -285,22 +298,34 @@ def _runs(args: argparse.Namespace) -> list[dict]:
                 "generation": "transformers generate (TRL), our prompt-sharing scorer",
             }
         )
+    ours = {"kind": "ours", "in_process": False, **common}
+    runs.append(
+        {
+            **ours,
+            "name": "sync_in_process",
+            "in_process": True,
+            "backend": "transformers",
+            "max_staleness": 0,
+            "score_on_generator": 0.0,
+            "generation": "transformers, in the training process (no strategy)",
+        }
+    )
     for backend in args.backends:
         suffix = "" if backend == "transformers" else f"_{backend}"
-        for name, staleness, score_on_generator in (
-            ("sync", 0, False),
-            ("async", 1, False),
-            ("async_score_on_generator", 1, True),
+        for name, staleness, score_on_generator, scored_where in (
+            ("sync", 0, 0.0, ""),
+            ("async", 1, 0.0, ""),
+            ("async_score_on_generator", 1, 1.0, ", scored in the generator"),
+            ("async_score_split", 1, SCORE_SPLIT, f", {SCORE_SPLIT:.0%} of the prompts scored in the generator"),
         ):
             runs.append(
                 {
+                    **ours,
                     "name": name + suffix,
-                    "kind": "ours",
                     "backend": backend,
                     "max_staleness": staleness,
                     "score_on_generator": score_on_generator,
-                    "generation": backend + (", scored in the generator" if score_on_generator else ""),
-                    **common,
+                    "generation": backend + scored_where,
                 }
             )
     return runs
