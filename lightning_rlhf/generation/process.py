@@ -14,6 +14,7 @@ process it started (vLLM's engine core and workers), also after a crash.
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import multiprocessing as mp
 import os
@@ -194,6 +195,8 @@ def generator_main(spec: GeneratorSpec, requests, results, port: int, prefix: st
         backend = spec.build()
         if spec.scorer is not None:
             spec.scorer.setup(torch.device(spec.device if spec.device.startswith("cuda") else "cpu"))
+        gc.collect()
+        gc.freeze()  # the models live as long as this process: keep the cyclic collector from walking them again and again
         results.put(("ready", os.getpid()))
         backend.connect(port, prefix, spec.transport, 1 + spec.tensor_parallel_size, spec.timeout_s)
         while True:

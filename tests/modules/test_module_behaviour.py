@@ -103,6 +103,18 @@ def test_score_rollouts_replaces_the_score_of_a_completion_without_eos():
     assert unpenalized.tolist() == [2.0] * 4
 
 
+def test_training_keeps_the_models_out_of_the_cyclic_collector_and_gives_them_back(builtin_models):
+    import gc
+
+    frozen = []
+    module = OnlineDPO(reward=Constant(1.0), k=2, max_new_tokens=4)
+    step = module.training_step
+    module.training_step = lambda *args: (frozen.append(gc.get_freeze_count()), step(*args))[1]
+    fit_one_step(module, ["stop"] * 4)
+    assert len(frozen) == 1 and frozen[0] > 1000  # the policy, the reference, the tokenizer... frozen while training
+    assert gc.get_freeze_count() == 0  # and the collector's again afterwards
+
+
 class Recording(Constant):
     """A :class:`Constant` that keeps the prompts it was asked to score."""
 
