@@ -279,8 +279,8 @@ class RLModuleBase(RolloutCheckpointing, L.LightningModule):
         Models, tokenizers and datasets live for the whole run, yet each full collection of
         Python's cyclic garbage collector walks them all again; ``gc.freeze`` (Python's ``gc``
         module docs) moves them out of its generations until :meth:`teardown` (reference counting
-        still frees them as usual). On ``bench/peer_trl.py``'s workload it made the trainer of the
-        asynchronous run about 8 % faster (docs/results.md, section 3).
+        still frees them as usual). With the generator process doing the same once loaded, it made
+        ``bench/peer_trl.py``'s asynchronous run about 8 % faster (docs/results.md, section 3).
 
         A resumed run restored the optimizer's last rate, which a new ``max_steps`` changes.
         """
