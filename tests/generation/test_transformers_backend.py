@@ -1,9 +1,12 @@
+import pytest
 import torch
+from transformers import GenerationConfig
 
 from lightning_rlhf.generation import SamplingConfig, TransformersBackend, truncate_at_stop
+from lightning_rlhf.generation.transformers_backend import sample
 from lightning_rlhf.models import load_policy, load_tokenizer
 from lightning_rlhf.rollout_batch import build_rollout_batch, response_logprobs
-from lightning_rlhf.tokens import prompt_token_ids
+from lightning_rlhf.tokens import left_pad, prompt_token_ids
 
 
 def test_truncate_at_stop_keeps_the_stop_token_and_drops_the_rest():
@@ -13,6 +16,48 @@ def test_truncate_at_stop_keeps_the_stop_token_and_drops_the_rest():
         "stop",
     )
     assert truncate_at_stop([5, 6], [-1.0, -2.0], {2}) == ([5, 6], [-1.0, -2.0], "length")
+
+
+@pytest.mark.parametrize("temperature, k", [(0.7, 3), (1.3, 1), (0.0, 1)])
+def test_sampling_draws_what_transformers_generate_draws(tiny_model_dir, temperature, k):
+    """Our loop against ``generate`` itself, from the same RNG state: the same tokens and logits.
+
+    Prompts of different lengths (left padding) and a second stop token that the untrained
+    model samples often, so rows stop early and are padded while others go on.
+    Greedy decoding too (``generate`` takes k=1 only there).
+    """
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = load_policy(tiny_model_dir).eval()
+    prompts = prompt_token_ids(tokenizer, ["copy 1 2 3 =", "copy 4 5 6 7 8 9 =", "copy 0 =", "copy 7 7 7 7 ="])
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("3")]
+    config = GenerationConfig(
+        do_sample=temperature > 0,
+        temperature=temperature or None,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=12,
+        num_return_sequences=k,
+        eos_token_id=stops,
+        pad_token_id=tokenizer.pad_token_id,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    torch.manual_seed(5)
+    expected = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    prefill_rows = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: prefill_rows.append(i[0].shape))
+    torch.manual_seed(5)
+    tokens, logits = sample(model, ids, mask, k, temperature, 12, stops, tokenizer.pad_token_id)
+    hook.remove()
+
+    assert torch.equal(tokens, expected.sequences[:, ids.shape[1] :])
+    assert torch.allclose(logits, torch.stack(expected.logits, dim=1), atol=1e-5)
+    if temperature > 0:  # (greedy, the untrained model never reaches a stop token)
+        stopped = torch.isin(tokens, torch.tensor(stops)).any(-1)
+        assert stopped.any() and (tokens[stopped, -1] == tokenizer.pad_token_id).any()  # the early-stop case ran
+    assert prefill_rows[0] == ids.shape  # each prompt ran once for its k samples
+    assert all(shape == (len(prompts) * k, 1) for shape in prefill_rows[1:])
 
 
 def test_generate_shapes_versions_and_behaviour_logprobs(tiny_model_dir):
