@@ -124,6 +124,10 @@ class RLModuleBase(RolloutCheckpointing, L.LightningModule):
             raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}.")
         if temperature <= 0:
             raise ConfigError(f"temperature must be positive (sampling is stochastic), got {temperature}.")
+        if max_new_tokens < 1:
+            raise ConfigError(
+                f"max_new_tokens must be at least 1 (the longest completion, in tokens), got {max_new_tokens}."
+            )
         if num_mini_batches < 1 or num_epochs < 1:
             raise ConfigError(
                 f"num_mini_batches and num_epochs must be at least 1, got {num_mini_batches} and {num_epochs}."

@@ -201,6 +201,7 @@ def test_off_policy_simulation_trains_on_data_zero_to_n_minus_one_versions_old(b
         (lambda: OnlineDPO(temperature=0.0), "temperature must be positive"),
         (lambda: RLOO(temperature=-1.0), "temperature must be positive"),
         (lambda: PPO(temperature=0.0), "temperature must be positive"),
+        (lambda: RLOO(max_new_tokens=0), "max_new_tokens must be at least 1"),
         (lambda: PromptDataModule(batch_size=0), "batch_size must be at least 1"),
         (lambda: RewardModelScore("/nonexistent/reward_model"), "does not exist"),
         (lambda: PPO(critic="/nonexistent/critic"), "does not exist"),
