@@ -69,7 +69,11 @@ What differs between the runs (TRL behaviour we cannot set from its config):
 * Pairs: with tied scores TRL still trains on (first, second); ours gives that prompt no gradient.
 * Data order: TRL's sampler (seeded by ``seed``) and ours shuffle the prompts differently.
 * TRL keeps its per-step statistics (``.item()`` calls); logging, progress bars and checkpoints
-  are off in every run.
+  are off in every run. Ours runs with ``log_every_step=False`` (module and ``WeightSync``): its
+  metrics are handed to Lightning only in the steps Lightning's logger would write (every 50th,
+  none of these runs' steps), as TRL with ``logging_strategy="no"`` hands its statistics to
+  nothing; handing them over every step (Lightning's ``self.log``, about 15 keys) made the
+  asynchronous split run about 10 % slower (docs/results.md, section 3).
 
 Evaluation (not timed, after training, identical for the three): ``evaluate_policy`` on the first
 ``--eval_prompts`` held-out prompts (``builtin:eval_prompts``), one sample each at temperature 0.7,
@@ -249,6 +253,8 @@ def run_ours(spec: dict) -> dict:
         max_new_tokens=MAX_NEW_TOKENS,
         missing_eos_penalty=MISSING_EOS_SCORE,
         gradient_clip_val=1.0,
+        # metrics reach Lightning only when its logger writes (TRL: logging_strategy="no")
+        log_every_step=spec.get("log_every_step", False),
     )
     if spec["in_process"]:
         # no strategy: the module samples in this process (its default), pinned to one core like the trl run
@@ -269,7 +275,7 @@ def run_ours(spec: dict) -> dict:
         max_steps=spec["warmup"] + spec["steps"],
         accelerator="cpu",
         strategy=strategy,
-        callbacks=[WeightSync(probe_every=0), clock],
+        callbacks=[WeightSync(probe_every=0, log_every_step=spec.get("log_every_step", False)), clock],
     )
     trainer.fit(module, PromptDataModule(batch_size=spec["batch_size"], seed=SEED))
     updates = [t for v, t in zip(clock.versions, clock.times) if v > 0]  # end of the steps reaching versions 1, 2, ...

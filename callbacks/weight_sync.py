@@ -19,6 +19,7 @@ from typing_extensions import override
 
 from lightning_rlhf.contracts import RLModule, RolloutSource
 from lightning_rlhf.generation.transformers_backend import sequence_logprobs
+from lightning_rlhf.metrics.cadence import logger_writes_now
 
 
 class WeightSync(Callback):
@@ -28,12 +29,17 @@ class WeightSync(Callback):
 
     Args:
         probe_every: Compare trainer and generator logprobs every this many periodic refreshes; 0 never.
+        log_every_step: Log in every step with a refresh; ``False``: only in the steps Lightning's
+            loggers write (as the RL modules' argument of that name), each key with its newest value
+            since the last write (probes are still made on schedule).
     """
 
-    def __init__(self, probe_every: int = 10) -> None:
+    def __init__(self, probe_every: int = 10, log_every_step: bool = True) -> None:
         self.probe_every = probe_every
+        self.log_every_step = log_every_step
         self.refreshes = 0  # periodic refreshes seen
         self.probe: tuple[list[int], list[int]] | None = None
+        self._unlogged: dict[str, float] = {}  # newest value of each key not yet handed to Lightning
         self._seen = 0  # entries of the source's refresh log already looked at
 
     @override
@@ -59,7 +65,10 @@ class WeightSync(Callback):
                 diff = self.logprob_max_diff(pl_module, source, refresh.version)
                 if diff is not None:  # with a shared generator only rank 0 has one to probe
                     metrics["sync/logprob_max_diff"] = diff
-            pl_module.log_dict(metrics, batch_size=1)
+            self._unlogged.update(metrics)
+        if self._unlogged and (self.log_every_step or logger_writes_now(trainer)):
+            pl_module.log_dict(self._unlogged, batch_size=1)
+            self._unlogged = {}
 
     def logprob_max_diff(
         self, pl_module: RLModule, source: RolloutSource, version: int, temperature: float = 1.0

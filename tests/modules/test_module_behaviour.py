@@ -4,17 +4,20 @@ The rollouts come from a stand-in source with fixed completions, so the scores
 and losses below are derived by hand; the module, rewards and losses are real.
 """
 
+import csv
 import math
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 
-from lightning_rlhf.callbacks import GoldEvaluation, OffPolicySimulation
+from lightning_rlhf.callbacks import GoldEvaluation, OffPolicySimulation, WeightSync
 from lightning_rlhf.data import PromptDataModule
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.generation import Generations
+from lightning_rlhf.generation.source import Refresh
 from lightning_rlhf.modules import PPO, RLOO, OnlineDPO
 from lightning_rlhf.rewards import RewardFunction, RewardModelScore
 from lightning_rlhf.rollout_batch import score_rollouts
@@ -113,6 +116,53 @@ def test_training_keeps_the_models_out_of_the_cyclic_collector_and_gives_them_ba
     fit_one_step(module, ["stop"] * 4)
     assert len(frozen) == 1 and frozen[0] > 1000  # the policy, the reference, the tokenizer... frozen while training
     assert gc.get_freeze_count() == 0  # and the collector's again afterwards
+
+
+class RefreshingRollouts(FixedRollouts):
+    """:class:`FixedRollouts` that records a periodic weight refresh after every update, as a generator's source does."""
+
+    def after_update(self, version):
+        self.refreshes.append(Refresh(version, 0.001, "period"))
+
+
+@pytest.mark.parametrize("every_step", [True, False])
+def test_metrics_handed_over_only_when_the_logger_writes_give_the_logger_the_same_rows(
+    every_step, tmp_path, builtin_models
+):
+    # Lightning writes every log_every_n_steps=2 batches (steps 1 and 3 of 0..4); the linear schedule makes
+    # train/lr differ from step to step, so a stale value handed over at an earlier step would show
+    calls = []
+
+    class Counting(OnlineDPO):
+        def log_dict(self, *args, **kwargs):
+            calls.append((self.policy_version, next(iter(args[0])).split("/")[0]))  # the module's or WeightSync's
+            super().log_dict(*args, **kwargs)
+
+    module = Counting(
+        beta=0.5, reward=Constant(0.0), k=2, max_new_tokens=4, lr_schedule="linear", log_every_step=every_step
+    )
+    module.configure_model()
+    module.use_rollout_source(RefreshingRollouts(module.tokenizer, ["stop"] * 4))
+    sync = WeightSync(probe_every=0, log_every_step=every_step)
+    trainer = L.Trainer(
+        max_steps=5,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=2,
+        callbacks=[sync],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, PromptDataModule(batch_size=2, shuffle=False))
+    with open(f"{trainer.logger.log_dir}/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    lr = 1e-3  # torch.optim.AdamW's default rate
+    assert [int(r["step"]) for r in rows] == [1, 3]
+    assert [float(r["train/lr"]) for r in rows] == pytest.approx([lr * (1 - 1 / 5), lr * (1 - 3 / 5)])
+    assert [float(r["sync/version"]) for r in rows] == [2.0, 4.0]
+    handed_over = [1, 2, 3, 4, 5] if every_step else [2, 4]  # the policy version after each step that logged
+    assert calls == [(version, who) for version in handed_over for who in ("train", "sync")]
 
 
 class Recording(Constant):
