@@ -14,6 +14,8 @@ source and the fix, before any weights are read.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import re
 from pathlib import Path
@@ -193,6 +195,23 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def last_logits(model: torch.nn.Module, n: int) -> dict[str, int]:
+    """Keyword arguments that make ``model``'s forward compute logits for its last ``n`` positions only.
+
+    Causal LMs of transformers take ``logits_to_keep`` (``generate`` passes 1 in its
+    prefill: ``GenerationMixin._supports_logits_to_keep`` in ``transformers/generation/utils.py``).
+    A forward over prompt and response needs logits only where response tokens are
+    predicted; the others cost memory (batch x positions x vocabulary, 49152 words for
+    SmolLM2) and the head's arithmetic. Empty for a model whose forward does not take it.
+    """
+    return {"logits_to_keep": n} if _takes_logits_to_keep(type(model)) else {}
+
+
+@functools.cache
+def _takes_logits_to_keep(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def dequantize_gguf(source: str, gguf_file: str, folder: str) -> str:

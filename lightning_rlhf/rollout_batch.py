@@ -15,6 +15,7 @@ import torch
 
 from lightning_rlhf.generation.base import Generations
 from lightning_rlhf.losses import token_logprobs
+from lightning_rlhf.models import last_logits
 from lightning_rlhf.rewards.base import RewardFunction
 from lightning_rlhf.rewards.rules import apply_missing_eos_penalty
 from lightning_rlhf.tokens import left_pad
@@ -87,7 +88,8 @@ def response_logprobs(model: torch.nn.Module, rollouts: RolloutBatch, temperatur
     the paper's code does (async_rlhf / TRL 0.11 ``logits /= args.temperature + 1e-7``),
     so that the trained distribution is the one that was sampled.
     """
-    logits = _forward(model, rollouts).logits[:, rollouts.prompt_length - 1 : -1]  # (b, t, v)
+    t = rollouts.response_ids.shape[1]
+    logits = _forward(model, rollouts, **last_logits(model, t + 1)).logits[:, -t - 1 : -1]  # (b, t, v)
     return token_logprobs(logits, rollouts.response_ids, temperature) * rollouts.response_mask
 
 
@@ -95,8 +97,9 @@ def response_logprobs_and_hidden(
     model: torch.nn.Module, rollouts: RolloutBatch, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Like :func:`response_logprobs`, plus the last hidden state before each response token, (b, t, h)."""
-    out = _forward(model, rollouts, output_hidden_states=True)
-    logits = out.logits[:, rollouts.prompt_length - 1 : -1]  # (b, t, v)
+    t = rollouts.response_ids.shape[1]
+    out = _forward(model, rollouts, output_hidden_states=True, **last_logits(model, t + 1))
+    logits = out.logits[:, -t - 1 : -1]  # (b, t, v)
     hidden = out.hidden_states[-1][:, rollouts.prompt_length - 1 : -1]  # (b, t, h)
     return token_logprobs(logits, rollouts.response_ids, temperature) * rollouts.response_mask, hidden
 

@@ -23,6 +23,7 @@ import torch
 from lightning_rlhf.generation.base import GenerationBackend, Generations, SamplingConfig, call_seed, truncate_at_stop
 from lightning_rlhf.generation.weights import Refit, join_group, receive_buckets
 from lightning_rlhf.losses import token_logprobs
+from lightning_rlhf.models import last_logits
 from lightning_rlhf.tokens import left_pad
 
 
@@ -33,7 +34,8 @@ def sequence_logprobs(
     """Temperature-scaled logprobs of ``completion_ids`` following ``prompt_ids`` under ``model``, (t,) on the CPU."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids + completion_ids], device=device)
-    logits = model(input_ids=ids).logits[:, len(prompt_ids) - 1 : -1]  # (1, t, v)
+    t = len(completion_ids)
+    logits = model(input_ids=ids, **last_logits(model, t + 1)).logits[:, -t - 1 : -1]  # (1, t, v)
     return token_logprobs(logits, ids[:, len(prompt_ids) :], temperature)[0].cpu()
 
 
@@ -70,7 +72,8 @@ def sample(
     """
     rows = ids.shape[0] * k
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # over real tokens: left padding leaves them as if unpadded
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    # the prefill's logits at the last position only, as generate's
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_logits(model, 1))
     cache = getattr(out, "past_key_values", None)
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         raise TypeError(

@@ -88,6 +88,31 @@ def test_generate_shapes_versions_and_behaviour_logprobs(tiny_model_dir):
     assert rollouts.response_mask.sum() == sum(len(c) for c in generations.completion_ids)
 
 
+def test_the_head_computes_logits_only_where_tokens_are_predicted(tiny_model_dir):
+    """``logits_to_keep``: the sampling prefill's last position, the training forward's last t + 1 positions.
+
+    Not the whole prompt's (batch x prompt x vocabulary floats, gigabytes for a long prompt and a real
+    vocabulary); the logprobs are the same (the tests above and below compare them with whole forwards).
+    """
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = load_policy(tiny_model_dir)
+    backend = TransformersBackend(model, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    head_inputs = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: head_inputs.append(tuple(i[0].shape)))
+    torch.manual_seed(0)
+    generations = backend.generate(prompt_token_ids(tokenizer, ["copy 1 2 3 4 5 6 7 8 ="]), SamplingConfig(2, 1.0, 3))
+    prefill = head_inputs[0]
+    rollouts = build_rollout_batch(generations, tokenizer.pad_token_id)
+    head_inputs.clear()
+    with torch.no_grad():
+        response_logprobs(model, rollouts, 1.0)
+    hook.remove()
+
+    assert prefill == (1, 1, model.config.hidden_size)  # one prompt, its last position
+    assert rollouts.prompt_length > 5
+    assert head_inputs == [(2, rollouts.response_ids.shape[1] + 1, model.config.hidden_size)]
+
+
 def test_response_logprobs_use_the_temperature(tiny_model_dir):
     tokenizer = load_tokenizer(tiny_model_dir)
     model = load_policy(tiny_model_dir)
