@@ -242,6 +242,8 @@ def run_ours(spec: dict) -> dict:
     from lightning_rlhf.strategies import AsyncRLHFStrategy
 
     L.seed_everything(SEED, verbose=False)
+    # metrics reach Lightning only when its logger writes (TRL: logging_strategy="no")
+    log_every_step = spec.get("log_every_step", False)
     module = OnlineDPO(
         policy="builtin:sft",
         reward=RewardModelScore("builtin:reward_model"),
@@ -253,8 +255,7 @@ def run_ours(spec: dict) -> dict:
         max_new_tokens=MAX_NEW_TOKENS,
         missing_eos_penalty=MISSING_EOS_SCORE,
         gradient_clip_val=1.0,
-        # metrics reach Lightning only when its logger writes (TRL: logging_strategy="no")
-        log_every_step=spec.get("log_every_step", False),
+        log_every_step=log_every_step,
     )
     if spec["in_process"]:
         # no strategy: the module samples in this process (its default), pinned to one core like the trl run
@@ -275,7 +276,7 @@ def run_ours(spec: dict) -> dict:
         max_steps=spec["warmup"] + spec["steps"],
         accelerator="cpu",
         strategy=strategy,
-        callbacks=[WeightSync(probe_every=0, log_every_step=spec.get("log_every_step", False)), clock],
+        callbacks=[WeightSync(probe_every=0, log_every_step=log_every_step), clock],
     )
     trainer.fit(module, PromptDataModule(batch_size=spec["batch_size"], seed=SEED))
     updates = [t for v, t in zip(clock.versions, clock.times) if v > 0]  # end of the steps reaching versions 1, 2, ...

@@ -46,6 +46,7 @@ class WeightSync(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         source = pl_module.rollout_source if isinstance(pl_module, RLModule) else None
         self._seen = len(source.refreshes) if source is not None else 0
+        self._unlogged = {}  # nothing from an earlier fit is logged in this one
 
     @override
     def on_train_batch_end(
