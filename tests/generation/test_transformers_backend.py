@@ -105,12 +105,89 @@ def test_the_head_computes_logits_only_where_tokens_are_predicted(tiny_model_dir
     rollouts = build_rollout_batch(generations, tokenizer.pad_token_id)
     head_inputs.clear()
     with torch.no_grad():
-        response_logprobs(model, rollouts, 1.0)
+        response_logprobs(model, rollouts, 1.0, share_prompts=False)
+        whole = list(head_inputs)
+        head_inputs.clear()
+        response_logprobs(model, rollouts, 1.0)  # the two samples share their prompt: it runs once
     hook.remove()
 
-    assert prefill == (1, 1, model.config.hidden_size)  # one prompt, its last position
-    assert rollouts.prompt_length > 5
-    assert head_inputs == [(2, rollouts.response_ids.shape[1] + 1, model.config.hidden_size)]
+    t, h = rollouts.response_ids.shape[1], model.config.hidden_size
+    assert prefill == (1, 1, h)  # one prompt, its last position
+    assert rollouts.prompt_length > 5 and t > 1
+    assert whole == [(2, t + 1, h)]
+    assert head_inputs == [(1, 1, h), (2, t - 1, h)]  # the prompt's last position, then the responses
+
+
+def _sampled_rollouts(
+    model,
+    tokenizer,
+    k: int,
+    max_new_tokens: int,
+    texts=("copy 1 2 3 =", "copy 4 5 6 7 8 9 =", "copy 0 =", "copy 1 2 3 ="),
+):
+    """k samples each of prompts of different lengths (left padding), shuffled (as a DPO pair order is not prompt-major)."""
+    backend = TransformersBackend(model, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    prompts = prompt_token_ids(tokenizer, list(texts))
+    torch.manual_seed(3)
+    rollouts = build_rollout_batch(
+        backend.generate(prompts, SamplingConfig(k, 1.0, max_new_tokens)), tokenizer.pad_token_id
+    )
+    return rollouts[torch.randperm(len(rollouts), generator=torch.Generator().manual_seed(0))]
+
+
+@pytest.mark.parametrize("max_new_tokens", [6, 1])
+def test_rollouts_sharing_a_prompt_run_it_once_with_the_whole_forwards_logprobs_and_gradients(
+    tiny_model_dir, max_new_tokens
+):
+    """Prompt sharing in the training forward: the same logprobs and gradients, fewer prompt rows embedded.
+
+    Four prompts, two of them the same text, three samples each, shuffled: three distinct prompts
+    run once each, and every rollout's logprobs and the policy's gradients equal the whole
+    forwards'. With one new token only the prompt pass runs.
+    """
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = load_policy(tiny_model_dir).train()
+    rollouts = _sampled_rollouts(model, tokenizer, k=3, max_new_tokens=max_new_tokens)
+    assert rollouts.response_mask.sum(-1).unique().numel() > 1 or max_new_tokens == 1  # ragged responses
+    embedded = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: embedded.append(tuple(i[0].shape)))
+    results = {}
+    for share in (False, True):
+        model.zero_grad()
+        embedded.clear()
+        logprobs = response_logprobs(model, rollouts, 0.7, share_prompts=share)
+        (logprobs * torch.linspace(0.5, 2.0, logprobs.numel()).view_as(logprobs)).sum().backward()
+        results[share] = logprobs.detach(), [p.grad.clone() for p in model.parameters()], list(embedded)
+    hook.remove()
+
+    (whole, whole_grads, whole_rows), (shared, shared_grads, shared_rows) = results[False], results[True]
+    p, t = rollouts.prompt_length, rollouts.response_ids.shape[1]
+    assert whole_rows == [(12, p + t)]
+    assert shared_rows == [(3, p)] + ([(12, t - 1)] if t > 1 else [])
+    assert torch.allclose(shared, whole, atol=1e-5)
+    assert (whole != 0).sum() == rollouts.response_mask.sum()
+    for a, b in zip(shared_grads, whole_grads):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_with_gradient_checkpointing_or_no_repeated_prompt_every_rollout_runs_whole(tiny_model_dir):
+    """Nothing to share, or a model that drops its cache in training: the one whole forward, as before."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = load_policy(tiny_model_dir).train()
+    embedded = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: embedded.append(i[0].shape[0]))
+    single = _sampled_rollouts(
+        model, tokenizer, k=1, max_new_tokens=4, texts=("copy 1 2 =", "copy 3 4 5 =", "copy 6 =")
+    )
+    embedded.clear()
+    response_logprobs(model, single, 1.0)
+    assert embedded == [3]
+    model.gradient_checkpointing_enable()
+    rollouts = _sampled_rollouts(model, tokenizer, k=2, max_new_tokens=4)
+    embedded.clear()
+    response_logprobs(model, rollouts, 1.0).sum().backward()
+    hook.remove()
+    assert embedded[0] == len(rollouts)
 
 
 def test_response_logprobs_use_the_temperature(tiny_model_dir):
