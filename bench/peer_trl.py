@@ -28,9 +28,10 @@ so that the machine's drift between minutes hits both sides alike:
   overlaps training on batch i.
 * ``async_score_on_generator``: ``async`` with ``score_on_generator=True``: the generator process
   also scores its samples with the proxy, so scoring overlaps training too.
-* ``async_score_split``: ``async`` with ``score_on_generator=SCORE_SPLIT`` (0.7): the generator scores
-  the first 70 % of each batch's prompts, the trainer the rest, so that neither side waits long for the
-  other (0.7 was chosen by timing both sides at 0.6, 0.7 and 0.8; docs/results.md, section 3).
+* ``async_score_split``: ``async`` with ``score_on_generator=SCORE_SPLIT`` (0.65): the generator scores
+  the first 65 % of each batch's prompts, the trainer the rest, so that neither side waits long for the
+  other (chosen by timing both sides at 0.5-0.8; 0.65 since the training forwards share prompts,
+  0.7 before; docs/results.md, section 3).
 * ``sync_vllm``/``async_vllm`` (full run, when vLLM is installed): ours with the vLLM backend.
 
 The headline ratios (``async_over_trl``, ``sync_over_trl``) use the transformers backend for
@@ -52,7 +53,10 @@ trained on (prompts x 2 per step); episodes/s is measured over the steps after `
 What differs between the runs (TRL behaviour we cannot set from its config):
 
 * Training logprobs: TRL scores completions at temperature 1; ours divides the logits by the
-  sampling temperature (0.7) as the paper's code does. Both compute the same forward passes.
+  sampling temperature (0.7) as the paper's code does. TRL runs the policy and the reference on
+  every prompt-completion sequence whole; ours runs each prompt once for its pair and the two
+  completions attend to its cached keys and values (``rollout_batch.response_logprobs``,
+  ``share_prompts``: the same logprobs and gradients up to float rounding, fewer positions).
 * Missing-EOS penalty: TRL *subtracts* ``missing_eos_penalty`` (1.0) from the score; ours
   *replaces* the score with -1.0 (the paper's rule). The built-in proxy is normalized to mean 0,
   standard deviation 1 on SFT samples, so both are penalties of similar size; at 10 new tokens
@@ -106,7 +110,7 @@ MISSING_EOS_SCORE = -1.0  # ours: the score of a completion without EOS; TRL sub
 EVAL_SEED = 1234
 SEED = 0
 TARGET_ASYNC_OVER_TRL = 2.0
-SCORE_SPLIT = 0.7  # async_score_split: the share of each batch's prompts scored in the generator process
+SCORE_SPLIT = 0.65  # async_score_split: the share of each batch's prompts scored in the generator process
 
 
 def _optimizer(params) -> torch.optim.Optimizer:
