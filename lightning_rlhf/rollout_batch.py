@@ -90,10 +90,10 @@ def response_logprobs(
     the paper's code does (async_rlhf / TRL 0.11 ``logits /= args.temperature + 1e-7``),
     so that the trained distribution is the one that was sampled.
 
-    With ``share_prompts`` (the default) a prompt that several rollouts share (the k
-    samples of one prompt, a DPO pair) runs through the model once: see
-    :func:`_shared_prompt_logits`. The logprobs and their gradients are the whole
-    forward's up to float rounding; off, every sequence runs whole.
+    With ``share_prompts`` (the default; pass ``False`` for one sample per prompt) the
+    rollouts that share a prompt (the k samples of one prompt, a DPO pair) run it through
+    the model once: see :func:`_shared_prompt_logits`. The logprobs and their gradients are
+    the whole forward's up to float rounding; ``False`` runs every sequence whole.
     """
     t = rollouts.response_ids.shape[1]
     logits = _shared_prompt_logits(model, rollouts) if share_prompts else None
@@ -115,17 +115,20 @@ def _shared_prompt_logits(model: torch.nn.Module, rollouts: RolloutBatch) -> tor
     5-10 response tokens) that is about a quarter fewer token positions; measured on one CPU
     core, 10-30 % less time for the reference forward and 15-30 % for the policy's forward and
     backward (docs/results.md, section 3). With TL;DR's ~500-token prompts and ~50-token
-    responses it is about 45 % fewer positions. ``None`` (run whole) when no prompt repeats,
-    when gradient checkpointing is on (transformers then drops the cache), or when the model
-    returns no cache it can select from.
+    responses it is about 45 % fewer positions.
+
+    The number of forwards never depends on the data: always these two (a one-token response
+    still runs the second, its logits unused), even when no prompt repeats. Under ZeRO-3 each
+    forward gathers parameters collectively, and ranks whose batches differ must still make
+    the same calls. ``None`` (run whole, decided the same way on every rank) when gradient
+    checkpointing is on (transformers then drops the cache) or the model returns no cache it
+    can select from.
     """
     p, t = rollouts.prompt_length, rollouts.response_ids.shape[1]
     if getattr(model, "is_gradient_checkpointing", False):
         return None
     prompt_rows = torch.cat([rollouts.input_ids[:, :p], rollouts.attention_mask[:, :p]], dim=1)  # (b, 2p)
     distinct, inverse = torch.unique(prompt_rows, dim=0, return_inverse=True)  # (u, 2p), (b,)
-    if len(distinct) == len(rollouts):
-        return None
     prompt_ids, prompt_mask = distinct[:, :p], distinct[:, p:]  # (u, p)
     out = model(
         input_ids=prompt_ids,
@@ -134,21 +137,20 @@ def _shared_prompt_logits(model: torch.nn.Module, rollouts: RolloutBatch) -> tor
         use_cache=True,
         **last_logits(model, 1),
     )
-    first = out.logits[:, -1][inverse]  # (b, v): the prediction of each rollout's first response token
-    if t == 1:
-        return first[:, None]
     cache = getattr(out, "past_key_values", None)
     if cache is None or not hasattr(cache, "batch_select_indices"):
         return None
+    first = out.logits[:, -1][inverse]  # (b, v): the prediction of each rollout's first response token
     cache.batch_select_indices(inverse)  # (u, ...) -> (b, ...) per layer
-    mask = rollouts.attention_mask[:, : p + t - 1]  # (b, p + t - 1): the cached prompt, then the fed response tokens
+    fed = max(t - 1, 1)  # response tokens fed; with t = 1 one, whose prediction is dropped
+    mask = rollouts.attention_mask[:, : p + fed]  # (b, p + fed): the cached prompt, then the fed tokens
     rest = model(
-        input_ids=rollouts.response_ids[:, :-1],
+        input_ids=rollouts.response_ids[:, :fed],
         attention_mask=mask,
         position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, p:],
         past_key_values=cache,
         use_cache=False,
-    ).logits  # (b, t - 1, v): the predictions of response tokens 2..t
+    ).logits[:, : t - 1]  # (b, t - 1, v): the predictions of response tokens 2..t
     return torch.cat([first[:, None], rest], dim=1)
 
 

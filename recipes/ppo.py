@@ -228,6 +228,7 @@ def fit(
     prompts_log: Path | None,
 ) -> None:
     sampling = train.sampling
+    share = sampling.k > 1  # a prompt's samples run it through the model once (rollout_batch.response_logprobs)
     step, version, start = 0, 0, time.perf_counter()
     while step < train.steps:
         for batch in loader:
@@ -241,15 +242,15 @@ def fit(
             scores = scores.to(fabric.device)  # (b,)
             mask = rollouts.response_mask  # (b, t)
             with torch.no_grad():
-                old_logprobs = response_logprobs(policy, rollouts, sampling.temperature)  # (b, t)
+                old_logprobs = response_logprobs(policy, rollouts, sampling.temperature, share)  # (b, t)
                 old_values = critic_values(critic, rollouts)  # (b, t)
-                ref_logprobs = response_logprobs(ref_policy, rollouts, sampling.temperature)  # (b, t)
+                ref_logprobs = response_logprobs(ref_policy, rollouts, sampling.temperature, share)  # (b, t)
                 rewards, kl = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, train.kl_coef)  # (b, t)
                 advantages, returns = gae(rewards, old_values, mask, gamma=1.0, lam=train.lam)  # (b, t)
                 advantages = masked_whiten(advantages, mask)
             for _ in range(train.num_epochs):
                 logprobs, values = (
-                    response_logprobs(policy, rollouts, sampling.temperature),
+                    response_logprobs(policy, rollouts, sampling.temperature, share),
                     critic_values(critic, rollouts),
                 )
                 policy_loss, stats = ppo_policy_loss(logprobs, old_logprobs, advantages, mask, train.clip_eps)

@@ -132,7 +132,9 @@ class PPO(RLModuleBase):
         """Policy logprobs and values of the response tokens, both (b, t), 0 on padding."""
         temperature = self.sampling.temperature
         if self.critic is not None:
-            return response_logprobs(self.policy, rollouts, temperature), critic_values(self.critic, rollouts)
+            return response_logprobs(self.policy, rollouts, temperature, self.sampling.k > 1), critic_values(
+                self.critic, rollouts
+            )
         logprobs, hidden = response_logprobs_and_hidden(self.policy, rollouts, temperature)
         return logprobs, self.value_head(hidden).squeeze(-1).float() * rollouts.response_mask
 
@@ -141,7 +143,9 @@ class PPO(RLModuleBase):
         mask = rollouts.response_mask  # (b, t)
         with torch.no_grad():
             old_logprobs, old_values = self.logprobs_and_values(rollouts)  # (b, t), (b, t)
-            ref_logprobs = response_logprobs(self.ref_policy, rollouts, self.sampling.temperature)  # (b, t)
+            ref_logprobs = response_logprobs(
+                self.ref_policy, rollouts, self.sampling.temperature, self.sampling.k > 1
+            )  # (b, t)
             rewards, kl = kl_penalized_rewards(
                 scores, old_logprobs, ref_logprobs, mask, self.kl_coef, self.kl_estimator
             )  # (b, t)

@@ -143,7 +143,7 @@ def test_rollouts_sharing_a_prompt_run_it_once_with_the_whole_forwards_logprobs_
 
     Four prompts, two of them the same text, three samples each, shuffled: three distinct prompts
     run once each, and every rollout's logprobs and the policy's gradients equal the whole
-    forwards'. With one new token only the prompt pass runs.
+    forwards'. With one new token the second pass still runs (one token fed, its prediction unused).
     """
     tokenizer = load_tokenizer(tiny_model_dir)
     model = load_policy(tiny_model_dir).train()
@@ -163,31 +163,39 @@ def test_rollouts_sharing_a_prompt_run_it_once_with_the_whole_forwards_logprobs_
     (whole, whole_grads, whole_rows), (shared, shared_grads, shared_rows) = results[False], results[True]
     p, t = rollouts.prompt_length, rollouts.response_ids.shape[1]
     assert whole_rows == [(12, p + t)]
-    assert shared_rows == [(3, p)] + ([(12, t - 1)] if t > 1 else [])
+    assert shared_rows == [(3, p), (12, max(t - 1, 1))]
     assert torch.allclose(shared, whole, atol=1e-5)
     assert (whole != 0).sum() == rollouts.response_mask.sum()
     for a, b in zip(shared_grads, whole_grads):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
-def test_with_gradient_checkpointing_or_no_repeated_prompt_every_rollout_runs_whole(tiny_model_dir):
-    """Nothing to share, or a model that drops its cache in training: the one whole forward, as before."""
+def test_the_forwards_made_do_not_depend_on_the_data_and_checkpointing_runs_whole(tiny_model_dir):
+    """The same two forwards whether prompts repeat or not, so ranks with different batches make the same calls.
+
+    (Under ZeRO-3 every forward gathers parameters collectively.) ``share_prompts=False``, or a
+    model that drops its cache in training (gradient checkpointing), runs one whole forward.
+    """
     tokenizer = load_tokenizer(tiny_model_dir)
     model = load_policy(tiny_model_dir).train()
     embedded = []
     hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: embedded.append(i[0].shape[0]))
-    single = _sampled_rollouts(
+    distinct = _sampled_rollouts(
         model, tokenizer, k=1, max_new_tokens=4, texts=("copy 1 2 =", "copy 3 4 5 =", "copy 6 =")
     )
-    embedded.clear()
-    response_logprobs(model, single, 1.0)
-    assert embedded == [3]
+    runs = {}
+    for share in (True, False):
+        embedded.clear()
+        with torch.no_grad():
+            runs[share] = response_logprobs(model, distinct, 1.0, share_prompts=share), list(embedded)
+    assert runs[True][1] == [3, 3] and runs[False][1] == [3]
+    assert torch.allclose(runs[True][0], runs[False][0], atol=1e-5)
     model.gradient_checkpointing_enable()
     rollouts = _sampled_rollouts(model, tokenizer, k=2, max_new_tokens=4)
     embedded.clear()
     response_logprobs(model, rollouts, 1.0).sum().backward()
     hook.remove()
-    assert embedded[0] == len(rollouts)
+    assert embedded == [len(rollouts)]
 
 
 def test_response_logprobs_use_the_temperature(tiny_model_dir):
