@@ -78,9 +78,9 @@ def evaluate_policy(
                 reference_scores = gold(prompts, references, chunk).float().cpu()
             win_rate.update(policy_scores, reference_scores)
             rollouts = build_rollout_batch(generations, tokenizer.pad_token_id).to(device)
-            share = sampling.k > 1  # one sample per prompt: nothing to share
-            logps = response_logprobs(policy, rollouts, sampling.temperature, share).sum(-1)
-            ref_logps = response_logprobs(ref_policy, rollouts, sampling.temperature, share).sum(-1)
+            # one sample per prompt (k=1 above): no prompt to share
+            logps = response_logprobs(policy, rollouts, sampling.temperature, share_prompts=False).sum(-1)
+            ref_logps = response_logprobs(ref_policy, rollouts, sampling.temperature, share_prompts=False).sum(-1)
             kls.append((logps - ref_logps).cpu())
             scores.append(policy_scores)
             finished.append(rollouts.finished.float().cpu())

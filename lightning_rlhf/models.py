@@ -209,6 +209,42 @@ def last_logits(model: torch.nn.Module, n: int) -> dict[str, int]:
     return {"logits_to_keep": n} if _takes_logits_to_keep(type(model)) else {}
 
 
+def forward_shared_prompts(
+    model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, rows: torch.Tensor, **kwargs
+):
+    """Run the distinct prompts (u, p) once with a key/value cache, then repeat the cache for ``rows`` (b,) of them.
+
+    Returns ``(output, cache)``, or ``None`` when the model returns no cache it can select from
+    (``Cache.batch_select_indices``, ``transformers/cache_utils.py``). Continue with
+    :func:`forward_after_prompts`. Used by the training logprobs and the reward model's scores,
+    so that the k samples of a prompt share its forward.
+    """
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),  # over real tokens: as if unpadded
+        use_cache=True,
+        **kwargs,
+    )
+    cache = getattr(out, "past_key_values", None)
+    if cache is None or not hasattr(cache, "batch_select_indices"):
+        return None
+    cache.batch_select_indices(rows)  # (u, ...) -> (b, ...) per layer
+    return out, cache
+
+
+def forward_after_prompts(model: torch.nn.Module, cache, ids: torch.Tensor, mask: torch.Tensor):
+    """The forward of ``ids`` (b, n) after the cached prompts of :func:`forward_shared_prompts`; ``mask`` (b, p + n) covers both."""
+    p = mask.shape[1] - ids.shape[1]
+    return model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, p:],  # counted on from the prompt's real tokens
+        past_key_values=cache,
+        use_cache=False,
+    )
+
+
 @functools.cache
 def _takes_logits_to_keep(model_class: type) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters

@@ -15,7 +15,7 @@ import torch
 
 from lightning_rlhf.generation.base import Generations
 from lightning_rlhf.losses import token_logprobs
-from lightning_rlhf.models import last_logits
+from lightning_rlhf.models import forward_after_prompts, forward_shared_prompts, last_logits
 from lightning_rlhf.rewards.base import RewardFunction
 from lightning_rlhf.rewards.rules import apply_missing_eos_penalty
 from lightning_rlhf.tokens import left_pad
@@ -129,27 +129,14 @@ def _shared_prompt_logits(model: torch.nn.Module, rollouts: RolloutBatch) -> tor
         return None
     prompt_rows = torch.cat([rollouts.input_ids[:, :p], rollouts.attention_mask[:, :p]], dim=1)  # (b, 2p)
     distinct, inverse = torch.unique(prompt_rows, dim=0, return_inverse=True)  # (u, 2p), (b,)
-    prompt_ids, prompt_mask = distinct[:, :p], distinct[:, p:]  # (u, p)
-    out = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
-        use_cache=True,
-        **last_logits(model, 1),
-    )
-    cache = getattr(out, "past_key_values", None)
-    if cache is None or not hasattr(cache, "batch_select_indices"):
+    shared = forward_shared_prompts(model, distinct[:, :p], distinct[:, p:], inverse, **last_logits(model, 1))
+    if shared is None:
         return None
+    out, cache = shared
     first = out.logits[:, -1][inverse]  # (b, v): the prediction of each rollout's first response token
-    cache.batch_select_indices(inverse)  # (u, ...) -> (b, ...) per layer
     fed = max(t - 1, 1)  # response tokens fed; with t = 1 one, whose prediction is dropped
-    mask = rollouts.attention_mask[:, : p + fed]  # (b, p + fed): the cached prompt, then the fed tokens
-    rest = model(
-        input_ids=rollouts.response_ids[:, :fed],
-        attention_mask=mask,
-        position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, p:],
-        past_key_values=cache,
-        use_cache=False,
+    rest = forward_after_prompts(
+        model, cache, rollouts.response_ids[:, :fed], rollouts.attention_mask[:, : p + fed]
     ).logits[:, : t - 1]  # (b, t - 1, v): the predictions of response tokens 2..t
     return torch.cat([first[:, None], rest], dim=1)
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from lightning_rlhf.models import freeze, load_reward_model, load_tokenizer, resolve_source
+from lightning_rlhf.models import (
+    forward_after_prompts,
+    forward_shared_prompts,
+    freeze,
+    load_reward_model,
+    load_tokenizer,
+    resolve_source,
+)
 from lightning_rlhf.rewards.base import RewardFunction
 from lightning_rlhf.tokens import encode_pairs, left_pad
 
@@ -57,21 +64,13 @@ def score_pairs(
     if not share_prompts or len(groups) == len(prompt_ids) or any(not c or c[-1] == pad_id for c in completion_ids):
         return whole()
     shared_ids, shared_mask = (t.to(device) for t in left_pad([list(p) for p in groups], pad_id))
-    out = model(
-        input_ids=shared_ids,
-        attention_mask=shared_mask,
-        position_ids=(shared_mask.cumsum(-1) - 1).clamp(min=0),
-        use_cache=True,
-    )
-    cache = getattr(out, "past_key_values", None)
-    if cache is None or not hasattr(cache, "batch_select_indices"):
-        return whole()
     rows = torch.tensor(index, device=device)
-    cache.batch_select_indices(rows)
+    shared = forward_shared_prompts(model, shared_ids, shared_mask, rows)
+    if shared is None:
+        return whole()
+    _, cache = shared
     ids, completion_mask = (t.to(device) for t in left_pad(completion_ids, pad_id))
-    mask = torch.cat([shared_mask[rows], completion_mask], dim=1)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared_ids.shape[1] :]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=False)
+    out = forward_after_prompts(model, cache, ids, torch.cat([shared_mask[rows], completion_mask], dim=1))
     return _last_score(out.logits)
 
 
