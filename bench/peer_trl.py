@@ -5,7 +5,8 @@
 
 Runs, each in a fresh subprocess (no shared state; model loading and start-up are not timed),
 repeated ``--repeats`` times (default 3) in interleaved order (trl, trl_2threads, trl_shared_prompts,
-trl_our_parts, sync_in_process, sync, async, async_score_on_generator, async_score_split, then again): each
+trl_our_parts, sync_in_process, sync, async, async_score_on_generator, async_score_split, async_score_auto,
+then again): each
 figure is the median over repeats, and each ratio to TRL the median of the ratios within a repeat,
 so that the machine's drift between minutes hits both sides alike:
 
@@ -32,6 +33,9 @@ so that the machine's drift between minutes hits both sides alike:
   the first 65 % of each batch's prompts, the trainer the rest, so that neither side waits long for the
   other (chosen by timing both sides at 0.5-0.8; 0.65 since the training forwards share prompts,
   0.7 before; docs/results.md, section 3).
+* ``async_score_auto``: ``async`` with ``score_on_generator="auto"``: the generator's share is chosen
+  anew for every batch from how long the last ones kept either side waiting
+  (``generation.pipeline.ScoringBalance``), so it follows a side that slows down for a few steps.
 * ``sync_vllm``/``async_vllm`` (full run, when vLLM is installed): ours with the vLLM backend.
 
 The headline ratios (``async_over_trl``, ``sync_over_trl``) use the transformers backend for
@@ -377,6 +381,7 @@ def _runs(args: argparse.Namespace) -> list[dict]:
             ("async", 1, 0.0, ""),
             ("async_score_on_generator", 1, 1.0, ", scored in the generator"),
             ("async_score_split", 1, SCORE_SPLIT, f", {SCORE_SPLIT:.0%} of the prompts scored in the generator"),
+            ("async_score_auto", 1, "auto", ", the generator's share of the scoring chosen every batch"),
         ):
             runs.append(
                 {

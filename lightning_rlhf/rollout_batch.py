@@ -197,7 +197,7 @@ class RewardScorer:
         reward: An unloaded copy of the module's reward (:meth:`RewardFunction.unloaded_copy`).
         tokenizer_source: Where the policy's tokenizer loads from (the generator's model).
         fraction: Of each batch's prompts, the share scored here (the first ones, with all their
-            samples); the rest is left as ``None`` for the trainer to score.
+            samples) unless a request says otherwise; the rest is left as ``None`` for the trainer to score.
     """
 
     def __init__(self, reward: RewardFunction, tokenizer_source: str, fraction: float = 1.0) -> None:
@@ -209,8 +209,8 @@ class RewardScorer:
         self.tokenizer = load_tokenizer(self.tokenizer_source)
         self.reward.setup(device)
 
-    def __call__(self, rows: list[dict], generations: Generations) -> list[float | None]:
-        n, k = round(self.fraction * len(rows)), generations.k
+    def __call__(self, rows: list[dict], generations: Generations, share: float | None = None) -> list[float | None]:
+        n, k = round((self.fraction if share is None else share) * len(rows)), generations.k
         completions = self.tokenizer.batch_decode(generations.completion_ids[: n * k], skip_special_tokens=True)
         scores = raw_scores(self.reward, rows[:n], completions, k).tolist() if n else []
         return scores + [None] * (len(generations.completion_ids) - n * k)

@@ -42,6 +42,9 @@ class Generations:
         k: Completions per prompt.
         scores: n*k raw reward scores when the generator scored them (``score_on_generator``), else ``None``;
             ``None`` entries are left for the trainer to score (a fraction scored on the generator).
+        scoring_seconds: How long the generator process spent scoring them (0 when it scored none).
+        finished_at: When the generator process had them ready, on the host's monotonic clock
+            (:func:`~lightning_rlhf.generation.process.host_clock`); ``None`` when made in the trainer's process.
     """
 
     prompt_ids: list[list[int]]
@@ -51,6 +54,8 @@ class Generations:
     policy_version: int
     k: int
     scores: list[float | None] | None = None
+    scoring_seconds: float = 0.0
+    finished_at: float | None = None
 
     def __post_init__(self) -> None:
         n = len(self.prompt_ids) * self.k
@@ -60,6 +65,13 @@ class Generations:
             )
         if self.scores is not None and len(self.scores) != n:
             raise ValueError(f"Generations hold {n} completions but {len(self.scores)} scores.")
+
+    @property
+    def scored_share(self) -> float:
+        """The share of the completions the generator process scored (``score_on_generator``)."""
+        if self.scores is None:
+            return 0.0
+        return sum(s is not None for s in self.scores) / max(1, len(self.scores))
 
     @classmethod
     def concat(cls, parts: list[Generations]) -> Generations:
@@ -76,6 +88,8 @@ class Generations:
             parts[0].policy_version,
             parts[0].k,
             [s for p in parts for s in p.scores] if scored else None,
+            max(p.scoring_seconds for p in parts),  # the parts are scored side by side
+            None if any(p.finished_at is None for p in parts) else max(p.finished_at for p in parts),
         )
 
     def split(self, prompts_per_part: list[int]) -> list[Generations]:

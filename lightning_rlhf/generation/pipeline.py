@@ -28,13 +28,78 @@ import torch
 from lightning_rlhf.generation.base import Generations, SamplingConfig
 from lightning_rlhf.generation.in_process import InProcessSource
 from lightning_rlhf.generation.pool import GeneratorPool
-from lightning_rlhf.generation.process import GeneratorError, GeneratorProcess, GeneratorSpec
+from lightning_rlhf.generation.process import GeneratorError, GeneratorProcess, GeneratorSpec, host_clock
 from lightning_rlhf.generation.source import Refresh
 from lightning_rlhf.generation.transformers_backend import TransformersBackend
 from lightning_rlhf.generation.weights import WeightStream, policy_state, stream_of
 from lightning_rlhf.models import resolve_source
 
 T = TypeVar("T")
+
+
+class ScoringBalance:
+    """Chooses how much of each batch the generator scores, so that neither it nor the trainer waits (``score_on_generator: auto``).
+
+    Asynchronously the trainer scores and learns on batch ``i`` while the generator
+    samples and scores its share of batch ``i + 1``. Each batch tells how far
+    off the balance was: ``late``, the moment the generator had it ready minus
+    the moment the trainer asked for it (positive: the trainer waited; negative:
+    the generator sat idle). That gap grows with the generator's share of this
+    batch and with its share of the one before (which the trainer scored the rest
+    of meanwhile), each at the rate of the time to score a whole batch, so the
+    share that closes it is
+
+        share = (share_i + share_(i-1)) / 2 - gain * late_i / (seconds_gen + seconds_trainer)
+
+    taking the mean of the two shares it measured (an alternation of high and low
+    shares would otherwise go unseen) and assuming a prompt costs the trainer what
+    it costs a generator (``seconds_trainer = generators * seconds_gen``, the
+    generators' parts being scored side by side). The new share applies to the next
+    request sent, which is two batches on (one is in flight already). The error
+    then evolves as ``e_(i+2) = (1 - gain) * (e_i + e_(i-1)) / 2``: stable for any
+    gain up to 2 (so for a cost estimate up to ``2 / gain`` times off), deadbeat at
+    1. On a 2-core CPU each step's gap jumps by tens of milliseconds either way
+    at random, as large as the imbalance being corrected, so the default closes
+    only 0.3 of each: an error shrinks about 13 % a step (halved in about five),
+    and the shares stay within a few hundredths of where they settle (0.8 made
+    them swing by a tenth; docs/results.md, section 3).
+
+    Args:
+        generators: Generator processes sharing each request.
+        share: The first requests' share, before any batch has been measured.
+        gain: How much of each measured gap to close.
+    """
+
+    def __init__(self, generators: int = 1, share: float = 0.5, gain: float = 0.3) -> None:
+        self.generators, self.share, self.gain = generators, share, gain
+        self.batch_seconds: float | None = None  # a generator's time to score the whole of its part of a batch
+        self.sent: dict[int, float] = {}  # the share each request in flight was sent with
+        self.previous: float | None = None  # the share of the batch received before
+
+    def share_for(self, request_id: int) -> float:
+        """The share of request ``request_id``'s prompts for the generator to score."""
+        self.sent[request_id] = self.share
+        return self.share
+
+    def measured(self, request_id: int, generations: Generations, asked_at: float) -> None:
+        """Learn from a received batch, which the trainer asked for at ``asked_at`` (:func:`host_clock`)."""
+        share = self.sent.pop(request_id, None)
+        if share is None or generations.finished_at is None:
+            return
+        if share >= 0.2:  # a small share's time is mostly per-call overhead: it would overstate the cost
+            seconds = generations.scoring_seconds / share
+            self.batch_seconds = seconds if self.batch_seconds is None else (self.batch_seconds + seconds) / 2
+        previous, self.previous = self.previous, share
+        if previous is None:  # the first batch: the trainer asked as the pipeline filled, before any training
+            return
+        if self.batch_seconds:
+            late = generations.finished_at - asked_at
+            slope = self.batch_seconds * (1 + self.generators)
+            self.share = min(1.0, max(0.0, (share + previous) / 2 - self.gain * late / slope))
+
+    def forget(self) -> None:
+        """Requests in flight were dropped (a generator restart sends them again under new ids)."""
+        self.sent.clear()
 
 
 class PipelinedSource:
@@ -48,6 +113,8 @@ class PipelinedSource:
             (gathered parameter by parameter under ZeRO-3).
         restart: Starts a replacement generator after a failure; ``None`` lets the failure stop training.
         max_restarts: Most replacements in a row for one call before its error is raised.
+        balance: Chooses each training request's share scored on the generator (``score_on_generator: auto``);
+            ``None``: the generator's scorer, if any, scores its fixed share.
     """
 
     def __init__(
@@ -58,6 +125,7 @@ class PipelinedSource:
         weights: Callable[[], WeightStream],
         restart: Callable[[], GeneratorProcess | GeneratorPool] | None = None,
         max_restarts: int = 3,
+        balance: ScoringBalance | None = None,
     ) -> None:
         if max_staleness < 0:
             raise ValueError(f"max_staleness must be 0 or more, got {max_staleness}.")
@@ -73,6 +141,7 @@ class PipelinedSource:
         self.pending: deque[tuple[int, list[dict], list[list[int]], SamplingConfig]] = deque()
         self.request_ids = 0
         self.refreshes: list[Refresh] = []
+        self.balance = balance
 
     @property
     def forced_refreshes(self) -> int:
@@ -142,6 +211,8 @@ class PipelinedSource:
         self.restarts += 1
         seconds = self.generator.push_weights(self.weights(), version)
         self.refreshes.append(Refresh(version, seconds, "restart"))
+        if self.balance is not None:
+            self.balance.forget()
         for i, (_, rows, ids, sampling) in enumerate(self.pending):
             self.pending[i] = (self._send(ids, sampling, rows), rows, ids, sampling)
 
@@ -150,7 +221,8 @@ class PipelinedSource:
         request_id, self.request_ids = self.request_ids, self.request_ids + 1
         if rows and isinstance(rows[0], list):  # a SharedSource's request: one list of rows per rank
             rows = [row for rank_rows in rows for row in rank_rows]
-        self.generator.submit(request_id, prompt_ids, sampling, rows)
+        share = self.balance.share_for(request_id) if rows and self.balance is not None else None
+        self.generator.submit(request_id, prompt_ids, sampling, rows, share)
         return request_id
 
     def _submit(self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig) -> None:
@@ -166,8 +238,11 @@ class PipelinedSource:
         if len(self.pending) <= self.max_staleness:
             return None  # filling the pipeline
         # the oldest request stays in pending until its result is here: a replacement is asked for it again
+        asked_at, restarts = host_clock(), self.restarts
         generations = self._surviving(lambda: self.generator.result(self.pending[0][0]), version)
         request_id, rows, _, _ = self.pending.popleft()
+        if self.balance is not None and self.restarts == restarts:  # a wait through a restart measures the restart
+            self.balance.measured(request_id, generations, asked_at)
         if version - generations.policy_version > self.max_staleness:
             raise RuntimeError(
                 f"Rollout {request_id} is {version - generations.policy_version} versions old, over max_staleness={self.max_staleness}."

@@ -58,14 +58,19 @@ class GeneratorPool:
         return all(g.alive() for g in self.generators)
 
     def submit(
-        self, request_id: int, prompt_ids: list[list[int]], sampling: SamplingConfig, rows: list[dict] | None = None
+        self,
+        request_id: int,
+        prompt_ids: list[list[int]],
+        sampling: SamplingConfig,
+        rows: list[dict] | None = None,
+        score_share: float | None = None,
     ) -> None:
         sizes = split_sizes(len(prompt_ids), len(self.generators))
         start = 0
         for generator, size in zip(self.generators, sizes):
             if size:
                 part_rows = rows[start : start + size] if rows is not None else None
-                generator.submit(request_id, prompt_ids[start : start + size], sampling, part_rows)
+                generator.submit(request_id, prompt_ids[start : start + size], sampling, part_rows, score_share)
             start += size
         self._parts[request_id] = sizes
 

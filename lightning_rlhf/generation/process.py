@@ -171,6 +171,15 @@ def _follow_parent() -> None:
     threading.Thread(target=watch, name="lightning-rlhf-follow-trainer", daemon=True).start()
 
 
+def host_clock() -> float:
+    """Seconds on the host's monotonic clock, which every process on this machine shares (Linux ``CLOCK_MONOTONIC``).
+
+    The trainer compares the generator's :attr:`Generations.finished_at` with the moment it asked
+    for the batch (``score_on_generator: auto``); ``time.perf_counter`` promises no shared origin.
+    """
+    return time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
 class Scorer(Protocol):
     """What scores completions inside the generator process (``score_on_generator``).
 
@@ -181,8 +190,9 @@ class Scorer(Protocol):
     def setup(self, device: torch.device) -> None:
         """Load what scoring needs onto ``device``; called once, in the generator process."""
 
-    def __call__(self, rows: list[dict], generations: Generations) -> list[float | None]:
-        """The raw score of each completion (n*k, prompt-major) of the prompts in ``rows``; ``None`` where left to the trainer."""
+    def __call__(self, rows: list[dict], generations: Generations, share: float | None = None) -> list[float | None]:
+        """The raw score of each completion (n*k, prompt-major) of the first ``share`` of the prompts in ``rows``
+        (``None``: the scorer's own share); ``None`` where left to the trainer."""
 
 
 def generator_main(spec: GeneratorSpec, requests, results, port: int, prefix: str) -> None:
@@ -202,10 +212,13 @@ def generator_main(spec: GeneratorSpec, requests, results, port: int, prefix: st
         while True:
             kind, *payload = requests.get()
             if kind == "generate":
-                request_id, prompt_ids, sampling, rows = payload
+                request_id, prompt_ids, sampling, rows, share = payload
                 generations = backend.generate(prompt_ids, sampling)
                 if rows is not None:  # a training request, with the scorer here: score beside generation
-                    generations.scores = spec.scorer(rows, generations)
+                    start = time.perf_counter()
+                    generations.scores = spec.scorer(rows, generations, share)
+                    generations.scoring_seconds = time.perf_counter() - start
+                generations.finished_at = host_clock()
                 results.put(("generations", request_id, generations))
             elif kind == "weights":
                 refit, version = payload
@@ -301,12 +314,20 @@ class GeneratorProcess:
         return self.process is not None and self.process.is_alive()
 
     def submit(
-        self, request_id: int, prompt_ids: list[list[int]], sampling: SamplingConfig, rows: list[dict] | None = None
+        self,
+        request_id: int,
+        prompt_ids: list[list[int]],
+        sampling: SamplingConfig,
+        rows: list[dict] | None = None,
+        score_share: float | None = None,
     ) -> None:
-        """Ask for completions of ``prompt_ids``; with ``rows`` (the prompts' dataset rows) they are also scored, when the spec has a scorer."""
+        """Ask for completions of ``prompt_ids``; with ``rows`` (the prompts' dataset rows) they are also scored, when the spec has a scorer.
+
+        ``score_share``: the share of the prompts to score here (``None``: the scorer's own).
+        """
         self._check_alive()
         rows = rows if self.spec.scorer is not None else None  # rows travel only to be scored
-        self.requests.put(("generate", request_id, prompt_ids, sampling, rows))
+        self.requests.put(("generate", request_id, prompt_ids, sampling, rows, score_share))
 
     def result(self, request_id: int) -> Generations:
         return self._wait(("generations", request_id), self.request_timeout_s)

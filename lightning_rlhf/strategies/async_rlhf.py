@@ -33,7 +33,7 @@ from typing_extensions import override
 from lightning_rlhf.callbacks.weight_sync import WeightSync
 from lightning_rlhf.contracts import RLModule
 from lightning_rlhf.errors import ConfigError
-from lightning_rlhf.generation.pipeline import PipelinedSource, resolve_dtype
+from lightning_rlhf.generation.pipeline import PipelinedSource, ScoringBalance, resolve_dtype
 from lightning_rlhf.generation.pool import GeneratorPool
 from lightning_rlhf.generation.process import GeneratorProcess, GeneratorSpec, gpu_indices
 from lightning_rlhf.generation.shared import SharedSource
@@ -86,10 +86,15 @@ class _AsyncGeneration:
             shares_gpu=on_gpu
             and self.root_device.type == "cuda"
             and (self.root_device.index or 0) in gpu_indices(device),
-            scorer=RewardScorer(module.reward.unloaded_copy(), model, config.score_on_generator)
-            if config.score_on_generator
-            else None,
+            scorer=self._scorer(model),
         )
+
+    def _scorer(self, model: str) -> RewardScorer | None:
+        """What scores in the generator process (``score_on_generator``); with ``"auto"`` each request says how much."""
+        share = self.generation.score_on_generator
+        if not share:
+            return None
+        return RewardScorer(self._rl_module().reward.unloaded_copy(), model, 1.0 if share == "auto" else share)
 
     def _new_generator(self) -> GeneratorProcess | GeneratorPool:
         specs = [self._spec(i) for i in range(self.generation.num_generators)]
@@ -122,8 +127,14 @@ class _AsyncGeneration:
         source = None
         if owner:
             restart = self._new_generator if config.restart_on_failure else None
+            balance = ScoringBalance(config.num_generators) if config.score_on_generator == "auto" else None
             source = PipelinedSource(
-                self._generator, config.max_staleness, config.sync_every, self.policy_weights, restart=restart
+                self._generator,
+                config.max_staleness,
+                config.sync_every,
+                self.policy_weights,
+                restart=restart,
+                balance=balance,
             )
         if config.shared_generator:
             # every rank takes part in creating the group; prompts and rollouts travel over it as objects
@@ -197,7 +208,11 @@ class AsyncRLHFStrategy(_AsyncGeneration, SingleDeviceStrategy):
             so leave room for it there, e.g. a lower vLLM ``gpu_memory_utilization``). A number between
             0 and 1 splits the work: the generator scores that fraction of each batch's prompts (the first
             ones, with all their samples) and the trainer the rest, so that neither side waits for the
-            other when scoring everything on the generator would make it the slower one. Off by default.
+            other when scoring everything on the generator would make it the slower one. ``"auto"`` chooses
+            that fraction anew for every batch from how long the last ones kept either side waiting
+            (:class:`~lightning_rlhf.generation.pipeline.ScoringBalance`), so it follows a side that slows
+            down; which prompts are scored where then depends on timing, so the scores are reproducible
+            only to float rounding. Off by default.
 
     Raises:
         ConfigError: On an unknown backend, transport or dtype, a negative ``max_staleness``, ``sync_every < 1``,
@@ -221,7 +236,7 @@ class AsyncRLHFStrategy(_AsyncGeneration, SingleDeviceStrategy):
         weight_transport: Literal["gloo", "nccl", "cuda_ipc"] = "gloo",
         num_generators: int = 1,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-        score_on_generator: bool | float = False,
+        score_on_generator: bool | float | Literal["auto"] = False,
     ) -> None:
         config = GenerationConfig.of(locals())
         super().__init__(device=torch.device(device))
@@ -257,7 +272,7 @@ class AsyncRLHFDDPStrategy(_AsyncGeneration, DDPStrategy):
         weight_transport: Literal["gloo", "nccl", "cuda_ipc"] = "gloo",
         num_generators: int = 1,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-        score_on_generator: bool | float = False,
+        score_on_generator: bool | float | Literal["auto"] = False,
         **ddp_kwargs,
     ) -> None:
         config = GenerationConfig.of(locals())
@@ -299,7 +314,7 @@ class AsyncRLHFDeepSpeedStrategy(_AsyncGeneration, DeepSpeedStrategy):
         weight_transport: Literal["gloo", "nccl", "cuda_ipc"] = "gloo",
         num_generators: int = 1,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-        score_on_generator: bool | float = False,
+        score_on_generator: bool | float | Literal["auto"] = False,
         **deepspeed_kwargs,
     ) -> None:
         if shared_generator and stage == 3 and restart_on_failure:

@@ -18,7 +18,7 @@ class GenerationConfig:
 
     Raises:
         ConfigError: On an unknown backend or transport, a negative ``max_staleness``, ``sync_every < 1``,
-            the vLLM backend without vLLM, or a ``score_on_generator`` fraction outside [0, 1].
+            the vLLM backend without vLLM, or a ``score_on_generator`` that is neither ``'auto'`` nor a fraction in [0, 1].
     """
 
     backend: Literal["auto", "transformers", "vllm"] = "auto"
@@ -34,7 +34,7 @@ class GenerationConfig:
     weight_transport: Literal["gloo", "nccl", "cuda_ipc"] = "gloo"
     num_generators: int = 1
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
-    score_on_generator: bool | float = False
+    score_on_generator: bool | float | Literal["auto"] = False
 
     @classmethod
     def of(cls, arguments: dict) -> GenerationConfig:
@@ -73,8 +73,10 @@ class GenerationConfig:
             )
         object.__setattr__(self, "vllm_kwargs", dict(self.vllm_kwargs or {}))
         share = self.score_on_generator
+        if share == "auto":
+            return
         if isinstance(share, str) or not 0.0 <= float(share) <= 1.0:
             raise ConfigError(
-                f"score_on_generator must be true, false or the fraction of each batch's prompts the generator scores (between 0 and 1), got {share!r}."
+                f"score_on_generator must be true, false, 'auto' or the fraction of each batch's prompts the generator scores (between 0 and 1), got {share!r}."
             )
         object.__setattr__(self, "score_on_generator", float(share))  # true -> 1.0, false -> 0.0

@@ -79,11 +79,19 @@ def test_peer_trl_quick_smoke(builtin_models, tmp_path):
     out = tmp_path / "peer_trl.json"
     _run("peer_trl.py", out)
     summary = json.loads(out.read_text())
-    runs = ["trl", "sync_in_process", "sync", "async", "async_score_on_generator", "async_score_split"]
+    runs = [
+        "trl",
+        "sync_in_process",
+        "sync",
+        "async",
+        "async_score_on_generator",
+        "async_score_split",
+        "async_score_auto",
+    ]
     assert [run["name"] for run in summary["runs"]] == runs
     assert all(summary[f"{name}_episodes_per_s"] > 0 for name in runs)
     assert summary["async_over_trl"] == summary["async_episodes_per_s"] / summary["trl_episodes_per_s"]
-    assert [len(run["repeats"]) for run in summary["runs"]] == [1] * 6  # --quick: one repeat of each run
+    assert [len(run["repeats"]) for run in summary["runs"]] == [1] * len(runs)  # --quick: one repeat of each run
 
 
 def test_scaling_quick_smoke(builtin_models, tmp_path):

@@ -21,7 +21,7 @@ class FakeGenerator:
         if self.dead:
             raise GeneratorError(f"died at {kind} {self.calls[kind]}")
 
-    def submit(self, request_id, prompt_ids, sampling, rows=None):
+    def submit(self, request_id, prompt_ids, sampling, rows=None, score_share=None):
         self._call("submit")
         self.requests[request_id] = (prompt_ids, self.version)
         self.rows[request_id] = rows

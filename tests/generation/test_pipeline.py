@@ -8,8 +8,8 @@ import itertools
 import pytest
 
 from fake_generator import FakeGenerator
-from lightning_rlhf.generation import SamplingConfig
-from lightning_rlhf.generation.pipeline import PipelinedSource
+from lightning_rlhf.generation import Generations, SamplingConfig
+from lightning_rlhf.generation.pipeline import PipelinedSource, ScoringBalance
 from lightning_rlhf.generation.process import GeneratorError
 
 SAMPLING = SamplingConfig(k=1, temperature=1.0, max_new_tokens=2)
@@ -130,3 +130,54 @@ def test_training_requests_carry_their_rows_to_be_scored_and_evaluations_do_not(
     generator.dead = True  # the replacement is asked again for the request in flight, with its rows
     source.step([{"prompt": 3}], [[3]], SAMPLING, 1)
     assert list(started[1].rows.values())[:2] == [[{"prompt": 1}, {"prompt": 2}], [{"prompt": 3}]]
+
+
+def simulate(balance: ScoringBalance, steps: int, gen_seconds, train_seconds, score_seconds: float = 0.1):
+    """The asynchronous timeline (max_staleness=1) of a generator and a trainer that share each batch's scoring.
+
+    At step i the trainer sends for batch i + 1 and asks for batch i; the generator samples each batch
+    (``gen_seconds(i)``) and scores the share it was sent with; the trainer scores the rest and learns
+    (``train_seconds(i)``). Scoring a whole batch takes ``score_seconds`` on either side.
+    Returns each batch's share and each step's wait on either side (positive: the trainer waited).
+    """
+    shares, gaps = {0: balance.share_for(0)}, []
+    generator_free = trainer_free = sent = 0.0  # sent: when the batch the generator samples next was sent for
+    for i in range(steps):
+        asked = trainer_free  # the trainer has finished step i - 1: it sends for batch i + 1, then asks for batch i
+        shares[i + 1] = balance.share_for(i + 1)
+        generator_start, sent = max(generator_free, sent), asked
+        scoring = shares[i] * score_seconds
+        finished = generator_start + gen_seconds(i) + scoring
+        generator_free = finished
+        balance.measured(i, Generations([[1]], [[2]], [[0.0]], ["stop"], 0, 1, [0.0], scoring, finished), asked)
+        gaps.append(finished - asked)
+        trainer_free = max(asked, finished) + train_seconds(i) + (1 - shares[i]) * score_seconds
+    return [shares[i] for i in range(steps)], gaps
+
+
+@pytest.mark.parametrize("gen_seconds, train_seconds", [(0.02, 0.05), (0.06, 0.01), (0.05, 0.02)])
+def test_the_scoring_balance_settles_where_neither_side_waits(gen_seconds, train_seconds):
+    # the generator's 0.02 s + share * 0.1 s equals the trainer's 0.05 s + (1 - share) * 0.1 s at share 0.65
+    shares, gaps = simulate(ScoringBalance(), 60, lambda i: gen_seconds, lambda i: train_seconds)
+    balanced = (train_seconds + 0.1 - gen_seconds) / 0.2
+    assert shares[-1] == pytest.approx(balanced, abs=1e-3)
+    assert abs(gaps[-1]) < 1e-3 and abs(gaps[1]) > 1e-3  # it started off balance and got there
+
+
+def test_the_scoring_balance_follows_a_side_that_slows_down_and_recovers():
+    # the generator samples 60 % slower for steps 10-39: the share moves to the trainer and back
+    slow = lambda i: 0.04 * (1.6 if 10 <= i < 40 else 1.0)  # noqa: E731
+    shares, gaps = simulate(ScoringBalance(), 70, slow, lambda i: 0.04)
+    assert shares[9] == pytest.approx(0.5) and shares[69] == pytest.approx(0.5, abs=1e-2)
+    assert shares[39] == pytest.approx((0.04 + 0.1 - 0.064) / 0.2, abs=1e-2)
+    assert gaps[10] > 0.02 and max(abs(g) for g in gaps[24:40]) < 0.2 * gaps[10]  # in 14 steps, 80 % of it gone
+    for gain in (0.1, 1.0, 1.9):  # stable with any gain below 2
+        shares, gaps = simulate(ScoringBalance(gain=gain), 200, slow, lambda i: 0.04)
+        assert abs(gaps[-1]) < 1e-3
+
+
+def test_the_scoring_balance_stays_between_none_and_all():
+    # a generator with nothing else to do scores everything; one that is always late (synchronous) nothing
+    idle, _ = simulate(ScoringBalance(), 10, lambda i: 0.0, lambda i: 0.3)
+    late, _ = simulate(ScoringBalance(), 10, lambda i: 0.3, lambda i: 0.0)
+    assert idle[-1] == 1.0 and late[-1] == 0.0

@@ -83,10 +83,7 @@ class Record(Callback):
         if outputs:  # a batch was trained on: its rows and generations (None while the pipeline fills up)
             self.version = pl_module.policy_version
             self.prompts.append([r["prompt"] for r in outputs["rows"]])
-            scores = outputs["generations"].scores or []
-            self.scored_by_generator.append(
-                sum(s is not None for s in scores) / len(outputs["generations"].completion_ids)
-            )
+            self.scored_by_generator.append(outputs["generations"].scored_share)
         if self.fail_at_version is not None and self.version >= self.fail_at_version:
             raise RuntimeError("failing on purpose")
 
@@ -149,11 +146,11 @@ def main() -> None:
     parser.add_argument("--num_generators", type=int, default=1, help="generator processes per rank")
     parser.add_argument(
         "--score_on_generator",
-        type=float,
+        type=lambda value: value if value == "auto" else float(value),
         nargs="?",
         const=1.0,
         default=0.0,
-        help="the generator scores its samples (or this fraction of each batch's prompts)",
+        help="the generator scores its samples (or this fraction of each batch's prompts, or 'auto')",
     )
     parser.add_argument("--dataset", default="builtin:prompts")
     parser.add_argument("--shuffle", action="store_true")

@@ -178,6 +178,21 @@ def test_scoring_on_the_generator_gives_the_same_scores_and_training(tmp_path, f
     assert scored["param_norm"] == pytest.approx(sync["param_norm"], rel=1e-6)
 
 
+def test_auto_scoring_moves_the_scoring_to_the_trainer_when_the_trainer_waits_and_trains_the_same(tmp_path):
+    # synchronous (max_staleness=0) the trainer asks for each batch as soon as it has sent for it, so it always
+    # waits for the generator: "auto" starts at half of each batch and hands the generator less
+    sync = train(tmp_path / "sync", "--mode", "sync", "--steps", "5")
+    auto = train(
+        tmp_path / "auto", "--mode", "async", "--max_staleness", "0", "--score_on_generator", "auto", "--steps", "5"
+    )
+    shares = auto["scored_by_generator"]
+    assert shares[0] == 0.5 and shares[-1] == min(shares) < 0.5
+    assert auto["metrics"]["rollout/scored_on_generator"] == shares
+    assert auto["metrics"]["objective/scores"] == pytest.approx(sync["metrics"]["objective/scores"], abs=1e-5)
+    assert auto["metrics"]["train/loss"] == pytest.approx(sync["metrics"]["train/loss"], abs=1e-5)
+    assert auto["param_norm"] == pytest.approx(sync["param_norm"], rel=1e-6)
+
+
 @pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed")
 def test_staleness_zero_with_vllm_trains_each_batch_on_the_weights_that_sampled_it(tmp_path):
     # vLLM draws other samples than transformers, so losses differ from the synchronous run's; what holds is

@@ -18,7 +18,7 @@ from lightning_rlhf.strategies import AsyncRLHFDDPStrategy, AsyncRLHFDeepSpeedSt
         (dict(num_generators=0), "num_generators must be at least 1"),
         (dict(bucket_bytes=1000), "bucket_bytes must be at least 1 MiB"),
         (dict(dtype="fp8"), "Unknown generator dtype 'fp8'"),
-        (dict(score_on_generator=1.5), "score_on_generator must be true, false or the fraction"),
+        (dict(score_on_generator=1.5), "score_on_generator must be true, false, 'auto' or the fraction"),
     ],
 )
 def test_bad_arguments_name_the_fix(kwargs, message):
@@ -54,6 +54,7 @@ def test_score_on_generator_is_a_share_of_each_batch():
     assert AsyncRLHFStrategy(backend="transformers").generation.score_on_generator == 0.0
     assert AsyncRLHFStrategy(backend="transformers", score_on_generator=True).generation.score_on_generator == 1.0
     assert AsyncRLHFStrategy(backend="transformers", score_on_generator=0.6).generation.score_on_generator == 0.6
+    assert AsyncRLHFStrategy(backend="transformers", score_on_generator="auto").generation.score_on_generator == "auto"
 
 
 def test_unknown_weight_transport_is_refused():
