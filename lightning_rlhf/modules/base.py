@@ -276,10 +276,11 @@ class RLModuleBase(RolloutCheckpointing, L.LightningModule):
                     "rollout/eos_rate": rollouts.finished.float().mean(),
                     "rollout/response_length": rollouts.response_mask.sum(-1).float().mean(),
                     "rollout/staleness": float(staleness),
-                    "rollout/scored_on_generator": generations.scored_share,
                     "train/lr": lr,
                     "timing/rollout_seconds": train_start - start,
                     "timing/train_seconds": train_seconds,
+                    # the share of this batch the generator scored (score_on_generator), where it scores any
+                    **({"rollout/scored_on_generator": generations.scored_share} if generations.scores else {}),
                 },
                 batch_size=len(rows),
             )
