@@ -73,10 +73,9 @@ class GenerationConfig:
             )
         object.__setattr__(self, "vllm_kwargs", dict(self.vllm_kwargs or {}))
         share = self.score_on_generator
-        if share == "auto":
-            return
-        if isinstance(share, str) or not 0.0 <= float(share) <= 1.0:
-            raise ConfigError(
-                f"score_on_generator must be true, false, 'auto' or the fraction of each batch's prompts the generator scores (between 0 and 1), got {share!r}."
-            )
-        object.__setattr__(self, "score_on_generator", float(share))  # true -> 1.0, false -> 0.0
+        if share != "auto":  # "auto": the share is chosen for every batch (ScoringBalance)
+            if isinstance(share, str) or not 0.0 <= float(share) <= 1.0:
+                raise ConfigError(
+                    f"score_on_generator must be true, false, 'auto' or the fraction of each batch's prompts the generator scores (between 0 and 1), got {share!r}."
+                )
+            object.__setattr__(self, "score_on_generator", float(share))  # true -> 1.0, false -> 0.0

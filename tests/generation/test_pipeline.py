@@ -157,7 +157,7 @@ def simulate(balance: ScoringBalance, steps: int, gen_seconds, train_seconds, sc
 
 @pytest.mark.parametrize("gen_seconds, train_seconds", [(0.02, 0.05), (0.06, 0.01), (0.05, 0.02)])
 def test_the_scoring_balance_settles_where_neither_side_waits(gen_seconds, train_seconds):
-    # the generator's 0.02 s + share * 0.1 s equals the trainer's 0.05 s + (1 - share) * 0.1 s at share 0.65
+    # balanced where gen_seconds + share * 0.1 s = train_seconds + (1 - share) * 0.1 s (0.65, 0.25 and 0.35 here)
     shares, gaps = simulate(ScoringBalance(), 60, lambda i: gen_seconds, lambda i: train_seconds)
     balanced = (train_seconds + 0.1 - gen_seconds) / 0.2
     assert shares[-1] == pytest.approx(balanced, abs=1e-3)
