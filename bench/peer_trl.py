@@ -14,8 +14,9 @@ so that the machine's drift between minutes hits both sides alike:
   pinned to one core with one torch thread (``--trl_threads``), generating with transformers ``generate``.
 * ``trl_2threads`` (full run): the same with both cores and two torch threads, so TRL may use
   all the hardware our asynchronous run uses (``async_over_best_trl`` compares with the fastest TRL run).
-* ``trl_shared_prompts`` (full run): ``trl`` with our scorer's prompt sharing on (below), to show
-  how much of our lead is that scorer rather than the engine.
+* ``trl_shared_prompts`` (full run): ``trl`` with our scorer's savings on (prompt sharing and the
+  last layer at the scored position, below), to show how much of our lead is that scorer rather
+  than the engine.
 * ``trl_our_parts`` (full run): ``trl_shared_prompts`` also sampling with our loop
   (``lightning_rlhf.generation.transformers_backend.sample``, the same draws as ``generate``) in
   place of ``generate``: TRL with both of our faster parts, so the remaining gap is the engine.
@@ -69,9 +70,11 @@ What differs between the runs (TRL behaviour we cannot set from its config):
   BOS/EOS and without a separating space (``"... =1 2"`` is an unknown word to the built-in
   word-level tokenizer), so TRL gets the proxy model as a callable reward (``reward_funcs``) that
   runs our ``RewardModelScore``: the same model and encoding as ours. Its cost: TRL's own path runs
-  every sequence whole, so ``trl`` and ``trl_2threads`` score with ``share_prompts=False``; ours (and
-  ``trl_shared_prompts``) run each prompt once for its two completions (``share_prompts``, the default:
-  the same scores within 1e-5, less arithmetic).
+  every sequence whole, so ``trl`` and ``trl_2threads`` score with ``share_prompts=False`` and
+  ``last_position_only=False``; ours (and ``trl_shared_prompts``) run each prompt once for its two
+  completions (``share_prompts``, the default: the same scores within 1e-5, less arithmetic) and the
+  reward model's last layer's MLP at the scored position only (``last_position_only``, the default:
+  the same scores within 1e-5, a quarter less MLP arithmetic on the built-in 4-layer model).
 * Prompts: TRL tokenizes prompt text with ``add_special_tokens=False``, so its prompts carry the
   BOS token as text (``"<s> copy ... ="``); the token ids are the same as ours.
 * Pairs: with tied scores TRL still trains on (first, second); ours gives that prompt no gradient.
@@ -182,7 +185,9 @@ def run_trl(spec: dict) -> dict:
 
     tokenizer = load_tokenizer("builtin:sft")
     policy = load_policy("builtin:sft")
-    proxy = RewardModelScore("builtin:reward_model", share_prompts=spec["share_prompts"])
+    proxy = RewardModelScore(
+        "builtin:reward_model", share_prompts=spec["share_prompts"], last_position_only=spec["last_position_only"]
+    )
     proxy.setup(torch.device("cpu"))
     bos_prefix = tokenizer.bos_token + " "
 
@@ -254,7 +259,7 @@ def run_ours(spec: dict) -> dict:
     log_every_step = spec.get("log_every_step", False)
     module = OnlineDPO(
         policy="builtin:sft",
-        reward=RewardModelScore("builtin:reward_model"),
+        reward=RewardModelScore("builtin:reward_model", last_position_only=spec.get("last_position_only", True)),
         optimizer=_optimizer,
         beta=BETA,
         loss_type="sigmoid",
@@ -338,7 +343,7 @@ def _our_sampler_as_generate(policy, tokenizer):
 def _runs(args: argparse.Namespace) -> list[dict]:
     """The runs to make: TRL, ours sync and async with transformers, and with vLLM when asked."""
     common = {key: getattr(args, key) for key in ("steps", "warmup", "batch_size", "eval_prompts")}
-    trl = {"kind": "trl", "threads": args.trl_threads, "share_prompts": False, **common}
+    trl = {"kind": "trl", "threads": args.trl_threads, "share_prompts": False, "last_position_only": False, **common}
     runs = [{"name": "trl", "generation": "transformers generate (TRL)", **trl}]
     if not args.quick and args.trl_threads == 1 and len(os.sched_getaffinity(0)) >= 2:
         runs.append(
@@ -350,7 +355,8 @@ def _runs(args: argparse.Namespace) -> list[dict]:
                 **trl,
                 "name": "trl_shared_prompts",
                 "share_prompts": True,
-                "generation": "transformers generate (TRL), our prompt-sharing scorer",
+                "last_position_only": True,
+                "generation": "transformers generate (TRL), our scorer",
             }
         )
         runs.append(
@@ -358,8 +364,9 @@ def _runs(args: argparse.Namespace) -> list[dict]:
                 **trl,
                 "name": "trl_our_parts",
                 "share_prompts": True,
+                "last_position_only": True,
                 "our_sampler": True,
-                "generation": "our sampling loop in TRL, our prompt-sharing scorer",
+                "generation": "our sampling loop in TRL, our scorer",
             }
         )
     ours = {"kind": "ours", "in_process": False, **common}

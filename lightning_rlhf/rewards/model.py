@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 
 from lightning_rlhf.models import (
@@ -26,12 +29,54 @@ def _last_score(logits: torch.Tensor) -> torch.Tensor:
     return logits[:, -1].float() if logits.ndim == 2 else logits[:, -1, 0].float()
 
 
+# Reward models whose decoder layers are the pre-norm block ``x + attn(norm(x))`` then
+# ``h + mlp(norm(h))``, read in transformers' ``LlamaDecoderLayer.forward``
+# (``models/llama/modeling_llama.py``) and the same in ``models/{mistral,qwen2,qwen3}``.
+_PRE_NORM_DECODERS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def reads_last_position_only(model: torch.nn.Module) -> bool:
+    """Whether :func:`score_pairs` may compute ``model``'s last decoder layer at the last position only.
+
+    A score is the head's output at one position, the last. Every layer but the
+    last must run at all positions (the next layer's keys and values need them),
+    but the last layer's MLP, three quarters of its arithmetic, is needed at that
+    one position alone: a quarter of the layers' MLP arithmetic on the built-in
+    reward model (4 layers). Holds for the pre-norm decoders above with a linear
+    ``score`` head (``GenericForSequenceClassification``, transformers'
+    ``modeling_layers.py``); any other model runs whole.
+    """
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None) in _PRE_NORM_DECODERS and isinstance(
+        getattr(model, "score", None), torch.nn.Linear
+    )
+
+
+def _last_position_forward(layer: torch.nn.Module, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``layer``'s forward with attention over every position (keys and values go to the cache) and the rest at the last one, (b, 1, h)."""
+    attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
+    last = hidden_states[:, -1:] + attended[:, -1:]
+    return last + layer.mlp(layer.post_attention_layernorm(last))
+
+
+@contextlib.contextmanager
+def _last_layer_at_last_position(body: torch.nn.Module):
+    """Run ``body``'s last decoder layer with :func:`_last_position_forward` inside the block (one call at a time)."""
+    layer = body.layers[-1]
+    layer.forward = functools.partial(_last_position_forward, layer)  # the instance's own: parameters and hooks stay
+    try:
+        yield
+    finally:
+        del layer.forward
+
+
 def score_pairs(
     model: torch.nn.Module,
     prompt_ids: list[list[int]],
     completion_ids: list[list[int]],
     pad_id: int,
     share_prompts: bool = True,
+    last_position_only: bool = True,
 ) -> torch.Tensor:
     """:func:`score_sequences` of each ``prompt + completion``, running each distinct prompt through the model once, (n,).
 
@@ -47,31 +92,42 @@ def score_pairs(
     less time for a call alone, but no gain measurable end to end in
     ``bench/peer_trl.py`` (docs/results.md, section 3).
 
+    With ``last_position_only`` (and :func:`reads_last_position_only`), the last
+    decoder layer's MLP runs at the scored position only; the scores are those of
+    the whole forward up to float rounding.
+
     Runs every sequence whole (:func:`score_sequences`) when ``share_prompts`` is
     off, when nothing is shared (all prompts distinct), when the model returns no
     cache, or when a completion ends with ``pad_id`` (a model whose pad and eos
     ids agree: its classifier head reads the last non-pad token of the ids it is
-    given, which would then differ from the whole sequence's).
+    given, which would then differ from the whole sequence's, and from the last position).
     """
     device = next(model.parameters()).device
+    ends_in_pad = any(not c or c[-1] == pad_id for c in completion_ids)
+    last_only = last_position_only and not ends_in_pad and reads_last_position_only(model)
+    body = model.base_model if last_only else model  # the decoder without its head: its output is (b, 1, h)
+
+    def scores(out) -> torch.Tensor:
+        return model.score(out.last_hidden_state[:, -1])[:, -1].float() if last_only else _last_score(out.logits)
 
     def whole() -> torch.Tensor:
-        ids, mask = left_pad([p + c for p, c in zip(prompt_ids, completion_ids)], pad_id)
-        return score_sequences(model, ids.to(device), mask.to(device))
+        ids, mask = (t.to(device) for t in left_pad([p + c for p, c in zip(prompt_ids, completion_ids)], pad_id))
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        return scores(body(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False))
 
     groups: dict[tuple[int, ...], int] = {}
     index = [groups.setdefault(tuple(p), len(groups)) for p in prompt_ids]
-    if not share_prompts or len(groups) == len(prompt_ids) or any(not c or c[-1] == pad_id for c in completion_ids):
-        return whole()
-    shared_ids, shared_mask = (t.to(device) for t in left_pad([list(p) for p in groups], pad_id))
-    rows = torch.tensor(index, device=device)
-    shared = forward_shared_prompts(model, shared_ids, shared_mask, rows)
-    if shared is None:
-        return whole()
-    _, cache = shared
-    ids, completion_mask = (t.to(device) for t in left_pad(completion_ids, pad_id))
-    out = forward_after_prompts(model, cache, ids, torch.cat([shared_mask[rows], completion_mask], dim=1))
-    return _last_score(out.logits)
+    with _last_layer_at_last_position(body) if last_only else contextlib.nullcontext():
+        if not share_prompts or len(groups) == len(prompt_ids) or ends_in_pad:
+            return whole()
+        shared_ids, shared_mask = (t.to(device) for t in left_pad([list(p) for p in groups], pad_id))
+        rows = torch.tensor(index, device=device)
+        shared = forward_shared_prompts(body, shared_ids, shared_mask, rows)
+        if shared is None:
+            return whole()
+        _, cache = shared
+        ids, completion_mask = (t.to(device) for t in left_pad(completion_ids, pad_id))
+        return scores(forward_after_prompts(body, cache, ids, torch.cat([shared_mask[rows], completion_mask], dim=1)))
 
 
 class RewardModelScore(RewardFunction):
@@ -91,6 +147,9 @@ class RewardModelScore(RewardFunction):
         share_prompts: Run a prompt repeated within a batch (the k samples of one
             prompt) through the model once (:func:`score_pairs`); the scores are the
             same up to float rounding. Off runs every sequence whole.
+        last_position_only: Compute the last decoder layer's MLP at the scored
+            position only, where :func:`reads_last_position_only` says the model
+            allows it; the scores are the same up to float rounding.
 
     Raises:
         ConfigError: If ``model`` is a path that does not exist.
@@ -103,6 +162,7 @@ class RewardModelScore(RewardFunction):
         dtype: str = "float32",
         normalize: bool = True,
         share_prompts: bool = True,
+        last_position_only: bool = True,
     ) -> None:
         if not model.startswith("builtin:"):
             resolve_source(model, "reward model")  # fail fast on a wrong path
@@ -111,6 +171,7 @@ class RewardModelScore(RewardFunction):
         self.dtype = dtype
         self.normalize = normalize
         self.share_prompts = share_prompts
+        self.last_position_only = last_position_only
         self.shift, self.scale = 0.0, 1.0
         self._model = None
         self._tokenizer = None
@@ -125,7 +186,9 @@ class RewardModelScore(RewardFunction):
         self._model.to(device)
 
     def unloaded_copy(self) -> RewardModelScore:
-        return RewardModelScore(self.source, self.batch_size, self.dtype, self.normalize, self.share_prompts)
+        return RewardModelScore(
+            self.source, self.batch_size, self.dtype, self.normalize, self.share_prompts, self.last_position_only
+        )
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str], rows: list[dict] | None = None) -> torch.Tensor:
@@ -147,6 +210,7 @@ class RewardModelScore(RewardFunction):
                     [completion_ids[i] for i in batch],
                     self._tokenizer.pad_token_id,
                     self.share_prompts,
+                    self.last_position_only,
                 )
                 for batch in batches
             ]

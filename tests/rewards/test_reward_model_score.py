@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from lightning_rlhf.rewards import RewardModelScore
+from lightning_rlhf.rewards import model as score_model
 from lightning_rlhf.rewards.model import save_reward_normalization
+from lightning_rlhf.tokens import left_pad
 
 
 def test_normalization_from_the_config_gives_sft_like_samples_mean_0_std_1(builtin_models, tmp_path):
@@ -68,3 +70,57 @@ def test_a_model_whose_pad_is_its_eos_scores_whole_sequences(builtin_models):
         reward._tokenizer.pad_token_id = reward._model.config.pad_token_id = reward._tokenizer.eos_token_id
         scores[share] = reward(prompts, COMPLETIONS)
     torch.testing.assert_close(scores[True], scores[False])
+
+
+def _positions_seen_by_mlps(model) -> list[list[int]]:
+    """Per forward pass of each decoder layer's MLP, the positions it ran at: ``seen[layer]``."""
+    seen = [[] for _ in model.base_model.layers]
+    for i, layer in enumerate(model.base_model.layers):
+        layer.mlp.register_forward_hook(lambda module, args, out, i=i: seen[i].append(args[0].shape[1]))
+    return seen
+
+
+@pytest.mark.parametrize("share_prompts", [False, True])
+def test_the_last_layer_runs_its_mlp_at_the_scored_position_only_with_the_same_scores(builtin_models, share_prompts):
+    prompts = [PROMPTS[i % 4] for i in (0, 1, 2, 3, 3, 2, 1, 0, 0, 2, 1, 3)]
+    scores, seen = {}, {}
+    for last_only in (False, True):
+        reward = RewardModelScore(
+            builtin_models["reward_model"], normalize=False, share_prompts=share_prompts, last_position_only=last_only
+        )
+        reward.setup(torch.device("cpu"))
+        seen[last_only] = _positions_seen_by_mlps(reward._model)
+        scores[last_only] = reward(prompts, COMPLETIONS)
+    torch.testing.assert_close(scores[True], scores[False], atol=1e-5, rtol=1e-5)
+    *earlier, last = seen[True]
+    assert last and all(n == 1 for n in last)  # one position per row, in each pass (prompts, then completions)
+    assert earlier == seen[False][:-1] and all(n > 1 for n in seen[False][-1])  # the other layers as before
+    # outside a call the layer is itself again: the model's own forward reads every position
+    layer = reward._model.base_model.layers[-1]
+    assert "forward" not in vars(layer)
+    ids = torch.tensor([[1, 5, 6, 2]])
+    assert reward._model(input_ids=ids).logits.shape == (1, 1)
+    assert seen[True][-1][-1] == 4
+
+
+def test_the_last_layer_is_restored_when_a_scoring_call_fails(builtin_models):
+    reward = RewardModelScore(builtin_models["reward_model"])
+    reward.setup(torch.device("cpu"))
+    layer = reward._model.base_model.layers[-1]
+    layer.mlp.register_forward_pre_hook(lambda module, args: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        reward(PROMPTS, COMPLETIONS[:4])
+    assert "forward" not in vars(layer)
+
+
+def test_a_model_outside_the_pre_norm_decoders_runs_whole():
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    model = GPT2ForSequenceClassification(GPT2Config(n_layer=2, n_embd=32, n_head=1, vocab_size=32, pad_token_id=0))
+    model.eval()
+    assert not score_model.reads_last_position_only(model)
+    prompt_ids, completion_ids = [[1, 5, 6], [1, 5, 6], [1, 7]], [[8, 2], [9, 9, 2], [2]]
+    ids, mask = left_pad([p + c for p, c in zip(prompt_ids, completion_ids)], 0)
+    with torch.no_grad():
+        expected = score_model.score_sequences(model, ids, mask)
+        torch.testing.assert_close(score_model.score_pairs(model, prompt_ids, completion_ids, 0), expected)
