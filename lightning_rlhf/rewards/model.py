@@ -44,11 +44,18 @@ def reads_last_position_only(model: torch.nn.Module) -> bool:
     one position alone: a quarter of the layers' MLP arithmetic on the built-in
     reward model (4 layers). Holds for the pre-norm decoders above with a linear
     ``score`` head (``GenericForSequenceClassification``, transformers'
-    ``modeling_layers.py``); any other model runs whole.
+    ``modeling_layers.py``); any other model runs whole, and so does a last layer
+    whose ``forward`` something has already replaced on the instance (accelerate's
+    device hooks do: ours would bypass them).
     """
     config = getattr(model, "config", None)
-    return getattr(config, "model_type", None) in _PRE_NORM_DECODERS and isinstance(
-        getattr(model, "score", None), torch.nn.Linear
+    if getattr(config, "model_type", None) not in _PRE_NORM_DECODERS:
+        return False
+    layers = getattr(model.base_model, "layers", None)
+    return (
+        isinstance(getattr(model, "score", None), torch.nn.Linear)
+        and bool(layers)
+        and "forward" not in vars(layers[-1])
     )
 
 

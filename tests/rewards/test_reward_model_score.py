@@ -113,6 +113,21 @@ def test_the_last_layer_is_restored_when_a_scoring_call_fails(builtin_models):
     assert "forward" not in vars(layer)
 
 
+def test_a_last_layer_whose_forward_is_already_replaced_runs_whole(builtin_models):
+    """Such as accelerate's device hooks: the fast path would bypass them, and restoring would drop them."""
+    reward = RewardModelScore(builtin_models["reward_model"])
+    reward.setup(torch.device("cpu"))
+    assert score_model.reads_last_position_only(reward._model)
+    layer = reward._model.base_model.layers[-1]
+    hooked = layer.forward
+    layer.forward = lambda *args, **kwargs: hooked(*args, **kwargs)
+    wrapper = layer.forward
+    assert not score_model.reads_last_position_only(reward._model)
+    seen = _positions_seen_by_mlps(reward._model)
+    reward(PROMPTS, COMPLETIONS[:4])
+    assert all(n > 1 for n in seen[-1]) and layer.forward is wrapper
+
+
 def test_a_model_outside_the_pre_norm_decoders_runs_whole():
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
