@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from lightning_rlhf.errors import ConfigError
+from lightning_rlhf.tokens import real_token_positions
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_TASK = "copy-v5"  # folder of the built-in artifacts; a new version when they change
@@ -222,7 +223,7 @@ def forward_shared_prompts(
     out = model(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
-        position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),  # over real tokens: as if unpadded
+        position_ids=real_token_positions(prompt_mask),
         use_cache=True,
         **kwargs,
     )
@@ -239,7 +240,7 @@ def forward_after_prompts(model: torch.nn.Module, cache, ids: torch.Tensor, mask
     return model(
         input_ids=ids,
         attention_mask=mask,
-        position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, p:],  # counted on from the prompt's real tokens
+        position_ids=real_token_positions(mask)[:, p:],  # counted on from the prompt's real tokens
         past_key_values=cache,
         use_cache=False,
     )

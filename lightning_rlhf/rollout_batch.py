@@ -18,7 +18,7 @@ from lightning_rlhf.losses import token_logprobs
 from lightning_rlhf.models import forward_after_prompts, forward_shared_prompts, last_logits
 from lightning_rlhf.rewards.base import RewardFunction
 from lightning_rlhf.rewards.rules import apply_missing_eos_penalty
-from lightning_rlhf.tokens import left_pad
+from lightning_rlhf.tokens import left_pad, real_token_positions
 
 
 @dataclass
@@ -75,7 +75,7 @@ def build_rollout_batch(generations: Generations, pad_token_id: int) -> RolloutB
 
 
 def _forward(model: torch.nn.Module, rollouts: RolloutBatch, **kwargs):
-    position_ids = (rollouts.attention_mask.cumsum(-1) - 1).clamp(min=0)  # (b, p + t), left padding aware
+    position_ids = real_token_positions(rollouts.attention_mask)  # (b, p + t)
     return model(
         input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask, position_ids=position_ids, **kwargs
     )
@@ -163,7 +163,7 @@ def critic_values(critic: torch.nn.Module, rollouts: RolloutBatch) -> torch.Tens
     """
     backbone = getattr(critic, critic.base_model_prefix)
     head = getattr(critic, "score", None) or critic.classifier
-    position_ids = (rollouts.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    position_ids = real_token_positions(rollouts.attention_mask)
     hidden = backbone(
         input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask, position_ids=position_ids
     ).last_hidden_state

@@ -66,3 +66,13 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     ids[mask] = torch.tensor([token for s in sequences for token in s], dtype=torch.long)  # row-major: in order
     return ids, mask.long()
+
+
+def real_token_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows counted over real tokens only, (n, width).
+
+    Each row then sees the positions of its own unpadded sequence, whatever the padding.
+    Leading padding gets 0; padding between real tokens (masked out, as between a prompt
+    and its continuation in ``rewards.model.score_pairs``) repeats the position before it.
+    """
+    return (mask.cumsum(-1) - 1).clamp(min=0)

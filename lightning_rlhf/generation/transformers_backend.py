@@ -24,7 +24,7 @@ from lightning_rlhf.generation.base import GenerationBackend, Generations, Sampl
 from lightning_rlhf.generation.weights import Refit, join_group, receive_buckets
 from lightning_rlhf.losses import token_logprobs
 from lightning_rlhf.models import last_logits
-from lightning_rlhf.tokens import left_pad
+from lightning_rlhf.tokens import left_pad, real_token_positions
 
 
 @torch.no_grad()
@@ -71,7 +71,7 @@ def sample(
     (docs/results.md, section 3).
     """
     rows = ids.shape[0] * k
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # over real tokens: left padding leaves them as if unpadded
+    positions = real_token_positions(mask)
     # the prefill's logits at the last position only, as generate's
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_logits(model, 1))
     cache = getattr(out, "past_key_values", None)

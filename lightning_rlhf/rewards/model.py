@@ -16,13 +16,12 @@ from lightning_rlhf.models import (
     resolve_source,
 )
 from lightning_rlhf.rewards.base import RewardFunction
-from lightning_rlhf.tokens import encode_pairs, left_pad
+from lightning_rlhf.tokens import encode_pairs, left_pad, real_token_positions
 
 
 def score_sequences(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Scalar score of each left-padded sequence: the head's output at the last token, (n,)."""
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    return _last_score(model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits)
+    return _last_score(model(input_ids=ids, attention_mask=mask, position_ids=real_token_positions(mask)).logits)
 
 
 def _last_score(logits: torch.Tensor) -> torch.Tensor:
@@ -119,8 +118,9 @@ def score_pairs(
 
     def whole() -> torch.Tensor:
         ids, mask = (t.to(device) for t in left_pad([p + c for p, c in zip(prompt_ids, completion_ids)], pad_id))
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        return scores(body(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False))
+        return scores(
+            body(input_ids=ids, attention_mask=mask, position_ids=real_token_positions(mask), use_cache=False)
+        )
 
     groups: dict[tuple[int, ...], int] = {}
     index = [groups.setdefault(tuple(p), len(groups)) for p in prompt_ids]
