@@ -32,7 +32,7 @@ from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.tokens import real_token_positions
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_TASK = "copy-v5"  # folder of the built-in artifacts; a new version when they change
+BUILTIN_TASK = "copy-v6"  # folder of the built-in artifacts; a new version when they change
 # name -> (path under that folder, folder whose ``.done`` marks it prepared)
 COPY_ARTIFACTS = {  # the built-in copy task (lightning_rlhf.tasks.copy)
     "base": ("base", "base"),

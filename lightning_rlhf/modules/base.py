@@ -65,6 +65,26 @@ def importance_sampling_metrics(stats: ISStats) -> dict[str, torch.Tensor]:
     }
 
 
+def linear_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate rises linearly over ``warmup_steps``, then decays linearly to 0 at ``total_steps``.
+
+    The factor at step ``i`` is ``(i + 1) / warmup_steps`` while ``i < warmup_steps``, then
+    ``(total_steps - i) / (total_steps - warmup_steps)``. With no warm-up it is the decay of TRL's
+    default schedule in the paper's code (``lr_schedule: linear`` of the RL modules); the built-in
+    proxy reward model warms up first (:mod:`lightning_rlhf.tasks.copy.artifacts`).
+    """
+    total_steps, warmup_steps = max(1, total_steps), max(0, warmup_steps)
+
+    def factor(i: int) -> float:
+        if i < warmup_steps:
+            return (i + 1) / warmup_steps
+        return max(0.0, (total_steps - i) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 class RLModuleBase(RolloutCheckpointing, L.LightningModule):
     """The system code of an online RL LightningModule; subclasses add the algorithm (see the module docstring).
 
@@ -236,9 +256,10 @@ class RLModuleBase(RolloutCheckpointing, L.LightningModule):
                     "lr_schedule: linear decays over the run's length, but the run has none; set trainer.max_steps or max_epochs."
                 )
             total = int(batches) * self.num_epochs * self.num_mini_batches
-        total = max(1, total)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: max(0.0, 1.0 - i / total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": linear_schedule(optimizer, total), "interval": "step"},
+        }
 
     @override
     def transfer_batch_to_device(self, batch: list[dict], device: torch.device, dataloader_idx: int) -> list[dict]:

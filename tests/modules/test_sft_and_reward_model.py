@@ -60,3 +60,48 @@ def test_reward_model_learns_the_preferences(builtin_models, tmp_path):
     _trainer(150, logger).fit(module, PreferenceDataModule(batch_size=64))
     accuracy = _metric(logger, "train/accuracy")
     assert sum(accuracy[-10:]) / 10 > 0.65  # chance is 0.5
+
+
+def test_linear_schedule_warms_up_then_decays_to_zero():
+    from lightning_rlhf.modules.base import linear_schedule
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = linear_schedule(optimizer, total_steps=10, warmup_steps=2)
+    lrs = []
+    for _ in range(11):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    # by hand: warm-up (i + 1) / 2 for i < 2, then (10 - i) / (10 - 2)
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8, 0.0])
+    no_warmup = linear_schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), total_steps=4)
+    assert [no_warmup.lr_lambdas[0](i) for i in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]  # 1 - i / total, as before
+
+
+def test_reward_model_follows_its_linear_schedule(builtin_models, tmp_path):
+    L.seed_everything(0)
+    module = RewardModel(
+        model=builtin_models["sft"],
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+        lr_schedule="linear",
+        warmup_steps=2,
+    )
+    lrs = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer = _trainer(4, False)
+    trainer.callbacks.append(Record())
+    trainer.fit(module, PreferenceDataModule(batch_size=8))
+    assert lrs == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4])  # warm-up 1/2, 2/2, then (4 - i) / 2
+
+
+def test_reward_model_refuses_an_unknown_schedule():
+    from lightning_rlhf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="lr_schedule must be one of constant, linear, got 'cosine'"):
+        RewardModel(lr_schedule="cosine")
+    with pytest.raises(ConfigError, match="warmup_steps must be 0 or more"):
+        RewardModel(warmup_steps=-1)

