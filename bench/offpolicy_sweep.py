@@ -62,10 +62,12 @@ def run_one(
     policy: str = "small",
     lr: float | None = None,
     strength: float | None = None,
+    reward_model: str | None = None,
 ) -> dict:
     """Train ``steps`` updates of ``variant`` with ``N = n`` and return its final gold evaluation.
 
-    ``lr`` and ``strength`` (beta or kl_coef) replace the recipe's values when given.
+    ``lr`` and ``strength`` (beta or kl_coef) replace the recipe's values when given, and
+    ``reward_model`` (a folder) the proxy reward model.
     The learning rate decays linearly to zero over the ``steps`` updates, as in the paper.
     """
     from lightning_rlhf.callbacks import GoldEvaluation, OffPolicySimulation
@@ -85,6 +87,8 @@ def run_one(
         overrides += [f"--model.init_args.{STRENGTH_KEY[algo]}", str(strength)]
     if is_correction:
         overrides += ["--model.init_args.importance_sampling_cap", str(IS_CAP)]
+    if reward_model is not None:
+        overrides += ["--model.init_args.reward.init_args.model", reward_model]
     module, data = module_and_data(f"configs/builtin/{algo}.yaml", overrides)
     evaluation = GoldEvaluation(CopyGoldReward(), num_prompts=eval_prompts)
     trainer = quiet_trainer(

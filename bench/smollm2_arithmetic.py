@@ -74,14 +74,14 @@ def split_gain(before: dict, after: dict) -> dict:
 
 def report(payload: dict) -> None:
     lines = [
-        "| seed | wall time (min, preparation included) | eval/accuracy before -> after | gain | of which format | of which correctness | answers with #### before -> after |",
-        "|---|---|---|---|---|---|---|",
+        "| seed | CPU kernels | wall time (min, preparation included) | eval/accuracy before -> after | gain | of which format | of which correctness | answers with #### before -> after |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in payload["runs"]:
         first, last = r["curve"][0], r["curve"][-1]
         split = split_gain(first, last)
         lines.append(
-            f"| {r['seed']} | {r['wall_seconds'] / 60:.1f} | {first['accuracy']:.3f} -> {last['accuracy']:.3f} | "
+            f"| {r['seed']} | {r.get('cpu_capability', 'not recorded')} | {r['wall_seconds'] / 60:.1f} | {first['accuracy']:.3f} -> {last['accuracy']:.3f} | "
             f"{split['gain']:+.3f} | {split['format_part']:+.3f} | {split['correctness_part']:+.3f} | "
             f"{first['format_rate']:.3f} -> {last['format_rate']:.3f} |"
         )
@@ -127,8 +127,12 @@ def main() -> None:
         seed, run_dir, seconds = args.record
         runs = [{"seed": int(seed), "wall_seconds": float(seconds), "curve": curve(run_dir)}]
     else:
+        import torch
+
         with tempfile.TemporaryDirectory() as workdir:
             runs = [run(seed, workdir, args.timeout_s) for seed in args.seeds]
+        for r in runs:  # float results differ with the CPU's instruction set
+            r["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     kept = json.load(open(path))["runs"] if (args.append or args.record) and os.path.exists(path) else []
     runs = sorted([r for r in kept if r["seed"] not in {n["seed"] for n in runs}] + runs, key=lambda r: r["seed"])
     payload = {"config": CONFIG, "machine": f"{os.cpu_count()} CPU cores", "runs": runs}

@@ -72,6 +72,19 @@ def test_sync_vs_async_quick_smoke(builtin_models, tmp_path):
     summary = payload["summary"]
     assert summary["target_gold_win_rate"] == summary["sync_final_gold_win_rate"]
     assert summary["sync_seconds_to_target"] is not None  # the sync curve reaches its own final value
+    assert summary["sync_seconds_to_target_per_seed"] == [summary["sync_seconds_to_target"]]  # one seed: its mean
+
+
+def test_task_studies_tradeoffs_quick_smoke(builtin_models, tmp_path):
+    out = tmp_path / "tradeoffs.json"
+    _run("task_studies.py", out, "--study", "tradeoffs")
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["k"], r["num_epochs"]) for r in runs] == [(2, 1), (2, 2), (2, 4), (4, 1)]
+    for r in runs:  # evaluated every batch (4 batches): updates are batches x epochs, time only grows
+        assert [p["batches"] for p in r["curve"]] == [0, 1, 2, 3, 4]
+        assert [p["updates"] for p in r["curve"]] == [b * r["num_epochs"] for b in range(5)]
+        assert all(b["seconds"] > a["seconds"] for a, b in zip(r["curve"], r["curve"][1:]))
+    assert out.with_suffix(".png").exists()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="needs trl (the bench extra)")
@@ -91,6 +104,7 @@ def test_peer_trl_quick_smoke(builtin_models, tmp_path):
     assert [run["name"] for run in summary["runs"]] == runs
     assert all(summary[f"{name}_episodes_per_s"] > 0 for name in runs)
     assert summary["async_over_trl"] == summary["async_episodes_per_s"] / summary["trl_episodes_per_s"]
+    assert summary["async_over_best_trl"] == summary["async_over_trl"]  # --quick runs one TRL row: it is the fastest
     assert [len(run["repeats"]) for run in summary["runs"]] == [1] * len(runs)  # --quick: one repeat of each run
 
 

@@ -20,9 +20,9 @@ in :mod:`lightning_rlhf.tasks.copy.rules`):
   about 0.1M parameters, the policy of the recipes) and ``sft_large`` (4 layers,
   hidden 128, about 1.1M, about 8x larger, for the scaling side of the off-policy
   experiment). The proxy reward model starts from ``sft_large``, as the paper's reward
-  models start from an SFT model: a proxy with the small policy's capacity ranks pairs
-  of SFT samples barely better than chance (72% for a 2-layer, hidden-128 model), so
-  RL against it mostly finds its errors. The 4-layer proxy trains for ``REWARD_MODEL_STEPS``
+  models start from an SFT model: 2-layer proxies rank pairs of SFT samples far less
+  well (75% for the small policy's own shape, 72% for a 2-layer, hidden-128 model), and
+  RL against them gains little or mostly finds their errors. The 4-layer proxy trains for ``REWARD_MODEL_STEPS``
   with a warm-up and a linear decay of the learning rate to 0, and checks itself: it must
   rank at least ``PROXY_FLOOR`` of held-out pairs of SFT samples as the gold reward does,
   or it is trained again from the next seed (``PROXY_SEEDS``).
