@@ -108,13 +108,14 @@ def long_run(steps: int, beta: float) -> dict:
     }
 
 
-def proxy_pair_accuracy(num_prompts: int = 1500) -> float:
-    """Share of fresh gold-labelled pairs of SFT samples that the built-in proxy orders as the gold reward does."""
+def proxy_pair_accuracy(folder: str | None = None, num_prompts: int = 1500) -> float:
+    """Share of fresh gold-labelled pairs of SFT samples that a proxy (default: the built-in) orders as gold does."""
     from lightning_rlhf.models import builtin_root
     from lightning_rlhf.tasks.copy.artifacts import _sft_preferences, pair_accuracy
 
     # seeds 1 and 2 made the proxy's own data, 3 its check during preparation
-    return pair_accuracy(builtin_root() / "reward_model", _sft_preferences(builtin_root(), num_prompts, seed=99))
+    pairs = _sft_preferences(builtin_root(), num_prompts, seed=99)
+    return pair_accuracy(folder or builtin_root() / "reward_model", pairs)
 
 
 def prepare_and_check() -> dict:
@@ -149,7 +150,6 @@ def proxy_recipe_accuracy(recipe: str, seed: int) -> float:
     from lightning_rlhf.data.datamodules import PreferenceDataModule
     from lightning_rlhf.models import builtin_root
     from lightning_rlhf.modules.reward_model import RewardModel
-    from lightning_rlhf.tasks.copy.artifacts import _sft_preferences, pair_accuracy
 
     spec, root = PROXY_RECIPES[recipe], builtin_root()
     L.seed_everything(seed, verbose=False)
@@ -163,7 +163,7 @@ def proxy_recipe_accuracy(recipe: str, seed: int) -> float:
     quiet_trainer(max_steps=spec["steps"], accelerator="cpu", devices=1).fit(module, data)
     folder = tempfile.mkdtemp(prefix="proxy_recipe_")
     module.save_pretrained(folder)
-    return pair_accuracy(folder, _sft_preferences(root, 1500, seed=99))
+    return proxy_pair_accuracy(folder)
 
 
 def _worker(job: str, env: dict, *extra: str, timeout_s: float = 1800) -> dict:

@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from builtin_task import proxy_pair_accuracy
+
 from common import RESULTS, mean_std, module_and_data, pyplot, quiet_trainer, write_json, write_markdown
 
 TRADEOFFS = {  # name: (k, num_epochs)
@@ -98,14 +100,7 @@ def train_small_proxy(folder: str) -> float:
     root = builtin_root()
     _fit_reward_model(root / "data" / "preferences_with_sft_samples.jsonl", root / "sft", seed=0, out=folder)
     save_reward_normalization(folder, *_sft_samples(root, 512, k=2, temperature=0.7, seed=2))
-    return pair_accuracy_fresh(folder)
-
-
-def pair_accuracy_fresh(folder: str, num_prompts: int = 1500) -> float:
-    from lightning_rlhf.models import builtin_root
-    from lightning_rlhf.tasks.copy.artifacts import _sft_preferences, pair_accuracy
-
-    return pair_accuracy(folder, _sft_preferences(builtin_root(), num_prompts, seed=99))
+    return proxy_pair_accuracy(folder)
 
 
 def run_proxy_scale(proxy: str, proxy_path: str, n: int, seed: int, updates: int) -> dict:
@@ -113,6 +108,13 @@ def run_proxy_scale(proxy: str, proxy_path: str, n: int, seed: int, updates: int
 
     record = run_one("online_dpo", n, seed, updates, 256, lr=1e-3, strength=0.5, reward_model=proxy_path)
     return {"study": "proxy_scale", "proxy": proxy, **record}
+
+
+def _cells(runs: list[dict]) -> tuple[float, str]:
+    """The mean gold win rate of ``runs`` (seeds of one setting) and their table cells: seeds, mean ± sd, per seed."""
+    win, kl = mean_std([r["gold_win_rate"] for r in runs]), mean_std([r["kl"] for r in runs])
+    per_seed = ", ".join(f"{r['gold_win_rate']:.3f}" for r in runs)
+    return win[0], f"{len(runs)} | {win[0]:.3f} ± {win[1]:.3f} | {kl[0]:.2f} ± {kl[1]:.2f} | {per_seed}"
 
 
 def independent_proxy(workdir: str) -> tuple[str, float]:
@@ -136,7 +138,7 @@ def independent_proxy(workdir: str) -> tuple[str, float]:
     folder = str(other / "reward_model")
     _fit_reward_model(root / "data" / "preferences_with_sft_samples.jsonl", other / "sft_large", seed=0, out=folder)
     save_reward_normalization(folder, *_sft_samples(root, 512, k=2, temperature=0.7, seed=2))
-    return folder, pair_accuracy_fresh(folder)
+    return folder, proxy_pair_accuracy(folder)
 
 
 def run_size_confound(args: argparse.Namespace, json_path: str) -> None:
@@ -181,13 +183,9 @@ def run_size_confound(args: argparse.Namespace, json_path: str) -> None:
     for policy in ("small", "large"):
         wins = []
         for n in args.ns:
-            rs = [r for r in records if r["policy_key"] == policy and r["n"] == n]
-            win, kl = mean_std([r["gold_win_rate"] for r in rs]), mean_std([r["kl"] for r in rs])
-            wins.append(win[0])
-            per_seed = ", ".join(f"{r['gold_win_rate']:.3f}" for r in rs)
-            lines.append(
-                f"| {policy} | {n} | {len(rs)} | {win[0]:.3f} ± {win[1]:.3f} | {kl[0]:.2f} ± {kl[1]:.2f} | {per_seed} |"
-            )
+            win, cells = _cells([r for r in records if r["policy_key"] == policy and r["n"] == n])
+            wins.append(win)
+            lines.append(f"| {policy} | {n} | {cells} |")
         ax.plot(args.ns, wins, marker="o", label=policy)
     lines.append("")
     for policy in ("small", "large"):
@@ -244,14 +242,9 @@ def report_proxy_scale(records: list[dict], accuracies: dict[str, float], json_p
         ns = sorted({r["n"] for r in records if r["proxy"] == proxy})
         wins = []
         for n in ns:
-            rs = [r for r in records if r["proxy"] == proxy and r["n"] == n]
-            win, kl = mean_std([r["gold_win_rate"] for r in rs]), mean_std([r["kl"] for r in rs])
-            wins.append(win[0])
-            per_seed = ", ".join(f"{r['gold_win_rate']:.3f}" for r in rs)
-            lines.append(
-                f"| {proxy} | {accuracy:.3f} | {n} | {len(rs)} | {win[0]:.3f} ± {win[1]:.3f} "
-                f"| {kl[0]:.2f} ± {kl[1]:.2f} | {per_seed} |"
-            )
+            win, cells = _cells([r for r in records if r["proxy"] == proxy and r["n"] == n])
+            wins.append(win)
+            lines.append(f"| {proxy} | {accuracy:.3f} | {n} | {cells} |")
         ax.plot(ns, wins, marker="o", label=f"{proxy} ({accuracy:.2f} of pairs)")
     ax.set(xscale="log", xlabel="N (batches per policy snapshot)", ylabel="gold win rate (mean of seeds)")
     ax.legend()
@@ -298,7 +291,7 @@ def main() -> None:
     small = os.path.join(tempfile.mkdtemp(prefix="proxy_small_"), "reward_model_small")
     proxies = {"sft_large (1.1M, built-in)": builtin_path("builtin:reward_model"), "sft (0.1M)": small}
     accuracies = {"sft (0.1M)": train_small_proxy(small)}
-    accuracies["sft_large (1.1M, built-in)"] = pair_accuracy_fresh(proxies["sft_large (1.1M, built-in)"])
+    accuracies["sft_large (1.1M, built-in)"] = proxy_pair_accuracy(proxies["sft_large (1.1M, built-in)"])
     print(json.dumps(accuracies), flush=True)
     for seed in args.seeds:
         for n in args.ns:
