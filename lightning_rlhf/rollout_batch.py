@@ -235,6 +235,26 @@ def score_rollouts(
     return apply_missing_eos_penalty(raw, finished, missing_eos_penalty), raw, completions
 
 
+def micro_batches(indices: torch.Tensor, size: int | None) -> list[torch.Tensor]:
+    """``indices`` in consecutive chunks of ``size`` (the last may be shorter); ``None``: one chunk, all of them."""
+    if size is None or size >= len(indices):
+        return [indices]
+    return list(indices.split(size))
+
+
+def in_micro_batches(fn, rollouts: RolloutBatch, size: int | None) -> torch.Tensor:
+    """``fn(rollouts)`` for a function of the rollouts row by row (no gradient), ``size`` rollouts per forward at most.
+
+    The reference, old-policy and critic forwards of a generated batch hold the same
+    activations and logits as a training forward; run in micro-batches their peak is that
+    of ``size`` rollouts whatever the batch. Rows stay in order; ``None``: one forward.
+    """
+    chunks = micro_batches(torch.arange(len(rollouts)), size)
+    if len(chunks) == 1:
+        return fn(rollouts)
+    return torch.cat([fn(rollouts[chunk]) for chunk in chunks])
+
+
 def minibatches(size: int, num_mini_batches: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
     """A random split of ``range(size)`` into ``num_mini_batches`` equal parts.
 

@@ -33,6 +33,7 @@ from lightning_rlhf.generation.in_process import InProcessSource
 from lightning_rlhf.losses import ISStats
 from lightning_rlhf.metrics.cadence import logger_writes_now
 from lightning_rlhf.models import freeze, load_policy, load_tokenizer, resolve_source
+from lightning_rlhf.modules.accumulation import GradientAccumulation, check_micro_batch_size
 from lightning_rlhf.modules.checkpointing import RolloutCheckpointing
 from lightning_rlhf.rewards import RewardFunction, RewardModelScore
 from lightning_rlhf.rollout_batch import RolloutBatch, build_rollout_batch, score_rollouts
@@ -85,7 +86,16 @@ def linear_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-class RLModuleBase(RolloutCheckpointing, L.LightningModule):
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute ``model``'s activations in the backward instead of keeping them (transformers' API, non-reentrant).
+
+    The non-reentrant form is the one ``torch.utils.checkpoint``'s documentation recommends: it
+    needs no input that requires grad and supports keyword arguments and ``torch.autograd.grad``.
+    """
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule):
     """The system code of an online RL LightningModule; subclasses add the algorithm (see the module docstring).
 
     Subclasses take their own arguments and pass these on with ``**kwargs``;
@@ -104,6 +114,15 @@ class RLModuleBase(RolloutCheckpointing, L.LightningModule):
             token; ``None`` keeps the reward.
         num_mini_batches: Optimizer steps per epoch over each generated batch.
         num_epochs: Passes over each generated batch.
+        micro_batch_size: Sequences per forward and backward (online DPO: an even number, a pair
+            being two). A mini-batch larger than this runs in micro-batches whose gradients
+            accumulate into its one optimizer step, each loss weighted so the step equals the
+            single pass's (:mod:`~lightning_rlhf.modules.accumulation`); batch statistics
+            (advantages, baselines, pairs) are computed over the whole generated batch first. The
+            no-gradient forwards (reference, old policy, critic) run in micro-batches of this size
+            too. ``None`` (default): the whole mini-batch in one pass.
+        gradient_checkpointing: Recompute the policy's (and PPO's critic's) activations in the
+            backward instead of keeping them: less memory for about a third more compute.
         gradient_clip_val: Max gradient norm; ``None`` disables clipping.
         lr_schedule: ``"constant"`` or ``"linear"``: the learning rate decays linearly from the
             optimizer's ``lr`` towards 0 over the run's optimizer steps, as TRL's default schedule
@@ -124,7 +143,8 @@ class RLModuleBase(RolloutCheckpointing, L.LightningModule):
 
     Raises:
         ConfigError: If ``temperature <= 0``, ``num_mini_batches`` or ``num_epochs`` is below 1,
-            ``lr_schedule`` is unknown, or a model path does not exist.
+            ``micro_batch_size`` is below 1 (online DPO: not even), ``lr_schedule`` is unknown, or a
+            model path does not exist.
 
     Attributes:
         mini_batch_unit: What ``num_mini_batches`` splits: ``"prompt"`` (a pair per prompt, online DPO)
@@ -132,6 +152,7 @@ class RLModuleBase(RolloutCheckpointing, L.LightningModule):
     """
 
     mini_batch_unit: Literal["prompt", "completion"] = "completion"
+    sequences_per_unit = 1  # sequences a micro-batch must keep together (online DPO: a pair)
 
     def __init__(
         self,
@@ -146,6 +167,8 @@ class RLModuleBase(RolloutCheckpointing, L.LightningModule):
         missing_eos_penalty: float | None = -1.0,
         num_mini_batches: int = 1,
         num_epochs: int = 1,
+        micro_batch_size: int | None = None,
+        gradient_checkpointing: bool = False,
         gradient_clip_val: float | None = 1.0,
         lr_schedule: Literal["constant", "linear"] = "constant",
         log_every_step: bool = True,
@@ -163,6 +186,7 @@ class RLModuleBase(RolloutCheckpointing, L.LightningModule):
             raise ConfigError(
                 f"num_mini_batches and num_epochs must be at least 1, got {num_mini_batches} and {num_epochs}."
             )
+        check_micro_batch_size(micro_batch_size, self.sequences_per_unit)
         for source in (policy, ref_policy):
             check_source(source, "policy model")
         self.save_hyperparameters(
@@ -175,8 +199,10 @@ class RLModuleBase(RolloutCheckpointing, L.LightningModule):
         self.sampling = SamplingConfig(k=k, temperature=temperature, max_new_tokens=max_new_tokens)
         self.missing_eos_penalty = missing_eos_penalty
         self.num_mini_batches, self.num_epochs = num_mini_batches, num_epochs
+        self.micro_batch_size, self.gradient_checkpointing = micro_batch_size, gradient_checkpointing
         self.gradient_clip_val = gradient_clip_val
         self.lr_schedule = lr_schedule
+        self.steps_schedule = lr_schedule != "constant"
         self.log_every_step = log_every_step
         self.policy: torch.nn.Module | None = None
         self.ref_policy: torch.nn.Module | None = None
@@ -192,6 +218,8 @@ class RLModuleBase(RolloutCheckpointing, L.LightningModule):
             return
         self.tokenizer = load_tokenizer(self.policy_source)
         self.policy = load_policy(self.policy_source).train()
+        if self.gradient_checkpointing:
+            enable_gradient_checkpointing(self.policy)
         self.ref_policy = freeze(load_policy(self.ref_source))
         self.generation_seed = torch.initial_seed()
         backend = TransformersBackend(
@@ -239,7 +267,7 @@ class RLModuleBase(RolloutCheckpointing, L.LightningModule):
         return self.with_lr_schedule(self.optimizer_factory(self.policy.parameters()))
 
     def with_lr_schedule(self, optimizer: torch.optim.Optimizer):
-        """``optimizer``, with the ``lr_schedule``'s scheduler when it has one (stepped in :meth:`optimizer_step_on`).
+        """``optimizer``, with the ``lr_schedule``'s scheduler when it has one (stepped in :meth:`optimizer_step_over`).
 
         Manual optimization: Lightning keeps the scheduler in checkpoints (an exact resume
         continues the decay) but leaves stepping it to us.
@@ -335,17 +363,6 @@ class RLModuleBase(RolloutCheckpointing, L.LightningModule):
     @override
     def teardown(self, stage: str) -> None:
         gc.unfreeze()  # what on_train_start froze is the collector's again (also after a failed run)
-
-    def optimizer_step_on(self, loss: torch.Tensor) -> None:
-        """One optimizer step on ``loss``: zero, backward, clip to ``gradient_clip_val``, step."""
-        optimizer = self.optimizers()
-        optimizer.zero_grad()
-        self.manual_backward(loss)
-        if self.gradient_clip_val is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
-        optimizer.step()
-        if self.lr_schedule != "constant":
-            self.lr_schedulers().step()
 
     def prompt_ids(self, rows: list[dict]) -> list[list[int]]:
         return prompt_token_ids(self.tokenizer, [r["prompt"] for r in rows])

@@ -19,6 +19,7 @@ Deviations:
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Literal
 
 import torch
@@ -26,8 +27,9 @@ from typing_extensions import override
 
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.losses import online_dpo_loss, online_ipo_loss
+from lightning_rlhf.modules.accumulation import WeightedSum
 from lightning_rlhf.modules.base import RLModuleBase
-from lightning_rlhf.rollout_batch import RolloutBatch, minibatches, response_logprobs
+from lightning_rlhf.rollout_batch import RolloutBatch, in_micro_batches, micro_batches, minibatches, response_logprobs
 
 _LOSSES = {"sigmoid": online_dpo_loss, "ipo": online_ipo_loss}
 
@@ -48,6 +50,7 @@ class OnlineDPO(RLModuleBase):
     """
 
     mini_batch_unit = "prompt"
+    sequences_per_unit = 2  # a pair runs in one forward: micro_batch_size counts its two sequences
 
     def __init__(
         self, beta: float = 0.1, loss_type: Literal["sigmoid", "ipo"] = "sigmoid", k: int = 2, **kwargs
@@ -65,32 +68,54 @@ class OnlineDPO(RLModuleBase):
 
     @override
     def learn(self, rollouts: RolloutBatch, scores: torch.Tensor) -> dict[str, torch.Tensor]:
-        k, temperature = self.sampling.k, self.sampling.temperature
+        k = self.sampling.k
         n = len(rollouts) // k
         scores = scores.view(n, k)  # (n, k)
         offsets = torch.arange(n, device=self.device) * k
-        chosen = offsets + scores.argmax(dim=1)  # (n,) rollout index of the best completion
-        rejected = offsets + scores.argmin(dim=1)  # (n,) and of the worst
-        pairs = torch.cat([chosen, rejected])  # (2n,) the only rollouts trained on
+        best, worst = offsets + scores.argmax(dim=1), offsets + scores.argmin(dim=1)  # (n,) rollout indices
+        pairs = rollouts[torch.stack([best, worst], dim=1).flatten()]  # (2n,) the only rollouts trained on, paired
         with torch.no_grad():
-            ref_logps = response_logprobs(self.ref_policy, rollouts[pairs], temperature).sum(-1)  # (2n,)
+            ref_logps = in_micro_batches(
+                partial(self.sequence_logprobs, self.ref_policy), pairs, self.micro_batch_size
+            ).view(n, 2)  # (n, 2): chosen, rejected
 
+        pairs_per_pass = None if self.micro_batch_size is None else self.micro_batch_size // 2
         for epoch in range(self.num_epochs):
             for mb in minibatches(n, self.num_mini_batches):
-                mb = mb.to(self.device)
-                idx = torch.cat([mb, mb + n])  # (2m,) positions in `pairs`: chosen, then rejected
-                logps = response_logprobs(self.policy, rollouts[pairs[idx]], temperature).sum(-1)  # (2m,)
-                m = len(mb)
-                loss, stats = self.loss_fn(logps[:m], logps[m:], ref_logps[mb], ref_logps[mb + n], self.beta)
-                self.optimizer_step_on(loss)
+                sums = WeightedSum()
+                chunks = micro_batches(mb.to(self.device), pairs_per_pass)
+                self.optimizer_step_over(chunks, partial(self._pair_loss, pairs, ref_logps, len(mb), sums))
                 if epoch == 0:  # on-policy estimate of KL(pi || ref) from the pairs, before this step's update
-                    kl = (logps.detach() - ref_logps[idx]).mean()
+                    kl = sums.totals["kl"]
 
         return {
-            "train/loss": loss.detach(),
-            "train/accuracy": stats.accuracy,
-            "train/chosen_rewards": stats.chosen_rewards.mean(),
-            "train/rejected_rewards": stats.rejected_rewards.mean(),
+            "train/loss": sums.totals["loss"],
+            "train/accuracy": sums.totals["accuracy"],
+            "train/chosen_rewards": sums.totals["chosen_rewards"],
+            "train/rejected_rewards": sums.totals["rejected_rewards"],
             "objective/scores_margin": (scores.max(1).values - scores.min(1).values).mean(),
             "objective/kl": kl,
         }
+
+    def sequence_logprobs(self, model: torch.nn.Module, rollouts: RolloutBatch) -> torch.Tensor:
+        """Each rollout's summed response logprob under ``model`` at the sampling temperature, (b,)."""
+        return response_logprobs(model, rollouts, self.sampling.temperature).sum(-1)
+
+    def _pair_loss(
+        self, pairs: RolloutBatch, ref_logps: torch.Tensor, mini_batch: int, sums: WeightedSum, chunk: torch.Tensor
+    ) -> torch.Tensor:
+        """The DPO loss of the pairs ``chunk`` (c,), weighted by their share of the ``mini_batch`` pairs."""
+        rows = torch.stack([2 * chunk, 2 * chunk + 1], dim=1).flatten()  # (2c,) each pair's chosen, rejected
+        logps = self.sequence_logprobs(self.policy, pairs[rows]).view(-1, 2)  # (c, 2)
+        ref = ref_logps[chunk]  # (c, 2)
+        loss, stats = self.loss_fn(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], self.beta)
+        share = len(chunk) / mini_batch
+        sums.add(
+            share,
+            loss=loss,
+            accuracy=stats.accuracy,
+            chosen_rewards=stats.chosen_rewards.mean(),
+            rejected_rewards=stats.rejected_rewards.mean(),
+            kl=(logps.detach() - ref).mean(),
+        )
+        return loss * share

@@ -24,7 +24,8 @@ Deviations:
 
 from __future__ import annotations
 
-from typing import Literal
+from functools import partial
+from typing import Literal, NamedTuple
 
 import torch
 from typing_extensions import override
@@ -40,15 +41,19 @@ from lightning_rlhf.losses import (
     truncated_importance_weights,
 )
 from lightning_rlhf.models import load_reward_model
+from lightning_rlhf.modules.accumulation import WeightedSum
 from lightning_rlhf.modules.base import (
     RLModuleBase,
     check_importance_sampling_cap,
     check_source,
+    enable_gradient_checkpointing,
     importance_sampling_metrics,
 )
 from lightning_rlhf.rollout_batch import (
     RolloutBatch,
     critic_values,
+    in_micro_batches,
+    micro_batches,
     minibatches,
     response_logprobs,
     response_logprobs_and_hidden,
@@ -118,6 +123,8 @@ class PPO(RLModuleBase):
             return
         super().configure_model()
         self.critic = load_reward_model(self.critic_source).train() if self.critic_source is not None else None
+        if self.critic is not None and self.gradient_checkpointing:
+            enable_gradient_checkpointing(self.critic)
         self.value_head = None if self.critic is not None else torch.nn.Linear(self.policy.config.hidden_size, 1)
         if self.value_head is not None:  # starts at 0: no value before it learns one
             torch.nn.init.zeros_(self.value_head.weight)
@@ -140,11 +147,19 @@ class PPO(RLModuleBase):
 
     @override
     def learn(self, rollouts: RolloutBatch, scores: torch.Tensor) -> dict[str, torch.Tensor]:
-        mask = rollouts.response_mask  # (b, t)
+        mask, size = rollouts.response_mask, self.micro_batch_size  # (b, t)
         with torch.no_grad():
-            old_logprobs, old_values = self.logprobs_and_values(rollouts)  # (b, t), (b, t)
-            ref_logprobs = response_logprobs(
-                self.ref_policy, rollouts, self.sampling.temperature, self.sampling.k > 1
+            old = in_micro_batches(self._stacked_logprobs_and_values, rollouts, size)  # (b, 2, t)
+            old_logprobs, old_values = old[:, 0], old[:, 1]  # (b, t), (b, t)
+            ref_logprobs = in_micro_batches(
+                partial(
+                    response_logprobs,
+                    self.ref_policy,
+                    temperature=self.sampling.temperature,
+                    share_prompts=self.sampling.k > 1,
+                ),
+                rollouts,
+                size,
             )  # (b, t)
             rewards, kl = kl_penalized_rewards(
                 scores, old_logprobs, ref_logprobs, mask, self.kl_coef, self.kl_estimator
@@ -162,29 +177,57 @@ class PPO(RLModuleBase):
         for _ in range(self.num_epochs):
             for mb in minibatches(len(rollouts), self.num_mini_batches):
                 mb = mb.to(self.device)
-                logprobs, values = self.logprobs_and_values(rollouts[mb])  # (m, t)
-                policy_loss, stats = ppo_policy_loss(
-                    logprobs,
-                    old_logprobs[mb],
-                    advantages[mb],
-                    mask[mb],
-                    self.clip_eps,
-                    weights=None if weights is None else weights[mb],
-                )
-                value_loss, value_stats = clipped_value_loss(
-                    values, old_values[mb], returns[mb], mask[mb], self.value_clip_eps
-                )
-                loss = policy_loss + self.vf_coef * value_loss
-                self.optimizer_step_on(loss)
+                sums = WeightedSum()
+                batch = _Update(rollouts, old_logprobs, old_values, advantages, returns, weights, mask[mb].sum(), sums)
+                self.optimizer_step_over(micro_batches(mb, size), partial(self._loss, batch))
 
         return {
-            "train/loss": loss.detach(),
-            "train/policy_loss": policy_loss.detach(),
-            "train/value_loss": value_loss.detach(),
-            "train/clipfrac": stats.clipfrac,
-            "train/value_clipfrac": value_stats.value_clipfrac,
-            "train/approx_kl": stats.approx_kl,
+            **{f"train/{name}": value for name, value in sums.totals.items()},
             "objective/kl": (kl * mask).sum(-1).mean(),
             "objective/entropy": -masked_mean(old_logprobs, mask),
             **offpolicy,
         }
+
+    def _stacked_logprobs_and_values(self, rollouts: RolloutBatch) -> torch.Tensor:
+        return torch.stack(self.logprobs_and_values(rollouts), dim=1)  # (b, 2, t)
+
+    def _loss(self, batch: _Update, chunk: torch.Tensor) -> torch.Tensor:
+        """Policy plus weighted value loss of the rollouts ``chunk``, weighted by their share of the mini-batch's tokens."""
+        mask = batch.rollouts.response_mask[chunk]  # (c, t)
+        logprobs, values = self.logprobs_and_values(batch.rollouts[chunk])  # (c, t)
+        policy_loss, stats = ppo_policy_loss(
+            logprobs,
+            batch.old_logprobs[chunk],
+            batch.advantages[chunk],
+            mask,
+            self.clip_eps,
+            weights=None if batch.weights is None else batch.weights[chunk],
+        )
+        value_loss, value_stats = clipped_value_loss(
+            values, batch.old_values[chunk], batch.returns[chunk], mask, self.value_clip_eps
+        )
+        loss = policy_loss + self.vf_coef * value_loss
+        share = mask.sum() / batch.tokens  # masked means: the chunk's share of the mini-batch's tokens
+        batch.sums.add(
+            share,
+            loss=loss,
+            policy_loss=policy_loss,
+            value_loss=value_loss,
+            clipfrac=stats.clipfrac,
+            value_clipfrac=value_stats.value_clipfrac,
+            approx_kl=stats.approx_kl,
+        )
+        return loss * share
+
+
+class _Update(NamedTuple):
+    """What every micro-batch of one mini-batch's update reads (all rollout-indexed, (b, t))."""
+
+    rollouts: RolloutBatch
+    old_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    weights: torch.Tensor | None  # truncated importance weights, or None
+    tokens: torch.Tensor  # real response tokens in the mini-batch, ()
+    sums: WeightedSum  # the mini-batch's statistics

@@ -23,13 +23,17 @@ Deviations:
 
 from __future__ import annotations
 
+from functools import partial
+from typing import NamedTuple
+
 import torch
 from typing_extensions import override
 
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.losses import kl_k1, ppo_policy_loss, rloo_advantages, truncated_importance_weights
+from lightning_rlhf.modules.accumulation import WeightedSum
 from lightning_rlhf.modules.base import RLModuleBase, check_importance_sampling_cap, importance_sampling_metrics
-from lightning_rlhf.rollout_batch import RolloutBatch, minibatches, response_logprobs
+from lightning_rlhf.rollout_batch import RolloutBatch, in_micro_batches, micro_batches, minibatches, response_logprobs
 
 
 class RLOO(RLModuleBase):
@@ -72,11 +76,11 @@ class RLOO(RLModuleBase):
 
     @override
     def learn(self, rollouts: RolloutBatch, scores: torch.Tensor) -> dict[str, torch.Tensor]:
-        k, temperature = self.sampling.k, self.sampling.temperature
+        k, size = self.sampling.k, self.micro_batch_size
         with torch.no_grad():
-            old_token_logps = response_logprobs(self.policy, rollouts, temperature)  # (b, t)
+            old_token_logps = in_micro_batches(self.token_logprobs, rollouts, size)  # (b, t)
             old_logps = old_token_logps.sum(-1)  # (b,)
-            ref_logps = response_logprobs(self.ref_policy, rollouts, temperature).sum(-1)  # (b,)
+            ref_logps = in_micro_batches(partial(self.token_logprobs, model=self.ref_policy), rollouts, size).sum(-1)
             kl = kl_k1(old_logps, ref_logps)  # (b,) sequence KL, k1 summed over tokens
             rewards = scores - self.kl_coef * kl  # (b,)
             advantages = rloo_advantages(rewards.view(-1, k)).flatten()  # (b,)
@@ -95,26 +99,47 @@ class RLOO(RLModuleBase):
 
         for _ in range(self.num_epochs):
             for mb in minibatches(len(rollouts), self.num_mini_batches):
-                mb = mb.to(self.device)
-                logps = response_logprobs(self.policy, rollouts[mb], temperature).sum(-1)  # (m,)
-                ones = torch.ones_like(logps)[:, None]  # (m, 1): one "token" per sequence
-                loss, stats = ppo_policy_loss(
-                    logps[:, None],
-                    old_logps[mb, None],
-                    advantages[mb, None],
-                    ones,
-                    self.clip_eps,
-                    weights=None if weights is None else weights[mb],
-                )
-                self.optimizer_step_on(loss)
+                sums = WeightedSum()
+                batch = _Update(rollouts, old_logps, advantages, weights, len(mb), sums)
+                self.optimizer_step_over(micro_batches(mb.to(self.device), size), partial(self._loss, batch))
 
         return {
-            "train/loss": loss.detach(),
-            "train/clipfrac": stats.clipfrac,
-            "train/approx_kl": stats.approx_kl,
-            "train/ratio": stats.ratio,
+            "train/loss": sums.totals["loss"],
+            "train/clipfrac": sums.totals["clipfrac"],
+            "train/approx_kl": sums.totals["approx_kl"],
+            "train/ratio": sums.totals["ratio"],
             "objective/rlhf_reward": rewards.mean(),
             "objective/kl": kl.mean(),
             "objective/advantage_std": advantages.std(),
             **offpolicy,
         }
+
+    def token_logprobs(self, rollouts: RolloutBatch, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """Response-token logprobs under ``model`` (default: the policy) at the sampling temperature, (b, t)."""
+        return response_logprobs(self.policy if model is None else model, rollouts, self.sampling.temperature)
+
+    def _loss(self, batch: _Update, chunk: torch.Tensor) -> torch.Tensor:
+        """The clipped sequence-level loss of the rollouts ``chunk``, weighted by their share of the mini-batch."""
+        logps = self.token_logprobs(batch.rollouts[chunk]).sum(-1)[:, None]  # (c, 1): one "token" per sequence
+        loss, stats = ppo_policy_loss(
+            logps,
+            batch.old_logps[chunk, None],
+            batch.advantages[chunk, None],
+            torch.ones_like(logps),
+            self.clip_eps,
+            weights=None if batch.weights is None else batch.weights[chunk],
+        )
+        share = len(chunk) / batch.size
+        batch.sums.add(share, loss=loss, clipfrac=stats.clipfrac, approx_kl=stats.approx_kl, ratio=stats.ratio)
+        return loss * share
+
+
+class _Update(NamedTuple):
+    """What every micro-batch of one mini-batch's update reads."""
+
+    rollouts: RolloutBatch
+    old_logps: torch.Tensor  # (b,)
+    advantages: torch.Tensor  # (b,)
+    weights: torch.Tensor | None  # (b, 1) truncated importance weights, or None
+    size: int  # rollouts in the mini-batch
+    sums: WeightedSum  # the mini-batch's statistics

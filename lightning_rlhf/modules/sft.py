@@ -1,11 +1,13 @@
 """Supervised fine-tuning: the first stage of the pipeline (Stiennon et al. 2020; Noukhovitch et al. 2025, Sec. 3).
 
 Cross-entropy on the completion tokens (and the closing eos) only; prompt
-tokens and padding are masked out of the loss.
+tokens and padding are masked out of the loss, which averages over the batch's
+completion tokens (also when the batch runs in micro-batches).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -14,28 +16,50 @@ from lightning.pytorch.cli import OptimizerCallable
 from typing_extensions import override
 
 from lightning_rlhf.models import load_policy, load_tokenizer, resolve_source
+from lightning_rlhf.modules.accumulation import GradientAccumulation, WeightedSum, check_micro_batch_size
+from lightning_rlhf.modules.base import enable_gradient_checkpointing
+from lightning_rlhf.rollout_batch import micro_batches
 from lightning_rlhf.tokens import prompt_token_ids
 
 
-class SFT(L.LightningModule):
+class SFT(GradientAccumulation, L.LightningModule):
     """Fine-tune a causal LM on prompt/completion demonstrations.
 
     Args:
         policy: Hub id, local directory or ``"builtin:base"`` of the model to fine-tune.
         optimizer: Optimizer factory (``class_path``/``init_args`` in YAML).
         max_length: Sequences are truncated to this many tokens.
+        micro_batch_size: Sequences per forward and backward; a larger batch accumulates the
+            gradients of its micro-batches into one optimizer step equal to the single pass's
+            (:mod:`~lightning_rlhf.modules.accumulation`). ``None`` (default): the whole batch.
+        gradient_checkpointing: Recompute activations in the backward instead of keeping them.
+        gradient_clip_val: Max gradient norm; ``None`` (default) disables clipping. (The module
+            steps its optimizer itself, so ``Trainer(gradient_clip_val=...)`` does not apply.)
+
+    Raises:
+        ConfigError: If ``micro_batch_size`` is below 1 or the model path does not exist.
     """
 
     def __init__(
-        self, policy: str = "builtin:base", optimizer: OptimizerCallable = torch.optim.AdamW, max_length: int = 512
+        self,
+        policy: str = "builtin:base",
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        max_length: int = 512,
+        micro_batch_size: int | None = None,
+        gradient_checkpointing: bool = False,
+        gradient_clip_val: float | None = None,
     ) -> None:
         super().__init__()
         if not policy.startswith("builtin:"):
             resolve_source(policy, "policy model")
+        check_micro_batch_size(micro_batch_size)
         self.save_hyperparameters(ignore=["optimizer"])
+        self.automatic_optimization = False  # micro-batches accumulate into one step (GradientAccumulation)
         self.policy_source = policy
         self.optimizer_factory = optimizer
         self.max_length = max_length
+        self.micro_batch_size, self.gradient_checkpointing = micro_batch_size, gradient_checkpointing
+        self.gradient_clip_val = gradient_clip_val
         self.policy: torch.nn.Module | None = None
 
     @override
@@ -43,6 +67,8 @@ class SFT(L.LightningModule):
         if self.policy is None:
             self.tokenizer = load_tokenizer(self.policy_source)
             self.policy = load_policy(self.policy_source).train()
+            if self.gradient_checkpointing:
+                enable_gradient_checkpointing(self.policy)
 
     @override
     def configure_optimizers(self):
@@ -65,10 +91,20 @@ class SFT(L.LightningModule):
         return ids.to(self.device), mask.to(self.device), labels.to(self.device)
 
     @override
-    def training_step(self, batch: list[dict], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: list[dict], batch_idx: int) -> None:
         ids, mask, labels = self.encode(batch)
-        loss = self.policy(input_ids=ids, attention_mask=mask, labels=labels).loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        tokens = (labels[:, 1:] != -100).sum()  # the completion tokens the loss averages over (each predicted)
+        sums = WeightedSum()
+        chunks = micro_batches(torch.arange(len(batch), device=self.device), self.micro_batch_size)
+        self.optimizer_step_over(chunks, partial(self._loss, ids, mask, labels, tokens, sums))
+        self.log("train/loss", sums.totals["loss"], prog_bar=True, batch_size=len(batch))
+
+    def _loss(self, ids, mask, labels, tokens: torch.Tensor, sums: WeightedSum, chunk: torch.Tensor) -> torch.Tensor:
+        """The summed token losses of the rows ``chunk`` over the batch's ``tokens`` (transformers' ``num_items_in_batch``)."""
+        loss = self.policy(
+            input_ids=ids[chunk], attention_mask=mask[chunk], labels=labels[chunk], num_items_in_batch=tokens
+        ).loss
+        sums.add(1.0, loss=loss)
         return loss
 
     def save_pretrained(self, path: str | Path) -> None:

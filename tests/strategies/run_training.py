@@ -120,6 +120,32 @@ def zero_layout(trainer, module) -> dict | None:
     }
 
 
+def count_deferred_reductions(deepspeed: bool) -> list[int]:
+    """Count the backwards that skip the gradient reduction: DDP's ``no_sync``, DeepSpeed's non-boundary ones."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    count = [0]
+    no_sync = DistributedDataParallel.no_sync
+
+    def counted_no_sync(self):
+        count[0] += 1
+        return no_sync(self)
+
+    DistributedDataParallel.no_sync = counted_no_sync
+    if not deepspeed:
+        return count
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    set_boundary = DeepSpeedEngine.set_gradient_accumulation_boundary
+
+    def counted_set_boundary(self, is_boundary):
+        count[0] += not is_boundary
+        return set_boundary(self, is_boundary)
+
+    DeepSpeedEngine.set_gradient_accumulation_boundary = counted_set_boundary
+    return count
+
+
 def main() -> None:
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # a test that sees a hang asks for the stacks
     # Ctrl-C must raise KeyboardInterrupt even when the test suite itself was started in the background
@@ -152,6 +178,7 @@ def main() -> None:
         default=0.0,
         help="the generator scores its samples (or this fraction of each batch's prompts, or 'auto')",
     )
+    parser.add_argument("--micro_batch_size", type=int, default=None, help="sequences per forward and backward")
     parser.add_argument("--dataset", default="builtin:prompts")
     parser.add_argument("--shuffle", action="store_true")
     parser.add_argument("--fail_at_version", type=int, default=None, help="raise inside training at this version")
@@ -174,8 +201,10 @@ def main() -> None:
         optimizer=lambda p: torch.optim.AdamW(p, lr=3e-4),
         temperature=0.7,
         max_new_tokens=10,
+        micro_batch_size=args.micro_batch_size,
         **kwargs,
     )
+    deferred = count_deferred_reductions(deepspeed=args.mode.startswith("deepspeed"))
     strategy_kwargs = dict(
         backend=args.backend,
         max_staleness=args.max_staleness,
@@ -215,12 +244,12 @@ def main() -> None:
     trainer.fit(module, data, ckpt_path=args.ckpt_path)
     if args.save_ckpt:
         trainer.save_checkpoint(args.save_ckpt)
-    mine = (record.prompts, record.has_generator, zero_layout(trainer, module))
+    mine = (record.prompts, record.has_generator, zero_layout(trainer, module), deferred[0])
     per_rank = [mine]
     if torch.distributed.is_available() and torch.distributed.is_initialized() and trainer.world_size > 1:
         per_rank = [None] * trainer.world_size
         torch.distributed.all_gather_object(per_rank, mine)
-    prompts_per_rank = [prompts for prompts, _, _ in per_rank]
+    prompts_per_rank = [prompts for prompts, *_ in per_rank]
     if trainer.global_rank == 0:
         rows = list(csv.DictReader(open(glob.glob(os.path.join(log_dir, "logs", "version_*", "metrics.csv"))[-1])))
         series = {
@@ -242,10 +271,11 @@ def main() -> None:
                 "trained_prompts": record.prompts,
                 "scored_by_generator": record.scored_by_generator,
                 "trained_prompts_per_rank": prompts_per_rank,
-                "generators": sum(bool(has) for _, has, _ in per_rank),
-                "generator_per_rank": [bool(has) for _, has, _ in per_rank],
+                "generators": sum(bool(has) for _, has, *_ in per_rank),
+                "generator_per_rank": [bool(has) for _, has, *_ in per_rank],
                 "generator_pids": record.generator_pids,
-                "zero_per_rank": [zero for _, _, zero in per_rank],
+                "zero_per_rank": [zero for _, _, zero, _ in per_rank],
+                "deferred_reductions_per_rank": [count for *_, count in per_rank],
                 "deaths": sorted(os.listdir(os.environ["KILL_GENERATOR_MARKS"])) if args.kill_generator else [],
                 **extra,
             },
