@@ -20,10 +20,12 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.models import BUILTIN_PREFIX, builtin_path
+from lightning_rlhf.tokens import prompt_token_ids
 
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -67,6 +69,19 @@ def load_rows(dataset: str, split: str = "train"):
         raise ConfigError(
             f"Could not load dataset '{dataset}' (split '{split}'): {str(err).splitlines()[0]}; pass a local file or a reachable hub id."
         ) from err
+
+
+def check_context_length(max_prompt_tokens: int | None, max_new_tokens: int, context: int | None, whose: str) -> None:
+    """Refuse, before any process starts, prompts plus completions that may not fit the generator's ``context``.
+
+    Raises:
+        ConfigError: If ``max_prompt_tokens + max_new_tokens`` exceeds ``context`` (``None``s: nothing to check).
+    """
+    if max_prompt_tokens is None or context is None or max_prompt_tokens + max_new_tokens <= context:
+        return
+    raise ConfigError(
+        f"max_prompt_tokens={max_prompt_tokens} plus max_new_tokens={max_new_tokens} exceeds {whose} of {context} tokens; lower one of them so their sum is at most {context}."
+    )
 
 
 def _collate(rows: list[dict]) -> list[dict]:
@@ -267,9 +282,15 @@ class PromptDataModule(_TextDataModule):
         seed: Seed of the shuffling order.
         prompt_template: Format string filled from each row's columns, e.g.
             ``"[MATH_TASK] Problem:\\n{question}\\n\\nSolution:"``; ``None`` takes the prompt column as it is.
+        max_prompt_tokens: Drop the prompts longer than this many tokens (the policy's tokenizer,
+            chat template included) before training, and say how many (the paper's code filters
+            TL;DR and chat prompts at 512). The RL modules hand over their tokenizer in ``setup``
+            (:meth:`drop_long_prompts`) and refuse a ``max_prompt_tokens + max_new_tokens`` longer
+            than the generator's context. ``None`` (default): keep every prompt.
 
     Raises:
-        ConfigError: If the dataset cannot be found, lacks the prompt column, or the template names a missing column.
+        ConfigError: If the dataset cannot be found, lacks the prompt column, the template names a missing
+            column, ``max_prompt_tokens`` is below 1, or every prompt is longer than ``max_prompt_tokens``.
     """
 
     def __init__(
@@ -282,10 +303,41 @@ class PromptDataModule(_TextDataModule):
         num_workers: int = 0,
         seed: int = 0,
         prompt_template: str | None = None,
+        max_prompt_tokens: int | None = None,
     ) -> None:
+        if max_prompt_tokens is not None and max_prompt_tokens < 1:
+            raise ConfigError(
+                f"max_prompt_tokens must be at least 1 (or null to keep every prompt), got {max_prompt_tokens}."
+            )
         super().__init__(
             dataset, {"prompt": prompt_column}, split, batch_size, shuffle, num_workers, seed, prompt_template
         )
+        self.max_prompt_tokens = max_prompt_tokens
+        self.dropped: int | None = None  # prompts dropped as too long, once drop_long_prompts has run
+
+    def drop_long_prompts(self, tokenizer) -> None:
+        """Drop the prompts longer than ``max_prompt_tokens`` tokens of ``tokenizer``, once, and say how many.
+
+        Every rank drops the same rows (the filter is deterministic), so the shards and a
+        resumed run's position stay as they were.
+
+        Raises:
+            ConfigError: If no prompt is short enough.
+        """
+        if self.max_prompt_tokens is None or self.dropped is not None:
+            return
+        prompts = [row["prompt"] for row in self.collate(list(self.rows))]
+        keep = [i for i, ids in enumerate(prompt_token_ids(tokenizer, prompts)) if len(ids) <= self.max_prompt_tokens]
+        self.dropped = len(prompts) - len(keep)
+        if not keep:
+            raise ConfigError(
+                f"Every prompt of '{self.dataset_name}' is longer than max_prompt_tokens={self.max_prompt_tokens} tokens; raise max_prompt_tokens or use shorter prompts."
+            )
+        if self.dropped:
+            self.rows = self.rows.select(keep)
+            rank_zero_info(
+                f"lightning-rlhf: dropped {self.dropped} of {len(prompts)} prompts longer than max_prompt_tokens={self.max_prompt_tokens} tokens."
+            )
 
 
 class DemonstrationDataModule(_TextDataModule):

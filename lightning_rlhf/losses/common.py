@@ -106,11 +106,21 @@ def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: fl
     return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
 
 
+# Elements of (rows x positions x vocabulary) upcast to float32 at once in token_logprobs: 2**24 is 64 MiB, a
+# TL;DR row (~565 positions x 50k vocabulary) at a time; the built-in task's whole batch at once.
+LOGPROB_CHUNK_ELEMENTS = 2**24
+
+
 def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
     """Log-probabilities of ``tokens`` under ``softmax(logits / temperature)``.
 
-    Avoids materialising a full (b, t, v) log-softmax: gathers the token logit
-    and subtracts the log-partition function.
+    Never holds a float32 copy of the whole (b, t, v) logits: rows are upcast, scaled
+    and reduced a chunk at a time (at most :data:`LOGPROB_CHUNK_ELEMENTS` elements),
+    and only the log-partition function (b, t) is kept for the backward, which
+    recomputes each chunk's softmax (the gradient of ``x_y - logsumexp(x)`` is
+    ``onehot(y) - softmax(x)``). The autograd graph holds the logits in their own
+    dtype (bf16: half of a float32 copy) and one chunk's float32 scratch at a time;
+    TRL's ``selective_log_softmax`` loops over rows for the same reason.
 
     Args:
         logits: Float tensor of shape (b, t, v), already aligned so that
@@ -132,6 +142,37 @@ def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> 
             f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} do not match; "
             "pass logits of shape (b, t, v) and tokens of shape (b, t)."
         )
-    logits = logits.float() / temperature  # (b, t, v); upcast bf16/fp16 before logsumexp
-    picked = torch.gather(logits, -1, tokens.long().unsqueeze(-1)).squeeze(-1)  # (b, t)
-    return picked - torch.logsumexp(logits, dim=-1)  # (b, t)
+    return _TokenLogprobs.apply(logits, tokens.long(), temperature)
+
+
+def _row_chunks(logits: Tensor) -> list[slice]:
+    b, t, v = logits.shape
+    rows = max(1, LOGPROB_CHUNK_ELEMENTS // max(1, t * v))
+    return [slice(start, start + rows) for start in range(0, b, rows)]
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """``x_y - logsumexp(x)`` with ``x = logits / temperature`` in float32, chunk by chunk of rows."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:
+        picked = torch.empty(tokens.shape, dtype=torch.float32, device=logits.device)  # (b, t)
+        log_partition = torch.empty_like(picked)  # (b, t)
+        for rows in _row_chunks(logits):
+            x = logits[rows].float() / temperature  # (r, t, v); upcast bf16/fp16 before logsumexp
+            picked[rows] = torch.gather(x, -1, tokens[rows].unsqueeze(-1)).squeeze(-1)
+            log_partition[rows] = torch.logsumexp(x, dim=-1)
+        ctx.save_for_backward(logits, tokens, log_partition)
+        ctx.temperature = temperature
+        return picked - log_partition
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        logits, tokens, log_partition = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)  # (b, t, v), in the logits' dtype
+        for rows in _row_chunks(logits):
+            g = grad[rows].unsqueeze(-1)  # (r, t, 1)
+            softmax = torch.exp(logits[rows].float() / ctx.temperature - log_partition[rows].unsqueeze(-1))
+            chunk = (-softmax * g).scatter_add_(-1, tokens[rows].unsqueeze(-1), g)  # (onehot - softmax) * grad
+            grad_logits[rows] = chunk / ctx.temperature
+        return grad_logits, None, None

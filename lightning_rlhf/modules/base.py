@@ -26,7 +26,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from lightning_rlhf.data import PromptDataModule
+from lightning_rlhf.data import PromptDataModule, check_context_length
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.generation import RolloutSource, SamplingConfig, TransformersBackend
 from lightning_rlhf.generation.in_process import InProcessSource
@@ -243,6 +243,11 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
         datamodule = self.trainer.datamodule
         if isinstance(datamodule, PromptDataModule):
             self._check_num_mini_batches(datamodule.batch_size)
+            context = getattr(self.policy.config, "max_position_embeddings", None)
+            check_context_length(
+                datamodule.max_prompt_tokens, self.sampling.max_new_tokens, context, "the policy's context length"
+            )
+            datamodule.drop_long_prompts(self.tokenizer)
             datamodule.follow(lambda: self.batches_drawn)  # a resumed run continues with the next prompt
         self.reward.setup(self.device)
 

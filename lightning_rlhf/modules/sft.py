@@ -93,19 +93,21 @@ class SFT(GradientAccumulation, L.LightningModule):
     @override
     def training_step(self, batch: list[dict], batch_idx: int) -> None:
         ids, mask, labels = self.encode(batch)
-        tokens = (labels[:, 1:] != -100).sum()  # the completion tokens the loss averages over (each predicted)
+        counts = (labels[:, 1:] != -100).sum(-1).tolist()  # (b,) completion tokens per row (each one predicted)
         sums = WeightedSum()
-        chunks = micro_batches(torch.arange(len(batch), device=self.device), self.micro_batch_size)
-        self.optimizer_step_over(chunks, partial(self._loss, ids, mask, labels, tokens, sums))
+        chunks = micro_batches(torch.arange(len(batch)), self.micro_batch_size)
+        self.optimizer_step_over(chunks, partial(self._loss, ids, mask, labels, counts, sums))
         self.log("train/loss", sums.totals["loss"], prog_bar=True, batch_size=len(batch))
 
-    def _loss(self, ids, mask, labels, tokens: torch.Tensor, sums: WeightedSum, chunk: torch.Tensor) -> torch.Tensor:
-        """The summed token losses of the rows ``chunk`` over the batch's ``tokens`` (transformers' ``num_items_in_batch``)."""
-        loss = self.policy(
-            input_ids=ids[chunk], attention_mask=mask[chunk], labels=labels[chunk], num_items_in_batch=tokens
-        ).loss
-        sums.add(1.0, loss=loss)
-        return loss
+    def _loss(self, ids, mask, labels, counts: list[int], sums: WeightedSum, chunk: torch.Tensor) -> torch.Tensor:
+        """The mean token loss of the rows ``chunk``, weighted by their share of the batch's completion tokens."""
+        out = self.policy(input_ids=ids[chunk], attention_mask=mask[chunk], labels=labels[chunk])
+        tokens = sum(counts[i] for i in chunk.tolist())
+        if tokens == 0:  # prompts cut at max_length: nothing to learn, but every micro-batch runs a backward
+            return out.logits.sum() * 0.0
+        share = tokens / sum(counts)
+        sums.add(share, loss=out.loss)
+        return out.loss * share
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write the policy and tokenizer in Hugging Face format."""

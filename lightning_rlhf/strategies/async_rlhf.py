@@ -32,6 +32,7 @@ from typing_extensions import override
 
 from lightning_rlhf.callbacks.weight_sync import WeightSync
 from lightning_rlhf.contracts import RLModule
+from lightning_rlhf.data import check_context_length
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.generation.pipeline import PipelinedSource, ScoringBalance, resolve_dtype
 from lightning_rlhf.generation.pool import GeneratorPool
@@ -116,6 +117,9 @@ class _AsyncGeneration:
     def start_generator(self) -> None:
         """Start this rank's generator(s) (or take part in the shared one) and hand the module its rollout source."""
         config, module = self.generation, self._rl_module()
+        context = config.vllm_kwargs.get("max_model_len") if config.backend == "vllm" else None
+        max_prompt_tokens = getattr(module.trainer.datamodule, "max_prompt_tokens", None)
+        check_context_length(max_prompt_tokens, module.sampling.max_new_tokens, context, "vllm_kwargs.max_model_len")
         owner = not config.shared_generator or self.global_rank == 0
         if owner:
             self._new_generator()

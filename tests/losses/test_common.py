@@ -139,6 +139,29 @@ def test_token_logprobs_upcasts_low_precision_and_keeps_grad():
     assert logits.grad is not None and logits.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("chunk_elements", [1, 7 * 11, 2**24])  # a row at a time, two rows (and a short last), all
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_logprobs_in_chunks_has_the_values_and_gradients_of_the_whole_log_softmax(
+    chunk_elements, dtype, monkeypatch
+):
+    """The hand-written backward ((onehot - softmax) / temperature, chunk by chunk) against autograd's."""
+    from lightning_rlhf.losses import common
+
+    monkeypatch.setattr(common, "LOGPROB_CHUNK_ELEMENTS", chunk_elements)
+    gen = torch.Generator().manual_seed(4)
+    logits = (torch.randn(5, 7, 11, generator=gen) * 3).to(dtype)
+    tokens = torch.randint(0, 11, (5, 7), generator=gen)
+    weights = torch.randn(5, 7, generator=gen)  # a gradient that differs per token
+    ours = logits.clone().requires_grad_()
+    (token_logprobs(ours, tokens, 0.7) * weights).sum().backward()
+    reference = logits.clone().requires_grad_()
+    expected = torch.log_softmax(reference.float() / 0.7, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(token_logprobs(logits, tokens, 0.7), expected.detach())
+    assert ours.grad.dtype == dtype
+    torch.testing.assert_close(ours.grad, reference.grad)
+
+
 @pytest.mark.parametrize("temperature", [0.0, -1.0])
 def test_token_logprobs_bad_temperature_raises(temperature):
     with pytest.raises(ValueError, match="temperature"):
