@@ -36,6 +36,7 @@ from lightning_rlhf.data.datamodules import adapt_prompt, load_rows
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.generation import Generations, SamplingConfig, TransformersBackend
 from lightning_rlhf.metrics import GoldWinRate
+from lightning_rlhf.models import stop_token_ids
 from lightning_rlhf.rewards import GSM8kExactMatch, RewardFunction, extract_gsm8k_answer
 from lightning_rlhf.rollout_batch import build_rollout_batch, response_logprobs
 from lightning_rlhf.tokens import prompt_token_ids
@@ -59,7 +60,9 @@ def evaluate_policy(
     :class:`~lightning_rlhf.callbacks.judges.Judge`.
     """
     sampling = SamplingConfig(k=1, temperature=sampling.temperature, max_new_tokens=sampling.max_new_tokens)
-    backend = TransformersBackend(policy, [tokenizer.eos_token_id], tokenizer.pad_token_id, batch_size=batch_size)
+    backend = TransformersBackend(
+        policy, stop_token_ids(tokenizer, policy), tokenizer.pad_token_id, batch_size=batch_size
+    )
     win_rate, scores, kls, finished, lengths = GoldWinRate(), [], [], [], []
     device = next(policy.parameters()).device
     with torch.random.fork_rng(devices=[]):
@@ -134,7 +137,7 @@ def greedy_completions(module: RLModule, prompts: list, max_new_tokens: int, bat
     if generations is None:
         tokenizer = module.tokenizer
         backend = TransformersBackend(
-            module.policy, [tokenizer.eos_token_id], tokenizer.pad_token_id, batch_size=batch_size
+            module.policy, stop_token_ids(tokenizer, module.policy), tokenizer.pad_token_id, batch_size=batch_size
         )
         generations = backend.generate(prompt_ids, sampling)
     return generations
@@ -346,7 +349,7 @@ class AccuracyEvaluation(_Evaluation):
             tokenizer = module.tokenizer
             backend = TransformersBackend(
                 module.policy,
-                [tokenizer.eos_token_id],
+                stop_token_ids(tokenizer, module.policy),
                 tokenizer.pad_token_id,
                 batch_size=self.batch_size,
                 seed=self.seed,

@@ -22,7 +22,7 @@ from abc import ABC, abstractmethod
 import torch
 
 from lightning_rlhf.generation import SamplingConfig, TransformersBackend
-from lightning_rlhf.models import freeze, load_policy, load_tokenizer, resolve_source
+from lightning_rlhf.models import freeze, load_policy, load_tokenizer, resolve_source, stop_token_ids
 from lightning_rlhf.rewards.base import RewardFunction
 from lightning_rlhf.tokens import prompt_token_ids
 
@@ -89,7 +89,7 @@ class GenerativeJudge(Judge):
         self.tokenizer = load_tokenizer(self.source)
         model = freeze(load_policy(self.source, self.dtype)).to(device)
         self.backend = TransformersBackend(
-            model, [self.tokenizer.eos_token_id], self.tokenizer.pad_token_id, batch_size=self.batch_size
+            model, stop_token_ids(self.tokenizer, model), self.tokenizer.pad_token_id, batch_size=self.batch_size
         )
 
     def _prefers_a(self, prompts: list, a: list[str], b: list[str]) -> list[float]:

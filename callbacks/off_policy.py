@@ -18,6 +18,7 @@ from typing_extensions import override
 from lightning_rlhf.contracts import RLModule
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.generation.in_process import InProcessSource, SnapshotSource
+from lightning_rlhf.models import stop_token_ids
 
 
 class OffPolicySimulation(Callback):
@@ -49,7 +50,7 @@ class OffPolicySimulation(Callback):
         tokenizer = pl_module.tokenizer
         source = SnapshotSource(
             pl_module.policy,
-            [tokenizer.eos_token_id],
+            stop_token_ids(tokenizer, pl_module.policy),
             tokenizer.pad_token_id,
             self.num_batches,
             seed=pl_module.generation_seed,

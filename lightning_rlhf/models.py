@@ -22,9 +22,11 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    GenerationConfig,
     PreTrainedTokenizerBase,
 )
 
@@ -150,6 +152,27 @@ def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module | str) -> list[int]:
+    """Every id that ends a completion: the tokenizer's eos and each of the model's generation config's eos ids.
+
+    A chat model may end its turn with a token other than the tokenizer's eos (Llama 3's
+    ``generation_config.json`` lists ``<|eot_id|>`` beside ``<|end_of_text|>``); vLLM stops at every
+    one of them by default, so each one must also count as a stop for truncation and the
+    missing-EOS penalty. ``model`` is a loaded model (its ``generation_config``) or where one loads from.
+    """
+    if isinstance(model, str):
+        path = resolve_source(model, "policy model")
+        try:
+            config = GenerationConfig.from_pretrained(path)
+        except OSError:  # no generation_config.json: the model config's eos id, as transformers derives it
+            config = AutoConfig.from_pretrained(path)
+    else:
+        config = getattr(model, "generation_config", None) or model.config
+    eos = getattr(config, "eos_token_id", None)
+    ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list | tuple) else [eos])}
+    return sorted(i for i in ids if i is not None)
 
 
 def load_policy(source: str, dtype: torch.dtype | str = torch.float32) -> torch.nn.Module:

@@ -32,7 +32,7 @@ from lightning_rlhf.generation.process import GeneratorError, GeneratorProcess, 
 from lightning_rlhf.generation.source import Refresh
 from lightning_rlhf.generation.transformers_backend import TransformersBackend
 from lightning_rlhf.generation.weights import WeightStream, policy_state, stream_of
-from lightning_rlhf.models import resolve_source
+from lightning_rlhf.models import resolve_source, stop_token_ids
 
 T = TypeVar("T")
 
@@ -304,7 +304,9 @@ def start_source(
         dtype: Generator weights dtype; ``"auto"``: bfloat16 on a GPU, float32 on CPU.
     """
     if max_staleness is None:
-        return InProcessSource(TransformersBackend(model, [tokenizer.eos_token_id], tokenizer.pad_token_id, seed=seed))
+        return InProcessSource(
+            TransformersBackend(model, stop_token_ids(tokenizer, model), tokenizer.pad_token_id, seed=seed)
+        )
     device = generator_device or str(next(model.parameters()).device)
     dtype = resolve_dtype(dtype, device)
     spec = GeneratorSpec(

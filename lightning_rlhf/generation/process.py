@@ -91,7 +91,7 @@ class GeneratorSpec:
         return len(gpu_indices(self.device)) if self.device.startswith("cuda") else 1
 
     def build(self):
-        from lightning_rlhf.models import load_tokenizer
+        from lightning_rlhf.models import load_tokenizer, stop_token_ids
 
         tokenizer = load_tokenizer(self.model)
         if self.backend == "transformers":
@@ -102,14 +102,14 @@ class GeneratorSpec:
                 raise ValueError("The transformers backend runs on one device; tensor parallelism needs backend: vllm.")
             model = load_policy(self.model, self.dtype).to(self.device).eval()
             return TransformersBackend(
-                model, [tokenizer.eos_token_id], tokenizer.pad_token_id, share_weights=False, seed=self.seed
+                model, stop_token_ids(tokenizer, model), tokenizer.pad_token_id, share_weights=False, seed=self.seed
             )
         if self.backend == "vllm":
             from lightning_rlhf.generation.vllm_backend import VLLMBackend
 
             return VLLMBackend(
                 self.model,
-                [tokenizer.eos_token_id],
+                stop_token_ids(tokenizer, self.model),
                 dtype=self.dtype,
                 seed=self.seed,
                 tensor_parallel_size=self.tensor_parallel_size,

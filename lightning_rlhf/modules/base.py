@@ -32,7 +32,7 @@ from lightning_rlhf.generation import RolloutSource, SamplingConfig, Transformer
 from lightning_rlhf.generation.in_process import InProcessSource
 from lightning_rlhf.losses import ISStats
 from lightning_rlhf.metrics.cadence import logger_writes_now
-from lightning_rlhf.models import freeze, load_policy, load_tokenizer, resolve_source
+from lightning_rlhf.models import freeze, load_policy, load_tokenizer, resolve_source, stop_token_ids
 from lightning_rlhf.modules.accumulation import GradientAccumulation, check_micro_batch_size
 from lightning_rlhf.modules.checkpointing import RolloutCheckpointing
 from lightning_rlhf.rewards import RewardFunction, RewardModelScore
@@ -223,7 +223,10 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
         self.ref_policy = freeze(load_policy(self.ref_source))
         self.generation_seed = torch.initial_seed()
         backend = TransformersBackend(
-            self.policy, [self.tokenizer.eos_token_id], self.tokenizer.pad_token_id, seed=self.generation_seed
+            self.policy,
+            stop_token_ids(self.tokenizer, self.policy),
+            self.tokenizer.pad_token_id,
+            seed=self.generation_seed,
         )
         self._source = InProcessSource(backend)
 
