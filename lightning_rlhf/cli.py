@@ -21,6 +21,7 @@ from typing_extensions import override
 
 import lightning_rlhf.strategies  # noqa: F401  (registers the async_rlhf strategy names)
 from lightning_rlhf.errors import ConfigError
+from lightning_rlhf.export import export_checkpoint
 from lightning_rlhf.models import BUILTIN_PREFIX
 from lightning_rlhf.tasks import prepare
 
@@ -87,8 +88,29 @@ def explain(err: BaseException) -> str:
     return " ".join(text.split())
 
 
+def export(args: list[str]) -> None:
+    """``lightning-rlhf export CHECKPOINT OUT_DIR``: a checkpoint's policy in Hugging Face format."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-rlhf export",
+        description="Write the policy (or reward model) of a Lightning checkpoint, a .ckpt file or a DeepSpeed "
+        "checkpoint folder, and its tokenizer in Hugging Face format.",
+    )
+    parser.add_argument("checkpoint", help="a .ckpt file, or the folder of a DeepSpeed checkpoint")
+    parser.add_argument("out_dir", help="where to write config.json, the weights and the tokenizer")
+    parsed = parser.parse_args(args)
+    try:
+        out = export_checkpoint(parsed.checkpoint, parsed.out_dir)
+    except ConfigError as err:
+        print(f"lightning-rlhf: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"lightning-rlhf: wrote {out}")
+
+
 def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = sys.argv[1:] if args is None else args
+    if args[:1] == ["export"]:
+        return export(args[1:])
     try:
         RLHFCLI(
             subclass_mode_model=True,

@@ -54,3 +54,20 @@ def builtin_models():
     from lightning_rlhf.models import builtin_path
 
     return {"sft": builtin_path("builtin:sft"), "reward_model": builtin_path("builtin:reward_model")}
+
+
+@pytest.fixture(scope="session")
+def vllm_probe():
+    """Runs ``tests/generation/vllm_probe.py`` with its arguments in a process of its own (5 minutes at most); its JSON."""
+    import json
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "generation", "vllm_probe.py")
+
+    def run(*args: str):
+        proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    return run

@@ -119,6 +119,21 @@ class WeightReceiver:
             dispatch_cpu_unquantized_gemm(model.lm_head, remove_weight=False)
 
 
+def prompt_seeds(request_seed: int, num_prompts: int, k: int) -> list[int]:
+    """One sampling seed per prompt of a request, so that no two samples of it share a seed.
+
+    vLLM fans a request with ``n = k`` out into ``k`` child requests seeded ``seed + j``
+    (``ParentRequest.get_child_sampling_params``, ``vllm/v1/engine/parallel_sampling.py``).
+    With one seed for the whole request, the j-th sample of every prompt drew the same noise:
+    a prompt repeated in a request got the same completions, and different prompts correlated
+    ones. Prompt ``i`` gets ``request_seed * 1_000_003 + i * k``, so its children take the
+    seeds ``... + i * k + j``, all different within a request (and from the next request's for
+    fewer than a million samples per request), and the same again when the run is repeated.
+    """
+    base = request_seed * 1_000_003
+    return [(base + i * k) % (2**63 - k) for i in range(num_prompts)]  # a child seed stays below 2**63
+
+
 class VLLMBackend(GenerationBackend):
     """vLLM sampling with per-call seeds and temperature-scaled behaviour logprobs.
 
@@ -154,18 +169,22 @@ class VLLMBackend(GenerationBackend):
         self.policy_version = 0
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> Generations:
+        """``k`` samples of each prompt; every sample draws its own seeded noise (see :func:`prompt_seeds`)."""
         from vllm import SamplingParams, TokensPrompt
 
-        params = SamplingParams(
-            n=sampling.k,
-            temperature=sampling.temperature,
-            top_p=1.0,
-            top_k=0,
-            max_tokens=sampling.max_new_tokens,
-            logprobs=0,
-            stop_token_ids=sorted(self.stop_token_ids),
-            seed=call_seed(self.seed, self.calls),
-        )
+        params = [
+            SamplingParams(
+                n=sampling.k,
+                temperature=sampling.temperature,
+                top_p=1.0,
+                top_k=0,
+                max_tokens=sampling.max_new_tokens,
+                logprobs=0,
+                stop_token_ids=sorted(self.stop_token_ids),
+                seed=seed,
+            )
+            for seed in prompt_seeds(call_seed(self.seed, self.calls), len(prompt_ids), sampling.k)
+        ]
         if sampling.temperature > 0:
             self.calls += 1  # a greedy (evaluation) request leaves the sampling seeds of training as they were
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)

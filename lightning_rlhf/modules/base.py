@@ -15,9 +15,11 @@ and callbacks see. Its checkpoints keep the prompts in flight
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import time
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -131,6 +133,9 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
             optimization) or, without it, the epochs' batches x ``num_epochs`` x ``num_mini_batches``.
             An asynchronous run's first batches (the pipeline filling) take no step, so it ends
             slightly above 0.
+        export_dir: At the end of ``fit``, write the trained policy and its tokenizer here in Hugging
+            Face format (:meth:`save_pretrained`); ``lightning-rlhf export`` does the same from any
+            checkpoint. ``None`` (default): only Lightning's checkpoints.
         log_every_step: Hand the step metrics to Lightning (``self.log``) at every step, as
             Lightning modules do; ``False``: only at the steps Lightning's loggers write
             (every ``Trainer(log_every_n_steps)`` batches, see
@@ -171,6 +176,7 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
         gradient_checkpointing: bool = False,
         gradient_clip_val: float | None = 1.0,
         lr_schedule: Literal["constant", "linear"] = "constant",
+        export_dir: str | None = None,
         log_every_step: bool = True,
     ) -> None:
         super().__init__()
@@ -204,6 +210,7 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
         self.lr_schedule = lr_schedule
         self.steps_schedule = lr_schedule != "constant"
         self.log_every_step = log_every_step
+        self.export_dir = export_dir
         self.policy: torch.nn.Module | None = None
         self.ref_policy: torch.nn.Module | None = None
         self.tokenizer = None
@@ -367,6 +374,28 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
         schedule = self.lr_schedulers()
         for group, base, factor in zip(self.optimizers().param_groups, schedule.base_lrs, schedule.lr_lambdas):
             group["lr"] = base * factor(schedule.last_epoch)
+
+    @override
+    def on_train_end(self) -> None:
+        if self.export_dir is not None:
+            self.save_pretrained(self.export_dir)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the policy and its tokenizer in Hugging Face format.
+
+        Under a Trainer every rank calls it and global rank 0 writes; ZeRO-3's shards are
+        gathered first (``deepspeed.zero.GatheredParameters``, a collective: all ranks at once).
+        """
+        params = list(self.policy.parameters())
+        gathered = contextlib.nullcontext()
+        if any(hasattr(p, "ds_id") for p in params):  # partitioned by ZeRO-3
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        with gathered:
+            if self._trainer is None or self._trainer.is_global_zero:
+                self.policy.save_pretrained(path)
+                self.tokenizer.save_pretrained(path)
 
     @override
     def teardown(self, stage: str) -> None:

