@@ -126,6 +126,10 @@ def _policy(policy: str, reward: str | None, max_new_tokens: int = 6) -> list[st
     return args
 
 
+# the recipes drop prompts over 512 tokens, more than the stand-in policies' 64 positions hold
+STAND_IN_PROMPT_LIMIT = ("--data.init_args.max_prompt_tokens", "48")
+
+
 @pytest.mark.parametrize("algorithm", ["online_dpo", "rloo", "ppo"])
 def test_tldr_recipe_runs_with_stand_ins(algorithm, stand_ins, tmp_path):
     extra = ["--model.init_args.critic", stand_ins["policy"]] if algorithm == "ppo" else []
@@ -139,6 +143,7 @@ def test_tldr_recipe_runs_with_stand_ins(algorithm, stand_ins, tmp_path):
         stand_ins["tldr"],
         "--data.init_args.batch_size",
         "2",
+        *STAND_IN_PROMPT_LIMIT,
         "--trainer.callbacks.init_args.gold.init_args.model",
         stand_ins["policy"],
         "--trainer.callbacks.init_args.dataset",
@@ -161,6 +166,7 @@ def test_tldr_synchronous_variant_and_the_sft_and_reward_model_stages(stand_ins,
         stand_ins["tldr"],
         "--data.init_args.batch_size",
         "2",
+        *STAND_IN_PROMPT_LIMIT,
         "--trainer.callbacks.init_args.gold.init_args.model",
         stand_ins["policy"],
         "--trainer.callbacks.init_args.dataset",
@@ -211,6 +217,7 @@ def test_chat_recipe_runs_with_stand_ins(stand_ins, tmp_path):
         stand_ins["no_robots"],
         "--data.init_args.batch_size",
         "2",
+        *STAND_IN_PROMPT_LIMIT,
         "--trainer.callbacks.init_args.judge.init_args.model",
         stand_ins["chat_policy"],
         "--trainer.callbacks.init_args.judge.init_args.dtype",
