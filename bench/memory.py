@@ -115,7 +115,9 @@ def one_row(sequences: int, micro: int | None, checkpointing: bool, prompt_token
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(module, PromptDataModule("builtin:arithmetic_prompts", prompt_column="messages", batch_size=sequences // 2))
+    trainer.fit(
+        module, PromptDataModule("builtin:arithmetic_prompts", prompt_column="messages", batch_size=sequences // 2)
+    )
     return {
         "device": "cpu",
         "model": "SmolLM2-135M-Instruct (float32)",

@@ -70,6 +70,9 @@ class GeneratorSpec:
         shares_gpu: The trainer trains on the generator's GPU (sets vLLM's memory default).
         scorer: Scores every training request's completions in the generator process, on ``device``
             (``score_on_generator``); ``None`` leaves scoring to the trainer.
+        first_call: The backend's first request counts as this one for its sampling seed. A
+            replacement generator continues where the run's requests got to, so the batches it is
+            asked for again are not sampled with the run's first seeds.
     """
 
     backend: str = "transformers"
@@ -84,6 +87,7 @@ class GeneratorSpec:
     timeout_s: float = DEFAULT_TIMEOUT_S
     shares_gpu: bool = False
     scorer: Scorer | None = None
+    first_call: int = 0
 
     @property
     def tensor_parallel_size(self) -> int:
@@ -203,6 +207,7 @@ def generator_main(spec: GeneratorSpec, requests, results, port: int, prefix: st
         spec.device = isolate_cuda_device(spec.device)
         _pin(spec.cpu_cores)
         backend = spec.build()
+        backend.calls = spec.first_call  # both backends count their sampled requests in `calls`
         if spec.scorer is not None:
             spec.scorer.setup(torch.device(spec.device if spec.device.startswith("cuda") else "cpu"))
         gc.collect()

@@ -23,6 +23,7 @@ import atexit
 import contextlib
 import os
 from collections.abc import Generator
+from datetime import timedelta
 from typing import Literal
 
 import torch
@@ -36,7 +37,7 @@ from lightning_rlhf.data import check_context_length
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.generation.pipeline import PipelinedSource, ScoringBalance, resolve_dtype
 from lightning_rlhf.generation.pool import GeneratorPool
-from lightning_rlhf.generation.process import GeneratorProcess, GeneratorSpec, gpu_indices
+from lightning_rlhf.generation.process import DEFAULT_TIMEOUT_S, GeneratorProcess, GeneratorSpec, gpu_indices
 from lightning_rlhf.generation.shared import SharedSource
 from lightning_rlhf.generation.weights import DEFAULT_BUCKET_BYTES, WeightStream, policy_state, stream_of
 from lightning_rlhf.models import resolve_source
@@ -50,6 +51,7 @@ class _AsyncGeneration:
     def _init_async(self, config: GenerationConfig) -> None:
         self.generation = config
         self._generator: GeneratorProcess | None = None
+        self._pipeline: PipelinedSource | None = None  # this rank's, when it owns a generator
 
     def _layout(self, index: int = 0) -> tuple[str, list[int] | None, list[int] | None]:
         """Device of this rank's ``index``-th generator, and CPU cores for generators and trainer.
@@ -60,6 +62,11 @@ class _AsyncGeneration:
         if config.generator_devices:
             slot = local_rank * config.num_generators + index
             device = config.generator_devices[slot % len(config.generator_devices)]
+            sized = any(key in config.vllm_kwargs for key in ("gpu_memory_utilization", "kv_cache_memory_bytes"))
+            if slot >= len(config.generator_devices) and device.startswith("cuda") and not sized:
+                raise ConfigError(
+                    f"generator_devices lists {len(config.generator_devices)} device(s) for {slot + 1} or more generators on this node (num_generators x ranks), so two would share {device}, each asking for most of its memory; list one GPU per generator, or divide the GPU with vllm_kwargs.gpu_memory_utilization."
+                )
             return device, config.generator_cores, config.trainer_cores
         if self.root_device.type == "cuda":
             return str(self.root_device), config.generator_cores, config.trainer_cores
@@ -73,12 +80,18 @@ class _AsyncGeneration:
         device, generator_cores, _ = self._layout(index)
         check_transport(config.weight_transport, self.root_device, device, config.backend)
         on_gpu = device.startswith("cuda")
+        sized = any(key in config.vllm_kwargs for key in ("gpu_memory_utilization", "kv_cache_memory_bytes"))
+        if on_gpu and config.score_on_generator and config.backend == "vllm" and not sized:
+            raise ConfigError(
+                f"score_on_generator loads the reward model on {device} after vLLM has taken its share of the GPU (most of it by default); leave it room with vllm_kwargs.gpu_memory_utilization (e.g. 0.6) or kv_cache_memory_bytes."
+            )
         model = resolve_source(module.policy_source, "policy model")
         return GeneratorSpec(
             backend=config.backend,
             model=model,
             dtype=resolve_dtype(config.dtype, device),
             seed=module.generation_seed + index,  # each generator its own sampling streams
+            first_call=self._pipeline.request_ids if self._pipeline is not None else 0,  # a replacement continues
             device=device,
             cpu_cores=generator_cores,
             vllm_kwargs=config.vllm_kwargs,
@@ -98,7 +111,9 @@ class _AsyncGeneration:
         return RewardScorer(self._rl_module().reward.unloaded_copy(), model, 1.0 if share == "auto" else share)
 
     def _new_generator(self) -> GeneratorProcess | GeneratorPool:
+        """Start this rank's generator(s); a restart first closes the one before (a replacement that failed to start included)."""
         specs = [self._spec(i) for i in range(self.generation.num_generators)]
+        self.stop_generator()  # idempotent: the pipeline closed a dead one already, not one that failed to start
         if len(specs) == 1:
             self._generator = GeneratorProcess(specs[0])
         else:
@@ -132,7 +147,7 @@ class _AsyncGeneration:
         if owner:
             restart = self._new_generator if config.restart_on_failure else None
             balance = ScoringBalance(config.num_generators) if config.score_on_generator == "auto" else None
-            source = PipelinedSource(
+            source = self._pipeline = PipelinedSource(
                 self._generator,
                 config.max_staleness,
                 config.sync_every,
@@ -142,7 +157,7 @@ class _AsyncGeneration:
             )
         if config.shared_generator:
             # every rank takes part in creating the group; prompts and rollouts travel over it as objects
-            group = dist.new_group(backend="gloo")
+            group = dist.new_group(backend="gloo", timeout=timedelta(seconds=DEFAULT_TIMEOUT_S))  # ours, not torch's
             source = SharedSource(source, group, config.sync_every, config.max_staleness, self.policy_weights)
         module.use_rollout_source(source)
 

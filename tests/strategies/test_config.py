@@ -6,7 +6,7 @@ import os
 import pytest
 
 from lightning_rlhf.errors import ConfigError
-from lightning_rlhf.strategies import AsyncRLHFDDPStrategy, AsyncRLHFDeepSpeedStrategy, AsyncRLHFStrategy
+from lightning_rlhf.strategies import AsyncRLHFDDPStrategy, AsyncRLHFDeepSpeedStrategy, AsyncRLHFStrategy, async_rlhf
 
 
 @pytest.mark.parametrize(
@@ -119,3 +119,39 @@ def test_a_tensor_parallel_generator_sees_all_its_gpus_and_joins_as_one_rank_eac
     assert isolate_cuda_device("cuda:2,3") == "cuda:0" and os.environ["CUDA_VISIBLE_DEVICES"] == "6,7"
     assert GeneratorSpec(device="cuda:2,3").tensor_parallel_size == 2
     assert GeneratorSpec(device="cuda:1").tensor_parallel_size == 1 == GeneratorSpec(device="cpu").tensor_parallel_size
+
+
+@pytest.mark.parametrize("key", ["tensor_parallel_size", "pipeline_parallel_size"])
+def test_vllm_parallel_sizes_come_from_the_devices_not_vllm_kwargs(key):
+    """Else the side group would wait for generator ranks that never join (issue 30, defect d)."""
+    with pytest.raises(ConfigError, match=rf"vllm_kwargs.{key} is set by the generator's devices here"):
+        AsyncRLHFStrategy(backend="transformers", vllm_kwargs={key: 2})
+
+
+def test_two_generators_on_one_gpu_are_refused_unless_the_gpu_is_divided():
+    """Slots wrapping around generator_devices put two generators on one GPU (defect f)."""
+    strategy = AsyncRLHFStrategy(backend="transformers", num_generators=2, generator_devices=["cuda:1"])
+    assert strategy._layout(0)[0] == "cuda:1"
+    with pytest.raises(ConfigError, match="so two would share cuda:1"):
+        strategy._layout(1)
+    divided = AsyncRLHFStrategy(
+        backend="transformers",
+        num_generators=2,
+        generator_devices=["cuda:1"],
+        vllm_kwargs={"gpu_memory_utilization": 0.4},
+    )
+    assert divided._layout(1)[0] == "cuda:1"
+
+
+def test_scoring_on_a_vllm_generator_s_gpu_needs_room_left_for_the_reward_model(monkeypatch, tiny_model_dir):
+    """The reward model loads after vLLM took most of the GPU (defect f)."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("vllm")
+    strategy = AsyncRLHFStrategy(backend="vllm", generator_devices=["cuda:1"], score_on_generator=True)
+    monkeypatch.setattr(
+        strategy, "_rl_module", lambda: SimpleNamespace(generation_seed=0, policy_source=tiny_model_dir)
+    )
+    monkeypatch.setattr(async_rlhf, "check_transport", lambda *args: None)  # no GPU here; the check comes after
+    with pytest.raises(ConfigError, match="score_on_generator loads the reward model on cuda:1 after vLLM"):
+        strategy._spec(0)
