@@ -68,6 +68,6 @@ def vllm_probe():
     def run(*args: str):
         proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+        return json.loads(next(line[6:] for line in proc.stdout.splitlines() if line.startswith("PROBE ")))
 
     return run

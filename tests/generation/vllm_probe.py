@@ -12,6 +12,11 @@ from lightning_rlhf.generation.vllm_backend import VLLMBackend
 from lightning_rlhf.models import load_tokenizer, stop_token_ids
 
 
+def report(payload) -> None:
+    """One marked line: vLLM logs to stdout too, also after it (at shutdown)."""
+    print("PROBE " + json.dumps(payload), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
@@ -23,7 +28,7 @@ def main() -> None:
     backend = VLLMBackend(args.model, stop_token_ids(tokenizer, args.model), seed=0)
     try:
         if args.mode == "logprobs":
-            print(json.dumps(backend.sequence_logprobs(args.prompt, args.completion, 1.0)))
+            report(backend.sequence_logprobs(args.prompt, args.completion, 1.0))
             return
         prompt = tokenizer("copy 1 2 3 =")["input_ids"]
         sampling = SamplingConfig(k=2, temperature=1.0, max_new_tokens=8)
@@ -31,7 +36,7 @@ def main() -> None:
         for _ in range(2):  # the run's first request twice: a repeated run starts its seeds over
             backend.calls = 0
             runs.append(backend.generate([prompt] * 8, sampling).completion_ids)
-        print(json.dumps(runs))
+        report(runs)
     finally:
         backend.close()
 
