@@ -124,7 +124,7 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
             no-gradient forwards (reference, old policy, critic) run in micro-batches of this size
             too. ``None`` (default): the whole mini-batch in one pass.
         gradient_checkpointing: Recompute the policy's (and PPO's critic's) activations in the
-            backward instead of keeping them: less memory for about a third more compute.
+            backward instead of keeping them: less activation memory, for a second forward in the backward.
         gradient_clip_val: Max gradient norm; ``None`` disables clipping.
         lr_schedule: ``"constant"`` or ``"linear"``: the learning rate decays linearly from the
             optimizer's ``lr`` towards 0 over the run's optimizer steps, as TRL's default schedule
