@@ -70,6 +70,8 @@ class GeneratorSpec:
         shares_gpu: The trainer trains on the generator's GPU (sets vLLM's memory default).
         scorer: Scores every training request's completions in the generator process, on ``device``
             (``score_on_generator``); ``None`` leaves scoring to the trainer.
+        slot: This generator's place among the node's generators (rank x ``num_generators`` + index);
+            it gives a vLLM generator its own range of ports (:func:`own_vllm_port`).
         first_call: The backend's first request counts as this one for its sampling seed. A
             replacement generator continues where the run's requests got to, so the batches it is
             asked for again are not sampled with the run's first seeds.
@@ -87,6 +89,7 @@ class GeneratorSpec:
     timeout_s: float = DEFAULT_TIMEOUT_S
     shares_gpu: bool = False
     scorer: Scorer | None = None
+    slot: int = 0
     first_call: int = 0
 
     @property
@@ -199,9 +202,24 @@ class Scorer(Protocol):
         (``None``: the scorer's own share); ``None`` where left to the trainer."""
 
 
+VLLM_PORTS_PER_GENERATOR = 50  # vLLM takes a handful of ports from VLLM_PORT up, and reserves 10 more
+
+
+def own_vllm_port(base: str | None, slot: int) -> str | None:
+    """``VLLM_PORT`` for the ``slot``-th generator of a node: each its own range, or unset when the user set none.
+
+    With ``VLLM_PORT`` set, vLLM scans upward from it for free ports (``_get_open_port`` in
+    ``vllm/utils/network_utils.py``): generators started together on one node would find the same
+    port and race for it. Unset, vLLM asks the operating system for a free port each time.
+    """
+    return None if not base else str(int(base) + VLLM_PORTS_PER_GENERATOR * slot)
+
+
 def generator_main(spec: GeneratorSpec, requests, results, port: int, prefix: str) -> None:
     """Entry point of the generator process."""
     _follow_parent()
+    if (vllm_port := own_vllm_port(os.environ.get("VLLM_PORT"), spec.slot)) is not None:
+        os.environ["VLLM_PORT"] = vllm_port
     backend = None
     try:
         spec.device = isolate_cuda_device(spec.device)

@@ -91,6 +91,7 @@ class _AsyncGeneration:
             model=model,
             dtype=resolve_dtype(config.dtype, device),
             seed=module.generation_seed + index,  # each generator its own sampling streams
+            slot=(getattr(self, "local_rank", 0) or 0) * config.num_generators + index,
             first_call=self._pipeline.request_ids if self._pipeline is not None else 0,  # a replacement continues
             device=device,
             cpu_cores=generator_cores,

@@ -155,3 +155,13 @@ def test_scoring_on_a_vllm_generator_s_gpu_needs_room_left_for_the_reward_model(
     monkeypatch.setattr(async_rlhf, "check_transport", lambda *args: None)  # no GPU here; the check comes after
     with pytest.raises(ConfigError, match="score_on_generator loads the reward model on cuda:1 after vLLM"):
         strategy._spec(0)
+
+
+def test_each_generator_of_a_node_scans_its_own_vllm_ports():
+    """With VLLM_PORT set, generators started together would race for the same port (defect g)."""
+    from lightning_rlhf.generation.process import VLLM_PORTS_PER_GENERATOR, own_vllm_port
+
+    assert own_vllm_port(None, 3) is None and own_vllm_port("", 3) is None  # unset: the OS picks
+    ports = [own_vllm_port("30000", slot) for slot in range(4)]
+    assert ports[0] == "30000" and len(set(ports)) == 4
+    assert int(ports[1]) - int(ports[0]) == VLLM_PORTS_PER_GENERATOR
