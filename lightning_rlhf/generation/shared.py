@@ -104,10 +104,19 @@ class SharedSource:
         """Every rank reads its weights (their gathers under ZeRO-3), rank 0 sends; a failure reaches every rank."""
         failure = None
         if self.inner is not None:
+            weights, opened = self.inner.weights, []
+            self.inner.weights = lambda: opened.append(weights()) or opened[-1]  # the streams rank 0 opens
             try:
                 self.inner.refresh(version, reason)
             except Exception as err:  # reported through the exchange, after every rank is done gathering
                 failure = err
+                # The other ranks are reading their streams, which under ZeRO-3 gather each parameter with
+                # every rank: read the rest of ours too (all of it, when the refresh failed before opening
+                # it), so that no rank is left in a gather rank 0 skipped (issue 30, defect a; a hang
+                # there was not reproduced on CPU ranks).
+                (opened[-1] if opened else weights()).drain()
+            finally:
+                self.inner.weights = weights
         else:
             self.weights().drain()
 

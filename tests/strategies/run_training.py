@@ -179,6 +179,7 @@ def main() -> None:
         help="the generator scores its samples (or this fraction of each batch's prompts, or 'auto')",
     )
     parser.add_argument("--micro_batch_size", type=int, default=None, help="sequences per forward and backward")
+    parser.add_argument("--slow_update_s", type=float, default=0.0, help="each update takes this much longer")
     parser.add_argument("--dataset", default="builtin:prompts")
     parser.add_argument("--shuffle", action="store_true")
     parser.add_argument("--fail_at_version", type=int, default=None, help="raise inside training at this version")
@@ -205,6 +206,9 @@ def main() -> None:
         **kwargs,
     )
     deferred = count_deferred_reductions(deepspeed=args.mode.startswith("deepspeed"))
+    if args.slow_update_s:  # a slow trainer: a generator dying meanwhile is found at the refresh that follows
+        learn = module.learn
+        module.learn = lambda *a: (time.sleep(args.slow_update_s), learn(*a))[1]
     strategy_kwargs = dict(
         backend=args.backend,
         max_staleness=args.max_staleness,
