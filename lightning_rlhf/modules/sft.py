@@ -97,7 +97,8 @@ class SFT(GradientAccumulation, L.LightningModule):
         sums = WeightedSum()
         chunks = micro_batches(torch.arange(len(batch)), self.micro_batch_size)
         self.optimizer_step_over(chunks, partial(self._loss, ids, mask, labels, counts, sums))
-        self.log("train/loss", sums.totals["loss"], prog_bar=True, batch_size=len(batch))
+        if "loss" in sums.totals:  # a batch whose prompts were all cut at max_length has no completion token
+            self.log("train/loss", sums.totals["loss"], prog_bar=True, batch_size=len(batch))
 
     def _loss(self, ids, mask, labels, counts: list[int], sums: WeightedSum, chunk: torch.Tensor) -> torch.Tensor:
         """The mean token loss of the rows ``chunk``, weighted by their share of the batch's completion tokens."""
