@@ -71,3 +71,22 @@ def vllm_probe():
         return json.loads(next(line[6:] for line in proc.stdout.splitlines() if line.startswith("PROBE ")))
 
     return run
+
+
+@pytest.fixture(scope="session")
+def quiet_trainer():
+    """A CPU ``Trainer`` for ``max_steps`` that writes nothing (no logger, checkpoint, progress bar or summary)."""
+    import lightning as L
+
+    def make(max_steps: int = 1, **kwargs) -> L.Trainer:
+        return L.Trainer(
+            max_steps=max_steps,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            **kwargs,
+        )
+
+    return make

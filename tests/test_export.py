@@ -28,7 +28,7 @@ def probe() -> RolloutBatch:
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model_dir, tmp_path_factory):
+def trained(tiny_model_dir, tmp_path_factory, quiet_trainer):
     """A tiny policy after three online DPO updates, its checkpoint, and what export_dir wrote at the end of fit."""
     root = tmp_path_factory.mktemp("export")
     L.seed_everything(0)
@@ -39,14 +39,7 @@ def trained(tiny_model_dir, tmp_path_factory):
         max_new_tokens=6,
         export_dir=str(root / "at_end"),
     )
-    trainer = L.Trainer(
-        max_steps=3,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(3)
     trainer.fit(module, PromptDataModule(batch_size=4))
     trainer.save_checkpoint(root / "last.ckpt")
     with torch.no_grad():

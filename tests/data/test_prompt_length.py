@@ -2,7 +2,6 @@
 
 import json
 
-import lightning as L
 import psutil
 import pytest
 import torch
@@ -63,40 +62,30 @@ def test_max_prompt_tokens_below_one_is_refused(prompts):
         PromptDataModule(prompts, max_prompt_tokens=0)
 
 
-def _trainer(**kwargs) -> L.Trainer:
-    return L.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
-
-
-def test_prompt_plus_completion_longer_than_the_policy_s_context_is_refused(prompts, tiny_model_dir):
+def test_prompt_plus_completion_longer_than_the_policy_s_context_is_refused(prompts, tiny_model_dir, quiet_trainer):
     module = OnlineDPO(policy=tiny_model_dir, reward=Constant(), max_new_tokens=53)  # the tiny model: 64 positions
     with pytest.raises(ConfigError, match=r"max_prompt_tokens=20 plus max_new_tokens=53 exceeds the policy's context"):
-        _trainer().fit(module, PromptDataModule(prompts, batch_size=4, max_prompt_tokens=20))
+        quiet_trainer().fit(module, PromptDataModule(prompts, batch_size=4, max_prompt_tokens=20))
 
 
-def test_prompt_plus_completion_longer_than_vllm_s_max_model_len_is_refused_before_it_starts(prompts, tiny_model_dir):
+def test_prompt_plus_completion_longer_than_vllm_s_max_model_len_is_refused_before_it_starts(
+    prompts, tiny_model_dir, quiet_trainer
+):
     pytest.importorskip("vllm")
     from lightning_rlhf.strategies import AsyncRLHFStrategy
 
     module = OnlineDPO(policy=tiny_model_dir, reward=Constant(), max_new_tokens=20)
     strategy = AsyncRLHFStrategy(backend="vllm", vllm_kwargs={"max_model_len": 32})
     with pytest.raises(ConfigError, match=r"plus max_new_tokens=20 exceeds vllm_kwargs.max_model_len of 32 tokens"):
-        _trainer(strategy=strategy).fit(module, PromptDataModule(prompts, batch_size=4, max_prompt_tokens=16))
+        quiet_trainer(strategy=strategy).fit(module, PromptDataModule(prompts, batch_size=4, max_prompt_tokens=16))
     assert strategy.generator is None and not psutil.Process().children()  # no generator was started
 
 
-def test_a_run_with_a_long_prompt_trains_on_the_others(prompts, tiny_model_dir):
+def test_a_run_with_a_long_prompt_trains_on_the_others(prompts, tiny_model_dir, quiet_trainer):
     seen = []
     module = OnlineDPO(policy=tiny_model_dir, reward=Constant(), max_new_tokens=8)
     step = module.training_step
     module.training_step = lambda batch, *args: (seen.extend(r["prompt"] for r in batch), step(batch, *args))[1]
     data = PromptDataModule(prompts, batch_size=8, shuffle=False, max_prompt_tokens=20)
-    _trainer().fit(module, data)
+    quiet_trainer().fit(module, data)
     assert len(seen) == 8 and LONG not in seen

@@ -53,17 +53,6 @@ class RandomRollouts:
         pass
 
 
-def _trainer(steps: int) -> L.Trainer:
-    return L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-
-
 RL_CASES = {  # rollouts per mini-batch: 4 prompts x k, in one mini-batch; two epochs so the second clips
     "online_dpo": lambda **kw: OnlineDPO(beta=0.5, k=3, num_epochs=2, **kw),
     "rloo": lambda **kw: RLOO(k=2, num_epochs=2, clip_eps=0.01, **kw),
@@ -76,7 +65,7 @@ LOGGED = {
 }
 
 
-def rl_update(name: str, micro_batch_size, tiny_model_dir, **kwargs) -> tuple[dict, dict]:
+def rl_update(name: str, micro_batch_size, tiny_model_dir, quiet_trainer, **kwargs) -> tuple[dict, dict]:
     """Parameters after one generated batch's updates, and what was logged."""
     L.seed_everything(0)
     extra = {"critic": tiny_model_dir} if name == "ppo" else {}  # a separate critic: its value loss accumulates too
@@ -92,7 +81,7 @@ def rl_update(name: str, micro_batch_size, tiny_model_dir, **kwargs) -> tuple[di
     )
     module.configure_model()
     module.use_rollout_source(RandomRollouts(module.tokenizer))
-    trainer = _trainer(module.num_epochs)
+    trainer = quiet_trainer(module.num_epochs)
     trainer.fit(module, PromptDataModule(batch_size=4, shuffle=False))
     models = {"policy": module.policy, **({"critic": module.critic} if name == "ppo" else {})}
     params = {f"{m}.{n}": p.detach().clone() for m, model in models.items() for n, p in model.named_parameters()}
@@ -107,12 +96,12 @@ def assert_same_update(before: dict, whole: dict, micro: dict) -> None:
 
 
 @pytest.mark.parametrize("name", RL_CASES)
-def test_rl_update_in_micro_batches_equals_the_single_pass(name, tiny_model_dir):
+def test_rl_update_in_micro_batches_equals_the_single_pass(name, tiny_model_dir, quiet_trainer):
     sequences = 2 if name == "online_dpo" else 1  # online DPO keeps a pair in one pass
     untrained = initial_parameters(name, tiny_model_dir)
-    whole, logged = rl_update(name, None, tiny_model_dir)
+    whole, logged = rl_update(name, None, tiny_model_dir, quiet_trainer)
     for size in (sequences, 2 * sequences):
-        micro, micro_logged = rl_update(name, size, tiny_model_dir)
+        micro, micro_logged = rl_update(name, size, tiny_model_dir, quiet_trainer)
         assert_same_update(untrained, whole, micro)
         assert micro_logged == pytest.approx(logged, rel=1e-4, abs=1e-6)
     if name != "online_dpo":  # the clip statistics are exercised, not all zero
@@ -132,46 +121,46 @@ def named_parameters(module) -> dict:
     return {f"{m}.{n}": p.detach().clone() for m, model in models.items() for n, p in model.named_parameters()}
 
 
-def sft_update(micro_batch_size, tiny_model_dir) -> tuple[dict, float]:
+def sft_update(micro_batch_size, tiny_model_dir, quiet_trainer) -> tuple[dict, float]:
     L.seed_everything(0)
     module = SFT(
         policy=tiny_model_dir, optimizer=lambda p: torch.optim.SGD(p, lr=1.0), micro_batch_size=micro_batch_size
     )
-    trainer = _trainer(1)
+    trainer = quiet_trainer(1)
     trainer.fit(module, DemonstrationDataModule(batch_size=6, shuffle=False))
     return named_parameters(module), trainer.callback_metrics["train/loss"].item()
 
 
-def test_sft_update_in_micro_batches_equals_the_single_pass(tiny_model_dir):
+def test_sft_update_in_micro_batches_equals_the_single_pass(tiny_model_dir, quiet_trainer):
     """The loss averages over the batch's completion tokens, whose number differs from row to row."""
     untrained = SFT(policy=tiny_model_dir)
     untrained.configure_model()
-    whole, loss = sft_update(None, tiny_model_dir)
+    whole, loss = sft_update(None, tiny_model_dir, quiet_trainer)
     for size in (1, 4):  # 4: micro-batches of 4 and 2 rows
-        micro, micro_loss = sft_update(size, tiny_model_dir)
+        micro, micro_loss = sft_update(size, tiny_model_dir, quiet_trainer)
         assert_same_update(named_parameters(untrained), whole, micro)
         assert micro_loss == pytest.approx(loss, rel=1e-5)
 
 
-def reward_model_update(micro_batch_size, tiny_model_dir) -> tuple[dict, dict]:
+def reward_model_update(micro_batch_size, tiny_model_dir, quiet_trainer) -> tuple[dict, dict]:
     L.seed_everything(0)
     module = RewardModel(
         model=tiny_model_dir, optimizer=lambda p: torch.optim.SGD(p, lr=1.0), micro_batch_size=micro_batch_size
     )
-    trainer = _trainer(1)
+    trainer = quiet_trainer(1)
     trainer.fit(module, PreferenceDataModule(batch_size=4, shuffle=False))
     params = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     return params, {k: trainer.callback_metrics[f"train/{k}"].item() for k in ("loss", "accuracy", "margin")}
 
 
-def test_reward_model_update_in_micro_batches_equals_the_single_pass(tiny_model_dir):
+def test_reward_model_update_in_micro_batches_equals_the_single_pass(tiny_model_dir, quiet_trainer):
     L.seed_everything(0)
     untrained = RewardModel(model=tiny_model_dir)
     untrained.configure_model()
     before = {n: p.detach().clone() for n, p in untrained.model.named_parameters()}
-    whole, logged = reward_model_update(None, tiny_model_dir)
+    whole, logged = reward_model_update(None, tiny_model_dir, quiet_trainer)
     for size in (2, 4):  # a pair, two pairs
-        micro, micro_logged = reward_model_update(size, tiny_model_dir)
+        micro, micro_logged = reward_model_update(size, tiny_model_dir, quiet_trainer)
         assert_same_update(before, whole, micro)
         assert micro_logged == pytest.approx(logged, rel=1e-5, abs=1e-6)
 
@@ -191,10 +180,10 @@ def test_a_micro_batch_size_that_cannot_split_is_refused_in_one_sentence(make):
 
 
 @pytest.mark.parametrize("name", ["rloo", "ppo"])
-def test_gradient_checkpointing_gives_the_same_update(name, tiny_model_dir):
+def test_gradient_checkpointing_gives_the_same_update(name, tiny_model_dir, quiet_trainer):
     """Activations recomputed in the backward (policy and PPO's critic), micro-batches too: the same parameters."""
-    whole, logged = rl_update(name, None, tiny_model_dir)
-    checkpointed, checkpointed_logged = rl_update(name, 2, tiny_model_dir, gradient_checkpointing=True)
+    whole, logged = rl_update(name, None, tiny_model_dir, quiet_trainer)
+    checkpointed, checkpointed_logged = rl_update(name, 2, tiny_model_dir, quiet_trainer, gradient_checkpointing=True)
     untrained = initial_parameters(name, tiny_model_dir)
     assert_same_update(untrained, whole, checkpointed)
     assert checkpointed_logged == pytest.approx(logged, rel=1e-4, abs=1e-6)

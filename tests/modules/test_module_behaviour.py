@@ -282,17 +282,10 @@ def test_vllm_asked_for_but_not_installed_is_refused(monkeypatch):
     ],
 )
 def test_num_mini_batches_that_does_not_divide_the_batch_is_refused_before_training(
-    name, batch_size, num_mini_batches, message, builtin_models
+    name, batch_size, num_mini_batches, message, builtin_models, quiet_trainer
 ):
     module = MODULES[name](reward=Constant(0.0), k=2, num_mini_batches=num_mini_batches)
-    trainer = L.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(1)
     with pytest.raises(ConfigError, match=message):
         trainer.fit(module, PromptDataModule(batch_size=batch_size))
     assert module.policy_version == 0  # nothing was trained
