@@ -8,6 +8,14 @@ compares the generator's logprobs of a fixed probe sequence with the
 trainer's: the largest difference is logged as ``sync/logprob_max_diff``
 (float32: expect < 1e-3; bfloat16 vLLM differs by about 1e-2 before any
 refresh). The probe is the first rollout trained on.
+
+The probe never makes the trainer wait (defect h of the GPU review: a probe
+queued as a request of its own waited behind the generation in flight, a whole
+batch): the source hands it to the generator with the refresh, the generator
+scores it right after loading the weights and sends the logprobs back with its
+acknowledgement, and the difference is logged at the first step that finds
+them in (usually one or two steps after the refresh). The trainer's side is
+computed at the refresh, with the weights that were sent.
 """
 
 from __future__ import annotations
@@ -41,12 +49,18 @@ class WeightSync(Callback):
         self.probe: tuple[list[int], list[int]] | None = None
         self._unlogged: dict[str, float] = {}  # newest value of each key not yet handed to Lightning
         self._seen = 0  # entries of the source's refresh log already looked at
+        self._awaited: dict[
+            int, torch.Tensor
+        ] = {}  # version -> the trainer's probe logprobs, until the generator's come
+        self._armed = False  # the source holds the probe: the next periodic refresh carries it
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         source = pl_module.rollout_source if isinstance(pl_module, RLModule) else None
         self._seen = len(source.refreshes) if source is not None else 0
-        self._unlogged = {}  # nothing from an earlier fit is logged in this one
+        self._unlogged, self._awaited = {}, {}  # nothing from an earlier fit is logged in this one
+        if source is not None:
+            self._ask(source)
 
     @override
     def on_train_batch_end(
@@ -61,27 +75,30 @@ class WeightSync(Callback):
         new, self._seen = source.refreshes[self._seen :], len(source.refreshes)
         for refresh in (r for r in new if r.reason == "period"):
             self.refreshes += 1
-            metrics = {"sync/seconds": refresh.seconds, "sync/version": float(refresh.version)}
-            if self.probe is not None and self.probe_every and (self.refreshes - 1) % self.probe_every == 0:
-                diff = self.logprob_max_diff(pl_module, source, refresh.version)
-                if diff is not None:  # with a shared generator only rank 0 has one to probe
-                    metrics["sync/logprob_max_diff"] = diff
-            self._unlogged.update(metrics)
+            self._unlogged.update({"sync/seconds": refresh.seconds, "sync/version": float(refresh.version)})
+            if self._armed and self._probes(self.refreshes):
+                # on every rank, also those without a generator: under ZeRO-3 a forward pass gathers from all ranks
+                self._awaited[refresh.version] = sequence_logprobs(pl_module.policy, *self.probe, temperature=1.0)
+        for version in sorted(self._awaited):
+            answer = source.probe_logprobs(version)
+            if answer is not None:  # with a shared generator only rank 0 ever has one
+                trainer_logprobs = self._awaited.pop(version)
+                self._unlogged["sync/logprob_max_diff"] = (trainer_logprobs - torch.tensor(answer)).abs().max().item()
+        for version in sorted(self._awaited)[:-4]:  # never answered (another rank's generator, a restart)
+            del self._awaited[version]
+        self._ask(source)
         if self._unlogged and (self.log_every_step or logger_writes_now(trainer)):
             pl_module.log_dict(self._unlogged, batch_size=1)
             self._unlogged = {}
 
-    def logprob_max_diff(
-        self, pl_module: RLModule, source: RolloutSource, version: int, temperature: float = 1.0
-    ) -> float | None:
-        """Largest |trainer - generator| logprob over the probe's completion tokens; ``None`` without a generator here."""
-        prompt, completion = self.probe
-        # on every rank, also those without a generator: under ZeRO-3 a forward pass gathers from all ranks
-        trainer_logprobs = sequence_logprobs(pl_module.policy, prompt, completion, temperature)
-        generator_logprobs = source.sequence_logprobs(prompt, completion, temperature, version)
-        if generator_logprobs is None:
-            return None
-        return (trainer_logprobs - torch.tensor(generator_logprobs)).abs().max().item()
+    def _probes(self, refresh: int) -> bool:
+        """Whether the ``refresh``-th periodic refresh (counting from 1) is checked."""
+        return bool(self.probe_every) and (refresh - 1) % self.probe_every == 0
+
+    def _ask(self, source: RolloutSource) -> None:
+        """Have the next periodic refresh carry the probe when it is one to check (any refresh before it will too)."""
+        self._armed = self.probe is not None and self._probes(self.refreshes + 1)
+        source.set_probe((*self.probe, 1.0) if self._armed else None)
 
     @override
     def state_dict(self) -> dict:

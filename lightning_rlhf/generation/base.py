@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+Probe = tuple[list[int], list[int], float]
+"""A sequence to check a refresh with: prompt ids, completion ids, and the temperature of its logprobs."""
+
 
 @dataclass
 class SamplingConfig:

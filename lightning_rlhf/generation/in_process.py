@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from lightning_rlhf.generation.base import GenerationBackend, Generations, SamplingConfig
+from lightning_rlhf.generation.base import GenerationBackend, Generations, Probe, SamplingConfig
 from lightning_rlhf.generation.source import Refresh
 from lightning_rlhf.generation.transformers_backend import TransformersBackend
 
@@ -41,10 +41,11 @@ class InProcessSource:
             "A synchronous run has no prompts in flight to resubmit; resume an asynchronous checkpoint with an asynchronous strategy."
         )
 
-    def sequence_logprobs(
-        self, prompt_ids: list[int], completion_ids: list[int], temperature: float, version: int
-    ) -> None:
-        return None  # no generator apart from the policy itself
+    def set_probe(self, probe: Probe | None) -> None:
+        pass  # no generator apart from the policy itself: nothing to check
+
+    def probe_logprobs(self, version: int) -> None:
+        return None
 
     def evaluate(self, prompt_ids: list[list[int]], sampling: SamplingConfig, version: int) -> None:
         return None  # the caller generates with the policy itself (a snapshot may be older)

@@ -25,7 +25,7 @@ from typing import TypeVar
 
 import torch
 
-from lightning_rlhf.generation.base import Generations, SamplingConfig
+from lightning_rlhf.generation.base import Generations, Probe, SamplingConfig
 from lightning_rlhf.generation.in_process import InProcessSource
 from lightning_rlhf.generation.pool import GeneratorPool
 from lightning_rlhf.generation.process import GeneratorError, GeneratorProcess, GeneratorSpec, host_clock
@@ -142,6 +142,7 @@ class PipelinedSource:
         self.request_ids = 0
         self.refreshes: list[Refresh] = []
         self.balance = balance
+        self.probe: Probe | None = None  # scored by the generator after each refresh (set_probe)
 
     @property
     def forced_refreshes(self) -> int:
@@ -154,16 +155,22 @@ class PipelinedSource:
 
     def refresh(self, version: int, reason: str) -> None:
         """Send the current weights as ``version``."""
-        seconds = self._surviving(lambda: self.generator.push_weights(self.weights(), version), version)
+        seconds = self._surviving(lambda: self.generator.push_weights(self.weights(), version, self.probe), version)
         self.refreshes.append(Refresh(version, seconds, reason))
 
-    def sequence_logprobs(
-        self, prompt_ids: list[int], completion_ids: list[int], temperature: float, version: int
-    ) -> list[float]:
-        """The generator's logprobs of a probe sequence (after a failure, of its replacement, refitted to ``version``)."""
-        return self._surviving(
-            lambda: self.generator.sequence_logprobs(prompt_ids, completion_ids, temperature), version
-        )
+    def set_probe(self, probe: Probe | None) -> None:
+        self.probe = probe
+
+    def probe_logprobs(self, version: int) -> list[float] | None:
+        """The probe's logprobs after ``version``'s refresh, if its acknowledgement is in; never waits.
+
+        A generator that has failed answers ``None`` here: the next request or
+        result meets the failure (and restarts it) on the training path.
+        """
+        try:
+            return self.generator.probe_logprobs(version)
+        except GeneratorError:
+            return None
 
     def evaluate(self, prompt_ids: list[list[int]], sampling: SamplingConfig, version: int) -> Generations:
         """Completions of ``version``'s weights on the generator (refreshed first when it holds older ones).
@@ -209,7 +216,7 @@ class PipelinedSource:
         self.generator.close()
         self.generator = self.restart()
         self.restarts += 1
-        seconds = self.generator.push_weights(self.weights(), version)
+        seconds = self.generator.push_weights(self.weights(), version, self.probe)
         self.refreshes.append(Refresh(version, seconds, "restart"))
         if self.balance is not None:
             self.balance.forget()

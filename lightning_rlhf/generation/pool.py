@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 
-from lightning_rlhf.generation.base import Generations, SamplingConfig
+from lightning_rlhf.generation.base import Generations, Probe, SamplingConfig
 from lightning_rlhf.generation.process import GeneratorProcess
 from lightning_rlhf.generation.weights import Refit, WeightStream, pack_device, pack_stream
 
@@ -80,15 +80,21 @@ class GeneratorPool:
         del self._parts[request_id]
         return Generations.concat(parts)
 
-    def push_weights(self, stream: WeightStream, version: int) -> float:
-        """Pack once, send the same buckets to every generator; returns the seconds the trainer was held up."""
+    def push_weights(self, stream: WeightStream, version: int, probe: Probe | None = None) -> float:
+        """Pack once, send the same buckets to every generator; returns the seconds the trainer was held up.
+
+        ``probe`` is scored by the first generator (all hold the same weights).
+        """
         start = time.perf_counter()
         spec = self.generators[0].spec
         buffers = pack_stream(stream, spec.bucket_bytes, pack_device(spec.transport))
         refit = Refit(stream.meta, spec.bucket_bytes)
-        for generator in self.generators:
-            generator.push_packed(refit, buffers, version)
+        for i, generator in enumerate(self.generators):
+            generator.push_packed(refit, buffers, version, probe if i == 0 else None)
         return time.perf_counter() - start
+
+    def probe_logprobs(self, version: int) -> list[float] | None:
+        return self.generators[0].probe_logprobs(version)
 
     def finish_transfer(self) -> None:
         for generator in self.generators:

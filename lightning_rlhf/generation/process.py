@@ -24,12 +24,12 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import psutil
 import torch
 
-from lightning_rlhf.generation.base import Generations, SamplingConfig
+from lightning_rlhf.generation.base import Generations, Probe, SamplingConfig
 from lightning_rlhf.generation.weights import (
     DEFAULT_BUCKET_BYTES,
     DEFAULT_TIMEOUT_S,
@@ -42,10 +42,15 @@ from lightning_rlhf.generation.weights import (
     pack_device,
     pack_stream,
     send_buckets,
+    send_now,
+    staging_buffers,
     staging_device,
 )
 
 _PREFIXES = itertools.count()
+# Transports whose buckets the trainer broadcasts from its own thread, once the generator has reached
+# the refresh in its queue (see weights.send_now); gloo sends from a background thread at once.
+SENT_WHEN_REACHED = frozenset({"nccl"})
 
 
 class GeneratorError(RuntimeError):
@@ -244,10 +249,13 @@ def generator_main(spec: GeneratorSpec, requests, results, port: int, prefix: st
                 generations.finished_at = host_clock()
                 results.put(("generations", request_id, generations))
             elif kind == "weights":
-                refit, version = payload
+                refit, version, probe = payload
                 start = time.perf_counter()
                 backend.receive_weights(refit, version)
-                results.put(("weights", version, time.perf_counter() - start))
+                seconds = time.perf_counter() - start
+                # the probe rides on the refresh: scored here, now, it waits behind nothing on the trainer's side
+                logprobs = backend.sequence_logprobs(*probe) if probe is not None else None
+                results.put(("weights", version, seconds, logprobs))
             elif kind == "logprobs":
                 prompt_ids, completion_ids, temperature = payload
                 results.put(("logprobs", backend.sequence_logprobs(prompt_ids, completion_ids, temperature)))
@@ -260,6 +268,13 @@ def generator_main(spec: GeneratorSpec, requests, results, port: int, prefix: st
     finally:
         if backend is not None:
             backend.close()
+
+
+class _Due(NamedTuple):
+    """A refresh's buckets, held until the generator reaches it (after the result of request ``after``)."""
+
+    after: int | None
+    buffers: list[torch.Tensor]
 
 
 class GeneratorProcess:
@@ -278,9 +293,13 @@ class GeneratorProcess:
         self.version: int | None = None  # last version sent
         self.acknowledged: int | None = None  # last version the generator has loaded
         self.last_refresh_seconds: float | None = None  # generator-side load time of the last acknowledged refresh
-        self._transfer = None  # weights still being sent (gloo, nccl)
-        self._shared: list[torch.Tensor] = []  # cuda_ipc buckets, kept until the generator has loaded them
+        self.probe_answers: dict[int, list[float]] = {}  # version -> the generator's logprobs of the refresh's probe
+        self._transfer = None  # gloo: weights still being sent by a background thread
+        self._due: _Due | None = None  # nccl / cuda_ipc: a refresh's buckets, until the generator has reached it
+        self._staging: list[torch.Tensor] = []  # nccl: two reused bucket buffers on the trainer's GPU
+        self._outstanding: list[int] = []  # requests submitted whose results are not read yet, in order
         self._inbox: dict[tuple, object] = {}
+        self._last_error = ""  # the generator's last reported error, for the death message
         self._descendants: list[psutil.Process] = []
 
     def start(self) -> None:
@@ -317,6 +336,7 @@ class GeneratorProcess:
                 ),
                 self.alive,
                 self.poll_s,
+                self.spec.timeout_s,
             )
 
         except RuntimeError as err:
@@ -351,39 +371,81 @@ class GeneratorProcess:
         self._check_alive()
         rows = rows if self.spec.scorer is not None else None  # rows travel only to be scored
         self.requests.put(("generate", request_id, prompt_ids, sampling, rows, score_share))
+        self._outstanding.append(request_id)
 
     def result(self, request_id: int) -> Generations:
         return self._wait(("generations", request_id), self.request_timeout_s)
 
-    def push_weights(self, stream: WeightStream, version: int) -> float:
-        """Send the policy's weights as ``version``; returns the seconds the trainer was held up."""
+    def push_weights(self, stream: WeightStream, version: int, probe: Probe | None = None) -> float:
+        """Send the policy's weights as ``version``; returns the seconds the trainer was held up.
+
+        ``probe``: a sequence the generator scores right after loading them; its
+        logprobs come back with the acknowledgement (:meth:`probe_logprobs`).
+        """
         start = time.perf_counter()
         self._check_alive()
         buffers = pack_stream(stream, self.spec.bucket_bytes, pack_device(self.spec.transport))
-        self.push_packed(Refit(stream.meta, self.spec.bucket_bytes), buffers, version)
+        self.push_packed(Refit(stream.meta, self.spec.bucket_bytes), buffers, version, probe)
         return time.perf_counter() - start
 
-    def push_packed(self, refit: Refit, buffers: list[torch.Tensor], version: int) -> None:
+    def push_packed(self, refit: Refit, buffers: list[torch.Tensor], version: int, probe: Probe | None = None) -> None:
         """Send weights already packed into ``refit``'s buckets (several generators share one packing).
 
-        The buckets travel in the background while training goes on; the
-        generator takes them before any request made after this call (requests
-        are handled in order), even if it is busy with a long request now. The
-        previous refresh is finished first, so at most one is in flight.
+        The generator takes them before any request made after this call
+        (requests are handled in order), even if it is busy with a long request
+        now, and the trainer goes on meanwhile:
+
+        * gloo: a background thread sends the host buckets as the generator takes them;
+        * nccl: the buckets wait in host memory until the generator has reached the
+          refresh (the result of the request before it is read), then the trainer
+          broadcasts them from its own thread through two reused GPU buffers;
+        * cuda_ipc: the buckets, packed on the GPU, are freed as soon as the generator
+          has loaded them; the trainer waits for that when it reads the result of the
+          request before the refresh, so they never live through a training step that
+          follows it (with one request in flight).
+
+        The previous refresh is finished first, so at most one is in flight.
         """
         self._check_alive()
         self.finish_transfer()
+        after = self._outstanding[-1] if self._outstanding else None  # the generator reaches the refresh after it
         try:
             if self.spec.transport == "cuda_ipc":
-                self._shared = buffers
                 refit = Refit(refit.meta, refit.bucket_bytes, ipc_handles(buffers))
-                self.requests.put(("weights", refit, version))
+            self.requests.put(("weights", refit, version, probe))
+            self.version = version
+            if self.spec.transport in SENT_WHEN_REACHED or self.spec.transport == "cuda_ipc":
+                self._due = _Due(after, buffers)
+                if after is None:
+                    self._reached()
             else:
-                self.requests.put(("weights", refit, version))
-                self._transfer = send_buckets(self.group, buffers, self.spec.transport, alive=self.alive)
+                self._transfer = send_buckets(self.group, buffers, alive=self.alive)
         except RuntimeError as err:
             raise self._death_error(f"while sending weights ({err})") from err
-        self.version = version
+
+    def _reached(self) -> None:
+        """The generator has taken (or is about to take) the due refresh: send its buckets, or free them once loaded."""
+        due, self._due = self._due, None
+        if self.spec.transport in SENT_WHEN_REACHED:
+            device = staging_device(self.spec.transport)
+            largest = max((b.numel() for b in due.buffers), default=0)
+            if device.type == "cuda" and (not self._staging or self._staging[0].numel() < largest):
+                self._staging = staging_buffers(largest, device)
+            try:
+                send_now(
+                    self.group,
+                    due.buffers,
+                    self.spec.transport,
+                    self.alive,
+                    self.spec.timeout_s,
+                    staging=self._staging or None,
+                )
+            except RuntimeError as err:
+                raise self._death_error(f"while sending weights ({err})") from err
+        else:  # cuda_ipc: the generator reads the trainer's buckets until it acknowledges them
+            self.wait_loaded()
+            del due
+            torch.cuda.ipc_collect()  # release the memory the generator's handles pinned
 
     def finish_transfer(self) -> None:
         """Wait until the last weights sent have left (raises :class:`GeneratorError` if the generator died)."""
@@ -393,17 +455,28 @@ class GeneratorProcess:
                 transfer.wait()
             except RuntimeError as err:
                 raise self._death_error(f"while sending weights ({err})") from err
-        if self._shared:  # cuda_ipc: the generator reads the trainer's buckets until it acknowledges them
-            self.wait_loaded()
-            self._shared = []
+        deadline = time.monotonic() + self.request_timeout_s
+        while self._due is not None:  # the generator is still busy with the request before the refresh
+            self._read_one(deadline, "result before a refresh")
 
     def wait_loaded(self) -> None:
         """Block until the generator has loaded the last weights sent (its acknowledgement)."""
+        self.finish_transfer()
+        deadline = time.monotonic() + self.request_timeout_s
         while self.version is not None and self.acknowledged != self.version:
-            self._wait(("acknowledged",), self.request_timeout_s)
+            self._read_one(deadline, "acknowledgement")
+
+    def probe_logprobs(self, version: int) -> list[float] | None:
+        """The generator's logprobs of the probe sent with ``version``'s refresh, once its acknowledgement is in; never waits."""
+        self._read_ready()
+        return self.probe_answers.pop(version, None)
 
     def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int], temperature: float) -> list[float]:
-        """The generator's temperature-scaled logprobs of ``completion_ids`` after ``prompt_ids``."""
+        """The generator's temperature-scaled logprobs of ``completion_ids`` after ``prompt_ids``.
+
+        Queued like any request: it waits for the requests before it. To check
+        a refresh without waiting, pass a probe to :meth:`push_weights`.
+        """
         self._check_alive()
         self.requests.put(("logprobs", prompt_ids, completion_ids, temperature))
         return self._wait(("logprobs",), self.request_timeout_s)
@@ -413,7 +486,7 @@ class GeneratorProcess:
             raise self._death_error()
 
     def _death_error(self, when: str = "") -> GeneratorError:
-        detail = self._drain_error()
+        detail = self._drain_error() or (f"Its last error: {self._last_error}" if self._last_error else "")
         code = self.process.exitcode if self.process is not None else None
         return GeneratorError(
             f"The generator process (pid {self.pid}) died{' ' + when if when else ''} with exit code {code}; "
@@ -432,28 +505,52 @@ class GeneratorProcess:
     def _wait(self, key: tuple, timeout_s: float):
         deadline = time.monotonic() + timeout_s
         while key not in self._inbox:
-            try:
-                item = self.results.get(timeout=self.poll_s)
-            except queue.Empty:
-                if not self.alive():
-                    raise self._death_error() from None
-                if time.monotonic() > deadline:
-                    raise GeneratorError(
-                        f"The generator process (pid {self.pid}) sent no {key[0]} for {timeout_s:.0f} s; it may be stuck."
-                    ) from None
-                continue
-            if item[0] == "error":
-                raise GeneratorError(f"The generator process (pid {self.pid}) failed: {item[1]}")
-            if item[0] == "weights":
-                self.acknowledged, self.last_refresh_seconds = item[1], item[2]
-                if key == ("acknowledged",):
-                    return None
-                continue
-            if item[0] == "generations":
-                self._inbox[("generations", item[1])] = item[2]
-            else:
-                self._inbox[(item[0],)] = item[1] if len(item) == 2 else item[1:]
+            self._read_one(deadline, key[0])
         return self._inbox.pop(key)
+
+    def _read_one(self, deadline: float, waiting_for: str) -> None:
+        """Take one message from the generator (at most ``poll_s``), checking that it lives and the deadline."""
+        try:
+            item = self.results.get(timeout=self.poll_s)
+        except queue.Empty:
+            if not self.alive():
+                raise self._death_error() from None
+            if time.monotonic() > deadline:
+                raise GeneratorError(
+                    f"The generator process (pid {self.pid}) sent no {waiting_for} for {self.request_timeout_s:.0f} s; "
+                    "it may be stuck."
+                ) from None
+            return
+        self._take(item)
+
+    def _read_ready(self) -> None:
+        """Take every message already there, without waiting."""
+        while True:
+            try:
+                item = self.results.get_nowait()
+            except (queue.Empty, OSError, ValueError):
+                return
+            self._take(item)
+
+    def _take(self, item: tuple) -> None:
+        if item[0] == "error":
+            self._last_error = item[1]
+            raise GeneratorError(f"The generator process (pid {self.pid}) failed: {item[1]}")
+        if item[0] == "weights":
+            version, self.last_refresh_seconds, logprobs = item[1:]
+            self.acknowledged = version
+            if logprobs is not None:
+                self.probe_answers[version] = logprobs
+                for old in sorted(self.probe_answers)[:-4]:  # answers nobody asked for do not pile up
+                    del self.probe_answers[old]
+        elif item[0] == "generations":
+            self._inbox[("generations", item[1])] = item[2]
+            if item[1] in self._outstanding:
+                self._outstanding.remove(item[1])
+            if self._due is not None and self._due.after == item[1]:
+                self._reached()  # the generator's next request is the refresh
+        else:
+            self._inbox[(item[0],)] = item[1] if len(item) == 2 else item[1:]
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Stop the process and everything it started; idempotent, safe after a crash."""
@@ -461,7 +558,7 @@ class GeneratorProcess:
             return
         children = {c.pid: c for c in self._descendants + self._children()}.values()
         process, self.process = self.process, None
-        self._transfer, self._shared = None, []  # not waited for: the receiver is going away
+        self._transfer = self._due = None  # not waited for: the receiver is going away
         if process.is_alive():
             with contextlib.suppress(OSError, ValueError):  # the queue may be closed already
                 self.requests.put(("stop",))

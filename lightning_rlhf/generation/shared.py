@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch.distributed as dist
 
-from lightning_rlhf.generation.base import Generations, SamplingConfig
+from lightning_rlhf.generation.base import Generations, Probe, SamplingConfig
 from lightning_rlhf.generation.pipeline import PipelinedSource
 from lightning_rlhf.generation.process import GeneratorError, GeneratorProcess
 from lightning_rlhf.generation.source import Refresh
@@ -82,15 +82,13 @@ class SharedSource:
     def refreshes(self) -> list[Refresh]:
         return self.inner.refreshes if self.inner is not None else self._refreshes
 
-    def sequence_logprobs(
-        self, prompt_ids: list[int], completion_ids: list[int], temperature: float, version: int
-    ) -> list[float] | None:
-        """The shared generator's logprobs of a probe sequence on rank 0; ``None`` on the other ranks."""
-        return (
-            self.inner.sequence_logprobs(prompt_ids, completion_ids, temperature, version)
-            if self.inner is not None
-            else None
-        )
+    def set_probe(self, probe: Probe | None) -> None:
+        if self.inner is not None:
+            self.inner.set_probe(probe)
+
+    def probe_logprobs(self, version: int) -> list[float] | None:
+        """The shared generator's answer on rank 0; ``None`` on the other ranks."""
+        return self.inner.probe_logprobs(version) if self.inner is not None else None
 
     def evaluate(self, prompt_ids: list[list[int]], sampling: SamplingConfig, version: int) -> None:
         """``None``: each rank evaluates in its own process (a refresh for rank 0 alone would leave the others behind)."""

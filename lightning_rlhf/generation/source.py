@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
-from lightning_rlhf.generation.base import Generations, SamplingConfig
+from lightning_rlhf.generation.base import Generations, Probe, SamplingConfig
 
 
 @dataclass(frozen=True)
@@ -60,10 +60,14 @@ class RolloutSource(Protocol):
     ) -> None:
         """After a resume: ask again for a checkpoint's ``pending_rows``, in order, with the weights of ``version``."""
 
-    def sequence_logprobs(
-        self, prompt_ids: list[int], completion_ids: list[int], temperature: float, version: int
-    ) -> list[float] | None:
-        """The generator's logprobs of one sequence (to check a refresh), or ``None`` where this rank has no generator."""
+    def set_probe(self, probe: Probe | None) -> None:
+        """Have the generator score ``probe`` right after each refresh from now on (``None``: stop), to check the refresh."""
+
+    def probe_logprobs(self, version: int) -> list[float] | None:
+        """The generator's logprobs of the probe after ``version``'s refresh once they are in; never waits.
+
+        ``None`` until then, and always where this rank has no generator.
+        """
 
     def evaluate(self, prompt_ids: list[list[int]], sampling: SamplingConfig, version: int) -> Generations | None:
         """Completions of the policy at ``version`` on this source's generator, or ``None`` where it has none.

@@ -13,7 +13,8 @@ Transports (``weight_transport``):
 * ``"gloo"`` (default): a side process group through host memory that neither
   Lightning nor vLLM owns; any devices, the path this project's tests run;
 * ``"nccl"``: GPU to GPU, for a generator on GPU(s) of its own (NCCL does not
-  join two processes on one device);
+  join two processes on one device). Sent from the trainer's own thread, and
+  only once the generator has reached the refresh (see :func:`send_now`);
 * ``"cuda_ipc"``: a generator on the trainer's own GPU: each bucket is packed
   on that GPU and shared by handle (``torch.multiprocessing.reductions.reduce_tensor``,
   as vLLM's ``examples/offline_inference/rlhf_colocate.py`` and
@@ -46,6 +47,10 @@ DEFAULT_BUCKET_BYTES = 256 * 2**20
 # collectives and its set-up. A refresh waits behind at most one request, so a shorter group
 # timeout would read a long generation as a dead generator.
 DEFAULT_TIMEOUT_S = 1800.0
+# NCCL's own watchdog ends the process when a collective outlives the group's timeout. Our waits
+# give up (and abort the group) at DEFAULT_TIMEOUT_S, so the group's limit is set this much later:
+# a stuck generator ends in our GeneratorError, not in the watchdog's abort.
+NCCL_WATCHDOG_MARGIN_S = 120.0
 _ALIGN = 64  # byte offset of every tensor in a bucket, so each slice can be viewed as its dtype
 
 
@@ -85,19 +90,25 @@ def join_group(
         device = device or torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)  # for this thread: the one joining may not be the one that asked
         options = dist.ProcessGroupNCCL.Options()
-        options._timeout = timeout
+        options._timeout = timeout + datetime.timedelta(seconds=NCCL_WATCHDOG_MARGIN_S)  # ours fire first
         group = dist.ProcessGroupNCCL(store, rank, world_size, options)
         group.broadcast(torch.zeros(1, device=device), 0).wait()  # every member meets here, so set-up is watched
         return group
     raise ValueError(f"Unknown weight transport {transport!r}; choose one of {', '.join(TRANSPORTS)}.")
 
 
-def join_watching(join: Callable[[], dist.ProcessGroup | None], alive: Callable[[], bool], poll_s: float = 0.1):
+def join_watching(
+    join: Callable[[], dist.ProcessGroup | None],
+    alive: Callable[[], bool],
+    poll_s: float = 0.1,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+):
     """Run ``join()`` (which blocks until the other members arrive) while checking that they are ``alive()``.
 
     A generator that dies before joining would otherwise leave the trainer
     inside the group's set-up (gloo's rendezvous, NCCL's first collective)
-    until the timeout. Raises ``RuntimeError`` as soon as ``alive()`` is false.
+    until the timeout. Raises ``RuntimeError`` as soon as ``alive()`` is false,
+    or after ``timeout_s`` (before NCCL's watchdog would end the process).
     """
     result: dict = {}
 
@@ -109,10 +120,13 @@ def join_watching(join: Callable[[], dist.ProcessGroup | None], alive: Callable[
 
     thread = threading.Thread(target=run, name="lightning-rlhf-join-side-group", daemon=True)
     thread.start()
+    deadline = time.monotonic() + timeout_s
     while thread.is_alive():
         thread.join(poll_s)
         if thread.is_alive() and not alive():
             raise RuntimeError("the generator died before it joined the weight-transfer group")
+        if thread.is_alive() and time.monotonic() > deadline:
+            raise RuntimeError(f"the generator did not join the weight-transfer group within {timeout_s:.0f} s")
     if "error" in result:
         raise result["error"]
     return result["group"]
@@ -257,38 +271,26 @@ def stream_of(
 
 
 class Transfer:
-    """Packed buckets being sent by a background thread, one at a time, while the trainer goes on.
+    """Packed buckets being sent over gloo by a background thread, one at a time, while the trainer goes on.
 
     Each bucket is dropped once sent, so the host copy shrinks as the
-    generator takes it. Over NCCL each bucket is staged in host memory and put
-    on the GPU only when its turn comes: the trainer's GPU holds one bucket of
-    a refresh at a time (ZeRO-3's whole point), not a second model.
+    generator takes it. Gloo only: an NCCL broadcast is never left pending in
+    another thread (see :func:`send_now`).
     """
 
     def __init__(
-        self,
-        group: dist.ProcessGroup,
-        buffers: list[torch.Tensor],
-        transport: str,
-        alive: Callable[[], bool] | None,
-        poll_s: float,
+        self, group: dist.ProcessGroup, buffers: list[torch.Tensor], alive: Callable[[], bool] | None, poll_s: float
     ) -> None:
         self.group, self.buffers = group, list(buffers)  # a list of its own: generators of a pool share buckets
-        self.transport, self.alive, self.poll_s = transport, alive, poll_s
+        self.alive, self.poll_s = alive, poll_s
         self.error: BaseException | None = None
-        # read here, in the caller's thread: a new thread's current CUDA device is cuda:0, not the trainer's
-        self._device = staging_device(transport) if transport == "nccl" else None
         self._abandoned = threading.Event()
         self._thread = threading.Thread(target=self._send, name="lightning-rlhf-send-weights", daemon=True)
         self._thread.start()
 
     def _send(self) -> None:
         try:
-            if self._device is not None and self._device.type == "cuda":
-                torch.cuda.set_device(self._device)  # the device the NCCL group was created on
             for i, bucket in enumerate(self.buffers):
-                if self._device is not None:
-                    bucket = bucket.to(self._device)
                 work = self.group.broadcast(bucket, 0)
                 while not work.is_completed():
                     if self._abandoned.is_set():
@@ -304,8 +306,6 @@ class Transfer:
         while self._thread.is_alive():
             if self.alive is not None and not self.alive():
                 self._abandoned.set()
-                if self.transport == "nccl":
-                    self.group.abort()  # or the pending broadcast holds this GPU's NCCL stream for good
                 raise RuntimeError("the receiving process died during the weight transfer")
             self._thread.join(self.poll_s)
         self.buffers = []
@@ -331,20 +331,80 @@ def pack_stream(stream: WeightStream, bucket_bytes: int, device: torch.device) -
 def send_buckets(
     group: dist.ProcessGroup,
     buffers: list[torch.Tensor],
-    transport: str = "gloo",
     alive: Callable[[], bool] | None = None,
     wait: bool = False,
     poll_s: float = 0.005,
 ) -> Transfer:
-    """Broadcast packed buckets from rank 0 in the background; returns the transfer (finished when ``wait``).
+    """Broadcast packed buckets from rank 0 over gloo in the background; returns the transfer (finished when ``wait``).
 
     Not waiting is what keeps a refresh from waiting behind a generator busy
     with a long request: it takes the buckets when it gets to them.
     """
-    transfer = Transfer(group, buffers, transport, alive, poll_s)
+    transfer = Transfer(group, buffers, alive, poll_s)
     if wait:
         transfer.wait()
     return transfer
+
+
+def send_now(
+    group: dist.ProcessGroup,
+    buffers: list[torch.Tensor],
+    transport: str,
+    alive: Callable[[], bool] | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    poll_s: float = 0.005,
+    staging: list[torch.Tensor] | None = None,
+) -> None:
+    """Broadcast packed buckets from rank 0 in the calling thread, while the receiver is known to be waiting.
+
+    NCCL (defect b of the GPU review): NCCL's documentation says operations on
+    several communicators of one device must not be issued concurrently from
+    several threads ("Using multiple NCCL communicators concurrently": any
+    device synchronization waits for a pending NCCL kernel, which blocks until
+    its peers arrive). So the trainer broadcasts from its own thread, and only
+    when the generator has taken the refresh; it never leaves a broadcast pending
+    beside its DDP/ZeRO collectives. ``staging``: two reused buffers on the GPU
+    (vLLM's NCCL producer double-buffers the same way,
+    ``vllm/distributed/weight_transfer/packed_tensor.py``): bucket ``i + 1`` is
+    copied in while bucket ``i`` travels, so the GPU holds two buckets of a
+    refresh, never the whole model. ``None``: send ``buffers`` where they are.
+
+    Each broadcast is watched: a receiver that dies, or one that sends nothing
+    for ``timeout_s``, raises ``RuntimeError`` here (an NCCL group is aborted
+    first), before NCCL's own watchdog would end the process.
+    """
+    deadline = time.monotonic() + timeout_s
+    pending = None
+    for i, bucket in enumerate(buffers):
+        if staging is not None:
+            staged = staging[i % len(staging)][: bucket.numel()]
+            staged.copy_(bucket)  # the buffer's last broadcast (two buckets ago) was watched to its end
+            bucket = staged
+        if pending is not None:
+            _watch(pending, group, transport, alive, deadline, poll_s)
+        pending = group.broadcast(bucket, 0)
+    if pending is not None:
+        _watch(pending, group, transport, alive, deadline, poll_s)
+
+
+def _watch(work, group, transport: str, alive: Callable[[], bool] | None, deadline: float, poll_s: float) -> None:
+    while not work.is_completed():
+        dead = alive is not None and not alive()
+        if dead or time.monotonic() > deadline:
+            if transport == "nccl":
+                group.abort()  # or the pending broadcast holds this GPU's NCCL stream for good
+            raise RuntimeError(
+                "the receiving process died during the weight transfer"
+                if dead
+                else "the receiving process took no weights for the whole timeout"
+            )
+        time.sleep(poll_s)
+    work.wait()  # raises the transport's own error; on NCCL the current stream now waits for the broadcast
+
+
+def staging_buffers(bucket_bytes: int, device: torch.device, count: int = 2) -> list[torch.Tensor]:
+    """``count`` reused buffers of one bucket each on ``device`` for :func:`send_now`."""
+    return [torch.empty(bucket_bytes, dtype=torch.uint8, device=device) for _ in range(count)]
 
 
 def pack_device(transport: str) -> torch.device:

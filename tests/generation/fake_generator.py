@@ -33,14 +33,15 @@ class FakeGenerator:
             prompt_ids, [[7] for _ in prompt_ids], [[-1.0] for _ in prompt_ids], ["stop"] * len(prompt_ids), version, 1
         )
 
-    def push_weights(self, stream, version):
+    def push_weights(self, stream, version, probe=None):
         self._call("push")
         self.version = version
+        self.probes = {**getattr(self, "probes", {}), version: probe}
         return 0.0
 
-    def sequence_logprobs(self, prompt_ids, completion_ids, temperature):
+    def probe_logprobs(self, version):
         self._call("logprobs")
-        return [0.0]
+        return [0.0] if self.probes.get(version) is not None else None
 
     def close(self):
         self.closed = True

@@ -102,4 +102,4 @@ def test_each_snapshot_is_recorded_as_a_periodic_refresh(tiny_model_dir):
         source.step([{}], prompt_token_ids(tokenizer, ["copy 1 ="]), sampling, version)
         source.after_update(version + 1)  # nothing is sent after an update: the next round's step copies the weights
     assert [(r.version, r.reason) for r in source.refreshes] == [(0, "period"), (2, "period"), (4, "period")]
-    assert source.pending_rows() == [] and source.sequence_logprobs([1], [2], 1.0, 5) is None
+    assert source.pending_rows() == [] and source.probe_logprobs(5) is None

@@ -28,7 +28,7 @@ def run(source: PipelinedSource, batches: int, probe_at: int | None = None) -> t
         version += 1
         source.after_update(version)
         if version == probe_at:
-            source.sequence_logprobs([1], [2], 1.0, version)
+            source.probe_logprobs(version)
     return trained, staleness
 
 
@@ -181,3 +181,15 @@ def test_the_scoring_balance_stays_between_none_and_all():
     idle, _ = simulate(ScoringBalance(), 10, lambda i: 0.0, lambda i: 0.3)
     late, _ = simulate(ScoringBalance(), 10, lambda i: 0.3, lambda i: 0.0)
     assert idle[-1] == 1.0 and late[-1] == 0.0
+
+
+def test_the_probe_travels_with_each_refresh_and_its_answer_is_read_without_waiting():
+    generator = FakeGenerator()
+    source = PipelinedSource(generator, max_staleness=1, sync_every=1, weights=lambda: [])
+    source.set_probe(([1], [2], 1.0))
+    run(source, 4)
+    assert list(generator.probes.values()) == [([1], [2], 1.0)] * 4  # the bound's refresh and 3 periodic ones
+    assert source.probe_logprobs(3) == [0.0]
+    source.set_probe(None)
+    source.refresh(9, "period")
+    assert generator.probes[9] is None and source.probe_logprobs(9) is None

@@ -207,29 +207,79 @@ def test_the_side_group_has_one_rank_per_tensor_parallel_worker():
     assert all(torch.equal(got[r][0][0][1], named[0][1]) for r in (1, 2))
 
 
-def test_nccl_transfer_aborts_its_group_when_the_receiver_dies(monkeypatch):
+class _NeverDone:
+    def is_completed(self):
+        return False
+
+
+class _StuckGroup:
+    """A group whose broadcasts never finish: the receiver never comes."""
+
+    aborted = False
+
+    def broadcast(self, tensor, root):
+        return _NeverDone()
+
+    def abort(self):
+        self.aborted = True
+
+
+def test_an_nccl_send_aborts_its_group_when_the_receiver_dies():
     """The NCCL-only step (aborting the group, or its pending broadcast holds the GPU's NCCL stream) with a stand-in."""
-    monkeypatch.setattr(weights, "staging_device", lambda transport: torch.device("cpu"))  # no GPU here
-
-    class NeverDone:
-        def is_completed(self):
-            return False
-
-    class Group:
-        aborted = False
-
-        def broadcast(self, tensor, root):
-            return NeverDone()
-
-        def abort(self):
-            self.aborted = True
-
-    group, checks = Group(), []
+    group, checks = _StuckGroup(), []
     with pytest.raises(RuntimeError, match="died during the weight transfer"):
-        weights.send_buckets(
-            group, [torch.ones(2)], "nccl", alive=lambda: checks.append(1) or len(checks) < 3, wait=True, poll_s=0.0
-        )
+        weights.send_now(group, [torch.ones(2)], "nccl", alive=lambda: checks.append(1) or len(checks) < 3, poll_s=0.0)
     assert group.aborted and len(checks) == 3
+
+
+def test_an_nccl_send_gives_up_at_our_timeout_before_the_watchdog_would():
+    """Defect e: our limit ends the wait (and aborts the group), so NCCL's watchdog, set later, never fires."""
+    group, start = _StuckGroup(), time.monotonic()
+    with pytest.raises(RuntimeError, match="took no weights for the whole timeout"):
+        weights.send_now(group, [torch.ones(2)], "nccl", alive=lambda: True, timeout_s=0.3, poll_s=0.01)
+    assert group.aborted and time.monotonic() - start < 2.0
+    assert weights.NCCL_WATCHDOG_MARGIN_S > 0  # join_group sets the group's own timeout this much later
+
+
+def test_a_send_from_the_callers_thread_streams_through_two_reused_buffers():
+    """Defects b and c: every bucket goes out in the calling thread, staged in turn in two buffers of one bucket each."""
+    store, sender, receiver = _pair()
+    named = [(f"w{i}", torch.full((MiB // 4,), float(i))) for i in range(5)]  # 1 MiB each, a bucket each
+    refit = Refit(stream_of(named).meta, bucket_bytes=MiB)
+    buffers = pack_stream(stream_of(named), refit.bucket_bytes, torch.device("cpu"))
+    staging = weights.staging_buffers(MiB, torch.device("cpu"))
+    threads, staged = set(), []
+
+    class Spy:
+        def broadcast(self, tensor, root):
+            threads.add(threading.current_thread().name)
+            staged.append(tensor.data_ptr())
+            return sender.broadcast(tensor, root)
+
+    received = []
+    thread = threading.Thread(
+        target=lambda: received.extend((n, t.clone()) for b in receive_buckets(receiver, refit) for n, t in b)
+    )
+    thread.start()
+    weights.send_now(Spy(), buffers, "gloo", staging=staging)
+    thread.join(30)
+    assert threads == {threading.current_thread().name}
+    assert staged == [s.data_ptr() for s in staging] * 2 + [staging[0].data_ptr()]  # never a host bucket itself
+    assert [n for n, _ in received] == [n for n, _ in named]
+    assert all(torch.equal(g, w) for (_, g), (_, w) in zip(received, named))
+
+
+def test_a_join_gives_up_at_its_timeout():
+    store = host_store(timeout_s=60)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="did not join the weight-transfer group within"):
+        join_watching(
+            lambda: join_group(store.port, "late", 0, 2, store=store, timeout_s=60),
+            alive=lambda: True,
+            poll_s=0.05,
+            timeout_s=0.3,
+        )
+    assert time.monotonic() - start < 2.0
 
 
 def test_a_failed_pack_still_reads_the_stream_to_its_end():

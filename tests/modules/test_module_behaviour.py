@@ -59,7 +59,10 @@ class FixedRollouts:
     def resubmit(self, batches, prompt_ids, sampling, version):
         self.resubmitted.append((batches, version))
 
-    def sequence_logprobs(self, prompt_ids, completion_ids, temperature, version):
+    def set_probe(self, probe):
+        pass
+
+    def probe_logprobs(self, version):
         return None
 
     def close(self):
