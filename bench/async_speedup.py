@@ -54,7 +54,7 @@ def run_once(
     from lightning_rlhf.data import PromptDataModule
     from lightning_rlhf.modules import OnlineDPO
     from lightning_rlhf.rewards import RewardModelScore
-    from lightning_rlhf.strategies import AsyncRLHFStrategy
+    from lightning_rlhf.strategies import AsyncRLHFStrategy, GenerationConfig
 
     L.seed_everything(0)
     module = OnlineDPO(
@@ -67,7 +67,9 @@ def run_once(
         num_epochs=num_epochs,
     )
     strategy = AsyncRLHFStrategy(
-        backend=backend, max_staleness=max_staleness, sync_every=1, vllm_kwargs={"max_model_len": 64}
+        generation=GenerationConfig(
+            backend=backend, max_staleness=max_staleness, sync_every=1, vllm_kwargs={"max_model_len": 64}
+        )
     )
     clock = StepClock()
     metrics: dict[str, list[float]] = {}

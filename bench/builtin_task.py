@@ -52,7 +52,7 @@ ISA_ENV = {
 def quickstart(backend: str, seed: int, workdir: str, env: dict, timeout_s: float = 1200) -> dict:
     """The quickstart command with ``backend`` and ``seed``, timed; its evaluation summary."""
     run_dir = os.path.join(workdir, f"quickstart_{backend}_{seed}")
-    command = ["lightning-rlhf", "fit", "--config", CONFIG, "--trainer.strategy.init_args.backend", backend]
+    command = ["lightning-rlhf", "fit", "--config", CONFIG, "--trainer.strategy.init_args.generation.backend", backend]
     command += ["--seed_everything", str(seed)]
     start = time.perf_counter()
     out = subprocess.run(

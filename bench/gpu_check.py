@@ -73,7 +73,7 @@ def builtin_run(max_staleness: int, steps: int, device: str) -> dict:
     from lightning_rlhf.models import builtin_path
     from lightning_rlhf.modules import OnlineDPO
     from lightning_rlhf.rewards import RewardModelScore
-    from lightning_rlhf.strategies import AsyncRLHFStrategy
+    from lightning_rlhf.strategies import AsyncRLHFStrategy, GenerationConfig
 
     L.seed_everything(0)
     rows = [json.loads(line) for line in open(builtin_path("builtin:prompts"))]
@@ -87,7 +87,10 @@ def builtin_run(max_staleness: int, steps: int, device: str) -> dict:
         max_new_tokens=10,
     )
     strategy = AsyncRLHFStrategy(
-        backend="transformers", device=device, generator_devices=[device], max_staleness=max_staleness, sync_every=1
+        device=device,
+        generation=GenerationConfig(
+            backend="transformers", generator_devices=[device], max_staleness=max_staleness, sync_every=1
+        ),
     )
     record = _Record()
     trainer = L.Trainer(

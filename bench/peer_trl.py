@@ -252,7 +252,7 @@ def run_ours(spec: dict) -> dict:
     from lightning_rlhf.data import PromptDataModule
     from lightning_rlhf.modules import OnlineDPO
     from lightning_rlhf.rewards import RewardModelScore
-    from lightning_rlhf.strategies import AsyncRLHFStrategy
+    from lightning_rlhf.strategies import AsyncRLHFStrategy, GenerationConfig
 
     L.seed_everything(SEED, verbose=False)
     # metrics reach Lightning only when its logger writes (TRL: logging_strategy="no")
@@ -278,11 +278,13 @@ def run_ours(spec: dict) -> dict:
     else:
         # default layout on 2+ cores: generator pinned to the first core, trainer to the others, one thread each
         strategy = AsyncRLHFStrategy(
-            backend=spec["backend"],
-            max_staleness=spec["max_staleness"],
-            sync_every=1,
-            vllm_kwargs={"max_model_len": 64},
-            score_on_generator=spec["score_on_generator"],
+            generation=GenerationConfig(
+                backend=spec["backend"],
+                max_staleness=spec["max_staleness"],
+                sync_every=1,
+                vllm_kwargs={"max_model_len": 64},
+                score_on_generator=spec["score_on_generator"],
+            )
         )
     clock = StepClock()
     trainer = quiet_trainer(

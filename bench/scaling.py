@@ -87,7 +87,7 @@ def run_once(size: str, batch_size: int, backend: str, steps: int, max_new_token
     from lightning_rlhf.data import PromptDataModule
     from lightning_rlhf.modules import OnlineDPO
     from lightning_rlhf.rewards import RewardModelScore
-    from lightning_rlhf.strategies import AsyncRLHFStrategy
+    from lightning_rlhf.strategies import AsyncRLHFStrategy, GenerationConfig
 
     policy = build_policy(size, workdir)
     L.seed_everything(0, verbose=False)
@@ -116,7 +116,12 @@ def run_once(size: str, batch_size: int, backend: str, steps: int, max_new_token
 
     measure = Measure()
     strategy = AsyncRLHFStrategy(
-        backend=backend, max_staleness=0, sync_every=1, vllm_kwargs={"max_model_len": 64 if size == "builtin" else 128}
+        generation=GenerationConfig(
+            backend=backend,
+            max_staleness=0,
+            sync_every=1,
+            vllm_kwargs={"max_model_len": 64 if size == "builtin" else 128},
+        )
     )  # the built-in model has 64 positions
     trainer = quiet_trainer(
         max_steps=steps + 1, accelerator="cpu", strategy=strategy, callbacks=[WeightSync(probe_every=0), measure]

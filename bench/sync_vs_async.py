@@ -45,7 +45,7 @@ def run_once(
     from common import module_and_data, quiet_trainer
     from lightning_rlhf.callbacks import WeightSync
     from lightning_rlhf.callbacks.evaluation import GoldEvaluation, evaluate_policy
-    from lightning_rlhf.strategies import AsyncRLHFStrategy
+    from lightning_rlhf.strategies import AsyncRLHFStrategy, GenerationConfig
     from lightning_rlhf.tasks.copy import CopyGoldReward
 
     workload = WORKLOADS[backend]
@@ -87,7 +87,9 @@ def run_once(
 
     snapshots = Snapshots()
     strategy = AsyncRLHFStrategy(
-        backend=backend, max_staleness=max_staleness, sync_every=1, vllm_kwargs={"max_model_len": 64}
+        generation=GenerationConfig(
+            backend=backend, max_staleness=max_staleness, sync_every=1, vllm_kwargs={"max_model_len": 64}
+        )
     )
     trainer = quiet_trainer(
         max_steps=batches * workload["num_epochs"],

@@ -80,7 +80,7 @@ def explain(err: BaseException) -> str:
         reasons = [
             " ".join(r.split())
             for r in re.split(r"(?:^|\n)\s*- ", report.group(1))
-            if r.strip() and not r.strip().startswith("Expected a ")
+            if r.strip() and not r.strip().startswith(("Expected a ", "Does not validate"))  # nested unions' headers
         ]
         if reasons:
             owner = re.search(r"class_path='(?:[\w.]+\.)?(\w+)'", text)
@@ -108,9 +108,9 @@ def export(args: list[str]) -> None:
 
 def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = sys.argv[1:] if args is None else args
-    if args[:1] == ["export"]:
-        return export(args[1:])
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["export"]:
+        return export(argv[1:])
     try:
         RLHFCLI(
             subclass_mode_model=True,
@@ -118,7 +118,7 @@ def main(args: list[str] | None = None) -> None:
             auto_configure_optimizers=False,
             parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
             save_config_kwargs={"overwrite": True},
-            args=args,
+            args=args,  # None: LightningCLI reads sys.argv itself (given both, it warns)
         )
     except (ConfigError, argparse.ArgumentError, ValueError, TypeError) as err:
         if (

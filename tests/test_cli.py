@@ -121,7 +121,7 @@ def test_quickstart_runs_and_reports_gold_win_rate(builtin_models, tmp_path):
         # raised inside constructors that jsonargparse reports as a union of choices: still one sentence
         (["--data.init_args.dataset", "{tmp}/broken.jsonl"], "broken.jsonl' (JSON parse error"),
         (
-            ["--trainer.strategy.init_args.max_staleness", "-1"],
+            ["--trainer.strategy.init_args.generation.max_staleness", "-1"],
             "AsyncRLHFStrategy: max_staleness must be 0 (synchronous) or more, got -1.",
         ),
     ],

@@ -24,7 +24,6 @@ import contextlib
 import os
 from collections.abc import Generator
 from datetime import timedelta
-from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -39,10 +38,10 @@ from lightning_rlhf.generation.pipeline import PipelinedSource, ScoringBalance, 
 from lightning_rlhf.generation.pool import GeneratorPool
 from lightning_rlhf.generation.process import DEFAULT_TIMEOUT_S, GeneratorProcess, GeneratorSpec, gpu_indices
 from lightning_rlhf.generation.shared import SharedSource
-from lightning_rlhf.generation.weights import DEFAULT_BUCKET_BYTES, WeightStream, policy_state, stream_of
+from lightning_rlhf.generation.weights import WeightStream, policy_state, stream_of
 from lightning_rlhf.models import resolve_source
 from lightning_rlhf.rollout_batch import RewardScorer
-from lightning_rlhf.strategies.config import GenerationConfig
+from lightning_rlhf.strategies.config import DEFAULT_GENERATION, GenerationConfig
 
 
 class _AsyncGeneration:
@@ -203,64 +202,26 @@ class AsyncRLHFStrategy(_AsyncGeneration, SingleDeviceStrategy):
     """Single-device training with generation in a separate process.
 
     Args:
-        backend: ``"vllm"``, ``"transformers"``, or ``"auto"`` (vLLM when installed).
-        max_staleness: How many versions old a trained rollout may be: 0 synchronous, 1 the paper's asynchronous setting.
-        sync_every: Refresh the generator's weights every this many versions (the rollout source does;
-            the ``WeightSync`` callback, added when missing, logs and probes each refresh).
+        generation: How and where to generate, and how weights reach the generator
+            (:class:`~lightning_rlhf.strategies.GenerationConfig`, one field per option; default: all defaults).
+            From the command line, unset a list such as ``generator_devices`` with ``[]``: a nested ``null``
+            reaches the config as the text ``'None'`` (jsonargparse).
         device: Training device (``"cpu"``, ``"cuda:0"``).
-        generator_devices: Devices of the generators, one entry each, e.g. ``["cuda:1"]``, or ``["cuda:1,2"]``
-            for a generator tensor-parallel over GPUs 1 and 2 (vLLM); default: the trainer's device.
-        generator_cores: CPU cores for the generators; default on CPU: the first core.
-        trainer_cores: CPU cores for the trainer; default on CPU: the other cores.
-        dtype: Generator weights dtype, also what the trainer casts to before sending; ``"auto"``:
-            bfloat16 on a GPU, float32 on CPU (where logprobs then equal the trainer's).
-        vllm_kwargs: Extra ``vllm.LLM`` arguments (``max_model_len``, ``gpu_memory_utilization``,
-            ``enforce_eager``, ...); they override every default (see ``vllm_backend.vllm_arguments``).
-        restart_on_failure: Restart a dead generator and carry on instead of stopping.
-        weight_transport: How refreshed weights travel: ``"gloo"`` through host memory (any devices,
-            the tested path), ``"nccl"`` GPU to GPU (generators on GPUs of their own) or ``"cuda_ipc"``
-            (a generator on the trainer's GPU). The last two have not yet run on GPUs with vLLM.
-        num_generators: Generator processes per rank; each step's prompts are split among them.
-        bucket_bytes: Weights travel in packed buckets of about this size; the generator holds one at a time.
-        score_on_generator: Score each batch with the module's reward in the generator process, right after
-            sampling it, instead of in the trainer's. The trainer then only learns; asynchronously, scoring
-            overlaps training as generation does (the reward model is loaded on the generator's device,
-            so leave room for it there, e.g. a lower vLLM ``gpu_memory_utilization``). A number between
-            0 and 1 splits the work: the generator scores that fraction of each batch's prompts (the first
-            ones, with all their samples) and the trainer the rest, so that neither side waits for the
-            other when scoring everything on the generator would make it the slower one. ``"auto"`` chooses
-            that fraction anew for every batch from how long the last ones kept either side waiting
-            (:class:`~lightning_rlhf.generation.pipeline.ScoringBalance`), so it follows a side that slows
-            down; which prompts are scored where then depends on timing, so the scores are reproducible
-            only to float rounding. Off by default.
 
     Raises:
-        ConfigError: On an unknown backend, transport or dtype, a negative ``max_staleness``, ``sync_every < 1``,
-            vLLM missing, or (when training starts) a transport that cannot join the devices.
+        ConfigError: On a ``shared_generator`` (one device has nothing to share) or, when training starts,
+            a transport that cannot join the devices.
     """
 
     strategy_name = "async_rlhf"
 
-    def __init__(
-        self,
-        backend: Literal["auto", "transformers", "vllm"] = "auto",
-        max_staleness: int = 1,
-        sync_every: int = 1,
-        device: str = "cpu",
-        generator_devices: list[str] | None = None,
-        generator_cores: list[int] | None = None,
-        trainer_cores: list[int] | None = None,
-        dtype: str = "auto",
-        vllm_kwargs: dict | None = None,
-        restart_on_failure: bool = False,
-        weight_transport: Literal["gloo", "nccl", "cuda_ipc"] = "gloo",
-        num_generators: int = 1,
-        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-        score_on_generator: bool | float | Literal["auto"] = False,
-    ) -> None:
-        config = GenerationConfig.of(locals())
+    def __init__(self, generation: GenerationConfig = DEFAULT_GENERATION, device: str = "cpu") -> None:
+        if generation.shared_generator:
+            raise ConfigError(
+                "shared_generator shares one generator among several ranks; AsyncRLHFStrategy trains on one device, so drop it (or use AsyncRLHFDDPStrategy)."
+            )
         super().__init__(device=torch.device(device))
-        self._init_async(config)
+        self._init_async(generation)
 
 
 class AsyncRLHFDDPStrategy(_AsyncGeneration, DDPStrategy):
@@ -271,33 +232,16 @@ class AsyncRLHFDDPStrategy(_AsyncGeneration, DDPStrategy):
     ``generator_devices[0]``) and samples every rank's prompts in one request:
     the paper's layout of one generation device beside N training devices.
 
-    Args: as :class:`AsyncRLHFStrategy`, plus ``shared_generator`` and every ``DDPStrategy``
-    argument through ``ddp_kwargs``.
+    Args:
+        generation: As :class:`AsyncRLHFStrategy` (``shared_generator`` applies here).
+        **ddp_kwargs: Every ``DDPStrategy`` argument.
     """
 
     strategy_name = "async_rlhf_ddp"
 
-    def __init__(
-        self,
-        backend: Literal["auto", "transformers", "vllm"] = "auto",
-        max_staleness: int = 1,
-        sync_every: int = 1,
-        generator_devices: list[str] | None = None,
-        generator_cores: list[int] | None = None,
-        trainer_cores: list[int] | None = None,
-        dtype: str = "auto",
-        vllm_kwargs: dict | None = None,
-        restart_on_failure: bool = False,
-        shared_generator: bool = False,
-        weight_transport: Literal["gloo", "nccl", "cuda_ipc"] = "gloo",
-        num_generators: int = 1,
-        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-        score_on_generator: bool | float | Literal["auto"] = False,
-        **ddp_kwargs,
-    ) -> None:
-        config = GenerationConfig.of(locals())
+    def __init__(self, generation: GenerationConfig = DEFAULT_GENERATION, **ddp_kwargs) -> None:
         super().__init__(**ddp_kwargs)
-        self._init_async(config)
+        self._init_async(generation)
 
 
 class AsyncRLHFDeepSpeedStrategy(_AsyncGeneration, DeepSpeedStrategy):
@@ -307,43 +251,26 @@ class AsyncRLHFDeepSpeedStrategy(_AsyncGeneration, DeepSpeedStrategy):
     accepts CUDA only; DeepSpeed itself runs on CPU). Under ZeRO-3 each parameter is
     gathered only while it is packed, by every rank at every refresh.
 
-    Args: as :class:`AsyncRLHFStrategy`, plus ``stage`` (2 or 3), ``shared_generator`` (one generator
-    on rank 0 for every rank, as in :class:`AsyncRLHFDDPStrategy`; under ZeRO-3 the paper's chat
-    layout) and every ``DeepSpeedStrategy`` argument through ``deepspeed_kwargs``.
+    Args:
+        generation: As :class:`AsyncRLHFStrategy` (``shared_generator`` applies here: one generator on
+            rank 0 for every rank; under ZeRO-3 the paper's chat layout).
+        stage: ZeRO stage, 2 or 3.
+        **deepspeed_kwargs: Every other ``DeepSpeedStrategy`` argument.
 
     Raises:
-        ConfigError: As :class:`AsyncRLHFStrategy`, and for ``restart_on_failure`` with a shared generator
-            under ZeRO-3 (rank 0 alone cannot gather the weights to refit a replacement).
+        ConfigError: For ``restart_on_failure`` with a shared generator under ZeRO-3 (rank 0 alone cannot
+            gather the weights to refit a replacement).
     """
 
     strategy_name = "async_rlhf_deepspeed"
 
-    def __init__(
-        self,
-        backend: Literal["auto", "transformers", "vllm"] = "auto",
-        max_staleness: int = 1,
-        sync_every: int = 1,
-        stage: int = 3,
-        generator_devices: list[str] | None = None,
-        generator_cores: list[int] | None = None,
-        trainer_cores: list[int] | None = None,
-        dtype: str = "auto",
-        vllm_kwargs: dict | None = None,
-        restart_on_failure: bool = False,
-        shared_generator: bool = False,
-        weight_transport: Literal["gloo", "nccl", "cuda_ipc"] = "gloo",
-        num_generators: int = 1,
-        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-        score_on_generator: bool | float | Literal["auto"] = False,
-        **deepspeed_kwargs,
-    ) -> None:
-        if shared_generator and stage == 3 and restart_on_failure:
+    def __init__(self, generation: GenerationConfig = DEFAULT_GENERATION, stage: int = 3, **deepspeed_kwargs) -> None:
+        if generation.shared_generator and stage == 3 and generation.restart_on_failure:
             raise ConfigError(
                 "restart_on_failure cannot refit a shared generator under ZeRO-3 (rank 0 alone cannot gather the sharded weights); turn one of them off."
             )
-        config = GenerationConfig.of(locals())
         super().__init__(stage=stage, **deepspeed_kwargs)
-        self._init_async(config)
+        self._init_async(generation)
 
     @override
     def setup_environment(self) -> None:

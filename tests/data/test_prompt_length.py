@@ -72,10 +72,10 @@ def test_prompt_plus_completion_longer_than_vllm_s_max_model_len_is_refused_befo
     prompts, tiny_model_dir, quiet_trainer
 ):
     pytest.importorskip("vllm")
-    from lightning_rlhf.strategies import AsyncRLHFStrategy
+    from lightning_rlhf.strategies import AsyncRLHFStrategy, GenerationConfig
 
     module = OnlineDPO(policy=tiny_model_dir, reward=Constant(), max_new_tokens=20)
-    strategy = AsyncRLHFStrategy(backend="vllm", vllm_kwargs={"max_model_len": 32})
+    strategy = AsyncRLHFStrategy(generation=GenerationConfig(backend="vllm", vllm_kwargs={"max_model_len": 32}))
     with pytest.raises(ConfigError, match=r"plus max_new_tokens=20 exceeds vllm_kwargs.max_model_len of 32 tokens"):
         quiet_trainer(strategy=strategy).fit(module, PromptDataModule(prompts, batch_size=4, max_prompt_tokens=16))
     assert strategy.generator is None and not psutil.Process().children()  # no generator was started

@@ -270,11 +270,11 @@ def test_bad_arguments_are_refused_with_one_sentence(make, message):
 def test_vllm_asked_for_but_not_installed_is_refused(monkeypatch):
     import sys
 
-    from lightning_rlhf.strategies import AsyncRLHFStrategy
+    from lightning_rlhf.strategies import AsyncRLHFStrategy, GenerationConfig
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` now raises ImportError, as when it is not installed
     with pytest.raises(ConfigError, match=r"The vLLM backend needs vLLM: pip install"):
-        AsyncRLHFStrategy(backend="vllm")
+        AsyncRLHFStrategy(generation=GenerationConfig(backend="vllm"))
 
 
 @pytest.mark.parametrize(

@@ -112,10 +112,10 @@ def _fit(config: str, tmp_path, *overrides: str) -> dict:
 def _async_cpu() -> list[str]:
     """The recipe's asynchronous strategy, on CPU: transformers backend, generator beside the trainer."""
     return [
-        "--trainer.strategy.init_args.backend",
+        "--trainer.strategy.init_args.generation.backend",
         "transformers",
-        "--trainer.strategy.init_args.generator_devices",
-        "null",
+        "--trainer.strategy.init_args.generation.generator_devices",
+        "[]",  # the trainer's device (a nested `null` would reach the config as the text 'None')
     ]
 
 

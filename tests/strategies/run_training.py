@@ -22,7 +22,12 @@ from lightning_rlhf.callbacks import WeightSync
 from lightning_rlhf.data import PromptDataModule
 from lightning_rlhf.modules import PPO, RLOO, OnlineDPO
 from lightning_rlhf.rewards import RewardModelScore
-from lightning_rlhf.strategies import AsyncRLHFDDPStrategy, AsyncRLHFDeepSpeedStrategy, AsyncRLHFStrategy
+from lightning_rlhf.strategies import (
+    AsyncRLHFDDPStrategy,
+    AsyncRLHFDeepSpeedStrategy,
+    AsyncRLHFStrategy,
+    GenerationConfig,
+)
 
 KILLS = {"generate": "generate", "weights": "receive_weights", "logprobs": "sequence_logprobs"}
 
@@ -221,13 +226,19 @@ def main() -> None:
     if args.mode == "sync":
         strategy, devices = "auto", 1
     elif args.mode == "async":
-        strategy, devices = AsyncRLHFStrategy(**strategy_kwargs), 1
+        strategy, devices = AsyncRLHFStrategy(generation=GenerationConfig(**strategy_kwargs)), 1
     elif args.mode == "ddp":
-        strategy, devices = AsyncRLHFDDPStrategy(shared_generator=args.shared_generator, **strategy_kwargs), 2
+        strategy, devices = (
+            AsyncRLHFDDPStrategy(
+                generation=GenerationConfig(shared_generator=args.shared_generator, **strategy_kwargs)
+            ),
+            2,
+        )
     else:
         strategy, devices = (
             AsyncRLHFDeepSpeedStrategy(
-                stage=int(args.mode[-1]), shared_generator=args.shared_generator, **strategy_kwargs
+                stage=int(args.mode[-1]),
+                generation=GenerationConfig(shared_generator=args.shared_generator, **strategy_kwargs),
             ),
             2,
         )

@@ -6,7 +6,13 @@ import os
 import pytest
 
 from lightning_rlhf.errors import ConfigError
-from lightning_rlhf.strategies import AsyncRLHFDDPStrategy, AsyncRLHFDeepSpeedStrategy, AsyncRLHFStrategy, async_rlhf
+from lightning_rlhf.strategies import (
+    AsyncRLHFDDPStrategy,
+    AsyncRLHFDeepSpeedStrategy,
+    AsyncRLHFStrategy,
+    GenerationConfig,
+    async_rlhf,
+)
 
 
 @pytest.mark.parametrize(
@@ -22,44 +28,76 @@ from lightning_rlhf.strategies import AsyncRLHFDDPStrategy, AsyncRLHFDeepSpeedSt
     ],
 )
 def test_bad_arguments_name_the_fix(kwargs, message):
-    for cls in (AsyncRLHFStrategy, AsyncRLHFDDPStrategy):
-        with pytest.raises(ConfigError, match=message):
-            cls(**kwargs)
+    with pytest.raises(ConfigError, match=message):
+        GenerationConfig(**kwargs)
+
+
+def test_every_strategy_takes_its_generation_options_in_one_config():
+    config = GenerationConfig(backend="transformers", max_staleness=0, sync_every=2)
+    for strategy in (AsyncRLHFStrategy(generation=config), AsyncRLHFDDPStrategy(generation=config)):
+        assert strategy.generation is config
+    assert AsyncRLHFStrategy().generation == GenerationConfig()  # defaults: all of GenerationConfig's
+    with pytest.raises(ConfigError, match="AsyncRLHFStrategy trains on one device"):
+        AsyncRLHFStrategy(generation=GenerationConfig(backend="transformers", shared_generator=True))
 
 
 def test_a_shared_generator_is_off_by_default_and_can_be_asked_for():
-    assert AsyncRLHFDDPStrategy(backend="transformers").generation.shared_generator is False
-    assert AsyncRLHFDDPStrategy(backend="transformers", shared_generator=True).generation.shared_generator is True
+    assert (
+        AsyncRLHFDDPStrategy(generation=GenerationConfig(backend="transformers")).generation.shared_generator is False
+    )
+    assert (
+        AsyncRLHFDDPStrategy(
+            generation=GenerationConfig(backend="transformers", shared_generator=True)
+        ).generation.shared_generator
+        is True
+    )
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
 def test_a_shared_generator_under_zero3_is_accepted_but_not_its_restart():
     """The paper's chat layout (ZeRO-3 ranks beside one generator); rank 0 alone could not refit a replacement."""
     assert AsyncRLHFDeepSpeedStrategy(
-        backend="transformers", stage=3, shared_generator=True
+        stage=3, generation=GenerationConfig(backend="transformers", shared_generator=True)
     ).generation.shared_generator
     with pytest.raises(ConfigError, match="restart_on_failure cannot refit a shared generator under ZeRO-3"):
-        AsyncRLHFDeepSpeedStrategy(backend="transformers", stage=3, shared_generator=True, restart_on_failure=True)
+        AsyncRLHFDeepSpeedStrategy(
+            stage=3, generation=GenerationConfig(backend="transformers", shared_generator=True, restart_on_failure=True)
+        )
 
 
 def test_generator_dtype_auto_is_bfloat16_on_gpu_and_float32_on_cpu():
     from lightning_rlhf.generation.pipeline import resolve_dtype
 
-    assert AsyncRLHFStrategy(backend="transformers").generation.dtype == "auto"
+    assert AsyncRLHFStrategy(generation=GenerationConfig(backend="transformers")).generation.dtype == "auto"
     assert resolve_dtype("auto", "cuda:1") == "bfloat16" and resolve_dtype("auto", "cpu") == "float32"
     assert resolve_dtype("float32", "cuda:1") == "float32"  # an explicit choice stays
 
 
 def test_score_on_generator_is_a_share_of_each_batch():
-    assert AsyncRLHFStrategy(backend="transformers").generation.score_on_generator == 0.0
-    assert AsyncRLHFStrategy(backend="transformers", score_on_generator=True).generation.score_on_generator == 1.0
-    assert AsyncRLHFStrategy(backend="transformers", score_on_generator=0.6).generation.score_on_generator == 0.6
-    assert AsyncRLHFStrategy(backend="transformers", score_on_generator="auto").generation.score_on_generator == "auto"
+    assert AsyncRLHFStrategy(generation=GenerationConfig(backend="transformers")).generation.score_on_generator == 0.0
+    assert (
+        AsyncRLHFStrategy(
+            generation=GenerationConfig(backend="transformers", score_on_generator=True)
+        ).generation.score_on_generator
+        == 1.0
+    )
+    assert (
+        AsyncRLHFStrategy(
+            generation=GenerationConfig(backend="transformers", score_on_generator=0.6)
+        ).generation.score_on_generator
+        == 0.6
+    )
+    assert (
+        AsyncRLHFStrategy(
+            generation=GenerationConfig(backend="transformers", score_on_generator="auto")
+        ).generation.score_on_generator
+        == "auto"
+    )
 
 
 def test_unknown_weight_transport_is_refused():
     with pytest.raises(ConfigError, match="Unknown weight_transport 'ucx'"):
-        AsyncRLHFStrategy(backend="transformers", weight_transport="ucx")
+        AsyncRLHFStrategy(generation=GenerationConfig(backend="transformers", weight_transport="ucx"))
 
 
 def test_nccl_needs_two_different_gpus():
@@ -125,20 +163,24 @@ def test_a_tensor_parallel_generator_sees_all_its_gpus_and_joins_as_one_rank_eac
 def test_vllm_parallel_sizes_come_from_the_devices_not_vllm_kwargs(key):
     """Else the side group would wait for generator ranks that never join (issue 30, defect d)."""
     with pytest.raises(ConfigError, match=rf"vllm_kwargs.{key} is set by the generator's devices here"):
-        AsyncRLHFStrategy(backend="transformers", vllm_kwargs={key: 2})
+        AsyncRLHFStrategy(generation=GenerationConfig(backend="transformers", vllm_kwargs={key: 2}))
 
 
 def test_two_generators_on_one_gpu_are_refused_unless_the_gpu_is_divided():
     """Slots wrapping around generator_devices put two generators on one GPU (defect f)."""
-    strategy = AsyncRLHFStrategy(backend="transformers", num_generators=2, generator_devices=["cuda:1"])
+    strategy = AsyncRLHFStrategy(
+        generation=GenerationConfig(backend="transformers", num_generators=2, generator_devices=["cuda:1"])
+    )
     assert strategy._layout(0)[0] == "cuda:1"
     with pytest.raises(ConfigError, match="so two would share cuda:1"):
         strategy._layout(1)
     divided = AsyncRLHFStrategy(
-        backend="transformers",
-        num_generators=2,
-        generator_devices=["cuda:1"],
-        vllm_kwargs={"gpu_memory_utilization": 0.4},
+        generation=GenerationConfig(
+            backend="transformers",
+            num_generators=2,
+            generator_devices=["cuda:1"],
+            vllm_kwargs={"gpu_memory_utilization": 0.4},
+        )
     )
     assert divided._layout(1)[0] == "cuda:1"
 
@@ -148,7 +190,9 @@ def test_scoring_on_a_vllm_generator_s_gpu_needs_room_left_for_the_reward_model(
     from types import SimpleNamespace
 
     pytest.importorskip("vllm")
-    strategy = AsyncRLHFStrategy(backend="vllm", generator_devices=["cuda:1"], score_on_generator=True)
+    strategy = AsyncRLHFStrategy(
+        generation=GenerationConfig(backend="vllm", generator_devices=["cuda:1"], score_on_generator=True)
+    )
     monkeypatch.setattr(
         strategy, "_rl_module", lambda: SimpleNamespace(generation_seed=0, policy_source=tiny_model_dir)
     )

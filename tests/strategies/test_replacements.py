@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 
 from lightning_rlhf.generation.process import GeneratorError
-from lightning_rlhf.strategies import AsyncRLHFStrategy, async_rlhf
+from lightning_rlhf.strategies import AsyncRLHFStrategy, GenerationConfig, async_rlhf
 
 
 class StandInGenerator:
@@ -31,7 +31,7 @@ def test_a_replacement_that_fails_to_start_is_closed_and_the_next_continues_the_
 ):
     StandInGenerator.made = []
     monkeypatch.setattr(async_rlhf, "GeneratorProcess", StandInGenerator)
-    strategy = AsyncRLHFStrategy(backend="transformers")
+    strategy = AsyncRLHFStrategy(generation=GenerationConfig(backend="transformers"))
     module = SimpleNamespace(generation_seed=7, policy_source=tiny_model_dir)
     monkeypatch.setattr(strategy, "_rl_module", lambda: module)
 

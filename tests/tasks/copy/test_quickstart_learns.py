@@ -19,7 +19,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_quickstart_raises_the_gold_win_rate(seed, builtin_models, tmp_path):
-    command = ["fit", "--config", "configs/quickstart.yaml", "--trainer.strategy.init_args.backend", "transformers"]
+    command = [
+        "fit",
+        "--config",
+        "configs/quickstart.yaml",
+        "--trainer.strategy.init_args.generation.backend",
+        "transformers",
+    ]
     command += ["--seed_everything", str(seed), "--trainer.default_root_dir", str(tmp_path)]
     out = subprocess.run(
         [sys.executable, "-c", "from lightning_rlhf.cli import main; main()", *command],
