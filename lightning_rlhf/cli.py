@@ -19,11 +19,15 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from typing_extensions import override
 
-import lightning_rlhf.strategies  # noqa: F401  (registers the async_rlhf strategy names)
+from lightning_rlhf.callbacks import WeightSync
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.export import export_checkpoint
 from lightning_rlhf.models import BUILTIN_PREFIX
+from lightning_rlhf.strategies import AsyncRLHFDDPStrategy, AsyncRLHFDeepSpeedStrategy, AsyncRLHFStrategy
 from lightning_rlhf.tasks import prepare
+
+ASYNC_STRATEGIES = (AsyncRLHFStrategy, AsyncRLHFDDPStrategy, AsyncRLHFDeepSpeedStrategy)  # importing them registers
+# their names (async_rlhf, async_rlhf_ddp, async_rlhf_deepspeed) with Lightning
 
 
 class RLHFCLI(LightningCLI):
@@ -42,7 +46,14 @@ class RLHFCLI(LightningCLI):
         if config.get("logger") in (None, True):
             root = config.get("default_root_dir") or os.getcwd()
             kwargs.setdefault("logger", [CSVLogger(root, name="csv"), TensorBoardLogger(root, name="tensorboard")])
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if isinstance(trainer.strategy, ASYNC_STRATEGIES) and not any(
+            isinstance(c, WeightSync) for c in trainer.callbacks
+        ):
+            trainer.callbacks.append(
+                WeightSync()
+            )  # every refresh logged and probed (strategies never import callbacks)
+        return trainer
 
 
 def _builtin_names(value) -> list[str]:

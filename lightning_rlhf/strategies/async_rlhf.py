@@ -30,7 +30,6 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, StrategyRegistry
 from typing_extensions import override
 
-from lightning_rlhf.callbacks.weight_sync import WeightSync
 from lightning_rlhf.contracts import RLModule
 from lightning_rlhf.data import check_context_length
 from lightning_rlhf.errors import ConfigError
@@ -186,8 +185,6 @@ class _AsyncGeneration:
     def setup(self, trainer) -> None:
         super().setup(trainer)
         self.start_generator()
-        if not any(isinstance(c, WeightSync) for c in trainer.callbacks):  # the refreshes are logged and probed
-            trainer.callbacks.append(WeightSync())
 
     def on_exception(self, exception: BaseException) -> None:
         self.stop_generator()

@@ -21,7 +21,8 @@ class GenerationConfig:
         backend: ``"vllm"``, ``"transformers"``, or ``"auto"`` (resolved here: vLLM when installed).
         max_staleness: How many versions old a trained rollout may be: 0 synchronous, 1 the paper's asynchronous setting.
         sync_every: Refresh the generator's weights every this many versions (the rollout source does;
-            the ``WeightSync`` callback, added when missing, logs and probes each refresh).
+            the ``WeightSync`` callback logs and probes each refresh: ``lightning-rlhf fit`` adds one when
+            the config has none; from Python, add it to the Trainer's callbacks).
         generator_devices: Devices of the generators, one entry each, e.g. ``["cuda:1"]``, or ``["cuda:1,2"]``
             for a generator tensor-parallel over GPUs 1 and 2 (vLLM); default: the trainer's device.
         generator_cores: CPU cores for the generators; default on CPU: the first core.
