@@ -31,7 +31,8 @@ ASYNC_STRATEGIES = (AsyncRLHFStrategy, AsyncRLHFDDPStrategy, AsyncRLHFDeepSpeedS
 
 
 class RLHFCLI(LightningCLI):
-    """LightningCLI with omegaconf interpolation, module/datamodule chosen by ``class_path``, CSV + TensorBoard logging."""
+    """LightningCLI with omegaconf interpolation, module/datamodule chosen by ``class_path``,
+    CSV + TensorBoard logging."""
 
     @override
     def before_instantiate_classes(self) -> None:
@@ -78,9 +79,15 @@ def explain(err: BaseException) -> str:
     if match := re.search(r"Option '([^']+)' is not accepted", text):
         where = re.search(r'Parser key "([^"]+)"', text)
         section = f"{where.group(1)}.init_args" if where else "the config"
-        return f"Unknown key '{match.group(1)}' under {section}; check its spelling (`lightning-rlhf fit --help` lists the keys)."
+        return (
+            f"Unknown key '{match.group(1)}' under {section}; "
+            "check its spelling (`lightning-rlhf fit --help` lists the keys)."
+        )
     if match := re.search(r"unrecognized arguments: (\S+)", text):
-        return f"Unknown key '{match.group(1).lstrip('-')}'; check its spelling (`lightning-rlhf fit --help` lists the keys)."
+        return (
+            f"Unknown key '{match.group(1).lstrip('-')}'; "
+            "check its spelling (`lightning-rlhf fit --help` lists the keys)."
+        )
     if match := re.search(r"Key \"?'?([\w.]+)'?\"? is not expected", text):
         return f"Unknown key '{match.group(1)}'; check its spelling (`lightning-rlhf fit --help` lists the keys)."
     if "Does not validate against any of the Union subtypes" in text and (
