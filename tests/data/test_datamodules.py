@@ -121,12 +121,20 @@ def test_a_prompt_file_that_cannot_be_read_names_the_file_and_the_fix(name, text
 
 
 def test_a_fabric_script_s_ranks_get_disjoint_prompts(jsonl):
-    data = PromptDataModule(jsonl, prompt_column="question", batch_size=2)
-    per_rank = [
-        [row["prompt"] for batch in data.dataloader(num_replicas=2, rank=rank) for row in batch] for rank in (0, 1)
-    ]
-    assert len(per_rank[0]) == len(per_rank[1]) == 4  # 10 rows, 2 ranks, whole batches of 2
-    assert not set(per_rank[0]) & set(per_rank[1])
+    def per_rank(data: PromptDataModule) -> list[list[str]]:
+        return [
+            [row["prompt"] for batch in data.dataloader(num_replicas=2, rank=rank) for row in batch] for rank in (0, 1)
+        ]
+
+    # in file order: rank r takes rows r, r + 2, ... of q0..q9; 5 each, of which 2 whole batches of 2
+    in_order = per_rank(PromptDataModule(jsonl, prompt_column="question", batch_size=2, shuffle=False))
+    assert in_order == [["q0", "q2", "q4", "q6"], ["q1", "q3", "q5", "q7"]]
+    # shuffled: no rank sees a prompt twice, and together they are the epoch's order but its last two rows
+    shuffled = per_rank(PromptDataModule(jsonl, prompt_column="question", batch_size=2, seed=7))
+    assert all(len(set(prompts)) == len(prompts) == 4 for prompts in shuffled)
+    assert not set(shuffled[0]) & set(shuffled[1])
+    for rank in (0, 1):  # the reference above, rank by rank
+        assert shuffled[rank] == [f"q{i}" for batch in _stream(10, 2, 1, rank, num_replicas=2) for i in batch]
 
 
 def test_a_prompt_template_is_filled_from_the_row_and_a_conversation_gives_its_last_turn_as_reference(tmp_path):
