@@ -1,4 +1,5 @@
-"""Take a trained policy away: a Lightning checkpoint (DeepSpeed's sharded ZeRO folders included) to Hugging Face format.
+"""Take a trained policy away: a Lightning checkpoint (DeepSpeed's sharded ZeRO folders included)
+to Hugging Face format.
 
 ``lightning-rlhf export CHECKPOINT OUT_DIR`` writes ``OUT_DIR/config.json``, the
 weights (safetensors) and the tokenizer, which ``AutoModelForCausalLM.from_pretrained``
@@ -58,7 +59,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike)
         source, prefix, load = hparams["model"], "model.", load_reward_model
     else:
         raise ConfigError(
-            f"Checkpoint '{checkpoint}' has no policy or reward model to export (hyperparameters: {', '.join(hparams) or 'none'}); pass a checkpoint of an RL module, SFT or RewardModel."
+            f"Checkpoint '{checkpoint}' has no policy or reward model to export "
+            f"(hyperparameters: {', '.join(hparams) or 'none'}); pass a checkpoint of an RL module, SFT or RewardModel."
         )
     model = load(source)  # the architecture (and initial weights), then the trained weights
     weights = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
@@ -66,7 +68,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike)
     missing = [key for key in missing if key not in _tied(model)]
     if missing or unexpected:
         raise ConfigError(
-            f"The weights in '{checkpoint}' do not fit {source} (missing {missing[:3]}, unexpected {unexpected[:3]}); export with the model the run trained."
+            f"The weights in '{checkpoint}' do not fit {source} (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+            "export with the model the run trained."
         )
     out = Path(out_dir)
     model.save_pretrained(out)

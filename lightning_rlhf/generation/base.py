@@ -34,7 +34,8 @@ class SamplingConfig:
 
 @dataclass
 class Generations:
-    """``k`` completions for each of ``n`` prompts, flattened prompt-major (prompt ``i``, sample ``j`` at ``i * k + j``).
+    """``k`` completions for each of ``n`` prompts, flattened prompt-major
+    (prompt ``i``, sample ``j`` at ``i * k + j``).
 
     Attributes:
         prompt_ids: n lists of prompt token ids.
@@ -64,7 +65,8 @@ class Generations:
         n = len(self.prompt_ids) * self.k
         if not len(self.completion_ids) == len(self.behavior_logprobs) == len(self.finish_reasons) == n:
             raise ValueError(
-                f"Generations must hold {n} completions ({len(self.prompt_ids)} prompts x k={self.k}), got {len(self.completion_ids)}."
+                f"Generations must hold {n} completions ({len(self.prompt_ids)} prompts x k={self.k}), "
+                f"got {len(self.completion_ids)}."
             )
         if self.scores is not None and len(self.scores) != n:
             raise ValueError(f"Generations hold {n} completions but {len(self.scores)} scores.")
@@ -158,11 +160,13 @@ class GenerationBackend(ABC):
     def connect(
         self, port: int, prefix: str, transport: str = "gloo", world_size: int = 2, timeout_s: float = 1800.0
     ) -> None:
-        """Join the weight-transfer group as rank 1 (or ``1 + tp_rank``) of ``world_size`` (generator-process backends only)."""
+        """Join the weight-transfer group as rank 1 (or ``1 + tp_rank``) of ``world_size``
+        (generator-process backends only)."""
         raise NotImplementedError(f"{type(self).__name__} cannot run in a generator process.")
 
     def receive_weights(self, refit, version: int) -> None:
-        """Receive the weights described by ``refit`` (a :class:`~lightning_rlhf.generation.weights.Refit`) and load them."""
+        """Receive the weights described by ``refit`` (a :class:`~lightning_rlhf.generation.weights.Refit`)
+        and load them."""
         raise NotImplementedError(f"{type(self).__name__} cannot run in a generator process.")
 
     def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int], temperature: float) -> list[float]:

@@ -38,7 +38,8 @@ class InProcessSource:
 
     def resubmit(self, batches, prompt_ids, sampling, version) -> None:
         raise RuntimeError(
-            "A synchronous run has no prompts in flight to resubmit; resume an asynchronous checkpoint with an asynchronous strategy."
+            "A synchronous run has no prompts in flight to resubmit; "
+            "resume an asynchronous checkpoint with an asynchronous strategy."
         )
 
     def set_probe(self, probe: Probe | None) -> None:

@@ -38,7 +38,8 @@ T = TypeVar("T")
 
 
 class ScoringBalance:
-    """Chooses how much of each batch the generator scores, so that neither it nor the trainer waits (``score_on_generator: auto``).
+    """Chooses how much of each batch the generator scores, so that neither it nor the trainer waits
+    (``score_on_generator: auto``).
 
     Asynchronously the trainer scores and learns on batch ``i`` while the generator
     samples and scores its share of batch ``i + 1``. Each batch tells how far
@@ -224,7 +225,8 @@ class PipelinedSource:
             self.pending[i] = (self._send(ids, sampling, rows), rows, ids, sampling)
 
     def _send(self, prompt_ids: list[list[int]], sampling: SamplingConfig, rows: list[dict] | None = None) -> int:
-        """Ask the generator for rollouts of ``prompt_ids`` (scored there, given ``rows``, when it has a scorer); returns the request's id (raises if the generator is dead)."""
+        """Ask the generator for rollouts of ``prompt_ids`` (scored there, given ``rows``, when it has a scorer);
+        returns the request's id (raises if the generator is dead)."""
         request_id, self.request_ids = self.request_ids, self.request_ids + 1
         if rows and isinstance(rows[0], list):  # a SharedSource's request: one list of rows per rank
             rows = [row for rank_rows in rows for row in rank_rows]
@@ -252,7 +254,8 @@ class PipelinedSource:
             self.balance.measured(request_id, generations, asked_at)
         if version - generations.policy_version > self.max_staleness:
             raise RuntimeError(
-                f"Rollout {request_id} is {version - generations.policy_version} versions old, over max_staleness={self.max_staleness}."
+                f"Rollout {request_id} is {version - generations.policy_version} versions old, "
+                f"over max_staleness={self.max_staleness}."
             )
         return rows, generations
 
@@ -334,7 +337,8 @@ def start_source(
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
-    """``"auto"``: bfloat16 on a GPU (half the bytes to send and hold), float32 on CPU (logprobs equal the trainer's)."""
+    """``"auto"``: bfloat16 on a GPU (half the bytes to send and hold), float32 on CPU
+    (logprobs equal the trainer's)."""
     if dtype == "auto":
         return "bfloat16" if device.startswith("cuda") else "float32"
     return dtype

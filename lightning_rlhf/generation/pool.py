@@ -25,7 +25,8 @@ def split_sizes(n: int, parts: int) -> list[int]:
 
 
 class GeneratorPool:
-    """Generator processes sharing each request (see the module docstring); the interface of :class:`GeneratorProcess`."""
+    """Generator processes sharing each request (see the module docstring);
+    the interface of :class:`GeneratorProcess`."""
 
     def __init__(self, generators: list[GeneratorProcess]) -> None:
         if not generators:
@@ -90,7 +91,7 @@ class GeneratorPool:
         buffers = pack_stream(stream, spec.bucket_bytes, pack_device(spec.transport))
         refit = Refit(stream.meta, spec.bucket_bytes)
         for i, generator in enumerate(self.generators):
-            generator.push_packed(refit, buffers, version, probe if i == 0 else None)
+            generator.push_packed(refit, buffers, version, probe)
         return time.perf_counter() - start
 
     def probe_logprobs(self, version: int) -> list[float] | None:

@@ -69,7 +69,8 @@ class GeneratorSpec:
         device: Torch device of the generator (``"cpu"``, ``"cuda:1"``, ...).
         cpu_cores: CPU cores to pin the generator to (``None``: no pinning).
         vllm_kwargs: Extra ``vllm.LLM`` arguments; they override every default of the backend.
-        transport: How weights travel: ``"gloo"``, ``"nccl"`` or ``"cuda_ipc"`` (see :mod:`~lightning_rlhf.generation.weights`).
+        transport: How weights travel: ``"gloo"``, ``"nccl"`` or ``"cuda_ipc"``
+            (see :mod:`~lightning_rlhf.generation.weights`).
         bucket_bytes: Size of the packed buckets weights travel in.
         timeout_s: The one limit on every wait for this generator (requests, the side group).
         shares_gpu: The trainer trains on the generator's GPU (sets vLLM's memory default).
@@ -157,7 +158,8 @@ def isolate_cuda_device(device: str) -> str:
     visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
     if visible and max(indices) >= len(visible):
         raise ValueError(
-            f"Generator device {device} does not exist: CUDA_VISIBLE_DEVICES lists {len(visible)} GPU(s); pick among cuda:0 to cuda:{len(visible) - 1}."
+            f"Generator device {device} does not exist: CUDA_VISIBLE_DEVICES lists {len(visible)} GPU(s); "
+            f"pick among cuda:0 to cuda:{len(visible) - 1}."
         )
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible[i] if visible else str(i) for i in indices)
     return "cuda:0"
@@ -234,7 +236,8 @@ def generator_main(spec: GeneratorSpec, requests, results, port: int, prefix: st
         if spec.scorer is not None:
             spec.scorer.setup(torch.device(spec.device if spec.device.startswith("cuda") else "cpu"))
         gc.collect()
-        gc.freeze()  # the models live as long as this process: keep the cyclic collector from walking them again and again
+        # the models live as long as this process: keep the cyclic collector from walking them again and again
+        gc.freeze()
         results.put(("ready", os.getpid()))
         backend.connect(port, prefix, spec.transport, 1 + spec.tensor_parallel_size, spec.timeout_s)
         while True:
@@ -364,7 +367,8 @@ class GeneratorProcess:
         rows: list[dict] | None = None,
         score_share: float | None = None,
     ) -> None:
-        """Ask for completions of ``prompt_ids``; with ``rows`` (the prompts' dataset rows) they are also scored, when the spec has a scorer.
+        """Ask for completions of ``prompt_ids``; with ``rows`` (the prompts' dataset rows) they are also scored,
+        when the spec has a scorer.
 
         ``score_share``: the share of the prompts to score here (``None``: the scorer's own).
         """
@@ -467,7 +471,8 @@ class GeneratorProcess:
             self._read_one(deadline, "acknowledgement")
 
     def probe_logprobs(self, version: int) -> list[float] | None:
-        """The generator's logprobs of the probe sent with ``version``'s refresh, once its acknowledgement is in; never waits."""
+        """The generator's logprobs of the probe sent with ``version``'s refresh, once its acknowledgement is in;
+        never waits."""
         self._read_ready()
         return self.probe_answers.pop(version, None)
 

@@ -91,7 +91,8 @@ class SharedSource:
         return self.inner.probe_logprobs(version) if self.inner is not None else None
 
     def evaluate(self, prompt_ids: list[list[int]], sampling: SamplingConfig, version: int) -> None:
-        """``None``: each rank evaluates in its own process (a refresh for rank 0 alone would leave the others behind)."""
+        """``None``: each rank evaluates in its own process
+        (a refresh for rank 0 alone would leave the others behind)."""
         return None
 
     def after_update(self, version: int) -> None:
@@ -147,7 +148,8 @@ class SharedSource:
             if self.rank == 0:
                 raise
             raise GeneratorError(
-                f"Rank {self.rank} lost rank 0, which runs the shared generator ({' '.join(str(err).split())[:200]}); rank 0's error says why."
+                f"Rank {self.rank} lost rank 0, which runs the shared generator "
+                f"({' '.join(str(err).split())[:200]}); rank 0's error says why."
             ) from err
         if failure is not None:
             raise failure
@@ -193,7 +195,8 @@ class SharedSource:
         def work(per_rank: list) -> list:
             if len({len(b) for b in per_rank}) > 1:
                 raise ValueError(
-                    f"The ranks resume with different numbers of batches in flight ({[len(b) for b in per_rank]}); resume on the layout that saved the checkpoint."
+                    f"The ranks resume with different numbers of batches in flight ({[len(b) for b in per_rank]}); "
+                    "resume on the layout that saved the checkpoint."
                 )
             steps = [list(step) for step in zip(*per_rank)]  # step j: every rank's j-th batch
             self.inner.resubmit(

@@ -43,7 +43,8 @@ class RolloutSource(Protocol):
     def step(
         self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int
     ) -> tuple[list[dict], Generations] | None:
-        """Take this step's prompts; return the ``(rows, generations)`` to train on now, or ``None`` while filling up."""
+        """Take this step's prompts; return the ``(rows, generations)`` to train on now,
+        or ``None`` while filling up."""
 
     def after_update(self, version: int) -> None:
         """The policy is now ``version``: refresh the generator's weights if the source's rule says so."""
@@ -61,7 +62,8 @@ class RolloutSource(Protocol):
         """After a resume: ask again for a checkpoint's ``pending_rows``, in order, with the weights of ``version``."""
 
     def set_probe(self, probe: Probe | None) -> None:
-        """Have the generator score ``probe`` right after each refresh from now on (``None``: stop), to check the refresh."""
+        """Have the generator score ``probe`` right after each refresh from now on (``None``: stop),
+        to check the refresh."""
 
     def probe_logprobs(self, version: int) -> list[float] | None:
         """The generator's logprobs of the probe after ``version``'s refresh once they are in; never waits.

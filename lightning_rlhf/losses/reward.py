@@ -33,7 +33,8 @@ def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tenso
     """
     if chosen_scores.shape != rejected_scores.shape:
         raise ValueError(
-            f"chosen_scores {tuple(chosen_scores.shape)} and rejected_scores {tuple(rejected_scores.shape)} must have the same shape."
+            f"chosen_scores {tuple(chosen_scores.shape)} and rejected_scores {tuple(rejected_scores.shape)} "
+            "must have the same shape."
         )
     margin = chosen_scores - rejected_scores  # (b,)
     loss = -F.logsigmoid(margin).mean()

@@ -24,7 +24,8 @@ class GoldWinRate(Metric):
     def update(self, policy_scores: torch.Tensor, reference_scores: torch.Tensor) -> None:
         if policy_scores.shape != reference_scores.shape:
             raise ValueError(
-                f"policy_scores {tuple(policy_scores.shape)} and reference_scores {tuple(reference_scores.shape)} must have the same shape."
+                f"policy_scores {tuple(policy_scores.shape)} and reference_scores {tuple(reference_scores.shape)} "
+                "must have the same shape."
             )
         self.wins += (policy_scores > reference_scores).sum() + 0.5 * (policy_scores == reference_scores).sum()
         self.total += policy_scores.numel()
