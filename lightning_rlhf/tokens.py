@@ -48,7 +48,8 @@ def encode_prompt_completion(tokenizer, prompts: list, completions: list[str]) -
 
 
 def encode_pairs(tokenizer, prompts: list, completions: list[str]) -> tuple[list[list[int]], list[list[int]]]:
-    """:func:`encode_prompt_completion` in two parts: the prompts' ids and the completions' ids (each ending with eos)."""
+    """:func:`encode_prompt_completion` in two parts: the prompts' ids and the completions' ids
+    (each ending with eos)."""
     prompt_ids = prompt_token_ids(tokenizer, prompts)
     completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"] if completions else []
     return prompt_ids, [c + [tokenizer.eos_token_id] for c in completion_ids]

@@ -35,13 +35,15 @@ from lightning_rlhf.errors import ConfigError
 
 
 def check_micro_batch_size(micro_batch_size: int | None, unit: int = 1) -> None:
-    """Refuse a ``micro_batch_size`` below one ``unit`` of sequences or not a multiple of it (``None``: the whole mini-batch)."""
+    """Refuse a ``micro_batch_size`` below one ``unit`` of sequences or not a multiple of it
+    (``None``: the whole mini-batch)."""
     if micro_batch_size is None:
         return
     if micro_batch_size < unit or micro_batch_size % unit:
         what = "at least 1" if unit == 1 else f"a multiple of {unit} (a pair is {unit} sequences)"
         raise ConfigError(
-            f"micro_batch_size (sequences per forward and backward) must be {what}, or null for the whole mini-batch; got {micro_batch_size}."
+            f"micro_batch_size (sequences per forward and backward) must be {what}, "
+            f"or null for the whole mini-batch; got {micro_batch_size}."
         )
 
 
@@ -89,7 +91,8 @@ class GradientAccumulation:
 
 
 class WeightedSum:
-    """Running sums of detached statistics, each added with a weight (its micro-batch's share): the mini-batch's values."""
+    """Running sums of detached statistics, each added with a weight (its micro-batch's share):
+    the mini-batch's values."""
 
     def __init__(self) -> None:
         self.totals: dict[str, torch.Tensor] = {}

@@ -55,7 +55,8 @@ def check_importance_sampling_cap(cap: float | None) -> None:
     """Refuse a truncation cap that is not positive (``None`` turns the correction off)."""
     if cap is not None and cap <= 0:
         raise ConfigError(
-            f"importance_sampling_cap must be positive (the largest weight a rollout may get, e.g. 2.0) or null to turn the correction off, got {cap}."
+            f"importance_sampling_cap must be positive (the largest weight a rollout may get, e.g. 2.0) "
+            f"or null to turn the correction off, got {cap}."
         )
 
 
@@ -274,7 +275,8 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
         )
         divisors = ", ".join(str(d) for d in range(1, size + 1) if size % d == 0)
         raise ConfigError(
-            f"num_mini_batches={self.num_mini_batches} does not split a generated batch of {what} evenly; pick one of {divisors}, or change the batch size."
+            f"num_mini_batches={self.num_mini_batches} does not split a generated batch of {what} evenly; "
+            f"pick one of {divisors}, or change the batch size."
         )
 
     @override
@@ -296,7 +298,8 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
             batches = trainer.estimated_stepping_batches  # the epochs' batches
             if not math.isfinite(batches):
                 raise ConfigError(
-                    "lr_schedule: linear decays over the run's length, but the run has none; set trainer.max_steps or max_epochs."
+                    "lr_schedule: linear decays over the run's length, but the run has none; "
+                    "set trainer.max_steps or max_epochs."
                 )
             total = int(batches) * self.num_epochs * self.num_mini_batches
         return {
@@ -352,7 +355,8 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
         return {"rows": rows, "generations": generations}  # what was trained on, for callbacks (WeightSync's probe)
 
     def learn(self, rollouts: RolloutBatch, scores: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The algorithm: update the policy on ``rollouts`` (b = n * k, prompt-major) scored ``scores`` (b,); return metrics."""
+        """The algorithm: update the policy on ``rollouts`` (b = n * k, prompt-major) scored ``scores`` (b,);
+        return metrics."""
         raise NotImplementedError
 
     @override

@@ -21,7 +21,8 @@ from lightning_rlhf.errors import ConfigError
 
 
 class RolloutCheckpointing:
-    """Mixin of :class:`~lightning_rlhf.modules.base.RLModuleBase`: policy version, batches drawn and prompts in flight in checkpoints."""
+    """Mixin of :class:`~lightning_rlhf.modules.base.RLModuleBase`: policy version, batches drawn
+    and prompts in flight in checkpoints."""
 
     batches_drawn = 0  # prompt batches taken from the data loader (some may still be in flight)
     _resubmit: list[list[dict]] = []  # after a resume: this rank's prompts that were in flight
@@ -39,7 +40,8 @@ class RolloutCheckpointing:
             )
 
     def draw_batch(self) -> None:
-        """Count a batch drawn from the loader; after a resume, first ask again for the checkpoint's prompts in flight."""
+        """Count a batch drawn from the loader; after a resume, first ask again for the checkpoint's
+        prompts in flight."""
         self.batches_drawn += 1
         if self._resubmit:
             self.rollout_source.resubmit(self._resubmit, self.prompt_ids, self.sampling, self.policy_version)
@@ -69,8 +71,10 @@ class RolloutCheckpointing:
             # each rank's prompts in flight and its place in the data belong to that rank's shard: another
             # number of ranks would drop some prompts and repeat others
             raise ConfigError(
-                f"The checkpoint was saved by {len(per_rank)} rank(s) with prompts in flight and is resumed on {world_size}; "
+                f"The checkpoint was saved by {len(per_rank)} rank(s) with prompts in flight "
+                f"and is resumed on {world_size}; "
                 f"resume on {len(per_rank)} rank(s) (trainer.devices x num_nodes), or start a new run from its weights."
             )
         self._resubmit = list(per_rank[rank]) if rank < len(per_rank) else []
-        # the data loader's sampler follows ``batches_drawn`` and continues with the next prompt (see RLModuleBase.setup)
+        # the data loader's sampler follows ``batches_drawn`` and continues with the next prompt
+        # (see RLModuleBase.setup)

@@ -192,7 +192,8 @@ class PPO(RLModuleBase):
         return torch.stack(self.logprobs_and_values(rollouts), dim=1)  # (b, 2, t)
 
     def _loss(self, batch: _Update, chunk: torch.Tensor) -> torch.Tensor:
-        """Policy plus weighted value loss of the rollouts ``chunk``, weighted by their share of the mini-batch's tokens."""
+        """Policy plus weighted value loss of the rollouts ``chunk``, weighted by their share
+        of the mini-batch's tokens."""
         mask = batch.rollouts.response_mask[chunk]  # (c, t)
         logprobs, values = self.logprobs_and_values(batch.rollouts[chunk])  # (c, t)
         policy_loss, stats = ppo_policy_loss(

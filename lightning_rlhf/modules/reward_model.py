@@ -95,7 +95,8 @@ class RewardModel(GradientAccumulation, L.LightningModule):
         total = self.trainer.max_steps if self.trainer.max_steps != -1 else self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ConfigError(
-                "lr_schedule: linear decays over the run's length, but the run has none; set trainer.max_steps or max_epochs."
+                "lr_schedule: linear decays over the run's length, but the run has none; "
+                "set trainer.max_steps or max_epochs."
             )
         schedule = linear_schedule(optimizer, int(total), self.warmup_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -59,7 +59,8 @@ def reads_last_position_only(model: torch.nn.Module) -> bool:
 
 
 def _last_position_forward(layer: torch.nn.Module, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
-    """``layer``'s forward with attention over every position (keys and values go to the cache) and the rest at the last one, (b, 1, h)."""
+    """``layer``'s forward with attention over every position (keys and values go to the cache)
+    and the rest at the last one, (b, 1, h)."""
     attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
     last = hidden_states[:, -1:] + attended[:, -1:]
     return last + layer.mlp(layer.post_attention_layernorm(last))
@@ -84,7 +85,8 @@ def score_pairs(
     share_prompts: bool = True,
     last_position_only: bool = True,
 ) -> torch.Tensor:
-    """:func:`score_sequences` of each ``prompt + completion``, running each distinct prompt through the model once, (n,).
+    """:func:`score_sequences` of each ``prompt + completion``, running each distinct prompt
+    through the model once, (n,).
 
     With k samples per prompt the k sequences share the prompt's keys and values:
     the distinct prompts (left-padded) run once with a cache, the cache rows are

@@ -34,7 +34,8 @@ class GSM8kExactMatch(RewardFunction):
     def __call__(self, prompts: list[str], completions: list[str], rows: list[dict] | None = None) -> torch.Tensor:
         if rows is None or any(self.answer_column not in r for r in rows):
             raise ValueError(
-                f"GSM8kExactMatch needs the dataset column '{self.answer_column}'; set `answer_column` to the column with the reference answers."
+                f"GSM8kExactMatch needs the dataset column '{self.answer_column}'; "
+                "set `answer_column` to the column with the reference answers."
             )
         scores = []
         for completion, row in zip(completions, rows):
@@ -70,8 +71,9 @@ def apply_missing_eos_penalty(scores: torch.Tensor, finished: torch.Tensor, pena
     finished = finished.to(scores.device)
     if finished.any() and (~finished).any() and penalty >= scores[finished].mean().item():
         warnings.warn(
-            f"missing_eos_penalty={penalty} is above the mean score {scores[finished].mean().item():.2f} of completions that did end, "
-            "so it rewards a missing stop token; normalize the reward model (RewardModelScore uses reward_mean/reward_std from its config) or lower the penalty.",
+            f"missing_eos_penalty={penalty} is above the mean score {scores[finished].mean().item():.2f} "
+            "of completions that did end, so it rewards a missing stop token; normalize the reward model "
+            "(RewardModelScore uses reward_mean/reward_std from its config) or lower the penalty.",
             stacklevel=2,
         )
     return torch.where(finished, scores, torch.full_like(scores, penalty))

@@ -10,13 +10,15 @@ from lightning_rlhf.models import BUILTIN_ARTIFACTS, BUILTIN_PREFIX, COPY_ARTIFA
 
 
 def prepare(*names: str) -> None:
-    """Prepare what the ``builtin:`` sources ``names`` need, each once: the whole copy task if any is one of its artifacts."""
+    """Prepare what the ``builtin:`` sources ``names`` need, each once: the whole copy task
+    if any is one of its artifacts."""
     from lightning_rlhf.tasks import arithmetic, copy
 
     wanted = {name.removeprefix(BUILTIN_PREFIX) for name in names}
     if unknown := sorted(wanted - set(BUILTIN_ARTIFACTS)):
         raise ConfigError(
-            f"Unknown built-in artifact 'builtin:{unknown[0]}'; choose one of {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_ARTIFACTS)}."
+            f"Unknown built-in artifact 'builtin:{unknown[0]}'; "
+            f"choose one of {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_ARTIFACTS)}."
         )
     if wanted & set(COPY_ARTIFACTS):
         copy.prepare()

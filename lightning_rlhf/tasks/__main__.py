@@ -1,4 +1,5 @@
-"""``python -m lightning_rlhf.tasks builtin:<name> ...``: prepare built-in artifacts of any task (the copy task when none is named)."""
+"""``python -m lightning_rlhf.tasks builtin:<name> ...``: prepare built-in artifacts of any task
+(the copy task when none is named)."""
 
 import sys
 

@@ -37,7 +37,8 @@ LOW, HIGH = 10, 99
 
 
 def make_problem(a: int, b: int) -> dict:
-    """One row: ``question``, ``answer`` (worked, ending ``#### a+b``) and ``messages`` (the example turn, then the question)."""
+    """One row: ``question``, ``answer`` (worked, ending ``#### a+b``) and ``messages``
+    (the example turn, then the question)."""
     question = f"What is {a} + {b}?"
     return {
         "question": question,

@@ -144,7 +144,8 @@ def make_tokenizer():
 
 
 def make_base_model(tokenizer, seed: int = 0, size: str = "base"):
-    """A freshly initialised tiny Llama: ``size`` ``"base"`` (about 0.1M parameters) or ``"base_large"`` (about 1.1M)."""
+    """A freshly initialised tiny Llama: ``size`` ``"base"`` (about 0.1M parameters)
+    or ``"base_large"`` (about 1.1M)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shape = SIZES[size]
@@ -199,14 +200,16 @@ def prepare(*names: str) -> None:
     wanted = {name.removeprefix(BUILTIN_PREFIX) for name in names} or set(COPY_ARTIFACTS)
     if unknown := sorted(wanted - set(COPY_ARTIFACTS)):
         raise ConfigError(
-            f"Unknown built-in artifact 'builtin:{unknown[0]}'; choose one of {', '.join(BUILTIN_PREFIX + n for n in COPY_ARTIFACTS)}."
+            f"Unknown built-in artifact 'builtin:{unknown[0]}'; "
+            f"choose one of {', '.join(BUILTIN_PREFIX + n for n in COPY_ARTIFACTS)}."
         )
     root = builtin_root()
     models = [m for m in MODELS if any(m in MODELS_NEEDED.get(name, ()) for name in wanted)]  # in training order
     missing = [m for m in models if not (root / m / ".done").exists()]
     if missing and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(
-            f"The built-in '{missing[-1]}' is not prepared yet and this is a multi-process run; prepare it once first with `{PREPARE_COMMAND}`."
+            f"The built-in '{missing[-1]}' is not prepared yet and this is a multi-process run; "
+            f"prepare it once first with `{PREPARE_COMMAND}`."
         )
     with lock(root):
         if not (root / "data" / ".done").exists():
@@ -249,7 +252,8 @@ def _train_sft(root: Path, base: str, sft: str) -> None:
 
 @torch.no_grad()
 def _sft_samples(root: Path, num_prompts: int, k: int, temperature: float, seed: int) -> tuple[list[str], list[str]]:
-    """``k`` samples of the SFT policy for each of ``num_prompts`` fresh prompts: (prompts, completions), prompt-major."""
+    """``k`` samples of the SFT policy for each of ``num_prompts`` fresh prompts: (prompts, completions),
+    prompt-major."""
     tokenizer, policy = load_tokenizer(str(root / "sft")), load_policy(str(root / "sft")).eval()
     backend = TransformersBackend(policy, [tokenizer.eos_token_id], tokenizer.pad_token_id, batch_size=256, seed=seed)
     rng = random.Random(seed)
@@ -325,7 +329,8 @@ def train_until_floor(
 
 def _train_reward_model(root: Path) -> None:
     print(
-        f"lightning-rlhf: training the built-in proxy reward model into {root / 'reward_model'} (once, about two minutes)"
+        f"lightning-rlhf: training the built-in proxy reward model into {root / 'reward_model'} "
+        "(once, about two minutes)"
     )
     mixed = root / "data" / "preferences_with_sft_samples.jsonl"
     with open(root / "data" / "preferences.jsonl") as f:
