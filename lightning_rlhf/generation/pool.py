@@ -91,7 +91,7 @@ class GeneratorPool:
         buffers = pack_stream(stream, spec.bucket_bytes, pack_device(spec.transport))
         refit = Refit(stream.meta, spec.bucket_bytes)
         for i, generator in enumerate(self.generators):
-            generator.push_packed(refit, buffers, version, probe)
+            generator.push_packed(refit, buffers, version, probe if i == 0 else None)
         return time.perf_counter() - start
 
     def probe_logprobs(self, version: int) -> list[float] | None:
