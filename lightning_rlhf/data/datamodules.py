@@ -60,14 +60,16 @@ def load_rows(dataset: str, split: str = "train"):
         return datasets.load_dataset(path, split=split)
     if dataset.startswith((".", "/", "~")) or dataset.endswith(tuple(_FILE_BUILDERS)):
         raise ConfigError(
-            f"Dataset path '{dataset}' does not exist; pass an existing file or folder, a hub dataset id or 'builtin:prompts'."
+            f"Dataset path '{dataset}' does not exist; "
+            "pass an existing file or folder, a hub dataset id or 'builtin:prompts'."
         )
     name, _, config = dataset.partition(":")
     try:
         return datasets.load_dataset(name, config or None, split=split)
     except Exception as err:  # datasets raises many types for unreachable ids
         raise ConfigError(
-            f"Could not load dataset '{dataset}' (split '{split}'): {str(err).splitlines()[0]}; pass a local file or a reachable hub id."
+            f"Could not load dataset '{dataset}' (split '{split}'): {str(err).splitlines()[0]}; "
+            "pass a local file or a reachable hub id."
         ) from err
 
 
@@ -80,7 +82,8 @@ def check_context_length(max_prompt_tokens: int | None, max_new_tokens: int, con
     if max_prompt_tokens is None or context is None or max_prompt_tokens + max_new_tokens <= context:
         return
     raise ConfigError(
-        f"max_prompt_tokens={max_prompt_tokens} plus max_new_tokens={max_new_tokens} exceeds {whose} of {context} tokens; lower one of them so their sum is at most {context}."
+        f"max_prompt_tokens={max_prompt_tokens} plus max_new_tokens={max_new_tokens} exceeds {whose} "
+        f"of {context} tokens; lower one of them so their sum is at most {context}."
     )
 
 
@@ -331,12 +334,14 @@ class PromptDataModule(_TextDataModule):
         self.dropped = len(prompts) - len(keep)
         if not keep:
             raise ConfigError(
-                f"Every prompt of '{self.dataset_name}' is longer than max_prompt_tokens={self.max_prompt_tokens} tokens; raise max_prompt_tokens or use shorter prompts."
+                f"Every prompt of '{self.dataset_name}' is longer than max_prompt_tokens={self.max_prompt_tokens} "
+                "tokens; raise max_prompt_tokens or use shorter prompts."
             )
         if self.dropped:
             self.rows = self.rows.select(keep)
             rank_zero_info(
-                f"lightning-rlhf: dropped {self.dropped} of {len(prompts)} prompts longer than max_prompt_tokens={self.max_prompt_tokens} tokens."
+                f"lightning-rlhf: dropped {self.dropped} of {len(prompts)} prompts "
+                f"longer than max_prompt_tokens={self.max_prompt_tokens} tokens."
             )
 
 

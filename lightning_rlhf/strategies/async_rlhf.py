@@ -63,7 +63,10 @@ class _AsyncGeneration:
             sized = any(key in config.vllm_kwargs for key in ("gpu_memory_utilization", "kv_cache_memory_bytes"))
             if slot >= len(config.generator_devices) and device.startswith("cuda") and not sized:
                 raise ConfigError(
-                    f"generator_devices lists {len(config.generator_devices)} device(s) for {slot + 1} or more generators on this node (num_generators x ranks), so two would share {device}, each asking for most of its memory; list one GPU per generator, or divide the GPU with vllm_kwargs.gpu_memory_utilization."
+                    f"generator_devices lists {len(config.generator_devices)} device(s) for {slot + 1} or more "
+                    f"generators on this node (num_generators x ranks), so two would share {device}, "
+                    "each asking for most of its memory; list one GPU per generator, "
+                    "or divide the GPU with vllm_kwargs.gpu_memory_utilization."
                 )
             return device, config.generator_cores, config.trainer_cores
         if self.root_device.type == "cuda":
@@ -81,7 +84,9 @@ class _AsyncGeneration:
         sized = any(key in config.vllm_kwargs for key in ("gpu_memory_utilization", "kv_cache_memory_bytes"))
         if on_gpu and config.score_on_generator and config.backend == "vllm" and not sized:
             raise ConfigError(
-                f"score_on_generator loads the reward model on {device} after vLLM has taken its share of the GPU (most of it by default); leave it room with vllm_kwargs.gpu_memory_utilization (e.g. 0.6) or kv_cache_memory_bytes."
+                f"score_on_generator loads the reward model on {device} after vLLM has taken its share of the GPU "
+                "(most of it by default); leave it room with vllm_kwargs.gpu_memory_utilization (e.g. 0.6) "
+                "or kv_cache_memory_bytes."
             )
         model = resolve_source(module.policy_source, "policy model")
         return GeneratorSpec(
@@ -110,7 +115,8 @@ class _AsyncGeneration:
         return RewardScorer(self._rl_module().reward.unloaded_copy(), model, 1.0 if share == "auto" else share)
 
     def _new_generator(self) -> GeneratorProcess | GeneratorPool:
-        """Start this rank's generator(s); a restart first closes the one before (a replacement that failed to start included)."""
+        """Start this rank's generator(s); a restart first closes the one before
+        (a replacement that failed to start included)."""
         specs = [self._spec(i) for i in range(self.generation.num_generators)]
         self.stop_generator()  # idempotent: the pipeline closed a dead one already, not one that failed to start
         if len(specs) == 1:
@@ -124,7 +130,8 @@ class _AsyncGeneration:
         module = self.lightning_module
         if not isinstance(module, RLModule):
             raise ConfigError(
-                f"{type(self).__name__} generates for an RL module (OnlineDPO, RLOO, PPO), not {type(module).__name__}; use the default strategy for it."
+                f"{type(self).__name__} generates for an RL module (OnlineDPO, RLOO, PPO), "
+                f"not {type(module).__name__}; use the default strategy for it."
             )
         return module
 
@@ -215,7 +222,8 @@ class AsyncRLHFStrategy(_AsyncGeneration, SingleDeviceStrategy):
     def __init__(self, generation: GenerationConfig = DEFAULT_GENERATION, device: str = "cpu") -> None:
         if generation.shared_generator:
             raise ConfigError(
-                "shared_generator shares one generator among several ranks; AsyncRLHFStrategy trains on one device, so drop it (or use AsyncRLHFDDPStrategy)."
+                "shared_generator shares one generator among several ranks; AsyncRLHFStrategy trains on one device, "
+                "so drop it (or use AsyncRLHFDDPStrategy)."
             )
         super().__init__(device=torch.device(device))
         self._init_async(generation)
@@ -264,7 +272,8 @@ class AsyncRLHFDeepSpeedStrategy(_AsyncGeneration, DeepSpeedStrategy):
     def __init__(self, generation: GenerationConfig = DEFAULT_GENERATION, stage: int = 3, **deepspeed_kwargs) -> None:
         if generation.shared_generator and stage == 3 and generation.restart_on_failure:
             raise ConfigError(
-                "restart_on_failure cannot refit a shared generator under ZeRO-3 (rank 0 alone cannot gather the sharded weights); turn one of them off."
+                "restart_on_failure cannot refit a shared generator under ZeRO-3 "
+                "(rank 0 alone cannot gather the sharded weights); turn one of them off."
             )
         super().__init__(stage=stage, **deepspeed_kwargs)
         self._init_async(generation)
@@ -319,22 +328,26 @@ def check_transport(transport: str, trainer_device: torch.device, generator_devi
     """Say before any process starts when the transport (or the backend) cannot serve these devices."""
     if generator_device.startswith("cuda") and len(gpu_indices(generator_device)) > 1 and backend != "vllm":
         raise ConfigError(
-            f"Generator device {generator_device} names several GPUs (tensor parallelism), which only backend: vllm can use; name one GPU per generator."
+            f"Generator device {generator_device} names several GPUs (tensor parallelism), "
+            "which only backend: vllm can use; name one GPU per generator."
         )
     if transport == "gloo":
         return
     if trainer_device.type != "cuda" or not generator_device.startswith("cuda"):
         raise ConfigError(
-            f"weight_transport {transport!r} needs the trainer and the generator on GPUs (here {trainer_device} and {generator_device}); use 'gloo'."
+            f"weight_transport {transport!r} needs the trainer and the generator on GPUs "
+            f"(here {trainer_device} and {generator_device}); use 'gloo'."
         )
     same_gpu = (trainer_device.index or 0) in gpu_indices(generator_device)
     if transport == "nccl" and same_gpu:
         raise ConfigError(
-            f"weight_transport 'nccl' cannot join two processes on one GPU ({generator_device}); give the generator its own with generator_devices, or use 'cuda_ipc'."
+            f"weight_transport 'nccl' cannot join two processes on one GPU ({generator_device}); "
+            "give the generator its own with generator_devices, or use 'cuda_ipc'."
         )
     if transport == "cuda_ipc" and (not same_gpu or len(gpu_indices(generator_device)) > 1):
         raise ConfigError(
-            f"weight_transport 'cuda_ipc' shares memory on the trainer's own GPU, but the generator is on {generator_device}; use 'nccl' for a GPU of its own."
+            f"weight_transport 'cuda_ipc' shares memory on the trainer's own GPU, "
+            f"but the generator is on {generator_device}; use 'nccl' for a GPU of its own."
         )
 
 

