@@ -115,7 +115,8 @@ def load_eval_rows(
     for key, column in columns.items():
         if column not in rows.column_names:
             raise ConfigError(
-                f"Evaluation dataset '{dataset}' has no column '{column}' (columns: {', '.join(rows.column_names)}); set `{key}_column`."
+                f"Evaluation dataset '{dataset}' has no column '{column}' (columns: {', '.join(rows.column_names)}); "
+                f"set `{key}_column`."
             )
     rows = rows.select(range(min(num_prompts or len(rows), len(rows))))
     prompt_column = columns["prompt"]
@@ -160,7 +161,8 @@ class _Evaluation(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not isinstance(pl_module, RLModule):
             raise ConfigError(
-                f"{type(self).__name__} evaluates a policy trained by an RL module (OnlineDPO, RLOO, PPO), not {type(pl_module).__name__}; drop the callback."
+                f"{type(self).__name__} evaluates a policy trained by an RL module (OnlineDPO, RLOO, PPO), "
+                f"not {type(pl_module).__name__}; drop the callback."
             )
 
     def _run(self, trainer: L.Trainer, module: RLModule) -> dict[str, float]:
@@ -213,7 +215,8 @@ class _Evaluation(Callback):
 
 
 class GoldEvaluation(_Evaluation):
-    """Gold win rate against reference completions, with KL to the reference policy (the paper's TL;DR and chat protocol).
+    """Gold win rate against reference completions, with KL to the reference policy
+    (the paper's TL;DR and chat protocol).
 
     Metrics (``eval/gold_win_rate``, ``eval/gold_score``, ``eval/kl``, ``eval/eos_rate``,
     ``eval/response_length``) go to every logger and to ``eval_summary.json`` (see the
@@ -274,8 +277,9 @@ class GoldEvaluation(_Evaluation):
     @override
     def describe(self, first: dict[str, float], last: dict[str, float]) -> str:
         return (
-            f"gold win rate: {first['eval/gold_win_rate']:.3f} (step {first['step']}) -> {last['eval/gold_win_rate']:.3f} "
-            f"(step {last['step']}); KL to reference: {first['eval/kl']:.3f} -> {last['eval/kl']:.3f}"
+            f"gold win rate: {first['eval/gold_win_rate']:.3f} (step {first['step']}) "
+            f"-> {last['eval/gold_win_rate']:.3f} (step {last['step']}); "
+            f"KL to reference: {first['eval/kl']:.3f} -> {last['eval/kl']:.3f}"
         )
 
 

@@ -66,7 +66,8 @@ QUESTION = (
 
 
 class GenerativeJudge(Judge):
-    """A local judge LLM asked "A or B?" in both orders; the response's outcome is the mean of its two (1, 0.5 unclear, 0).
+    """A local judge LLM asked "A or B?" in both orders; the response's outcome is the mean of its two
+    (1, 0.5 unclear, 0).
 
     Args:
         model: Hub id or local directory of an instruction-following causal LM with a chat template.

@@ -45,7 +45,8 @@ class OffPolicySimulation(Callback):
             )
         if type(pl_module.rollout_source) is not InProcessSource:
             raise ConfigError(
-                "OffPolicySimulation simulates staleness in one process; drop it or use a synchronous strategy instead of an asynchronous one."
+                "OffPolicySimulation simulates staleness in one process; "
+                "drop it or use a synchronous strategy instead of an asynchronous one."
             )
         tokenizer = pl_module.tokenizer
         source = SnapshotSource(
