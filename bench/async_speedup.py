@@ -209,12 +209,14 @@ def main() -> None:
     with open(args.json, "w") as f:
         json.dump({"workload": workload, "cpu_cores": os.cpu_count(), "results": results}, f, indent=2)
     table = [
-        "| backend | k | epochs | sync episodes/s | async episodes/s | speedup | per repeat | ideal | gen s/step | train s/step | refresh s/step (async) |",
+        "| backend | k | epochs | sync episodes/s | async episodes/s | speedup | per repeat | ideal "
+        "| gen s/step | train s/step | refresh s/step (async) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         table.append(
-            f"| {r['backend']} | {r['k']} | {r['num_epochs']} | {r['sync_episodes_per_s']:.1f} | {r['async_episodes_per_s']:.1f} | {r['speedup']:.2f} | "
+            f"| {r['backend']} | {r['k']} | {r['num_epochs']} | {r['sync_episodes_per_s']:.1f} "
+            f"| {r['async_episodes_per_s']:.1f} | {r['speedup']:.2f} | "
             f"{', '.join(f'{x:.2f}' for x in r['speedup_per_repeat'])} | {r['ideal_speedup']:.2f} | "
             f"{r['gen_seconds']:.3f} | {r['train_seconds']:.3f} | {r['async_sync_seconds']:.4f} |"
         )

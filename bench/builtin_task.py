@@ -187,7 +187,8 @@ def _spread(values: list[float]) -> str:
 
 def markdown(results: dict) -> list[str]:
     lines = [
-        "| CPU kernels | proxy: pairs of SFT samples ranked as gold does (check in preparation; seed) | preparation (s) |",
+        "| CPU kernels | proxy: pairs of SFT samples ranked as gold does (check in preparation; seed) "
+        "| preparation (s) |",
         "|---|---|---|",
     ]
     for isa, p in results["preparations"].items():
@@ -222,8 +223,8 @@ def markdown(results: dict) -> list[str]:
             path = ", ".join(f"{c['gold_win_rate']:.3f}" for c in r["curve"])
             lines += [
                 "",
-                f"Long run (native, transformers, one process): {r['steps']} updates at beta {r['beta']}: gold win rate "
-                f"{path} (every quarter), {first['gold_win_rate']:.3f} -> {last['gold_win_rate']:.3f}, "
+                f"Long run (native, transformers, one process): {r['steps']} updates at beta {r['beta']}: "
+                f"gold win rate {path} (every quarter), {first['gold_win_rate']:.3f} -> {last['gold_win_rate']:.3f}, "
                 f"KL {last['kl']:.2f}, {r['seconds']:.0f} s.",
             ]
     return lines

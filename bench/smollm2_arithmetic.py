@@ -74,14 +74,16 @@ def split_gain(before: dict, after: dict) -> dict:
 
 def report(payload: dict) -> None:
     lines = [
-        "| seed | CPU kernels | wall time (min, preparation included) | eval/accuracy before -> after | gain | of which format | of which correctness | answers with #### before -> after |",
+        "| seed | CPU kernels | wall time (min, preparation included) | eval/accuracy before -> after | gain "
+        "| of which format | of which correctness | answers with #### before -> after |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in payload["runs"]:
         first, last = r["curve"][0], r["curve"][-1]
         split = split_gain(first, last)
         lines.append(
-            f"| {r['seed']} | {r.get('cpu_capability', 'not recorded')} | {r['wall_seconds'] / 60:.1f} | {first['accuracy']:.3f} -> {last['accuracy']:.3f} | "
+            f"| {r['seed']} | {r.get('cpu_capability', 'not recorded')} | {r['wall_seconds'] / 60:.1f} "
+            f"| {first['accuracy']:.3f} -> {last['accuracy']:.3f} | "
             f"{split['gain']:+.3f} | {split['format_part']:+.3f} | {split['correctness_part']:+.3f} | "
             f"{first['format_rate']:.3f} -> {last['format_rate']:.3f} |"
         )

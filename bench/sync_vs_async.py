@@ -157,7 +157,8 @@ def mean_curve(runs: list[dict]) -> list[dict]:
 
 
 def time_to_reach(curve: list[dict], target: float) -> float | None:
-    """Wall time at which the curve first reaches ``target``, linearly interpolated between evaluations; None if never."""
+    """Wall time at which the curve first reaches ``target``, linearly interpolated between evaluations;
+    None if never."""
     for before, after in zip(curve, curve[1:]):
         if after["gold_win_rate"] >= target:
             if before["gold_win_rate"] >= target:
@@ -201,19 +202,23 @@ def report(payload: dict, json_path: str) -> None:
     s = payload["summary"]
     fmt = lambda x, spec: "never" if x is None else format(x, spec)  # noqa: E731
     lines = [
-        "| mode | final gold win rate | final KL | total train seconds | seconds to reach sync's final win rate | ... less one standard error | each seed's curve reaches it at (s) |",
+        "| mode | final gold win rate | final KL | total train seconds | seconds to reach sync's final win rate "
+        "| ... less one standard error | each seed's curve reaches it at (s) |",
         "|---|---|---|---|---|---|---|",
     ]
     for mode in ("sync", "async"):
         per_seed = ", ".join(fmt(x, ".1f") for x in s.get(mode + "_seconds_to_target_per_seed", []))
         lines.append(
-            f"| {mode} | {s[mode + '_final_gold_win_rate']:.3f} | {s[mode + '_final_kl']:.2f} | {s[mode + '_total_seconds']:.1f} | "
-            f"{fmt(s[mode + '_seconds_to_target'], '.1f')} | {fmt(s[mode + '_seconds_to_target_less_se'], '.1f')} | {per_seed} |"
+            f"| {mode} | {s[mode + '_final_gold_win_rate']:.3f} | {s[mode + '_final_kl']:.2f} "
+            f"| {s[mode + '_total_seconds']:.1f} | {fmt(s[mode + '_seconds_to_target'], '.1f')} "
+            f"| {fmt(s[mode + '_seconds_to_target_less_se'], '.1f')} | {per_seed} |"
         )
     lines.append(
-        f"\nTarget (sync final, mean of {len(payload['runs']) // 2} seeds): {s['target_gold_win_rate']:.3f} (standard error {s['target_standard_error']:.3f}); "
+        f"\nTarget (sync final, mean of {len(payload['runs']) // 2} seeds): {s['target_gold_win_rate']:.3f} "
+        f"(standard error {s['target_standard_error']:.3f}); "
         f"SFT: {s['sft_gold_win_rate']:.3f}. "
-        f"Speed-up to target: {fmt(s.get('speedup_to_target'), '.2f')}{'x' if s.get('speedup_to_target') else ''}; total time ratio: {s['speedup_total_time']:.2f}x. Backend: {payload['backend']}."
+        f"Speed-up to target: {fmt(s.get('speedup_to_target'), '.2f')}{'x' if s.get('speedup_to_target') else ''}; "
+        f"total time ratio: {s['speedup_total_time']:.2f}x. Backend: {payload['backend']}."
     )
     write_markdown(os.path.splitext(json_path)[0] + ".md", lines)
     plt = pyplot()

@@ -265,9 +265,9 @@ def report(payload: dict, out: str) -> None:
     ]
     for r in payload["rows"]:
         lines.append(
-            f"| {r['shape']} | {r['transport']} | {r['backend']} | {r['params'] / 1e6:.1f}M | {r['bytes'] / MiB:.0f} MiB "
-            f"| {r['bucket_bytes'] / MiB:.0f} MiB | {r['buckets']} | {r['seconds']:.2f} | {r['trainer_hold_seconds']:.2f} "
-            f"| {r['generator_peak_extra_bytes'] / MiB:.0f} MiB | {r['note']} |"
+            f"| {r['shape']} | {r['transport']} | {r['backend']} | {r['params'] / 1e6:.1f}M "
+            f"| {r['bytes'] / MiB:.0f} MiB | {r['bucket_bytes'] / MiB:.0f} MiB | {r['buckets']} | {r['seconds']:.2f} "
+            f"| {r['trainer_hold_seconds']:.2f} | {r['generator_peak_extra_bytes'] / MiB:.0f} MiB | {r['note']} |"
         )
     write_markdown(out + ".md", lines)
 
