@@ -15,7 +15,8 @@ def pytest_configure(config):
         torch.set_num_threads(1)
     config.addinivalue_line(
         "markers",
-        "slow: starts processes (generators, vLLM, DDP ranks, scripts) or trains for many steps; `pytest -m 'not slow'` skips them while iterating, CI runs everything",
+        "slow: starts processes (generators, vLLM, DDP ranks, scripts) or trains for many steps; "
+        "`pytest -m 'not slow'` skips them while iterating, CI runs everything",
     )
 
 
@@ -58,7 +59,8 @@ def builtin_models():
 
 @pytest.fixture(scope="session")
 def vllm_probe():
-    """Runs ``tests/generation/vllm_probe.py`` with its arguments in a process of its own (5 minutes at most); its JSON."""
+    """Runs ``tests/generation/vllm_probe.py`` with its arguments in a process of its own (5 minutes at most);
+    its JSON."""
     import json
     import subprocess
     import sys

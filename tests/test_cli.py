@@ -82,7 +82,8 @@ def test_quickstart_runs_and_reports_gold_win_rate(builtin_models, tmp_path):
     short = tmp_path / "short.yaml"  # a list in a later config replaces the earlier one
     short.write_text(
         "trainer:\n  max_steps: 4\n  callbacks:\n    - class_path: lightning_rlhf.callbacks.GoldEvaluation\n"
-        "      init_args:\n        gold: lightning_rlhf.tasks.copy.CopyGoldReward\n        num_prompts: 32\n        every_n_steps: 2\n"
+        "      init_args:\n        gold: lightning_rlhf.tasks.copy.CopyGoldReward\n"
+        "        num_prompts: 32\n        every_n_steps: 2\n"
     )
     out = run_cli(
         "fit",

@@ -1,4 +1,5 @@
-"""bench/peer_trl.py's ``trl_our_parts`` run hands TRL our sampling loop in place of ``generate``: it must draw the same."""
+"""bench/peer_trl.py's ``trl_our_parts`` run hands TRL our sampling loop in place of ``generate``:
+it must draw the same."""
 
 import importlib.util
 import os

@@ -1,4 +1,5 @@
-"""Prompts too long for the generator: dropped at load and counted, or refused in one sentence before any process starts."""
+"""Prompts too long for the generator: dropped at load and counted, or refused in one sentence
+before any process starts."""
 
 import json
 

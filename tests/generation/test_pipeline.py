@@ -19,7 +19,8 @@ SAMPLING = SamplingConfig(k=1, temperature=1.0, max_new_tokens=2)
 def run(
     source: PipelinedSource, policy: Policy, batches: int, probe_at: int | None = None
 ) -> tuple[list[int], list[int]]:
-    """Drive ``source`` as an RL module does: step, train ``policy``, after_update. Returns the prompts trained and their staleness."""
+    """Drive ``source`` as an RL module does: step, train ``policy``, after_update.
+    Returns the prompts trained and their staleness."""
     trained, staleness, version = [], [], policy.version
     for prompt in range(batches):
         ready = source.step([{"prompt": prompt}], [[prompt]], SAMPLING, version)

@@ -125,7 +125,8 @@ def _sampled_rollouts(
     max_new_tokens: int,
     texts=("copy 1 2 3 =", "copy 4 5 6 7 8 9 =", "copy 0 =", "copy 1 2 3 ="),
 ):
-    """k samples each of prompts of different lengths (left padding), shuffled (as a DPO pair order is not prompt-major)."""
+    """k samples each of prompts of different lengths (left padding),
+    shuffled (as a DPO pair order is not prompt-major)."""
     backend = TransformersBackend(model, [tokenizer.eos_token_id], tokenizer.pad_token_id)
     prompts = prompt_token_ids(tokenizer, list(texts))
     torch.manual_seed(3)

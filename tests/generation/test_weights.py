@@ -1,4 +1,5 @@
-"""Weight transfer in packed buckets: planning, packing, casting, streaming, and failures, with both ends in this process."""
+"""Weight transfer in packed buckets: planning, packing, casting, streaming, and failures,
+with both ends in this process."""
 
 import threading
 import time
@@ -94,7 +95,8 @@ def test_the_tied_head_is_sent_only_when_asked():
 
 
 def test_a_gathered_stream_holds_one_whole_parameter_at_a_time():
-    """As ZeRO-3 does: each parameter is made whole only while it is packed, so the peak is one parameter, not a model."""
+    """As ZeRO-3 does: each parameter is made whole only while it is packed,
+    so the peak is one parameter, not a model."""
     params = [(f"p{i}", torch.nn.Parameter(torch.zeros(0))) for i in range(6)]
     whole = {name: torch.full((256, 256), float(i)) for i, (name, _) in enumerate(params)}
     for (_name, p), w in zip(params, whole.values()):
@@ -242,7 +244,8 @@ def test_an_nccl_send_gives_up_at_our_timeout_before_the_watchdog_would():
 
 
 def test_a_send_from_the_callers_thread_streams_through_two_reused_buffers():
-    """Defects b and c: every bucket goes out in the calling thread, staged in turn in two buffers of one bucket each."""
+    """Defects b and c: every bucket goes out in the calling thread,
+    staged in turn in two buffers of one bucket each."""
     store, sender, receiver = _pair()
     named = [(f"w{i}", torch.full((MiB // 4,), float(i))) for i in range(5)]  # 1 MiB each, a bucket each
     refit = Refit(stream_of(named).meta, bucket_bytes=MiB)

@@ -122,7 +122,8 @@ def test_training_keeps_the_models_out_of_the_cyclic_collector_and_gives_them_ba
 
 
 class RefreshingRollouts(FixedRollouts):
-    """:class:`FixedRollouts` that records a periodic weight refresh after every update, as a generator's source does."""
+    """:class:`FixedRollouts` that records a periodic weight refresh after every update,
+    as a generator's source does."""
 
     def after_update(self, version):
         self.refreshes.append(Refresh(version, 0.001, "period"))

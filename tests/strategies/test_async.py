@@ -564,7 +564,8 @@ def test_resume_loses_no_prompt_and_uses_none_twice(tmp_path):
             tmp_path / f"second{stop}", *common, "--steps", "8", "--ckpt_path", str(tmp_path / f"at{stop}.ckpt")
         )
         assert len(first["trained_prompts"]) == stop and len(second["trained_prompts"]) == 8 - stop
-        # the batch in flight at the checkpoint is trained first after resuming; then the loader continues where it stopped
+        # the batch in flight at the checkpoint is trained first after resuming;
+        # then the loader continues where it stopped
         assert first["trained_prompts"] + second["trained_prompts"] == whole["trained_prompts"], (
             f"resumed after {stop} updates"
         )
