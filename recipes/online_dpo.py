@@ -1,254 +1,104 @@
 """Online DPO as a standalone Lightning Fabric script.
 
-    python recipes/online_dpo.py --steps 80
-    python recipes/online_dpo.py --max_staleness 1     # asynchronous: a generator process one version behind
+    python recipes/online_dpo.py --train.steps 80
+    python recipes/online_dpo.py --rollout.max_staleness 1     # asynchronous: a generator process one version behind
     python recipes/online_dpo.py --help
 
 The same library pieces as the ``OnlineDPO`` LightningModule -- the generation
 backend, rewards, rollout tensors and :func:`lightning_rlhf.losses.online_dpo_loss`
 -- in a plain loop: sample k completions per prompt, score them, train DPO on the
 best against the worst. Gold win rate and KL to the SFT policy are measured
-before and after when the built-in task is used.
+before and after when the built-in task is used. The arguments and the loop
+every recipe shares are in ``recipes/shared.py``; the algorithm is :func:`update`.
 
 Differs from the ``OnlineDPO`` LightningModule:
     * One optimizer step per generated batch (the module takes ``num_mini_batches`` x ``num_epochs``).
     * The sigmoid (DPO) loss only, no ``loss_type="ipo"``.
-    * AdamW, gradients always clipped to norm 1.0 (the module takes any optimizer and ``gradient_clip_val``).
-    * The reference is a frozen copy of ``--policy`` and the reward a reward model (the module also takes
-      another ``ref_policy`` and any ``RewardFunction``, e.g. a rule).
-    * Defaults sized for the built-in task: ``k=4``, ``max_new_tokens=10`` (the module's: 2, 53).
-    * Logs only the loss, accuracy, score, KL and staleness; keeps no checkpoint, so it cannot resume.
+    * ``k`` defaults to 4, sized for the built-in task (the module's: 2).
+    * Logs only the loss, accuracy, score, KL and staleness.
+    * And what every recipe does differently (``recipes/shared.py``): AdamW, a frozen reference, no checkpoint.
 """
 
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import dataclass
-from pathlib import Path
+from functools import partial
 
 import lightning as L
 import torch
 from jsonargparse import CLI
 from lightning.fabric.loggers import CSVLogger
-from torch.utils.data import DataLoader
-from transformers import PreTrainedTokenizerBase
+from shared import Learner, RolloutArgs, RolloutLoop, RunArgs, ScoredBatch, TrainArgs, check_k, load_models
 
-from lightning_rlhf.callbacks.evaluation import evaluate_policy
-from lightning_rlhf.data import PromptDataModule, load_rows
-from lightning_rlhf.errors import ConfigError
-from lightning_rlhf.generation import RolloutSource, SamplingConfig
-from lightning_rlhf.generation.pipeline import start_source
 from lightning_rlhf.losses import online_dpo_loss
-from lightning_rlhf.models import freeze, load_policy, load_tokenizer
-from lightning_rlhf.rewards import RewardModelScore
-from lightning_rlhf.rollout_batch import build_rollout_batch, response_logprobs, score_rollouts
-from lightning_rlhf.tasks.copy import CopyGoldReward, prepare
-from lightning_rlhf.tokens import prompt_token_ids
-
-
-@dataclass(frozen=True)
-class TrainArgs:
-    """Online DPO's training hyper-parameters (documented in :func:`setup`)."""
-
-    steps: int
-    batch_size: int
-    beta: float
-    lr: float
-    sampling: SamplingConfig
-    missing_eos_penalty: float | None
-
-    def __post_init__(self) -> None:
-        if self.sampling.k < 2:
-            raise ConfigError(
-                f"Online DPO needs at least two completions per prompt to form a pair, got k={self.sampling.k}; set --k 2 or more."
-            )
+from lightning_rlhf.modules.accumulation import WeightedSum, check_micro_batch_size
+from lightning_rlhf.rollout_batch import RolloutBatch, in_micro_batches, micro_batches, response_logprobs
+from lightning_rlhf.tasks.copy import prepare
 
 
 def setup(
-    policy: str = "builtin:sft",
-    reward_model: str = "builtin:reward_model",
-    dataset: str = "builtin:prompts",
-    prompt_column: str = "prompt",
-    steps: int = 80,
-    batch_size: int = 32,
-    k: int = 4,
     beta: float = 0.1,
-    lr: float = 1e-4,
-    temperature: float = 0.7,
-    max_new_tokens: int = 10,
-    missing_eos_penalty: float | None = -1.0,
-    max_staleness: int | None = None,
-    backend: str = "transformers",
-    generator_device: str | None = None,
-    evaluate: bool = True,
-    out_dir: str = "runs/fabric/online_dpo",
-    log_prompts: bool = False,
-    accelerator: str = "cpu",
-    devices: int = 1,
-    seed: int = 0,
+    # frozen dataclasses, so one default instance is safe to share (ruff cannot see that across modules)
+    train: TrainArgs = TrainArgs(),  # noqa: B008
+    rollout: RolloutArgs = RolloutArgs(),  # noqa: B008
+    run: RunArgs = RunArgs(),  # noqa: B008
 ) -> None:
-    """Train a policy with online DPO.
+    """Train a policy with online DPO, one optimizer step per generated batch.
+
+    ``--rollout.k`` is at least 2; ``--train.micro_batch_size`` counts sequences, two per pair.
 
     Args:
-        policy: Hub id, local directory or ``builtin:sft``.
-        reward_model: Reward model (hub id, local directory or ``builtin:reward_model``).
-        dataset: Prompt dataset (hub id, local file or ``builtin:prompts``).
-        prompt_column: Column with the prompt text.
-        steps: Generated batches, one optimizer step each.
-        batch_size: Prompts per batch.
-        k: Completions per prompt (at least 2).
         beta: DPO's KL strength.
-        lr: AdamW learning rate.
-        temperature: Sampling temperature, also applied to the training logits.
-        max_new_tokens: Longest completion.
-        missing_eos_penalty: Score of a completion without eos (None keeps the reward).
-        max_staleness: ``None`` generates in this process with the current weights; ``N`` runs a
-            generator process that samples up to ``N`` policy versions behind (1: the paper's async).
-        backend: Generator process backend, ``transformers`` or ``vllm``.
-        generator_device: Device of the generator process (e.g. ``cuda:1``); default: the policy's.
-        evaluate: Measure gold win rate and KL before and after (built-in task only).
-        out_dir: Where the CSV metrics go.
-        log_prompts: Write each rank's trained prompts to ``<out_dir>/trained_prompts_rank<r>.jsonl``, a line per batch.
-        accelerator: Fabric accelerator.
-        devices: Fabric devices.
-        seed: Random seed.
     """
-    train = TrainArgs(
-        steps=steps,
-        batch_size=batch_size,
-        beta=beta,
-        lr=lr,
-        sampling=SamplingConfig(k=k, temperature=temperature, max_new_tokens=max_new_tokens),
-        missing_eos_penalty=missing_eos_penalty,
-    )
-    prepare()  # the built-in task, once (its eval prompts and gold reward are used by --evaluate)
-    fabric = L.Fabric(accelerator=accelerator, devices=devices, loggers=CSVLogger(out_dir, name="online_dpo"))
-    fabric.launch(
-        main,
-        train,
-        policy,
-        reward_model,
-        dataset,
-        prompt_column,
-        max_staleness,
-        backend,
-        generator_device,
-        evaluate,
-        out_dir,
-        log_prompts,
-        seed,
-    )
+    check_k(rollout.k, 2, "Online DPO needs at least two completions per prompt to form a pair")
+    check_micro_batch_size(train.micro_batch_size, unit=2)
+    prepare()  # the built-in task, once (its eval prompts and gold reward are used by --run.evaluate)
+    fabric = L.Fabric(accelerator=run.accelerator, devices=run.devices, loggers=CSVLogger(run.out_dir, "online_dpo"))
+    fabric.launch(main, beta, train, rollout, run)
 
 
-def main(
-    fabric: L.Fabric,
-    train: TrainArgs,
-    policy: str,
-    reward_model: str,
-    dataset: str,
-    prompt_column: str,
-    max_staleness: int | None,
-    backend: str,
-    generator_device: str | None,
-    evaluate: bool,
-    out_dir: str,
-    log_prompts: bool,
-    seed: int,
-) -> None:
-    fabric.seed_everything(seed)
-    data = PromptDataModule(dataset, prompt_column=prompt_column, batch_size=train.batch_size, seed=seed)
-    tokenizer = load_tokenizer(policy)
-    model = load_policy(policy).train()
-    ref_policy = freeze(load_policy(policy)).to(fabric.device)
-    reward = RewardModelScore(reward_model)
-    reward.setup(fabric.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr)
-    fabric_policy, optimizer = fabric.setup(model, optimizer)
-    loader = fabric.setup_dataloaders(
-        data.dataloader(fabric.world_size, fabric.global_rank)
-    )  # each rank its own prompts
-    source = start_source(
-        model, tokenizer, policy, max_staleness, backend=backend, seed=seed, generator_device=generator_device
-    )
-    prompts_log = Path(out_dir, f"trained_prompts_rank{fabric.global_rank}.jsonl") if log_prompts else None
-    if prompts_log is not None:
-        prompts_log.parent.mkdir(parents=True, exist_ok=True)
-        prompts_log.write_text("")  # this run's batches only
-
-    gold_rows = [dict(r) for r in load_rows("builtin:eval_prompts")] if evaluate else []
-    if gold_rows:
-        before = evaluate_policy(model, ref_policy, tokenizer, CopyGoldReward(), gold_rows, train.sampling, seed=1234)
-        fabric.print(f"before: {before}")
-    try:
-        fit(fabric, fabric_policy, ref_policy, optimizer, source, reward, tokenizer, loader, train, prompts_log)
-    finally:
-        source.close()
-    if gold_rows:
-        after = evaluate_policy(model, ref_policy, tokenizer, CopyGoldReward(), gold_rows, train.sampling, seed=1234)
-        fabric.log_dict(after, step=train.steps)
-        fabric.print(f"after: {after}")
-        fabric.print(
-            f"gold win rate: {before['eval/gold_win_rate']:.3f} -> {after['eval/gold_win_rate']:.3f}; KL to reference: {after['eval/kl']:.3f}"
-        )
-    fabric.logger.finalize("success")
+def main(fabric: L.Fabric, beta: float, train: TrainArgs, rollout: RolloutArgs, run: RunArgs) -> None:
+    tokenizer, model, ref_policy = load_models(fabric, run)
+    policy, optimizer = fabric.setup(model, torch.optim.AdamW(model.parameters(), lr=train.lr))
+    learner = Learner(fabric, policy, ref_policy, optimizer, train, rollout)
+    with RolloutLoop(fabric, model, ref_policy, tokenizer, train.steps, train, rollout, run) as batches:
+        for step, batch in enumerate(batches, start=1):
+            batches.log(step, batch, update(learner, batch, beta))
 
 
-def fit(
-    fabric: L.Fabric,
-    policy: torch.nn.Module,
-    ref_policy: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    source: RolloutSource,
-    reward: RewardModelScore,
-    tokenizer: PreTrainedTokenizerBase,
-    loader: DataLoader,
-    train: TrainArgs,
-    prompts_log: Path | None,
-) -> None:
-    sampling = train.sampling
-    step, version, start = 0, 0, time.perf_counter()
-    while step < train.steps:
-        for batch in loader:
-            ready = source.step(batch, prompt_token_ids(tokenizer, [r["prompt"] for r in batch]), sampling, version)
-            if ready is None:
-                continue  # asynchronous: the generator is filling the pipeline
-            batch, generations = ready
-            staleness = version - generations.policy_version  # versions between sampling and this update (0: on-policy)
-            n, k = len(batch), sampling.k
-            rollouts = build_rollout_batch(generations, tokenizer.pad_token_id).to(fabric.device)
-            scores, _, _ = score_rollouts(reward, tokenizer, generations, batch, train.missing_eos_penalty)
-            scores = scores.to(fabric.device).view(n, k)  # (n, k)
-            offsets = torch.arange(n, device=fabric.device) * k
-            pair = torch.cat([offsets + scores.argmax(1), offsets + scores.argmin(1)])  # (2n,) best then worst
-            with torch.no_grad():
-                ref_logps = response_logprobs(ref_policy, rollouts[pair], sampling.temperature).sum(-1)  # (2n,)
-            logps = response_logprobs(policy, rollouts[pair], sampling.temperature).sum(-1)  # (2n,)
-            loss, stats = online_dpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], train.beta)
-            optimizer.zero_grad()
-            fabric.backward(loss)
-            fabric.clip_gradients(policy, optimizer, max_norm=1.0)
-            optimizer.step()
-            step += 1
-            version += 1
-            source.after_update(version)  # refreshes the generator (a no-op when generating in this process)
-            metrics = {
-                "train/loss": loss.item(),
-                "train/accuracy": stats.accuracy.item(),
-                "objective/scores": scores.mean().item(),
-                "objective/kl": (logps.detach() - ref_logps).mean().item(),
-                "rollout/staleness": float(staleness),
-            }
-            fabric.log_dict(metrics, step=step)
-            if prompts_log is not None:
-                with prompts_log.open("a") as f:
-                    f.write(json.dumps({"step": step, "prompts": [r["prompt"] for r in batch]}) + "\n")
-            if step % 10 == 0 or step == train.steps:
-                fabric.print(
-                    f"step {step:4d}  loss {metrics['train/loss']:.4f}  score {metrics['objective/scores']:+.3f}  kl {metrics['objective/kl']:.3f}  {time.perf_counter() - start:.1f}s"
-                )
-            if step >= train.steps:
-                return
+def update(learner: Learner, batch: ScoredBatch, beta: float) -> dict[str, torch.Tensor]:
+    """One DPO step on each prompt's best completion against its worst; returns the step's metrics.
+
+    ``n`` prompts, ``k`` completions each; a pair's two sequences run in the same micro-batch.
+    """
+    n, k, size = len(batch.rows), learner.rollout.k, learner.train.micro_batch_size
+    scores = batch.scores.view(n, k)  # (n, k)
+    offsets = torch.arange(n, device=scores.device) * k
+    chosen, rejected = offsets + scores.argmax(1), offsets + scores.argmin(1)  # (n,) rollout indices
+    pairs = batch.rollouts[torch.stack([chosen, rejected], dim=1).flatten()]  # (2n,) each pair's chosen, rejected
+
+    def logps_of(model: torch.nn.Module, rows: RolloutBatch) -> torch.Tensor:  # (b,) summed at the sampling temperature
+        return response_logprobs(model, rows, learner.rollout.temperature).sum(-1)
+
+    with torch.no_grad():
+        ref_logps = in_micro_batches(partial(logps_of, learner.ref_policy), pairs, size).view(n, 2)  # (n, 2)
+    sums = WeightedSum()
+
+    def loss_of(chunk: torch.Tensor) -> torch.Tensor:  # (c,) pair indices
+        rows = torch.stack([2 * chunk, 2 * chunk + 1], dim=1).flatten()  # (2c,) each pair's chosen, rejected
+        logps = logps_of(learner.policy, pairs[rows]).view(-1, 2)  # (c, 2)
+        ref = ref_logps[chunk]  # (c, 2)
+        loss, stats = online_dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta)
+        share = len(chunk) / n  # the loss is a mean over pairs
+        sums.add(share, loss=loss, accuracy=stats.accuracy, kl=(logps.detach() - ref).mean())
+        return loss * share
+
+    pairs_per_pass = None if size is None else size // 2
+    learner.optimizer_step(micro_batches(torch.arange(n, device=offsets.device), pairs_per_pass), loss_of)
+    return {
+        "train/loss": sums.totals["loss"],
+        "train/accuracy": sums.totals["accuracy"],
+        "objective/kl": sums.totals["kl"],
+    }
 
 
 if __name__ == "__main__":

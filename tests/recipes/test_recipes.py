@@ -1,4 +1,4 @@
-"""Each Fabric recipe runs a few steps as a real script (subprocess with a timeout), synchronously and asynchronously."""
+"""Each Fabric recipe runs a few steps as a real script (subprocess with a timeout), in sync and async."""
 
 import csv
 import glob
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow  # each test runs a script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXTRA = {"online_dpo": [], "rloo": [], "ppo": ["--num_epochs", "2"]}
-EPOCHS = {"online_dpo": 1, "rloo": 1, "ppo": 2}  # optimizer steps per generated batch; --steps counts optimizer steps
+EPOCHS = {"online_dpo": 1, "rloo": 1, "ppo": 2}  # optimizer steps per generated batch; --train.steps counts them
 
 
 def run_recipe(recipe: str, tmp_path, *args: str) -> list[dict]:
@@ -22,13 +22,13 @@ def run_recipe(recipe: str, tmp_path, *args: str) -> list[dict]:
         [
             sys.executable,
             f"recipes/{recipe}.py",
-            "--steps",
+            "--train.steps",
             str(4 * EPOCHS[recipe]),
-            "--batch_size",
+            "--train.batch_size",
             "8",
-            "--evaluate",
+            "--run.evaluate",
             "false",
-            "--out_dir",
+            "--run.out_dir",
             str(tmp_path),
             *EXTRA[recipe],
             *args,
@@ -46,7 +46,8 @@ def run_recipe(recipe: str, tmp_path, *args: str) -> list[dict]:
 # synchronous: every batch sampled by the weights it trains; asynchronous (max_staleness 1): the first batch
 # fills the pipeline with the initial weights, every later one is exactly one version old
 @pytest.mark.parametrize(
-    "mode, args, staleness", [("sync", [], [0.0] * 4), ("async", ["--max_staleness", "1"], [0.0, 1.0, 1.0, 1.0])]
+    "mode, args, staleness",
+    [("sync", [], [0.0] * 4), ("async", ["--rollout.max_staleness", "1"], [0.0, 1.0, 1.0, 1.0])],
 )
 @pytest.mark.parametrize("recipe", ["online_dpo", "rloo", "ppo"])
 def test_recipe_trains_four_steps_with_the_staleness_it_was_asked_for(
@@ -62,7 +63,7 @@ def test_recipe_trains_four_steps_with_the_staleness_it_was_asked_for(
 
 def test_two_processes_train_disjoint_prompts(builtin_models, tmp_path):
     # Fabric launches a second rank; each must train on its own shard of the prompts, not the same batches twice
-    rows = run_recipe("online_dpo", tmp_path, "--devices", "2", "--log_prompts", "true")
+    rows = run_recipe("online_dpo", tmp_path, "--run.devices", "2", "--run.log_prompts", "true")
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     trained = []
     for rank in (0, 1):
@@ -75,10 +76,10 @@ def test_two_processes_train_disjoint_prompts(builtin_models, tmp_path):
 
 def test_recipe_refuses_k_below_two(tmp_path):
     out = subprocess.run(
-        [sys.executable, "recipes/online_dpo.py", "--k", "1", "--out_dir", str(tmp_path)],
+        [sys.executable, "recipes/online_dpo.py", "--rollout.k", "1", "--run.out_dir", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert out.returncode != 0 and "set --k 2 or more" in out.stderr
+    assert out.returncode != 0 and "set --rollout.k 2 or more" in out.stderr
