@@ -48,6 +48,7 @@ setup(
             "deepspeed>=0.16",
             "ruff==0.17.5",
             "import-linter>=2.16",
+            "mypy==2.4.1",
         ],
         "bench": ["matplotlib>=3.8", "trl==1.16.0"],
     },

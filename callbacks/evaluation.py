@@ -260,7 +260,9 @@ class GoldEvaluation(_Evaluation):
             raise ConfigError("GoldEvaluation needs exactly one of `gold` (a reward) and `judge` (a Judge).")
         columns = {"prompt": prompt_column, "reference": reference_column}
         self.rows = load_eval_rows(dataset, split, columns, num_prompts, prompt_template)
-        self.gold = gold if gold is not None else judge
+        scorer = gold if gold is not None else judge
+        assert scorer is not None  # exactly one was given (checked above)
+        self.gold: RewardFunction | Judge = scorer
         self.seed = seed
 
     @override

@@ -18,6 +18,7 @@ Two local judges come with the library:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 
@@ -81,8 +82,8 @@ class GenerativeJudge(Judge):
         self.template = template
         self.batch_size = batch_size
         self.dtype = dtype
-        self.backend = None
-        self.tokenizer = None
+        self.backend: TransformersBackend | None = None  # loaded in setup()
+        self.tokenizer: Any = None
 
     def setup(self, device: torch.device) -> None:
         if self.backend is not None:
@@ -94,6 +95,8 @@ class GenerativeJudge(Judge):
         )
 
     def _prefers_a(self, prompts: list, a: list[str], b: list[str]) -> list[float]:
+        if self.backend is None:
+            raise RuntimeError("Call setup(device) before judging.")
         questions = [self.template.format(prompt=_text(p), a=x, b=y) for p, x, y in zip(prompts, a, b)]
         out = self.backend.generate(
             prompt_token_ids(self.tokenizer, questions), SamplingConfig(k=1, temperature=0.0, max_new_tokens=4)

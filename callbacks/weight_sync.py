@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_rlhf.contracts import RLModule, RolloutSource
+from lightning_rlhf.contracts import RLModule, RolloutSource, TrainedOn
 from lightning_rlhf.generation.transformers_backend import sequence_logprobs
 from lightning_rlhf.metrics.cadence import logger_writes_now
 
@@ -64,21 +64,22 @@ class WeightSync(Callback):
 
     @override
     def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: TrainedOn | None, batch, batch_idx: int
     ) -> None:
         source = pl_module.rollout_source if isinstance(pl_module, RLModule) else None
         if source is None:
             return
-        if self.probe is None and isinstance(outputs, dict) and outputs.get("generations") is not None:
+        if self.probe is None and outputs is not None:  # a step that trained (not one filling the pipeline)
             g = outputs["generations"]
             self.probe = (g.prompt_ids[0], g.completion_ids[0])
         new, self._seen = source.refreshes[self._seen :], len(source.refreshes)
         for refresh in (r for r in new if r.reason == "period"):
             self.refreshes += 1
             self._unlogged.update({"sync/seconds": refresh.seconds, "sync/version": float(refresh.version)})
-            if self._armed and self._probes(self.refreshes):
+            if self._armed and self.probe is not None and self._probes(self.refreshes):
                 # on every rank, also those without a generator: under ZeRO-3 a forward pass gathers from all ranks
-                self._awaited[refresh.version] = sequence_logprobs(pl_module.policy, *self.probe, temperature=1.0)
+                prompt, completion = self.probe
+                self._awaited[refresh.version] = sequence_logprobs(pl_module.policy, prompt, completion, 1.0)
         for version in sorted(self._awaited):
             answer = source.probe_logprobs(version)
             if answer is not None:  # with a shared generator only rank 0 ever has one
@@ -98,7 +99,7 @@ class WeightSync(Callback):
     def _ask(self, source: RolloutSource) -> None:
         """Have the next periodic refresh carry the probe when it is one to check (any refresh before it will too)."""
         self._armed = self.probe is not None and self._probes(self.refreshes + 1)
-        source.set_probe((*self.probe, 1.0) if self._armed else None)
+        source.set_probe((self.probe[0], self.probe[1], 1.0) if self._armed and self.probe is not None else None)
 
     @override
     def state_dict(self) -> dict:

@@ -11,7 +11,9 @@ Who reads and writes what, in one direction:
 
 * A **strategy** reads an :class:`RLModule`'s ``policy``, ``policy_source`` and
   ``generation_seed`` to start a generator with the same architecture, weights
-  and sampling streams, and hands the module its rollout source once, with
+  and sampling streams, its ``reward`` to score on the generator
+  (``score_on_generator``), and its trainer's datamodule's ``max_prompt_tokens``
+  (a length check), and hands the module its rollout source once, with
   :meth:`RLModule.use_rollout_source`. It never reads anything else of the module.
 * The **module** asks its source for rollouts (:meth:`RolloutSource.step`),
   tells it when it made a new policy version (:meth:`RolloutSource.after_update`),
@@ -20,21 +22,31 @@ Who reads and writes what, in one direction:
   every ``sync_every`` versions, and whenever the staleness bound demands it.
   It records each refresh in ``refreshes``.
 * **Callbacks** observe: ``WeightSync`` logs ``refreshes`` and probes the
-  generator after a periodic one, ``GoldEvaluation`` samples from ``policy``,
+  generator after a periodic one (the probe is the first rollout of the
+  :class:`TrainedOn` a ``training_step`` returns), ``GoldEvaluation`` samples from ``policy``,
   ``OffPolicySimulation`` hands the module a different source. None writes a
   module attribute.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, TypedDict, runtime_checkable
 
+import lightning as L
 import torch
 
-from lightning_rlhf.generation.base import SamplingConfig
-from lightning_rlhf.generation.source import Refresh, RolloutSource
+from lightning_rlhf.generation.base import Generations, SamplingConfig
+from lightning_rlhf.generation.source import Refresh, RolloutSource, Row
+from lightning_rlhf.rewards.base import RewardFunction
 
-__all__ = ["RLModule", "Refresh", "RolloutSource"]
+__all__ = ["RLModule", "Refresh", "RolloutSource", "TrainedOn"]
+
+
+class TrainedOn(TypedDict):
+    """What an RL module's ``training_step`` returns, for callbacks: the rows and rollouts it trained on."""
+
+    rows: list[Row]
+    generations: Generations
 
 
 @runtime_checkable
@@ -44,10 +56,15 @@ class RLModule(Protocol):
     policy: torch.nn.Module | None  # the weights being trained; ``None`` until ``configure_model``
     ref_policy: torch.nn.Module | None  # the frozen reference of the KL
     policy_source: str  # where the policy was loaded from (a generator process loads the architecture from it)
-    tokenizer: object  # the policy's tokenizer (eos and pad ids, decoding)
+    tokenizer: Any  # the policy's tokenizer, a transformers one (eos and pad ids, decoding)
     sampling: SamplingConfig
     policy_version: int  # generated batches trained on; what staleness is counted in
     generation_seed: int  # base seed of the sampling streams
+    reward: RewardFunction  # what scores the rollouts (a copy, unloaded, scores on the generator)
+
+    @property
+    def trainer(self) -> L.Trainer:
+        """The Lightning trainer the module is attached to (``LightningModule.trainer``)."""
 
     @property
     def rollout_source(self) -> RolloutSource | None:

@@ -14,7 +14,6 @@ source and the fix, before any weights are read.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import os
 import re
@@ -30,6 +29,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lightning_rlhf.dtypes import MODEL_DTYPES, torch_dtype
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.tokens import real_token_positions
 
@@ -210,12 +210,14 @@ def load_reward_model(source: str, dtype: torch.dtype | str = torch.float32) -> 
 
 
 def _dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    except KeyError:
-        raise ConfigError(f"Unknown dtype {dtype!r}; use 'float32', 'bfloat16' or 'float16'.") from None
+    return torch_dtype(dtype, MODEL_DTYPES)
+
+
+def loaded(model: torch.nn.Module | None, owner: object, what: str = "policy") -> torch.nn.Module:
+    """``model``, once the ``configure_model`` of ``owner`` (a LightningModule) has loaded it."""
+    if model is None:
+        raise RuntimeError(f"{type(owner).__name__} has no {what} before configure_model() has run.")
+    return model
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -274,9 +276,13 @@ def forward_after_prompts(model: torch.nn.Module, cache, ids: torch.Tensor, mask
     )
 
 
-@functools.cache
-def _takes_logits_to_keep(model_class: type) -> bool:
-    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+_TAKES_LOGITS_TO_KEEP: dict[type, bool] = {}  # by model class: inspect.signature is slow, and asked every forward
+
+
+def _takes_logits_to_keep(model_class: type[torch.nn.Module]) -> bool:
+    if model_class not in _TAKES_LOGITS_TO_KEEP:
+        _TAKES_LOGITS_TO_KEEP[model_class] = "logits_to_keep" in inspect.signature(model_class.forward).parameters
+    return _TAKES_LOGITS_TO_KEEP[model_class]
 
 
 def dequantize_gguf(source: str, gguf_file: str, folder: str) -> str:

@@ -10,6 +10,7 @@ Notation: ``n`` prompts, ``k`` samples per prompt, ``b = n * k`` rollouts,
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
@@ -202,7 +203,8 @@ class RewardScorer:
     """
 
     def __init__(self, reward: RewardFunction, tokenizer_source: str, fraction: float = 1.0) -> None:
-        self.reward, self.tokenizer_source, self.fraction, self.tokenizer = reward, tokenizer_source, fraction, None
+        self.reward, self.tokenizer_source, self.fraction = reward, tokenizer_source, fraction
+        self.tokenizer: Any = None  # loaded in setup(), in the generator process
 
     def setup(self, device: torch.device) -> None:
         from lightning_rlhf.models import load_tokenizer

@@ -9,8 +9,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from lightning_rlhf.generation.weights import Refit
 
 Probe = tuple[list[int], list[int], float]
 """A sequence to check a refresh with: prompt ids, completion ids, and the temperature of its logprobs."""
@@ -92,9 +96,9 @@ class Generations:
             [r for p in parts for r in p.finish_reasons],
             parts[0].policy_version,
             parts[0].k,
-            [s for p in parts for s in p.scores] if scored else None,
+            [s for p in parts for s in p.scores or ()] if scored else None,
             max(p.scoring_seconds for p in parts),  # the parts are scored side by side
-            None if any(p.finished_at is None for p in parts) else max(p.finished_at for p in parts),
+            None if any(p.finished_at is None for p in parts) else max(p.finished_at or 0.0 for p in parts),
         )
 
     def split(self, prompts_per_part: list[int]) -> list[Generations]:
@@ -148,6 +152,8 @@ class GenerationBackend(ABC):
     """Samples completions from a copy (or a view) of the policy."""
 
     policy_version: int = 0
+    share_weights: bool = False  # samples with the training policy's own weights (nothing to copy or send)
+    calls: int = 0  # sampled requests so far: request i draws with a seed derived from (seed, i)
 
     @abstractmethod
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> Generations:
@@ -164,7 +170,7 @@ class GenerationBackend(ABC):
         (generator-process backends only)."""
         raise NotImplementedError(f"{type(self).__name__} cannot run in a generator process.")
 
-    def receive_weights(self, refit, version: int) -> None:
+    def receive_weights(self, refit: Refit, version: int) -> None:
         """Receive the weights described by ``refit`` (a :class:`~lightning_rlhf.generation.weights.Refit`)
         and load them."""
         raise NotImplementedError(f"{type(self).__name__} cannot run in a generator process.")

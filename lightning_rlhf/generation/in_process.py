@@ -26,7 +26,7 @@ class InProcessSource:
     def step(
         self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int
     ) -> tuple[list[dict], Generations]:
-        if getattr(self.backend, "share_weights", False):
+        if self.backend.share_weights:
             self.backend.load_weights((), version)
         return rows, self.backend.generate(prompt_ids, sampling)
 
@@ -80,15 +80,17 @@ class SnapshotSource(InProcessSource):
             raise ValueError(f"every must be at least 1 (1 is on-policy), got {every}.")
         self.policy = policy
         self.every = every
-        snapshot = copy.deepcopy(policy).eval().requires_grad_(False)
-        super().__init__(TransformersBackend(snapshot, stop_token_ids, pad_token_id, share_weights=False, seed=seed))
+        self.snapshot = copy.deepcopy(policy).eval().requires_grad_(False)
+        super().__init__(
+            TransformersBackend(self.snapshot, stop_token_ids, pad_token_id, share_weights=False, seed=seed)
+        )
         self.snapshot_version: int | None = None
 
     def _refresh(self, version: int) -> None:
         """Copy the policy's current weights into the snapshot."""
         start = time.perf_counter()
         with torch.no_grad():
-            for target, source in zip(self.backend.model.parameters(), self.policy.parameters()):
+            for target, source in zip(self.snapshot.parameters(), self.policy.parameters()):
                 target.copy_(source)
         self.backend.policy_version = version
         self.snapshot_version = version

@@ -21,15 +21,22 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import TypeVar
 
 import torch
 
+from lightning_rlhf.dtypes import torch_dtype
 from lightning_rlhf.generation.base import Generations, Probe, SamplingConfig
 from lightning_rlhf.generation.in_process import InProcessSource
-from lightning_rlhf.generation.pool import GeneratorPool
-from lightning_rlhf.generation.process import GeneratorError, GeneratorProcess, GeneratorSpec, host_clock
-from lightning_rlhf.generation.source import Refresh
+from lightning_rlhf.generation.process import (
+    GeneratorError,
+    GeneratorHandle,
+    GeneratorProcess,
+    GeneratorSpec,
+    host_clock,
+)
+from lightning_rlhf.generation.source import Refresh, RefreshReason
 from lightning_rlhf.generation.transformers_backend import TransformersBackend
 from lightning_rlhf.generation.weights import WeightStream, policy_state, stream_of
 from lightning_rlhf.models import resolve_source, stop_token_ids
@@ -120,11 +127,11 @@ class PipelinedSource:
 
     def __init__(
         self,
-        generator: GeneratorProcess | GeneratorPool,
+        generator: GeneratorHandle,
         max_staleness: int,
         sync_every: int,
         weights: Callable[[], WeightStream],
-        restart: Callable[[], GeneratorProcess | GeneratorPool] | None = None,
+        restart: Callable[[], GeneratorHandle] | None = None,
         max_restarts: int = 3,
         balance: ScoringBalance | None = None,
     ) -> None:
@@ -154,7 +161,7 @@ class PipelinedSource:
         if version % self.sync_every == 0:
             self.refresh(version, "period")
 
-    def refresh(self, version: int, reason: str) -> None:
+    def refresh(self, version: int, reason: RefreshReason) -> None:
         """Send the current weights as ``version``."""
         seconds = self._surviving(lambda: self.generator.push_weights(self.weights(), version, self.probe), version)
         self.refreshes.append(Refresh(version, seconds, reason))
@@ -214,6 +221,8 @@ class PipelinedSource:
         Entries of ``pending`` are renumbered in place, never removed, so a
         replacement that dies in turn part-way through leaves nothing out.
         """
+        if self.restart is None:
+            raise RuntimeError("PipelinedSource._replace needs a restart function.")
         self.generator.close()
         self.generator = self.restart()
         self.restarts += 1
@@ -228,8 +237,6 @@ class PipelinedSource:
         """Ask the generator for rollouts of ``prompt_ids`` (scored there, given ``rows``, when it has a scorer);
         returns the request's id (raises if the generator is dead)."""
         request_id, self.request_ids = self.request_ids, self.request_ids + 1
-        if rows and isinstance(rows[0], list):  # a SharedSource's request: one list of rows per rank
-            rows = [row for rank_rows in rows for row in rank_rows]
         share = self.balance.share_for(request_id) if rows and self.balance is not None else None
         self.generator.submit(request_id, prompt_ids, sampling, rows, share)
         return request_id
@@ -281,8 +288,7 @@ class PipelinedSource:
         if refresh:
             self.refresh(version, "resume")
         for rows in batches:
-            ids = prompt_ids(rows)
-            self._surviving(lambda rows=rows, ids=ids: self._submit(rows, ids, sampling), version)
+            self._surviving(partial(self._submit, rows, prompt_ids(rows), sampling), version)
 
 
 def start_source(
@@ -332,7 +338,7 @@ def start_source(
     generator.start()
     tied_head = backend == "vllm" and device == "cpu"
     return PipelinedSource(
-        generator, max_staleness, sync_every, lambda: stream_of(policy_state(model, tied_head), getattr(torch, dtype))
+        generator, max_staleness, sync_every, lambda: stream_of(policy_state(model, tied_head), torch_dtype(dtype))
     )
 
 

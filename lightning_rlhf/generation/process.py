@@ -24,6 +24,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
 from typing import NamedTuple, Protocol
 
 import psutil
@@ -34,6 +35,7 @@ from lightning_rlhf.generation.weights import (
     DEFAULT_BUCKET_BYTES,
     DEFAULT_TIMEOUT_S,
     Refit,
+    Transfer,
     WeightStream,
     host_store,
     ipc_handles,
@@ -245,7 +247,7 @@ def generator_main(spec: GeneratorSpec, requests, results, port: int, prefix: st
             if kind == "generate":
                 request_id, prompt_ids, sampling, rows, share = payload
                 generations = backend.generate(prompt_ids, sampling)
-                if rows is not None:  # a training request, with the scorer here: score beside generation
+                if rows is not None and spec.scorer is not None:  # a training request: score beside generation
                     start = time.perf_counter()
                     generations.scores = spec.scorer(rows, generations, share)
                     generations.scoring_seconds = time.perf_counter() - start
@@ -273,6 +275,51 @@ def generator_main(spec: GeneratorSpec, requests, results, port: int, prefix: st
             backend.close()
 
 
+class GeneratorHandle(Protocol):
+    """What a rollout source asks of its generator: one process (:class:`GeneratorProcess`) or several
+    (:class:`~lightning_rlhf.generation.pool.GeneratorPool`), with the same signatures."""
+
+    @property
+    def version(self) -> int | None:
+        """The last version sent (``None`` before the first refresh)."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def last_refresh_seconds(self) -> float | None:
+        """Generator-side load time of the last acknowledged refresh."""
+
+    def start(self) -> None: ...
+
+    def alive(self) -> bool: ...
+
+    def submit(
+        self,
+        request_id: int,
+        prompt_ids: list[list[int]],
+        sampling: SamplingConfig,
+        rows: list[dict] | None = None,
+        score_share: float | None = None,
+    ) -> None: ...
+
+    def result(self, request_id: int) -> Generations: ...
+
+    def push_weights(self, stream: WeightStream, version: int, probe: Probe | None = None) -> float: ...
+
+    def probe_logprobs(self, version: int) -> list[float] | None: ...
+
+    def finish_transfer(self) -> None: ...
+
+    def wait_loaded(self) -> None: ...
+
+    def sequence_logprobs(
+        self, prompt_ids: list[int], completion_ids: list[int], temperature: float
+    ) -> list[float]: ...
+
+    def close(self) -> None: ...
+
+
 class _Due(NamedTuple):
     """A refresh's buckets, held until the generator reaches it (after the result of request ``after``)."""
 
@@ -292,12 +339,12 @@ class GeneratorProcess:
     def __init__(self, spec: GeneratorSpec, start_timeout_s: float = 900.0, poll_s: float = 0.2) -> None:
         self.spec = spec
         self.start_timeout_s, self.request_timeout_s, self.poll_s = start_timeout_s, spec.timeout_s, poll_s
-        self.process: mp.Process | None = None
+        self.process: BaseProcess | None = None
         self.version: int | None = None  # last version sent
         self.acknowledged: int | None = None  # last version the generator has loaded
         self.last_refresh_seconds: float | None = None  # generator-side load time of the last acknowledged refresh
         self.probe_answers: dict[int, list[float]] = {}  # version -> the generator's logprobs of the refresh's probe
-        self._transfer = None  # gloo: weights still being sent by a background thread
+        self._transfer: Transfer | None = None  # gloo: weights still being sent by a background thread
         self._due: _Due | None = None  # nccl / cuda_ipc: a refresh's buckets, until the generator has reached it
         self._staging: list[torch.Tensor] = []  # nccl: two reused bucket buffers on the trainer's GPU
         self._outstanding: list[int] = []  # requests submitted whose results are not read yet, in order
@@ -311,13 +358,13 @@ class GeneratorProcess:
         prefix = f"lightning_rlhf/{os.getpid()}/{next(_PREFIXES)}"
         self.requests, self.results = context.Queue(), context.Queue()
         # not a daemon: vLLM's engine starts processes of its own
-        self.process = context.Process(
+        self.process = process = context.Process(
             target=generator_main,
             args=(self.spec, self.requests, self.results, self._store.port, prefix),
             name="lightning-rlhf-generator",
             daemon=False,
         )
-        self.process.start()
+        process.start()
         self._wait(("ready",), self.start_timeout_s)
         # vLLM's engine core and workers, recorded while their parent lives: once it dies they are
         # re-parented, and close() could no longer find them among its children
@@ -347,6 +394,8 @@ class GeneratorProcess:
         self.version = self.acknowledged = None
 
     def _children(self) -> list[psutil.Process]:
+        if self.process is None:
+            return []
         try:
             return psutil.Process(self.process.pid).children(recursive=True)
         except psutil.Error:
@@ -430,6 +479,8 @@ class GeneratorProcess:
     def _reached(self) -> None:
         """The generator has taken (or is about to take) the due refresh: send its buckets, or free them once loaded."""
         due, self._due = self._due, None
+        if due is None:
+            return
         if self.spec.transport in SENT_WHEN_REACHED:
             device = staging_device(self.spec.transport)
             largest = max((b.numel() for b in due.buffers), default=0)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import torch.distributed as dist
 
 from lightning_rlhf.generation.base import Generations, Probe, SamplingConfig
 from lightning_rlhf.generation.pipeline import PipelinedSource
-from lightning_rlhf.generation.process import GeneratorError, GeneratorProcess
-from lightning_rlhf.generation.source import Refresh
+from lightning_rlhf.generation.process import GeneratorError, GeneratorHandle
+from lightning_rlhf.generation.source import Refresh, RefreshReason
 from lightning_rlhf.generation.weights import WeightStream
 
 
@@ -62,13 +63,20 @@ class SharedSource:
         if (self.rank == 0) != (inner is not None):
             raise ValueError("Rank 0, and only rank 0, owns the shared generator's rollouts.")
         self.pending: deque[list[dict]] = deque()  # this rank's prompts in flight, in order
+        self._sizes: deque[list[int]] = deque()  # rank 0: each request in flight's prompts per rank, in order
         self._refreshes: list[
             Refresh
         ] = []  # on the ranks without the generator: the periodic refreshes they took part in
 
     @property
-    def generator(self) -> GeneratorProcess | None:
+    def generator(self) -> GeneratorHandle | None:
         return self.inner.generator if self.inner is not None else None
+
+    def _owner(self) -> PipelinedSource:
+        """Rank 0's pipelined source (only rank 0 calls this)."""
+        if self.inner is None:
+            raise RuntimeError(f"Rank {self.rank} has no shared generator; only rank 0 runs it.")
+        return self.inner
 
     @property
     def restarts(self) -> int:
@@ -99,12 +107,17 @@ class SharedSource:
         if version % self.sync_every == 0:
             self._refresh(version, "period")
 
-    def _refresh(self, version: int, reason: str) -> None:
+    def _refresh(self, version: int, reason: RefreshReason) -> None:
         """Every rank reads its weights (their gathers under ZeRO-3), rank 0 sends; a failure reaches every rank."""
         failure = None
         if self.inner is not None:
             weights, opened = self.inner.weights, []
-            self.inner.weights = lambda: opened.append(weights()) or opened[-1]  # the streams rank 0 opens
+
+            def opening() -> WeightStream:  # the streams rank 0 opens, recorded
+                opened.append(weights())
+                return opened[-1]
+
+            self.inner.weights = opening
             try:
                 self.inner.refresh(version, reason)
             except Exception as err:  # reported through the exchange, after every rank is done gathering
@@ -122,7 +135,7 @@ class SharedSource:
         def work(_: list) -> list:
             if failure is not None:
                 raise failure
-            return [self.inner.refreshes[-1]] * self.world_size
+            return [self._owner().refreshes[-1]] * self.world_size
 
         refresh = self._exchange(None, work)
         self.generator_version = version
@@ -132,14 +145,15 @@ class SharedSource:
     def _exchange(self, mine, work: Callable[[list], list]):
         """Gather every rank's ``mine`` on rank 0, run ``work`` on the list there, give each rank its entry back."""
         owner = dist.get_global_rank(self.group, 0)
-        gathered = [None] * self.world_size if self.rank == 0 else None
-        shares, failure = [None] * self.world_size, None
-        received = [None]
+        gathered: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
+        shares: list[tuple[str, Any]] = []
+        failure: Exception | None = None
+        received: list[Any] = [None]
         try:
             dist.gather_object(mine, gathered, dst=owner, group=self.group)
             if self.rank == 0:
                 try:
-                    shares = [("ok", share) for share in work(gathered)]
+                    shares = [("ok", share) for share in work(gathered or [])]
                 except Exception as err:  # every rank must hear of it, or the others wait for their share forever
                     failure = err
                     shares = [("error", f"{type(err).__name__}: {' '.join(str(err).split())[:600]}")] * self.world_size
@@ -161,14 +175,22 @@ class SharedSource:
     def step(
         self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int
     ) -> tuple[list[dict], Generations] | None:
-        def work(per_rank: list) -> list:
-            ready = self.inner.step(
-                [r for r, _ in per_rank], [ids for _, rank_ids in per_rank for ids in rank_ids], sampling, version
+        def work(per_rank: list[tuple[list[dict], list[list[int]]]]) -> list:
+            inner = self._owner()
+            self._sizes.append([len(rank_rows) for rank_rows, _ in per_rank])
+            ready = inner.step(
+                [row for rank_rows, _ in per_rank for row in rank_rows],
+                [ids for _, rank_ids in per_rank for ids in rank_ids],
+                sampling,
+                version,
             )
             if ready is None:
                 return [None] * self.world_size
-            rows_per_rank, generations = ready
-            return list(zip(rows_per_rank, generations.split([len(r) for r in rows_per_rank])))
+            rows, generations = ready
+            sizes = self._sizes.popleft()  # the request answered is the oldest in flight
+            starts = [sum(sizes[:i]) for i in range(len(sizes))]
+            rows_per_rank = [rows[start : start + size] for start, size in zip(starts, sizes)]
+            return list(zip(rows_per_rank, generations.split(sizes)))
 
         trained_at = version + len(self.pending)  # as PipelinedSource.step decides, so rank 0's never differs
         if self.generator_version is None or trained_at - self.generator_version > self.max_staleness:
@@ -192,20 +214,16 @@ class SharedSource:
     ) -> None:
         """After a restart: every rank's checkpointed prompts in flight go to the generator again, step by step."""
 
-        def work(per_rank: list) -> list:
+        def work(per_rank: list[list[list[dict]]]) -> list:
             if len({len(b) for b in per_rank}) > 1:
                 raise ValueError(
                     f"The ranks resume with different numbers of batches in flight ({[len(b) for b in per_rank]}); "
                     "resume on the layout that saved the checkpoint."
                 )
-            steps = [list(step) for step in zip(*per_rank)]  # step j: every rank's j-th batch
-            self.inner.resubmit(
-                steps,
-                lambda rows_per_rank: [ids for rows in rows_per_rank for ids in prompt_ids(rows)],
-                sampling,
-                version,
-                refresh=False,
-            )
+            steps = list(zip(*per_rank))  # step j: every rank's j-th batch
+            self._sizes = deque([len(rows) for rows in step] for step in steps)
+            flat = [[row for rows in step for row in rows] for step in steps]
+            self._owner().resubmit(flat, prompt_ids, sampling, version, refresh=False)
             return [None] * self.world_size
 
         self._refresh(version, "resume")

@@ -11,9 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from lightning_rlhf.generation.base import Generations, Probe, SamplingConfig
+
+Row = dict[str, Any]  # one dataset row (a prompt, and whatever columns a reward reads)
+
+
+RefreshReason = Literal["period", "bound", "restart", "resume", "eval"]
 
 
 @dataclass(frozen=True)
@@ -31,31 +36,33 @@ class Refresh:
 
     version: int
     seconds: float
-    reason: Literal["period", "bound", "restart", "resume", "eval"]
+    reason: RefreshReason
 
 
 @runtime_checkable
 class RolloutSource(Protocol):
     """Where a training step's rollouts come from (``generation.in_process``, ``.pipeline``, ``.shared``)."""
 
-    refreshes: list[Refresh]  # every refresh so far, in order; empty where the weights are shared in-process
+    @property
+    def refreshes(self) -> list[Refresh]:
+        """Every refresh so far, in order; empty where the weights are shared in-process."""
 
     def step(
-        self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int
-    ) -> tuple[list[dict], Generations] | None:
+        self, rows: list[Row], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int
+    ) -> tuple[list[Row], Generations] | None:
         """Take this step's prompts; return the ``(rows, generations)`` to train on now,
         or ``None`` while filling up."""
 
     def after_update(self, version: int) -> None:
         """The policy is now ``version``: refresh the generator's weights if the source's rule says so."""
 
-    def pending_rows(self) -> list[list[dict]]:
+    def pending_rows(self) -> list[list[Row]]:
         """Prompt batches requested but not trained on yet, oldest first (saved in checkpoints)."""
 
     def resubmit(
         self,
-        batches: list[list[dict]],
-        prompt_ids: Callable[[list[dict]], list[list[int]]],
+        batches: list[list[Row]],
+        prompt_ids: Callable[[list[Row]], list[list[int]]],
         sampling: SamplingConfig,
         version: int,
     ) -> None:

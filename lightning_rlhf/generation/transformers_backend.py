@@ -141,15 +141,20 @@ class TransformersBackend(GenerationBackend):
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> Generations:
-        completions, logprobs, reasons = [], [], []
+        completions: list[list[int]] = []
+        logprobs: list[list[float]] = []
+        reasons: list[str] = []
         device = next(self.model.parameters()).device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=self.seed is not None):
             if self.seed is not None:
                 torch.manual_seed(call_seed(self.seed, self.calls))
             for start in range(0, len(prompt_ids), self.batch_size):
-                chunk = self._generate_chunk(prompt_ids[start : start + self.batch_size], sampling)
-                for part, out in zip((completions, logprobs, reasons), chunk):
-                    part.extend(out)
+                chunk_completions, chunk_logprobs, chunk_reasons = self._generate_chunk(
+                    prompt_ids[start : start + self.batch_size], sampling
+                )
+                completions += chunk_completions
+                logprobs += chunk_logprobs
+                reasons += chunk_reasons
         if sampling.temperature > 0:  # a greedy (evaluation) request draws no random numbers: streams stay as they were
             self.calls += 1
         return Generations(prompt_ids, completions, logprobs, reasons, self.policy_version, sampling.k)

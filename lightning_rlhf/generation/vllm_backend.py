@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from typing import Any
 
 import torch
 
@@ -95,6 +96,8 @@ def _pairs(buckets):
 
 class WeightReceiver:
     """vLLM worker extension (``LLM(worker_extension_cls=...)``): receives refreshed weights, bucket by bucket."""
+
+    model_runner: Any  # the vLLM worker's, which this extension is mixed into
 
     def join_weight_group(self, port: int, prefix: str, transport: str, world_size: int, timeout_s: float) -> None:
         from vllm.distributed.parallel_state import get_world_group

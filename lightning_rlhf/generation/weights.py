@@ -34,10 +34,13 @@ import pickle
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from lightning_rlhf.dtypes import torch_dtype
 
 TensorMeta = tuple[str, tuple[int, ...], str]
 
@@ -147,14 +150,16 @@ class Bucket:
 
 def _nbytes(meta: TensorMeta) -> int:
     _, shape, dtype = meta
-    return math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    return math.prod(shape) * torch.empty((), dtype=torch_dtype(dtype)).element_size()
 
 
 def plan_buckets(meta: list[TensorMeta], bucket_bytes: int) -> list[Bucket]:
     """Cut ``meta`` into consecutive buckets of at most ``bucket_bytes`` (a larger tensor gets a bucket of its own)."""
     if bucket_bytes < 1:
         raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}.")
-    buckets, entries, size = [], [], 0
+    buckets: list[Bucket] = []
+    entries: list[tuple[TensorMeta, int]] = []
+    size = 0
     for item in meta:
         offset = -(-size // _ALIGN) * _ALIGN
         if entries and offset + _nbytes(item) > bucket_bytes:
@@ -184,7 +189,7 @@ def _views(bucket: Bucket, buffer: torch.Tensor) -> list[tuple[str, torch.Tensor
     views = []
     for (name, shape, dtype), offset in bucket.entries:
         n = _nbytes((name, shape, dtype))
-        views.append((name, buffer[offset : offset + n].view(getattr(torch, dtype)).view(shape)))
+        views.append((name, buffer[offset : offset + n].view(torch_dtype(dtype)).view(shape)))
     return views
 
 
@@ -243,7 +248,7 @@ def policy_state(model: torch.nn.Module, tied_head: bool = False) -> list[tuple[
 def stream_of(
     named_params: list[tuple[str, torch.Tensor]],
     dtype: torch.dtype | None = None,
-    gather: Callable[[torch.Tensor], object] | None = None,
+    gather: Callable[[torch.Tensor], AbstractContextManager[object]] | None = None,
 ) -> WeightStream:
     """A :class:`WeightStream` of ``named_params``, floating tensors announced as ``dtype`` (default: their own).
 
@@ -450,16 +455,20 @@ def receive_buckets(
     """
     if transport == "cuda_ipc":
         device_index = torch.cuda.current_device()
-        for bucket, handle in zip(refit.buckets(), refit.handles, strict=True):
+        for bucket, handle in zip(refit.buckets(), refit.handles or [], strict=True):
             yield unpack(bucket, open_ipc_handle(handle, device_index))  # the trainer's bucket, until acknowledged
         return
+    if group is None:
+        raise ValueError(f"weight transport {transport!r} needs a side group to receive over.")
     device = staging_device(transport)
     buckets = refit.buckets()
-    shared = (
-        torch.empty(max((b.nbytes for b in buckets), default=0), dtype=torch.uint8, device=device) if reuse else None
-    )
+    largest = max((b.nbytes for b in buckets), default=0)
+    shared = torch.empty(largest, dtype=torch.uint8, device=device) if reuse else None
     for bucket in buckets:
-        buffer = shared[: bucket.nbytes] if reuse else torch.empty(bucket.nbytes, dtype=torch.uint8, device=device)
+        if shared is not None:
+            buffer = shared[: bucket.nbytes]
+        else:
+            buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=device)
         group.broadcast(buffer, 0).wait()  # on NCCL: later work on the current stream waits for it
         views = unpack(bucket, buffer)
         del buffer  # held by the views alone, so it can go as soon as the consumer lets them go

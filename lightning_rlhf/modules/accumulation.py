@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, ParallelStrategy
@@ -47,7 +48,14 @@ def check_micro_batch_size(micro_batch_size: int | None, unit: int = 1) -> None:
         )
 
 
-class GradientAccumulation:
+# Each mixin of the RL modules precedes LightningModule in their MRO; type-checked as one, it may use its members.
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningModule as _LightningModule
+else:
+    _LightningModule = object
+
+
+class GradientAccumulation(_LightningModule):
     """Mixin for a LightningModule with ``automatic_optimization = False``: one optimizer step over micro-batches.
 
     The module sets ``gradient_clip_val`` (``None``: no clipping) and ``steps_schedule`` (whether it

@@ -20,7 +20,7 @@ import gc
 import math
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -28,13 +28,14 @@ from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from lightning_rlhf.contracts import TrainedOn
 from lightning_rlhf.data import PromptDataModule, check_context_length
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.generation import RolloutSource, SamplingConfig, TransformersBackend
 from lightning_rlhf.generation.in_process import InProcessSource
 from lightning_rlhf.losses import ISStats
 from lightning_rlhf.metrics.cadence import logger_writes_now
-from lightning_rlhf.models import freeze, load_policy, load_tokenizer, resolve_source, stop_token_ids
+from lightning_rlhf.models import freeze, load_policy, load_tokenizer, loaded, resolve_source, stop_token_ids
 from lightning_rlhf.modules.accumulation import GradientAccumulation, check_micro_batch_size
 from lightning_rlhf.modules.checkpointing import RolloutCheckpointing
 from lightning_rlhf.rewards import RewardFunction, RewardModelScore
@@ -214,7 +215,7 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
         self.export_dir = export_dir
         self.policy: torch.nn.Module | None = None
         self.ref_policy: torch.nn.Module | None = None
-        self.tokenizer = None
+        self.tokenizer: Any = None  # loaded in configure_model
         self.generation_seed = 0
         self.policy_version = 0  # generated batches trained on; what rollout staleness is counted in
         self.mean_score = MeanMetric()
@@ -238,6 +239,11 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
         )
         self._source = InProcessSource(backend)
 
+    def _rollouts(self) -> RolloutSource:
+        if self._source is None:
+            raise RuntimeError(f"{type(self).__name__} has no rollout source before configure_model() has run.")
+        return self._source
+
     @property
     def rollout_source(self) -> RolloutSource | None:
         """Where rollouts come from: in this process, unless a strategy or callback handed another."""
@@ -254,7 +260,7 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
         datamodule = self.trainer.datamodule
         if isinstance(datamodule, PromptDataModule):
             self._check_num_mini_batches(datamodule.batch_size)
-            context = getattr(self.policy.config, "max_position_embeddings", None)
+            context = getattr(loaded(self.policy, self).config, "max_position_embeddings", None)
             check_context_length(
                 datamodule.max_prompt_tokens, self.sampling.max_new_tokens, context, "the policy's context length"
             )
@@ -317,10 +323,10 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
         return batch
 
     @override
-    def training_step(self, batch: list[dict], batch_idx: int) -> dict | None:
+    def training_step(self, batch: list[dict], batch_idx: int) -> TrainedOn | None:
         self.draw_batch()
         start = time.perf_counter()
-        ready = self._source.step(batch, self.prompt_ids(batch), self.sampling, self.policy_version)
+        ready = self._rollouts().step(batch, self.prompt_ids(batch), self.sampling, self.policy_version)
         if ready is None:
             return None  # asynchronous: the pipeline is still filling up
         rows, generations = ready
@@ -333,7 +339,7 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
         train_seconds = time.perf_counter() - train_start
         staleness = self.policy_version - generations.policy_version  # versions between sampler and learner
         self.policy_version += 1
-        self._source.after_update(self.policy_version)  # the source refreshes the generator when its rule says so
+        self._rollouts().after_update(self.policy_version)  # the source refreshes the generator when its rule says so
         self.mean_score(scores.mean())
         if self.log_every_step or logger_writes_now(self.trainer):
             self.log_dict(
@@ -352,7 +358,7 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
                 batch_size=len(rows),
             )
             self.log("objective/scores_running", self.mean_score, prog_bar=True, batch_size=len(rows))
-        return {"rows": rows, "generations": generations}  # what was trained on, for callbacks (WeightSync's probe)
+        return TrainedOn(rows=rows, generations=generations)  # for callbacks (WeightSync's probe)
 
     def learn(self, rollouts: RolloutBatch, scores: torch.Tensor) -> dict[str, torch.Tensor]:
         """The algorithm: update the policy on ``rollouts`` (b = n * k, prompt-major) scored ``scores`` (b,);
@@ -390,7 +396,8 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
         Under a Trainer every rank calls it and global rank 0 writes; ZeRO-3's shards are
         gathered first (``deepspeed.zero.GatheredParameters``, a collective: all ranks at once).
         """
-        params = list(self.policy.parameters())
+        policy = loaded(self.policy, self)
+        params = list(policy.parameters())
         gathered = contextlib.nullcontext()
         if any(hasattr(p, "ds_id") for p in params):  # partitioned by ZeRO-3
             import deepspeed
@@ -398,7 +405,7 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
             gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         with gathered:
             if self._trainer is None or self._trainer.is_global_zero:
-                self.policy.save_pretrained(path)
+                policy.save_pretrained(path)
                 self.tokenizer.save_pretrained(path)
 
     @override

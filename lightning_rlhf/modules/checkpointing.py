@@ -13,25 +13,38 @@ they are gathered from all ranks when saving and each rank takes back its own.
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
+import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.warnings import PossibleUserWarning
 
 from lightning_rlhf.errors import ConfigError
+from lightning_rlhf.generation import RolloutSource, SamplingConfig
+from lightning_rlhf.modules.accumulation import _LightningModule
 
 
-class RolloutCheckpointing:
+class RolloutCheckpointing(_LightningModule):
     """Mixin of :class:`~lightning_rlhf.modules.base.RLModuleBase`: policy version, batches drawn
     and prompts in flight in checkpoints."""
 
     batches_drawn = 0  # prompt batches taken from the data loader (some may still be in flight)
     _resubmit: list[list[dict]] = []  # after a resume: this rank's prompts that were in flight
+    if TYPE_CHECKING:  # what RLModuleBase, which this mixin is part of, provides
+        ref_policy: torch.nn.Module | None
+        sampling: SamplingConfig
+        policy_version: int
+
+        @property
+        def rollout_source(self) -> RolloutSource | None: ...
+
+        def prompt_ids(self, rows: list[dict]) -> list[list[int]]: ...
 
     def on_fit_start(self) -> None:
         # Lightning warns "Found N module(s) in eval mode at the start of training". The frozen reference is
         # in eval mode on purpose (no dropout in its logprobs); when it is the only one, that message is
         # filtered, and only that message. Any other module left in eval mode keeps the warning.
-        frozen = {id(m) for m in self.ref_policy.modules()}
+        frozen = {id(m) for m in self.ref_policy.modules()} if self.ref_policy is not None else set()
         if all(m.training or id(m) in frozen for m in self.modules()):
             warnings.filterwarnings(
                 "ignore",
@@ -43,12 +56,12 @@ class RolloutCheckpointing:
         """Count a batch drawn from the loader; after a resume, first ask again for the checkpoint's
         prompts in flight."""
         self.batches_drawn += 1
-        if self._resubmit:
+        if self._resubmit and self.rollout_source is not None:
             self.rollout_source.resubmit(self._resubmit, self.prompt_ids, self.sampling, self.policy_version)
             self._resubmit = []
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        pending = self.rollout_source.pending_rows()
+        pending = self.rollout_source.pending_rows() if self.rollout_source is not None else []
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             per_rank: list = [None] * dist.get_world_size()
             dist.all_gather_object(per_rank, pending)  # every rank saves; all take part

@@ -40,7 +40,7 @@ from lightning_rlhf.losses import (
     ppo_policy_loss,
     truncated_importance_weights,
 )
-from lightning_rlhf.models import load_reward_model
+from lightning_rlhf.models import load_reward_model, loaded
 from lightning_rlhf.modules.accumulation import WeightedSum
 from lightning_rlhf.modules.base import (
     RLModuleBase,
@@ -125,7 +125,8 @@ class PPO(RLModuleBase):
         self.critic = load_reward_model(self.critic_source).train() if self.critic_source is not None else None
         if self.critic is not None and self.gradient_checkpointing:
             enable_gradient_checkpointing(self.critic)
-        self.value_head = None if self.critic is not None else torch.nn.Linear(self.policy.config.hidden_size, 1)
+        hidden_size = loaded(self.policy, self).config.hidden_size
+        self.value_head = None if self.critic is not None else torch.nn.Linear(hidden_size, 1)
         if self.value_head is not None:  # starts at 0: no value before it learns one
             torch.nn.init.zeros_(self.value_head.weight)
             torch.nn.init.zeros_(self.value_head.bias)
@@ -143,7 +144,8 @@ class PPO(RLModuleBase):
                 self.critic, rollouts
             )
         logprobs, hidden = response_logprobs_and_hidden(self.policy, rollouts, temperature)
-        return logprobs, self.value_head(hidden).squeeze(-1).float() * rollouts.response_mask
+        head = loaded(self.value_head, self, "value head")
+        return logprobs, head(hidden).squeeze(-1).float() * rollouts.response_mask
 
     @override
     def learn(self, rollouts: RolloutBatch, scores: torch.Tensor) -> dict[str, torch.Tensor]:

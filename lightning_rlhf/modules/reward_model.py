@@ -20,7 +20,7 @@ from typing_extensions import override
 
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.losses import bradley_terry_loss
-from lightning_rlhf.models import load_reward_model, load_tokenizer, resolve_source
+from lightning_rlhf.models import load_reward_model, load_tokenizer, loaded, resolve_source
 from lightning_rlhf.modules.accumulation import GradientAccumulation, WeightedSum, check_micro_batch_size
 from lightning_rlhf.modules.base import LR_SCHEDULES, enable_gradient_checkpointing, linear_schedule
 from lightning_rlhf.rewards.model import score_sequences
@@ -128,5 +128,5 @@ class RewardModel(GradientAccumulation, L.LightningModule):
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write the reward model and tokenizer in Hugging Face format."""
-        self.model.save_pretrained(path)
+        loaded(self.model, self, "reward model").save_pretrained(path)
         self.tokenizer.save_pretrained(path)

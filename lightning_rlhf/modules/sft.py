@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from typing_extensions import override
 
-from lightning_rlhf.models import load_policy, load_tokenizer, resolve_source
+from lightning_rlhf.models import load_policy, load_tokenizer, loaded, resolve_source
 from lightning_rlhf.modules.accumulation import GradientAccumulation, WeightedSum, check_micro_batch_size
 from lightning_rlhf.modules.base import enable_gradient_checkpointing
 from lightning_rlhf.rollout_batch import micro_batches
@@ -72,7 +72,7 @@ class SFT(GradientAccumulation, L.LightningModule):
 
     @override
     def configure_optimizers(self):
-        return self.optimizer_factory(self.policy.parameters())
+        return self.optimizer_factory(loaded(self.policy, self).parameters())
 
     def encode(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 outside completions), each (b, s)."""
@@ -102,7 +102,7 @@ class SFT(GradientAccumulation, L.LightningModule):
 
     def _loss(self, ids, mask, labels, counts: list[int], sums: WeightedSum, chunk: torch.Tensor) -> torch.Tensor:
         """The mean token loss of the rows ``chunk``, weighted by their share of the batch's completion tokens."""
-        out = self.policy(input_ids=ids[chunk], attention_mask=mask[chunk], labels=labels[chunk])
+        out = loaded(self.policy, self)(input_ids=ids[chunk], attention_mask=mask[chunk], labels=labels[chunk])
         tokens = sum(counts[i] for i in chunk.tolist())
         if tokens == 0:  # prompts cut at max_length: nothing to learn, but every micro-batch runs a backward
             return out.logits.sum() * 0.0
@@ -112,5 +112,5 @@ class SFT(GradientAccumulation, L.LightningModule):
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write the policy and tokenizer in Hugging Face format."""
-        self.policy.save_pretrained(path)
+        loaded(self.policy, self).save_pretrained(path)
         self.tokenizer.save_pretrained(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from typing import Any
 
 import torch
 
@@ -53,7 +54,8 @@ def reads_last_position_only(model: torch.nn.Module) -> bool:
     layers = getattr(model.base_model, "layers", None)
     return (
         isinstance(getattr(model, "score", None), torch.nn.Linear)
-        and bool(layers)
+        and layers is not None
+        and len(layers) > 0
         and "forward" not in vars(layers[-1])
     )
 
@@ -182,8 +184,8 @@ class RewardModelScore(RewardFunction):
         self.share_prompts = share_prompts
         self.last_position_only = last_position_only
         self.shift, self.scale = 0.0, 1.0
-        self._model = None
-        self._tokenizer = None
+        self._model: Any = None  # the loaded model and tokenizer, from setup() on
+        self._tokenizer: Any = None
 
     def setup(self, device: torch.device) -> None:
         if self._model is None:

@@ -24,31 +24,50 @@ import contextlib
 import os
 from collections.abc import Generator
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    SingleDeviceStrategy,
+    StrategyRegistry,
+)
 from typing_extensions import override
 
-from lightning_rlhf.contracts import RLModule
+from lightning_rlhf.contracts import RLModule, RolloutSource
 from lightning_rlhf.data import check_context_length
+from lightning_rlhf.dtypes import torch_dtype
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.generation.pipeline import PipelinedSource, ScoringBalance, resolve_dtype
 from lightning_rlhf.generation.pool import GeneratorPool
-from lightning_rlhf.generation.process import DEFAULT_TIMEOUT_S, GeneratorProcess, GeneratorSpec, gpu_indices
+from lightning_rlhf.generation.process import (
+    DEFAULT_TIMEOUT_S,
+    GeneratorHandle,
+    GeneratorProcess,
+    GeneratorSpec,
+    gpu_indices,
+)
 from lightning_rlhf.generation.shared import SharedSource
 from lightning_rlhf.generation.weights import WeightStream, policy_state, stream_of
 from lightning_rlhf.models import resolve_source
 from lightning_rlhf.rollout_batch import RewardScorer
 from lightning_rlhf.strategies.config import DEFAULT_GENERATION, GenerationConfig
 
+# The mixin precedes a Lightning strategy in each class's MRO; type-checked as one, it may use its members.
+if TYPE_CHECKING:
+    from lightning.pytorch.strategies import ParallelStrategy as _StrategyBase
+else:
+    _StrategyBase = object
 
-class _AsyncGeneration:
+
+class _AsyncGeneration(_StrategyBase):
     """What the asynchronous strategies add to a Lightning strategy (see the module docstring)."""
 
     def _init_async(self, config: GenerationConfig) -> None:
         self.generation = config
-        self._generator: GeneratorProcess | None = None
+        self._generator: GeneratorHandle | None = None
         self._pipeline: PipelinedSource | None = None  # this rank's, when it owns a generator
 
     def _layout(self, index: int = 0) -> tuple[str, list[int] | None, list[int] | None]:
@@ -114,17 +133,17 @@ class _AsyncGeneration:
             return None
         return RewardScorer(self._rl_module().reward.unloaded_copy(), model, 1.0 if share == "auto" else share)
 
-    def _new_generator(self) -> GeneratorProcess | GeneratorPool:
+    def _new_generator(self) -> GeneratorHandle:
         """Start this rank's generator(s); a restart first closes the one before
         (a replacement that failed to start included)."""
         specs = [self._spec(i) for i in range(self.generation.num_generators)]
         self.stop_generator()  # idempotent: the pipeline closed a dead one already, not one that failed to start
-        if len(specs) == 1:
-            self._generator = GeneratorProcess(specs[0])
-        else:
-            self._generator = GeneratorPool([GeneratorProcess(spec) for spec in specs])
-        self._generator.start()  # a start that fails leaves it set, so stop_generator ends what did start
-        return self._generator
+        generator: GeneratorHandle = (
+            GeneratorProcess(specs[0]) if len(specs) == 1 else GeneratorPool([GeneratorProcess(s) for s in specs])
+        )
+        self._generator = generator  # set before it starts: a start that fails leaves it, so stop_generator ends it
+        generator.start()
+        return generator
 
     def _rl_module(self) -> RLModule:
         module = self.lightning_module
@@ -142,19 +161,19 @@ class _AsyncGeneration:
         max_prompt_tokens = getattr(module.trainer.datamodule, "max_prompt_tokens", None)
         check_context_length(max_prompt_tokens, module.sampling.max_new_tokens, context, "vllm_kwargs.max_model_len")
         owner = not config.shared_generator or self.global_rank == 0
-        if owner:
-            self._new_generator()
+        generator = self._new_generator() if owner else None
+        if generator is not None:
             atexit.register(self.stop_generator)
         _, _, trainer_cores = self._layout()
         if trainer_cores:  # pin after the child started, so it did not inherit the trainer's mask
             os.sched_setaffinity(0, set(trainer_cores))
             torch.set_num_threads(len(trainer_cores))
-        source = None
-        if owner:
+        source: RolloutSource | None = None
+        if generator is not None:
             restart = self._new_generator if config.restart_on_failure else None
             balance = ScoringBalance(config.num_generators) if config.score_on_generator == "auto" else None
             source = self._pipeline = PipelinedSource(
-                self._generator,
+                generator,
                 config.max_staleness,
                 config.sync_every,
                 self.policy_weights,
@@ -164,7 +183,8 @@ class _AsyncGeneration:
         if config.shared_generator:
             # every rank takes part in creating the group; prompts and rollouts travel over it as objects
             group = dist.new_group(backend="gloo", timeout=timedelta(seconds=DEFAULT_TIMEOUT_S))  # ours, not torch's
-            source = SharedSource(source, group, config.sync_every, config.max_staleness, self.policy_weights)
+            source = SharedSource(self._pipeline, group, config.sync_every, config.max_staleness, self.policy_weights)
+        assert source is not None  # every rank owns a generator unless one is shared
         module.use_rollout_source(source)
 
     def policy_weights(self) -> WeightStream:
@@ -172,7 +192,7 @@ class _AsyncGeneration:
         return stream_of(policy_state(self._rl_module().policy, self._tied_head()), self._generator_dtype())
 
     def _generator_dtype(self) -> torch.dtype:
-        return getattr(torch, resolve_dtype(self.generation.dtype, self._layout()[0]))
+        return torch_dtype(resolve_dtype(self.generation.dtype, self._layout()[0]))
 
     def _tied_head(self) -> bool:
         """vLLM on CPU needs a tied ``lm_head.weight`` sent; its GPU loaders skip it (see ``policy_state``)."""
@@ -184,7 +204,7 @@ class _AsyncGeneration:
             self._generator = None
 
     @property
-    def generator(self) -> GeneratorProcess | GeneratorPool | None:
+    def generator(self) -> GeneratorHandle | None:
         return self._generator
 
     # Lightning hooks, cooperative with the strategy class that follows this mixin in the MRO.
@@ -353,4 +373,4 @@ def check_transport(transport: str, trainer_device: torch.device, generator_devi
 
 for _cls in (AsyncRLHFStrategy, AsyncRLHFDDPStrategy, AsyncRLHFDeepSpeedStrategy):
     if _cls.strategy_name not in StrategyRegistry:
-        StrategyRegistry.register(_cls.strategy_name, _cls, description=_cls.__doc__.splitlines()[0])
+        StrategyRegistry.register(_cls.strategy_name, _cls, description=(_cls.__doc__ or "").splitlines()[0])

@@ -154,7 +154,7 @@ def test_training_requests_carry_their_rows_to_be_scored_and_evaluations_do_not(
     generator = FakeGenerator()
     source, policy, started = restarting(generator, FakeGenerator())
     source.step([{"prompt": 0}], [[0]], SAMPLING, 0)
-    source.step([[{"prompt": 1}], [{"prompt": 2}]], [[1], [2]], SAMPLING, 0)  # a SharedSource's: rows per rank
+    source.step([{"prompt": 1}, {"prompt": 2}], [[1], [2]], SAMPLING, 0)  # one row per prompt (a SharedSource's too)
     source.evaluate([[5]], SAMPLING, 0)
     assert list(generator.rows.values()) == [[{"prompt": 0}], [{"prompt": 1}, {"prompt": 2}], None]
     generator.dead = True  # the replacement is asked again for the request in flight, with its rows

@@ -107,7 +107,7 @@ def write_datasets(folder: Path, seed: int = 0) -> None:
         digits = random_digits(rng)
         demos.append({"prompt": make_prompt(digits), "completion": " ".join(noisy_copy(digits, rng))})
     dump("demonstrations.jsonl", demos)
-    prefs = []
+    prefs: list[dict] = []
     while len(prefs) < NUM_PREFERENCES:
         digits = random_digits(rng)
         prompt = make_prompt(digits)
