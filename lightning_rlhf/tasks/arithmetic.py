@@ -15,8 +15,9 @@ sums of single digits right 58 times in 64 (too easy to show learning) and
 sums of two two-digit numbers about 19-25 times in 64, with room to learn.
 
 :func:`prepare` writes the datasets (and the model folder) once into
-:func:`lightning_rlhf.models.builtin_root`; the held-out problems share no
-pair of numbers with the training ones.
+:func:`lightning_rlhf.models.builtin_root`; no held-out problem's ordered pair
+(a, b) is a training problem's, but the commuted one may be (145 of the 256
+held-out problems have b + a among the training problems).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def make_problem(a: int, b: int) -> dict:
 
 
 def write_datasets(folder: Path, seed: int = 0, num_train: int = NUM_TRAIN, num_eval: int = NUM_EVAL) -> None:
-    """``prompts.jsonl`` (training) and ``eval.jsonl`` (held out), from disjoint pairs of numbers."""
+    """``prompts.jsonl`` (training) and ``eval.jsonl`` (held out), from disjoint ordered pairs of numbers."""
     pairs = [(a, b) for a in range(LOW, HIGH + 1) for b in range(LOW, HIGH + 1)]
     random.Random(seed).shuffle(pairs)
     folder.mkdir(parents=True, exist_ok=True)
