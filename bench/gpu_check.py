@@ -134,9 +134,10 @@ def smollm2_shape(workdir: str, device: str, transport: str, dtype: str, num_pro
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lightning_rlhf.generation import SamplingConfig
-    from lightning_rlhf.generation.process import GeneratorProcess, GeneratorSpec
+    from lightning_rlhf.generation.process import GeneratorProcess
     from lightning_rlhf.generation.transformers_backend import sequence_logprobs
     from lightning_rlhf.generation.weights import policy_state, stream_of
+    from lightning_rlhf.generation.worker import GeneratorSpec
     from lightning_rlhf.models import builtin_path, load_tokenizer
 
     torch.manual_seed(0)

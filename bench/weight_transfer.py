@@ -119,8 +119,9 @@ def worker(spec: dict) -> dict:
     """One generator, measured (runs in its own interpreter)."""
     import torch
 
-    from lightning_rlhf.generation.process import GeneratorProcess, GeneratorSpec
+    from lightning_rlhf.generation.process import GeneratorProcess
     from lightning_rlhf.generation.weights import plan_buckets, policy_state, stream_of
+    from lightning_rlhf.generation.worker import GeneratorSpec
     from lightning_rlhf.models import load_policy
 
     torch.set_num_threads(1)

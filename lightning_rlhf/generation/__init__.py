@@ -2,8 +2,8 @@
 
 * ``base``: what crosses the process boundary (:class:`SamplingConfig`, :class:`Generations`);
 * ``source``: the :class:`RolloutSource` contract every source follows;
-* ``transformers_backend``, ``vllm_backend``: the backends; ``process``, ``weights``: the generator process
-  and its weight transport;
+* ``transformers_backend``, ``vllm_backend``: the backends; ``worker``: the code that runs inside the
+  generator process; ``process``: the trainer's handle on it; ``weights``: its weight transport;
 * ``in_process``, ``pipeline``, ``shared``: the rollout sources (in the training process, a generator process
   sampling ahead, one generator for several ranks).
 """

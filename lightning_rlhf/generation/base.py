@@ -52,7 +52,7 @@ class Generations:
             ``None`` entries are left for the trainer to score (a fraction scored on the generator).
         scoring_seconds: How long the generator process spent scoring them (0 when it scored none).
         finished_at: When the generator process had them ready, on the host's monotonic clock
-            (:func:`~lightning_rlhf.generation.process.host_clock`); ``None`` when made in the trainer's process.
+            (:func:`~lightning_rlhf.generation.worker.host_clock`); ``None`` when made in the trainer's process.
     """
 
     prompt_ids: list[list[int]]

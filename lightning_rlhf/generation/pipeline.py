@@ -29,16 +29,11 @@ import torch
 from lightning_rlhf.dtypes import torch_dtype
 from lightning_rlhf.generation.base import Generations, Probe, SamplingConfig
 from lightning_rlhf.generation.in_process import InProcessSource
-from lightning_rlhf.generation.process import (
-    GeneratorError,
-    GeneratorHandle,
-    GeneratorProcess,
-    GeneratorSpec,
-    host_clock,
-)
+from lightning_rlhf.generation.process import GeneratorError, GeneratorHandle, GeneratorProcess
 from lightning_rlhf.generation.source import Refresh, RefreshReason
 from lightning_rlhf.generation.transformers_backend import TransformersBackend
 from lightning_rlhf.generation.weights import WeightStream, policy_state, stream_of
+from lightning_rlhf.generation.worker import GeneratorSpec, host_clock
 from lightning_rlhf.models import resolve_source, stop_token_ids
 
 T = TypeVar("T")

@@ -42,15 +42,10 @@ from lightning_rlhf.dtypes import torch_dtype
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.generation.pipeline import PipelinedSource, ScoringBalance, resolve_dtype
 from lightning_rlhf.generation.pool import GeneratorPool
-from lightning_rlhf.generation.process import (
-    DEFAULT_TIMEOUT_S,
-    GeneratorHandle,
-    GeneratorProcess,
-    GeneratorSpec,
-    gpu_indices,
-)
+from lightning_rlhf.generation.process import GeneratorHandle, GeneratorProcess
 from lightning_rlhf.generation.shared import SharedSource
-from lightning_rlhf.generation.weights import WeightStream, policy_state, stream_of
+from lightning_rlhf.generation.weights import DEFAULT_TIMEOUT_S, WeightStream, policy_state, stream_of
+from lightning_rlhf.generation.worker import GeneratorSpec, gpu_indices
 from lightning_rlhf.models import resolve_source
 from lightning_rlhf.rollout_batch import RewardScorer
 from lightning_rlhf.strategies.config import DEFAULT_GENERATION, GenerationConfig

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from lightning_rlhf.generation import SamplingConfig, process
-from lightning_rlhf.generation.process import GeneratorError, GeneratorProcess, GeneratorSpec
+from lightning_rlhf.generation.process import GeneratorError, GeneratorProcess
 from lightning_rlhf.generation.transformers_backend import sequence_logprobs
 from lightning_rlhf.generation.weights import policy_state, stream_of
+from lightning_rlhf.generation.worker import GeneratorSpec
 from lightning_rlhf.models import load_policy
 
 pytestmark = pytest.mark.slow  # starts a process

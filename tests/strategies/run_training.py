@@ -40,9 +40,9 @@ def die_on_schedule(schedule: str, marks: str) -> None:
     Runs in the spawned generator process, which imports this script as ``__mp_main__``. Each death
     leaves a file in ``marks``; a generator counts them at start to know which entry is its own.
     """
-    from lightning_rlhf.generation import process
+    from lightning_rlhf.generation import worker
 
-    build = process.GeneratorSpec.build
+    build = worker.GeneratorSpec.build
 
     def build_and_arm(spec):
         backend = build(spec)
@@ -64,7 +64,7 @@ def die_on_schedule(schedule: str, marks: str) -> None:
             setattr(backend, KILLS[kind], dying)
         return backend
 
-    process.GeneratorSpec.build = build_and_arm
+    worker.GeneratorSpec.build = build_and_arm
 
 
 if __name__ == "__mp_main__" and os.environ.get("KILL_GENERATOR"):

@@ -13,9 +13,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lightning_rlhf.generation import SamplingConfig
-from lightning_rlhf.generation.process import GeneratorProcess, GeneratorSpec
+from lightning_rlhf.generation.process import GeneratorProcess
 from lightning_rlhf.generation.transformers_backend import sequence_logprobs
 from lightning_rlhf.generation.weights import policy_state, stream_of
+from lightning_rlhf.generation.worker import GeneratorSpec
 from lightning_rlhf.models import smollm2_135m
 from lightning_rlhf.tokens import prompt_token_ids
 

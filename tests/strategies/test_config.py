@@ -1,7 +1,6 @@
 """Bad strategy arguments stop with one sentence, before any process starts."""
 
 import importlib.util
-import os
 
 import pytest
 
@@ -130,35 +129,6 @@ def test_cuda_ipc_is_for_a_generator_on_the_trainers_own_gpu():
         check_transport("cuda_ipc", torch.device("cpu"), "cpu")
 
 
-def test_generator_sees_only_its_own_gpu(monkeypatch):
-    from lightning_rlhf.generation.process import isolate_cuda_device
-
-    monkeypatch.setenv(
-        "CUDA_VISIBLE_DEVICES", ""
-    )  # records the original state, so what the function sets is undone after
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert isolate_cuda_device("cpu") == "cpu" and "CUDA_VISIBLE_DEVICES" not in os.environ
-    assert isolate_cuda_device("cuda:3") == "cuda:0" and os.environ["CUDA_VISIBLE_DEVICES"] == "3"
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")  # the trainer's cuda:1 is physical GPU 6
-    assert isolate_cuda_device("cuda:1") == "cuda:0" and os.environ["CUDA_VISIBLE_DEVICES"] == "6"
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
-    with pytest.raises(ValueError, match="lists 2 GPU"):
-        isolate_cuda_device("cuda:2")
-
-
-def test_a_tensor_parallel_generator_sees_all_its_gpus_and_joins_as_one_rank_each(monkeypatch):
-    """``cuda:1,2``: two vLLM workers, side-group ranks 1 and 2 of 3 (the trainer is rank 0)."""
-    from lightning_rlhf.generation.process import GeneratorSpec, isolate_cuda_device
-
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert isolate_cuda_device("cuda:1,2") == "cuda:0" and os.environ["CUDA_VISIBLE_DEVICES"] == "1,2"
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
-    assert isolate_cuda_device("cuda:2,3") == "cuda:0" and os.environ["CUDA_VISIBLE_DEVICES"] == "6,7"
-    assert GeneratorSpec(device="cuda:2,3").tensor_parallel_size == 2
-    assert GeneratorSpec(device="cuda:1").tensor_parallel_size == 1 == GeneratorSpec(device="cpu").tensor_parallel_size
-
-
 @pytest.mark.parametrize("key", ["tensor_parallel_size", "pipeline_parallel_size"])
 def test_vllm_parallel_sizes_come_from_the_devices_not_vllm_kwargs(key):
     """Else the side group would wait for generator ranks that never join (issue 30, defect d)."""
@@ -199,13 +169,3 @@ def test_scoring_on_a_vllm_generator_s_gpu_needs_room_left_for_the_reward_model(
     monkeypatch.setattr(async_rlhf, "check_transport", lambda *args: None)  # no GPU here; the check comes after
     with pytest.raises(ConfigError, match="score_on_generator loads the reward model on cuda:1 after vLLM"):
         strategy._spec(0)
-
-
-def test_each_generator_of_a_node_scans_its_own_vllm_ports():
-    """With VLLM_PORT set, generators started together would race for the same port (defect g)."""
-    from lightning_rlhf.generation.process import VLLM_PORTS_PER_GENERATOR, own_vllm_port
-
-    assert own_vllm_port(None, 3) is None and own_vllm_port("", 3) is None  # unset: the OS picks
-    ports = [own_vllm_port("30000", slot) for slot in range(4)]
-    assert ports[0] == "30000" and len(set(ports)) == 4
-    assert int(ports[1]) - int(ports[0]) == VLLM_PORTS_PER_GENERATOR
