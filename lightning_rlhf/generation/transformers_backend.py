@@ -23,7 +23,7 @@ import torch
 from lightning_rlhf.generation.base import GenerationBackend, Generations, SamplingConfig, call_seed, truncate_at_stop
 from lightning_rlhf.generation.weights import Refit, join_group, receive_buckets
 from lightning_rlhf.losses import token_logprobs
-from lightning_rlhf.models import last_logits
+from lightning_rlhf.models import cache_name, last_logits
 from lightning_rlhf.tokens import left_pad, real_token_positions
 
 
@@ -74,7 +74,7 @@ def sample(
     positions = real_token_positions(mask)
     # the prefill's logits at the last position only, as generate's
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_logits(model, 1))
-    cache = getattr(out, "past_key_values", None)
+    cache = getattr(out, cache_name(model), None)
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         raise TypeError(
             f"{type(model).__name__} returned no key-value cache with use_cache=True; the transformers backend samples "
@@ -102,7 +102,11 @@ def sample(
         mask = torch.cat([mask, new_column], dim=1)
         position = position + 1
         out = model(
-            input_ids=token[:, None], attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=position,
+            use_cache=True,
+            **{cache_name(model): cache},
         )
         logits = out.logits[:, -1].float()
     return torch.stack(tokens, dim=1), torch.stack(step_logits, dim=1)
