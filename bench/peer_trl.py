@@ -60,7 +60,7 @@ What differs between the runs (TRL behaviour we cannot set from its config):
 * Training logprobs: TRL scores completions at temperature 1; ours divides the logits by the
   sampling temperature (0.7) as the paper's code does. TRL runs the policy and the reference on
   every prompt-completion sequence whole; ours runs each prompt once for its pair and the two
-  completions attend to its cached keys and values (``rollout_batch.response_logprobs``,
+  completions attend to its cached keys and values (``rollout_forwards.response_logprobs``,
   ``share_prompts``: the same logprobs and gradients up to float rounding, fewer positions).
 * Missing-EOS penalty: TRL *subtracts* ``missing_eos_penalty`` (1.0) from the score; ours
   *replaces* the score with -1.0 (the paper's rule). The built-in proxy is normalized to mean 0,

@@ -38,7 +38,8 @@ from lightning_rlhf.generation import Generations, SamplingConfig, TransformersB
 from lightning_rlhf.metrics import GoldWinRate
 from lightning_rlhf.models import stop_token_ids
 from lightning_rlhf.rewards import GSM8kExactMatch, RewardFunction, extract_gsm8k_answer
-from lightning_rlhf.rollout_batch import build_rollout_batch, response_logprobs
+from lightning_rlhf.rollout_batch import build_rollout_batch
+from lightning_rlhf.rollout_forwards import response_logprobs
 from lightning_rlhf.tokens import prompt_token_ids
 
 

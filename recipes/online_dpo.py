@@ -30,7 +30,8 @@ from lightning.fabric.loggers import CSVLogger
 
 from lightning_rlhf.losses import online_dpo_loss
 from lightning_rlhf.modules.accumulation import WeightedSum, check_micro_batch_size
-from lightning_rlhf.rollout_batch import RolloutBatch, in_micro_batches, micro_batches, response_logprobs
+from lightning_rlhf.rollout_batch import RolloutBatch, in_micro_batches, micro_batches
+from lightning_rlhf.rollout_forwards import response_logprobs
 from lightning_rlhf.tasks.copy import prepare
 from shared import Learner, RolloutArgs, RolloutLoop, RunArgs, ScoredBatch, TrainArgs, check_k, load_models
 

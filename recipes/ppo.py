@@ -35,7 +35,8 @@ from lightning.fabric.loggers import CSVLogger
 from lightning_rlhf.losses import clipped_value_loss, gae, kl_penalized_rewards, masked_whiten, ppo_policy_loss
 from lightning_rlhf.models import load_reward_model
 from lightning_rlhf.modules.accumulation import WeightedSum, check_micro_batch_size
-from lightning_rlhf.rollout_batch import critic_values, in_micro_batches, micro_batches, response_logprobs
+from lightning_rlhf.rollout_batch import in_micro_batches, micro_batches
+from lightning_rlhf.rollout_forwards import critic_values, response_logprobs
 from lightning_rlhf.tasks.copy import prepare
 from shared import Learner, RolloutArgs, RolloutLoop, RunArgs, ScoredBatch, TrainArgs, check_k, load_models
 

@@ -42,7 +42,8 @@ from lightning_rlhf.generation import SamplingConfig
 from lightning_rlhf.generation.pipeline import start_source
 from lightning_rlhf.models import freeze, load_policy, load_tokenizer
 from lightning_rlhf.rewards import RewardModelScore
-from lightning_rlhf.rollout_batch import RolloutBatch, build_rollout_batch, score_rollouts
+from lightning_rlhf.rollout_batch import RolloutBatch, build_rollout_batch
+from lightning_rlhf.scoring import score_rollouts
 from lightning_rlhf.tasks.copy import CopyGoldReward
 from lightning_rlhf.tokens import prompt_token_ids
 

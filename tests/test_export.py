@@ -12,7 +12,8 @@ from lightning_rlhf.cli import main
 from lightning_rlhf.data import PromptDataModule
 from lightning_rlhf.modules import OnlineDPO
 from lightning_rlhf.rewards import RewardFunction
-from lightning_rlhf.rollout_batch import RolloutBatch, response_logprobs
+from lightning_rlhf.rollout_batch import RolloutBatch
+from lightning_rlhf.rollout_forwards import response_logprobs
 
 
 class CharacterCount(RewardFunction):

@@ -1,25 +1,10 @@
-"""The rollout batch: padding Generations into tensors, scoring, mini-batching; hand-built inputs, golden values.
-
-The logprob forwards are checked against whole forwards of a tiny model in
-tests/generation/test_transformers_backend.py; the critic's values here.
-"""
+"""The rollout batch: padding Generations into tensors, micro- and mini-batching; hand-built inputs, golden values."""
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
 
 from lightning_rlhf.generation import Generations
-from lightning_rlhf.rewards import RewardFunction
-from lightning_rlhf.rollout_batch import (
-    RewardScorer,
-    build_rollout_batch,
-    critic_values,
-    in_micro_batches,
-    micro_batches,
-    minibatches,
-    raw_scores,
-    score_rollouts,
-)
+from lightning_rlhf.rollout_batch import build_rollout_batch, in_micro_batches, micro_batches, minibatches
 
 PAD = 0
 
@@ -68,60 +53,6 @@ def test_indexing_a_batch_takes_the_same_rows_of_every_field():
     assert picked.finished.tolist() == [True, True] and len(picked) == 2 and picked.prompt_length == 2
 
 
-class Lengths(RewardFunction):
-    """Scores a completion by its length in characters; keeps what it was asked."""
-
-    def __init__(self) -> None:
-        self.asked: list[tuple[str, str, dict]] = []
-
-    def __call__(self, prompts, completions, rows=None):
-        self.asked += list(zip(prompts, completions, rows))
-        return torch.tensor([float(len(c)) for c in completions], dtype=torch.float64)
-
-
-def test_raw_scores_score_only_the_completions_not_scored_already_each_with_its_prompt_s_row():
-    rows = [{"prompt": "a", "id": 0}, {"prompt": "b", "id": 1}]
-    reward = Lengths()
-    scores = raw_scores(reward, rows, ["x", "yy", "zzz", "wwww"], k=2, known=[1.5, None, None, 4.0])
-    assert scores.dtype == torch.float32 and scores.tolist() == [1.5, 2.0, 3.0, 4.0]
-    assert reward.asked == [("a", "yy", rows[0]), ("b", "zzz", rows[1])]  # completion j is prompt j // k's
-    reward.asked.clear()
-    assert raw_scores(reward, rows, ["x", "yy", "zzz", "wwww"], k=2).tolist() == [1.0, 2.0, 3.0, 4.0]
-    assert [prompt for prompt, _, _ in reward.asked] == ["a", "a", "b", "b"]
-    reward.asked.clear()
-    assert raw_scores(reward, rows, ["x", "yy"], k=1, known=[7.0, 8.0]).tolist() == [7.0, 8.0]
-    assert reward.asked == []  # all scored in the generator: the reward is not called
-
-
-class Digits:
-    """A stand-in tokenizer: token ``i`` decodes as ``str(i)``, tokens joined by nothing."""
-
-    def batch_decode(self, ids, skip_special_tokens=True):
-        return ["".join(str(i) for i in sequence) for sequence in ids]
-
-
-def test_the_generator_scores_the_first_share_of_the_prompts_with_all_their_samples():
-    rows = [{"prompt": p} for p in "abcd"]
-    generations = Generations([[1]] * 4, [[1], [22], [3], [44], [5], [66], [7], [88]], [[0.0]] * 8, ["stop"] * 8, 0, 2)
-    scorer = RewardScorer(Lengths(), "unused", fraction=0.5)
-    scorer.tokenizer = Digits()  # what setup() loads in the generator process
-    assert scorer(rows, generations) == [1.0, 2.0, 1.0, 2.0] + [None] * 4  # half of 4 prompts: a and b
-    assert scorer(rows, generations, share=0.75) == [1.0, 2.0, 1.0, 2.0, 1.0, 2.0, None, None]  # this request's
-    scorer.reward.asked.clear()
-    assert scorer(rows, generations, share=0.0) == [None] * 8 and scorer.reward.asked == []
-
-
-def test_score_rollouts_keeps_the_generator_s_scores_and_penalizes_what_did_not_end():
-    generations = two_prompts()
-    generations.scores = [10.0, None, None, None]
-    scores, raw, completions = score_rollouts(
-        Lengths(), Digits(), generations, [{"prompt": "a"}, {"prompt": "b"}], -1.0
-    )
-    assert completions == ["123", "4", "89", ""]
-    assert raw.tolist() == [10.0, 1.0, 2.0, 0.0]
-    assert scores.tolist() == [10.0, -1.0, 2.0, -1.0]  # the second and fourth hit max_new_tokens
-
-
 def test_micro_batches_are_consecutive_chunks_of_at_most_size():
     indices = torch.arange(5)
     assert [c.tolist() for c in micro_batches(indices, 2)] == [[0, 1], [2, 3], [4]]
@@ -151,27 +82,3 @@ def test_minibatches_split_every_sample_once_into_equal_parts_in_a_seeded_order(
     for size, n in ((12, 5), (4, 0)):
         with pytest.raises(ValueError, match=rf"{size} samples cannot be split into num_mini_batches={n} equal parts"):
             minibatches(size, n)
-
-
-def test_the_critic_s_value_of_each_response_token_is_its_score_of_the_sequence_before_that_token(tiny_model_dir):
-    critic = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).eval()
-    generations = Generations([[5, 6, 7]], [[8, 9, 10]], [[0.0] * 3], ["stop"], 0, 1)
-    batch = build_rollout_batch(generations, PAD)
-    with torch.no_grad():
-        values = critic_values(critic, batch)
-        # the head on the last of the prompt's tokens, then on the prompt and each response token but the last
-        prefixes = [critic.model(input_ids=batch.input_ids[:, :n]).last_hidden_state[:, -1] for n in (3, 4, 5)]
-        by_prefix = torch.cat([critic.score(h) for h in prefixes], dim=1)
-    assert values.shape == (1, 3) and torch.allclose(values, by_prefix, atol=1e-5)
-    critic.config.reward_mean, critic.config.reward_std = 0.25, 2.0  # a critic from a normalized reward model
-    with torch.no_grad():
-        assert torch.allclose(critic_values(critic, batch), (by_prefix - 0.25) / 2.0, atol=1e-5)
-
-
-def test_the_critic_gives_padding_no_value(tiny_model_dir):
-    critic = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).eval()
-    batch = build_rollout_batch(two_prompts(), PAD)
-    with torch.no_grad():
-        values = critic_values(critic, batch)
-    assert values.shape == (4, 3)
-    assert (values[batch.response_mask == 0] == 0).all() and (values[batch.response_mask == 1] != 0).all()

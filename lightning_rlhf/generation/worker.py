@@ -29,7 +29,7 @@ from lightning_rlhf.generation.weights import DEFAULT_BUCKET_BYTES, DEFAULT_TIME
 class Scorer(Protocol):
     """What scores completions inside the generator process (``score_on_generator``).
 
-    Built by the strategy (:class:`~lightning_rlhf.rollout_batch.RewardScorer`), so that this layer
+    Built by the strategy (:class:`~lightning_rlhf.scoring.RewardScorer`), so that this layer
     never imports rewards; sent to the process unloaded and set up there.
     """
 

@@ -39,7 +39,8 @@ from lightning_rlhf.models import freeze, load_policy, load_tokenizer, loaded, r
 from lightning_rlhf.modules.accumulation import GradientAccumulation, check_micro_batch_size
 from lightning_rlhf.modules.checkpointing import RolloutCheckpointing
 from lightning_rlhf.rewards import RewardFunction, RewardModelScore
-from lightning_rlhf.rollout_batch import RolloutBatch, build_rollout_batch, score_rollouts
+from lightning_rlhf.rollout_batch import RolloutBatch, build_rollout_batch
+from lightning_rlhf.scoring import score_rollouts
 from lightning_rlhf.tokens import prompt_token_ids
 
 

@@ -29,7 +29,8 @@ from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.losses import online_dpo_loss, online_ipo_loss
 from lightning_rlhf.modules.accumulation import WeightedSum
 from lightning_rlhf.modules.base import RLModuleBase
-from lightning_rlhf.rollout_batch import RolloutBatch, in_micro_batches, micro_batches, minibatches, response_logprobs
+from lightning_rlhf.rollout_batch import RolloutBatch, in_micro_batches, micro_batches, minibatches
+from lightning_rlhf.rollout_forwards import response_logprobs
 
 _LOSSES = {"sigmoid": online_dpo_loss, "ipo": online_ipo_loss}
 

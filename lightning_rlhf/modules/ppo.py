@@ -49,15 +49,8 @@ from lightning_rlhf.modules.base import (
     enable_gradient_checkpointing,
     importance_sampling_metrics,
 )
-from lightning_rlhf.rollout_batch import (
-    RolloutBatch,
-    critic_values,
-    in_micro_batches,
-    micro_batches,
-    minibatches,
-    response_logprobs,
-    response_logprobs_and_hidden,
-)
+from lightning_rlhf.rollout_batch import RolloutBatch, in_micro_batches, micro_batches, minibatches
+from lightning_rlhf.rollout_forwards import critic_values, response_logprobs, response_logprobs_and_hidden
 
 
 class PPO(RLModuleBase):

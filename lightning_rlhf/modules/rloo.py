@@ -33,7 +33,8 @@ from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.losses import kl_k1, ppo_policy_loss, rloo_advantages, truncated_importance_weights
 from lightning_rlhf.modules.accumulation import WeightedSum
 from lightning_rlhf.modules.base import RLModuleBase, check_importance_sampling_cap, importance_sampling_metrics
-from lightning_rlhf.rollout_batch import RolloutBatch, in_micro_batches, micro_batches, minibatches, response_logprobs
+from lightning_rlhf.rollout_batch import RolloutBatch, in_micro_batches, micro_batches, minibatches
+from lightning_rlhf.rollout_forwards import response_logprobs
 
 
 class RLOO(RLModuleBase):

@@ -47,7 +47,7 @@ from lightning_rlhf.generation.shared import SharedSource
 from lightning_rlhf.generation.weights import DEFAULT_TIMEOUT_S, WeightStream, policy_state, stream_of
 from lightning_rlhf.generation.worker import GeneratorSpec, gpu_indices
 from lightning_rlhf.models import resolve_source
-from lightning_rlhf.rollout_batch import RewardScorer
+from lightning_rlhf.scoring import RewardScorer
 from lightning_rlhf.strategies.config import DEFAULT_GENERATION, GenerationConfig
 
 # The mixin precedes a Lightning strategy in each class's MRO; type-checked as one, it may use its members.

@@ -10,7 +10,7 @@ from lightning_rlhf.generation import SamplingConfig, TransformersBackend
 from lightning_rlhf.models import load_policy, load_tokenizer, stop_token_ids
 from lightning_rlhf.modules import OnlineDPO
 from lightning_rlhf.rewards import RewardFunction
-from lightning_rlhf.rollout_batch import score_rollouts
+from lightning_rlhf.scoring import score_rollouts
 from lightning_rlhf.tokens import prompt_token_ids
 
 GREEDY = SamplingConfig(k=1, temperature=0.0, max_new_tokens=6)

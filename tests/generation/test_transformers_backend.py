@@ -5,7 +5,8 @@ from transformers import GenerationConfig
 from lightning_rlhf.generation import SamplingConfig, TransformersBackend, truncate_at_stop
 from lightning_rlhf.generation.transformers_backend import sample
 from lightning_rlhf.models import load_policy, load_tokenizer
-from lightning_rlhf.rollout_batch import build_rollout_batch, response_logprobs
+from lightning_rlhf.rollout_batch import build_rollout_batch
+from lightning_rlhf.rollout_forwards import response_logprobs
 from lightning_rlhf.tokens import left_pad, prompt_token_ids
 
 

@@ -20,7 +20,7 @@ from lightning_rlhf.generation import Generations
 from lightning_rlhf.generation.source import Refresh
 from lightning_rlhf.modules import PPO, RLOO, OnlineDPO
 from lightning_rlhf.rewards import RewardFunction, RewardModelScore
-from lightning_rlhf.rollout_batch import score_rollouts
+from lightning_rlhf.scoring import score_rollouts
 from lightning_rlhf.tasks.copy import CopyGoldReward
 
 
@@ -182,7 +182,7 @@ class Recording(Constant):
 
 
 def test_the_trainer_scores_only_what_the_generator_left_unscored():
-    from lightning_rlhf.rollout_batch import RewardScorer
+    from lightning_rlhf.scoring import RewardScorer
     from lightning_rlhf.tasks.copy import make_tokenizer
 
     tokenizer = make_tokenizer()

@@ -13,7 +13,7 @@ from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.generation import SamplingConfig, TransformersBackend
 from lightning_rlhf.modules import PPO, RLOO, OnlineDPO
 from lightning_rlhf.rewards import RewardModelScore
-from lightning_rlhf.rollout_batch import score_rollouts
+from lightning_rlhf.scoring import score_rollouts
 from lightning_rlhf.tokens import prompt_token_ids
 
 
