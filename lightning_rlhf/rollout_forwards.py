@@ -56,10 +56,9 @@ def _shared_prompt_logits(model: torch.nn.Module, rollouts: RolloutBatch) -> tor
     prompt's real tokens. Causal attention makes this the whole forward's arithmetic, and
     autograd carries the gradients of all k rollouts back through the one prompt pass.
     With k = 2 and prompts about as long as responses (the built-in task: 7-9 prompt and
-    5-10 response tokens) that is about a quarter fewer token positions; measured on one CPU
-    core, 10-30 % less time for the reference forward and 15-30 % for the policy's forward and
-    backward (docs/results.md, section 3). With TL;DR's ~500-token prompts and ~50-token
-    responses it is about 45 % fewer positions.
+    5-10 response tokens) that is about a quarter fewer token positions (the time it saves is in
+    docs/results.md, section 3, "The numbers behind choices in the code"). With TL;DR's
+    ~500-token prompts and ~50-token responses it is about 45 % fewer positions.
 
     The number of forwards never depends on the data: always these two (a one-token response
     still runs the second, its logits unused), even when no prompt repeats. Under ZeRO-3 each

@@ -61,11 +61,11 @@ class ScoringBalance:
     request sent, which is two batches on (one is in flight already). The error
     then evolves as ``e_(i+2) = (1 - gain) * (e_i + e_(i-1)) / 2``: stable for any
     gain up to 2 (so for a cost estimate up to ``2 / gain`` times off), deadbeat at
-    1. On a 2-core CPU each step's gap jumps by tens of milliseconds either way
-    at random, as large as the imbalance being corrected, so the default closes
-    only 0.3 of each: an error shrinks about 13 % a step (halved in about five),
-    and the shares stay within a few hundredths of where they settle (0.8 made
-    them swing by a tenth; docs/results.md, section 3).
+    1. Each step's gap also jumps either way at random, by as much as the imbalance
+    being corrected, so the default closes only 0.3 of each: an error shrinks about
+    13 % a step (halved in about five). What was measured on a 2-core CPU, and what a
+    larger gain did, is in docs/results.md, section 3, "The numbers behind choices in
+    the code".
 
     Args:
         generators: Generator processes sharing each request.

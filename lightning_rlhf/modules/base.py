@@ -149,11 +149,10 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
             Lightning modules do; ``False``: only at the steps Lightning's loggers write
             (every ``Trainer(log_every_n_steps)`` batches, see
             :func:`~lightning_rlhf.metrics.cadence.logger_writes_now`), so the loggers get the
-            same rows. Lightning's ``self.log`` costs about 0.3-1 ms a key on a CPU and a step
-            logs about 15 keys: nothing beside a real model's step, but on the built-in task
-            ``False`` made ``bench/peer_trl.py``'s asynchronous run about 10 % faster
-            (docs/results.md, section 3). Between writes ``trainer.callback_metrics`` and the
-            progress bar keep the last written step's values (mind a checkpoint ``monitor``).
+            same rows. Lightning's ``self.log`` costs time on every key, which matters beside a
+            small model's step (docs/results.md, section 3, "The numbers behind choices in the
+            code"). Between writes ``trainer.callback_metrics`` and the progress bar keep the last
+            written step's values (mind a checkpoint ``monitor``).
 
     Raises:
         ConfigError: If ``temperature <= 0``, ``num_mini_batches`` or ``num_epochs`` is below 1,
@@ -325,7 +324,7 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
         """Leave the batch where it is: its rows are prompt text, and rollouts are built on the device later.
 
         Lightning's default (``DataHooks.transfer_batch_to_device`` in ``lightning/pytorch/core/hooks.py``)
-        walks every row's every value looking for tensors (about 1 ms a step for 64 rows on a 2-core CPU).
+        walks every row's every value looking for tensors (timed in docs/results.md, section 3).
         """
         return batch
 
@@ -379,8 +378,8 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
         Models, tokenizers and datasets live for the whole run, yet each full collection of
         Python's cyclic garbage collector walks them all again; ``gc.freeze`` (Python's ``gc``
         module docs) moves them out of its generations until :meth:`teardown` (reference counting
-        still frees them as usual). With the generator process doing the same once loaded, it made
-        ``bench/peer_trl.py``'s asynchronous run about 8 % faster (docs/results.md, section 3).
+        still frees them as usual). The generator process does the same once loaded (timed in
+        docs/results.md, section 3, "The numbers behind choices in the code").
 
         A resumed run restored the optimizer's last rate, which a new ``max_steps`` changes.
         """
