@@ -69,8 +69,9 @@ class WeightSync(Callback):
         source = pl_module.rollout_source if isinstance(pl_module, RLModule) else None
         if source is None:
             return
-        if self.probe is None and outputs is not None:  # a step that trained (not one filling the pipeline)
-            g = outputs["generations"]
+        # a step that trained; one filling the pipeline returned None, which Lightning hands on as {}
+        g = outputs.get("generations") if outputs else None
+        if self.probe is None and g is not None:
             self.probe = (g.prompt_ids[0], g.completion_ids[0])
         new, self._seen = source.refreshes[self._seen :], len(source.refreshes)
         for refresh in (r for r in new if r.reason == "period"):

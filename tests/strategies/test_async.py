@@ -244,8 +244,8 @@ def assert_exports_a_trained_policy(checkpoint, out) -> None:
     """``lightning-rlhf export`` writes a folder that transformers loads, with weights the run changed."""
     from transformers import AutoModelForCausalLM
 
+    from lightning_rlhf.builtin import builtin_path
     from lightning_rlhf.export import export_checkpoint
-    from lightning_rlhf.models import builtin_path
 
     assert checkpoint.is_dir()  # sharded: a folder of DeepSpeed's files, not one .ckpt
     exported = AutoModelForCausalLM.from_pretrained(export_checkpoint(checkpoint, out))
@@ -388,8 +388,9 @@ def test_generator_death_stops_training_within_a_second_and_leaves_nothing(
 
 # Where each generator dies: the first a second into its 3rd generate request (the trainer, having trained
 # on, waits for that very request), its replacement when its 3rd weight refresh arrives (the trainer is
-# sending), the third at its first post-refresh probe. vLLM starts in ~20 s, so it is killed twice, not three times.
-KILL_SCHEDULE = {"transformers": "generate:3,weights:3,logprobs:1", "vllm": "generate:3,weights:3"}
+# sending), the third at its first post-refresh probe (scored with the refresh's acknowledgement). vLLM
+# starts in ~20-30 s and its replacement is the same code path, so it is killed once (CI time, issue 31).
+KILL_SCHEDULE = {"transformers": "generate:3,weights:3,logprobs:1", "vllm": "generate:3"}
 
 
 @pytest.mark.parametrize("backend", ["transformers", VLLM])
