@@ -110,7 +110,7 @@ def long_run(steps: int, beta: float) -> dict:
 
 def proxy_pair_accuracy(folder: str | None = None, num_prompts: int = 1500) -> float:
     """Share of fresh gold-labelled pairs of SFT samples that a proxy (default: the built-in) orders as gold does."""
-    from lightning_rlhf.models import builtin_root
+    from lightning_rlhf.builtin import builtin_root
     from lightning_rlhf.tasks.copy.artifacts import _sft_preferences, pair_accuracy
 
     # seeds 1 and 2 made the proxy's own data, 3 its check during preparation
@@ -120,7 +120,7 @@ def proxy_pair_accuracy(folder: str | None = None, num_prompts: int = 1500) -> f
 
 def prepare_and_check() -> dict:
     """Prepare the built-in task into ``$LIGHTNING_RLHF_CACHE`` (timed) and measure its proxy (a worker's job)."""
-    from lightning_rlhf.models import builtin_root
+    from lightning_rlhf.builtin import builtin_root
     from lightning_rlhf.tasks.copy import prepare
 
     start = time.perf_counter()
@@ -147,8 +147,8 @@ def proxy_recipe_accuracy(recipe: str, seed: int) -> float:
     import lightning as L
     import torch
 
+    from lightning_rlhf.builtin import builtin_root
     from lightning_rlhf.data.datamodules import PreferenceDataModule
-    from lightning_rlhf.models import builtin_root
     from lightning_rlhf.modules.reward_model import RewardModel
 
     spec, root = PROXY_RECIPES[recipe], builtin_root()

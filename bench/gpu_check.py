@@ -69,8 +69,8 @@ class _Record(Callback):
 def builtin_run(max_staleness: int, steps: int, device: str) -> dict:
     from torch.utils.data import DataLoader
 
+    from lightning_rlhf.builtin import builtin_path
     from lightning_rlhf.callbacks import WeightSync
-    from lightning_rlhf.models import builtin_path
     from lightning_rlhf.modules import OnlineDPO
     from lightning_rlhf.rewards import RewardModelScore
     from lightning_rlhf.strategies import AsyncRLHFStrategy, GenerationConfig
@@ -133,12 +133,13 @@ def smollm2_shape(workdir: str, device: str, transport: str, dtype: str, num_pro
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from lightning_rlhf.builtin import builtin_path
     from lightning_rlhf.generation import SamplingConfig
     from lightning_rlhf.generation.process import GeneratorProcess
     from lightning_rlhf.generation.transformers_backend import sequence_logprobs
     from lightning_rlhf.generation.weights import policy_state, stream_of
     from lightning_rlhf.generation.worker import GeneratorSpec
-    from lightning_rlhf.models import builtin_path, load_tokenizer
+    from lightning_rlhf.models import load_tokenizer
 
     torch.manual_seed(0)
     config = LlamaConfig(**SMOLLM2_135M_SHAPE, max_position_embeddings=2048, rope_theta=100000.0)

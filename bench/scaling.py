@@ -45,7 +45,9 @@ def build_policy(size: str, workdir: str) -> str:
     """A policy folder for ``size`` (made once under ``workdir``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lightning_rlhf.models import builtin_path, load_tokenizer, smollm2_135m
+    from lightning_rlhf.builtin import builtin_path
+    from lightning_rlhf.gguf import smollm2_135m
+    from lightning_rlhf.models import load_tokenizer
 
     if size == "builtin":
         return builtin_path("builtin:sft")

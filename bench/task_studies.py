@@ -93,7 +93,7 @@ def run_tradeoff(name: str, seed: int, batches: int) -> dict:
 
 def train_small_proxy(folder: str) -> float:
     """The built-in proxy's recipe, started from ``builtin:sft`` (the small policy's shape); its pair accuracy."""
-    from lightning_rlhf.models import builtin_root
+    from lightning_rlhf.builtin import builtin_root
     from lightning_rlhf.rewards.model import save_reward_normalization
     from lightning_rlhf.tasks.copy.artifacts import _fit_reward_model, _sft_samples
 
@@ -119,7 +119,7 @@ def _cells(runs: list[dict]) -> tuple[float, str]:
 
 def independent_proxy(workdir: str) -> tuple[str, float]:
     """A proxy by the built-in recipe from a large SFT model of another initialization; its folder and accuracy."""
-    from lightning_rlhf.models import builtin_root
+    from lightning_rlhf.builtin import builtin_root
     from lightning_rlhf.rewards.model import save_reward_normalization
     from lightning_rlhf.tasks.copy.artifacts import (
         _fit_reward_model,
@@ -271,7 +271,7 @@ def main() -> None:
     if args.quick:
         args.seeds, args.batches = [0], 4
     json_path = args.json or os.path.join(RESULTS, f"{args.study}.json")
-    from lightning_rlhf.models import builtin_path
+    from lightning_rlhf.builtin import builtin_path
     from lightning_rlhf.tasks.copy import prepare
 
     prepare()

@@ -19,10 +19,10 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from typing_extensions import override
 
+from lightning_rlhf.builtin import BUILTIN_PREFIX
 from lightning_rlhf.callbacks import WeightSync
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.export import export_checkpoint
-from lightning_rlhf.models import BUILTIN_PREFIX
 from lightning_rlhf.strategies import AsyncRLHFDDPStrategy, AsyncRLHFDeepSpeedStrategy, AsyncRLHFStrategy
 from lightning_rlhf.tasks import prepare
 

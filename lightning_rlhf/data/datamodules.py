@@ -23,8 +23,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 
+from lightning_rlhf.builtin import BUILTIN_PREFIX, builtin_path
 from lightning_rlhf.errors import ConfigError
-from lightning_rlhf.models import BUILTIN_PREFIX, builtin_path
 from lightning_rlhf.tokens import prompt_token_ids
 
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}

@@ -20,10 +20,10 @@ from collections.abc import Iterable
 
 import torch
 
+from lightning_rlhf.forwards import cache_name, last_logits
 from lightning_rlhf.generation.base import GenerationBackend, Generations, SamplingConfig, call_seed, truncate_at_stop
 from lightning_rlhf.generation.weights import Refit, join_group, receive_buckets
 from lightning_rlhf.losses import token_logprobs
-from lightning_rlhf.models import cache_name, last_logits
 from lightning_rlhf.tokens import left_pad, real_token_positions
 
 

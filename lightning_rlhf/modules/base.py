@@ -226,6 +226,7 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
         self.policy_version = 0  # generated batches trained on; what rollout staleness is counted in
         self.mean_score = MeanMetric()
         self._source: RolloutSource | None = None
+        self._trained_beside: list[torch.nn.Module] = []  # see load_trained_beside
 
     @override
     def configure_model(self) -> None:
@@ -233,8 +234,10 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
             return
         self.tokenizer = load_tokenizer(self.policy_source)
         self.policy = load_policy(self.policy_source).train()
-        if self.gradient_checkpointing:
-            enable_gradient_checkpointing(self.policy)
+        self._trained_beside = self.load_trained_beside(self.policy)
+        for model in (self.policy, *self._trained_beside):
+            if self.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+                enable_gradient_checkpointing(model)
         self.ref_policy = freeze(load_policy(self.ref_source))
         self.generation_seed = torch.initial_seed()
         backend = TransformersBackend(
@@ -291,9 +294,16 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
             f"pick one of {divisors}, or change the batch size."
         )
 
+    def load_trained_beside(self, policy: torch.nn.Module) -> list[torch.nn.Module]:
+        """Models a module trains beside the policy (PPO's critic or value head), loaded once by
+        ``configure_model``: one optimizer steps them with the policy, and ``gradient_checkpointing``
+        applies to each that has it. Keep each as a module attribute too, so checkpoints hold it."""
+        return []
+
     @override
     def configure_optimizers(self):
-        return self.with_lr_schedule(self.optimizer_factory(self.policy.parameters()))
+        models = (loaded(self.policy, self), *self._trained_beside)
+        return self.with_lr_schedule(self.optimizer_factory([p for m in models for p in m.parameters()]))
 
     def with_lr_schedule(self, optimizer: torch.optim.Optimizer):
         """``optimizer``, with the ``lr_schedule``'s scheduler when it has one (stepped in :meth:`optimizer_step_over`).

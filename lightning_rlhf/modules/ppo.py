@@ -46,7 +46,6 @@ from lightning_rlhf.modules.base import (
     RLModuleBase,
     check_importance_sampling_cap,
     check_source,
-    enable_gradient_checkpointing,
     importance_sampling_metrics,
 )
 from lightning_rlhf.rollout_batch import RolloutBatch, in_micro_batches, micro_batches, minibatches
@@ -111,23 +110,14 @@ class PPO(RLModuleBase):
         self.importance_sampling_cap = importance_sampling_cap
 
     @override
-    def configure_model(self) -> None:
-        if self.policy is not None:
-            return
-        super().configure_model()
+    def load_trained_beside(self, policy: torch.nn.Module) -> list[torch.nn.Module]:
+        """The critic (from ``critic``), or a value head on the policy, starting at 0: no value before it learns one."""
         self.critic = load_reward_model(self.critic_source).train() if self.critic_source is not None else None
-        if self.critic is not None and self.gradient_checkpointing:
-            enable_gradient_checkpointing(self.critic)
-        hidden_size = loaded(self.policy, self).config.hidden_size
-        self.value_head = None if self.critic is not None else torch.nn.Linear(hidden_size, 1)
-        if self.value_head is not None:  # starts at 0: no value before it learns one
+        self.value_head = None if self.critic is not None else torch.nn.Linear(policy.config.hidden_size, 1)
+        if self.value_head is not None:
             torch.nn.init.zeros_(self.value_head.weight)
             torch.nn.init.zeros_(self.value_head.bias)
-
-    @override
-    def configure_optimizers(self):
-        value_model = self.critic if self.critic is not None else self.value_head
-        return self.with_lr_schedule(self.optimizer_factory([*self.policy.parameters(), *value_model.parameters()]))
+        return [self.critic if self.critic is not None else self.value_head]
 
     def logprobs_and_values(self, rollouts: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Policy logprobs and values of the response tokens, both (b, t), 0 on padding."""

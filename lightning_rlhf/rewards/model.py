@@ -8,14 +8,8 @@ from typing import Any
 
 import torch
 
-from lightning_rlhf.models import (
-    forward_after_prompts,
-    forward_shared_prompts,
-    freeze,
-    load_reward_model,
-    load_tokenizer,
-    resolve_source,
-)
+from lightning_rlhf.forwards import forward_after_prompts, forward_shared_prompts
+from lightning_rlhf.models import freeze, load_reward_model, load_tokenizer, resolve_source
 from lightning_rlhf.rewards.base import RewardFunction
 from lightning_rlhf.tokens import encode_pairs, left_pad, real_token_positions
 

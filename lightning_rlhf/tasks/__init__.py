@@ -2,11 +2,11 @@
 
 Tasks sit on top of the package: they train their artifacts with its data
 modules and LightningModules, and nothing below imports them. A ``builtin:``
-source names one of their artifacts (:func:`lightning_rlhf.models.builtin_path`).
+source names one of their artifacts (:func:`lightning_rlhf.builtin.builtin_path`).
 """
 
+from lightning_rlhf.builtin import BUILTIN_ARTIFACTS, BUILTIN_PREFIX, COPY_ARTIFACTS
 from lightning_rlhf.errors import ConfigError
-from lightning_rlhf.models import BUILTIN_ARTIFACTS, BUILTIN_PREFIX, COPY_ARTIFACTS
 
 
 def prepare(*names: str) -> None:

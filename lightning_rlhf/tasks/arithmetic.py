@@ -15,7 +15,7 @@ sums of single digits right 58 times in 64 (too easy to show learning) and
 sums of two two-digit numbers about 19-25 times in 64, with room to learn.
 
 :func:`prepare` writes the datasets (and the model folder) once into
-:func:`lightning_rlhf.models.builtin_root`; no held-out problem's ordered pair
+:func:`lightning_rlhf.builtin.builtin_root`; no held-out problem's ordered pair
 (a, b) is a training problem's, but the commuted one may be (145 of the 256
 held-out problems have b + a among the training problems).
 """
@@ -26,7 +26,8 @@ import json
 import random
 from pathlib import Path
 
-from lightning_rlhf.models import BUILTIN_PREFIX, builtin_root, smollm2_135m
+from lightning_rlhf.builtin import BUILTIN_PREFIX, builtin_root
+from lightning_rlhf.gguf import smollm2_135m
 
 EXAMPLE = [
     {"role": "user", "content": "What is 13 + 24?"},

@@ -17,7 +17,7 @@ from lightning_rlhf.generation.process import GeneratorProcess
 from lightning_rlhf.generation.transformers_backend import sequence_logprobs
 from lightning_rlhf.generation.weights import policy_state, stream_of
 from lightning_rlhf.generation.worker import GeneratorSpec
-from lightning_rlhf.models import smollm2_135m
+from lightning_rlhf.gguf import smollm2_135m
 from lightning_rlhf.tokens import prompt_token_ids
 
 

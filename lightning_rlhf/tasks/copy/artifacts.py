@@ -34,7 +34,7 @@ in :mod:`lightning_rlhf.tasks.copy.rules`):
   on one machine. With the decay, three seeds gave 0.92-0.98 on that machine
   (``docs/results.md``, section 10).
 
-:func:`prepare` writes them once into :func:`lightning_rlhf.models.builtin_root`
+:func:`prepare` writes them once into :func:`lightning_rlhf.builtin.builtin_root`
 (``$LIGHTNING_RLHF_CACHE``, default ``~/.cache/lightning_rlhf``, then a folder
 per task version) and reuses them; a file lock keeps concurrent runs from
 preparing them twice.
@@ -53,17 +53,11 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from lightning_rlhf.builtin import BUILTIN_PREFIX, COPY_ARTIFACTS, PREPARE_COMMAND, builtin_root
 from lightning_rlhf.data.datamodules import DemonstrationDataModule, PreferenceDataModule
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.generation import SamplingConfig, TransformersBackend
-from lightning_rlhf.models import (
-    BUILTIN_PREFIX,
-    COPY_ARTIFACTS,
-    PREPARE_COMMAND,
-    builtin_root,
-    load_policy,
-    load_tokenizer,
-)
+from lightning_rlhf.models import load_policy, load_tokenizer
 from lightning_rlhf.modules.reward_model import RewardModel
 from lightning_rlhf.modules.sft import SFT
 from lightning_rlhf.rewards.model import save_reward_normalization

@@ -45,8 +45,9 @@ def test_tokenizer_round_trip():
 
 
 def test_an_unprepared_builtin_names_the_command_that_prepares_it(tmp_path, monkeypatch):
+    from lightning_rlhf.builtin import BUILTIN_TASK, PREPARE_COMMAND, builtin_path
     from lightning_rlhf.errors import ConfigError
-    from lightning_rlhf.models import BUILTIN_TASK, PREPARE_COMMAND, builtin_path, resolve_source
+    from lightning_rlhf.models import resolve_source
     from lightning_rlhf.tasks.copy import prepare
 
     monkeypatch.setenv("LIGHTNING_RLHF_CACHE", str(tmp_path))  # an empty cache
