@@ -3,6 +3,7 @@
 from lightning_rlhf.callbacks.evaluation import AccuracyEvaluation, GoldEvaluation
 from lightning_rlhf.callbacks.judges import GenerativeJudge, Judge, RewardJudge
 from lightning_rlhf.callbacks.off_policy import OffPolicySimulation
+from lightning_rlhf.callbacks.progress import StepProgressBar
 from lightning_rlhf.callbacks.weight_sync import WeightSync
 
 __all__ = [
@@ -12,5 +13,6 @@ __all__ = [
     "Judge",
     "RewardJudge",
     "OffPolicySimulation",
+    "StepProgressBar",
     "WeightSync",
 ]

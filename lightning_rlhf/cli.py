@@ -11,9 +11,11 @@ artifact, what it needs is prepared first (once; :func:`lightning_rlhf.tasks.pre
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
+import warnings
 
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -55,6 +57,21 @@ class RLHFCLI(LightningCLI):
                 WeightSync()
             )  # every refresh logged and probed (strategies never import callbacks)
         return trainer
+
+
+class _NoLightningTips(logging.Filter):
+    """Drops Lightning's "💡 Tip" lines, advertisements for litlogger and litmodels that every Trainer without them
+    logs (``trainer/connectors/logger_connector.py``, ``callback_connector.py``). Lightning has no switch for them
+    (Lightning-AI/pytorch-lightning#21294); its other messages pass."""
+
+    @override
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip")
+
+
+_NO_TIPS = _NoLightningTips()
+# rank_zero_info logs to the logger of whichever of these two modules was imported last
+_LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 
 
 def _builtin_names(value) -> list[str]:
@@ -126,6 +143,13 @@ def export(args: list[str]) -> None:
 
 def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in _LIGHTNING_INFO_LOGGERS:
+        logging.getLogger(name).addFilter(_NO_TIPS)  # once: addFilter skips a filter already there
+    # the RL modules leave their batch where it is on purpose (RLModuleBase.transfer_batch_to_device), and
+    # Lightning's data connector warns that the module's hook is used, which is the point
+    warnings.filterwarnings(
+        "ignore", re.escape("You have overridden `transfer_batch_to_device` in `LightningModule` but have passed in a")
+    )
     argv = sys.argv[1:] if args is None else args
     if argv[:1] == ["export"]:
         return export(argv[1:])

@@ -4,7 +4,7 @@ import os
 import pytest
 
 from lightning_rlhf.errors import ConfigError
-from lightning_rlhf.models import load_policy, load_tokenizer, resolve_source
+from lightning_rlhf.models import load_policy, load_tokenizer, no_progress_bars, resolve_source
 from lightning_rlhf.tokens import prompt_token_ids
 
 
@@ -97,3 +97,19 @@ def test_a_reward_model_started_from_a_policy_loads_without_the_load_report(tiny
     assert model.config.num_labels == 1
     assert not [r for r in records if "LOAD REPORT" in r.getMessage()]
     assert hf_logging.get_verbosity() == hf_logging.WARNING  # restored afterwards
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_no_progress_bars_restores_transformers_and_hub_bars(enabled):
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        state = hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
+        with no_progress_bars():
+            assert not hf_logging.is_progress_bar_enabled() and are_progress_bars_disabled()
+        assert (hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()) == state
+    finally:
+        (hf_logging.enable_progress_bar if before[0] else hf_logging.disable_progress_bar)()

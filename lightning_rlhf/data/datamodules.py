@@ -14,9 +14,10 @@ data module is built, before any model is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import lightning as L
 import torch
@@ -30,6 +31,22 @@ from lightning_rlhf.tokens import prompt_token_ids
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
+@contextlib.contextmanager
+def no_dataset_progress_bars() -> Iterator[None]:
+    """datasets' progress bars ("Generating train split") off inside the block, as they were after
+    (``datasets.disable_progress_bars``, ``datasets/utils/tqdm.py``)."""
+    import datasets
+
+    if datasets.are_progress_bars_disabled():
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
+
+
 def load_rows(dataset: str, split: str = "train"):
     """Load a dataset split as a ``datasets.Dataset``.
 
@@ -39,7 +56,8 @@ def load_rows(dataset: str, split: str = "train"):
     import datasets
 
     if dataset.startswith(BUILTIN_PREFIX):
-        return datasets.load_dataset("json", data_files=builtin_path(dataset), split="train")
+        with no_dataset_progress_bars():  # a few thousand rows, read in milliseconds
+            return datasets.load_dataset("json", data_files=builtin_path(dataset), split="train")
     path = os.path.expanduser(dataset)
     if os.path.isfile(path):
         ext = os.path.splitext(path)[1].lower()

