@@ -92,3 +92,19 @@ def quiet_trainer():
         )
 
     return make
+
+
+@pytest.fixture
+def two_prompts():
+    """Generations of 2 prompts of 2 and 1 tokens, k=2: completions of 3, 1, 2 and 0 tokens; the first and third
+    ended with eos (for the rollout batch, its forwards and its scoring)."""
+    from lightning_rlhf.generation import Generations
+
+    return Generations(
+        prompt_ids=[[5, 6], [7]],
+        completion_ids=[[1, 2, 3], [4], [8, 9], []],
+        behavior_logprobs=[[-0.1, -0.2, -0.3], [-0.4], [-0.5, -0.6], []],
+        finish_reasons=["stop", "length", "stop", "length"],
+        policy_version=3,
+        k=2,
+    )

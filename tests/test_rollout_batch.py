@@ -9,20 +9,8 @@ from lightning_rlhf.rollout_batch import build_rollout_batch, in_micro_batches, 
 PAD = 0
 
 
-def two_prompts() -> Generations:
-    """2 prompts of 2 and 1 tokens, k=2: completions of 3, 1, 2 and 0 tokens; the first and third ended with eos."""
-    return Generations(
-        prompt_ids=[[5, 6], [7]],
-        completion_ids=[[1, 2, 3], [4], [8, 9], []],
-        behavior_logprobs=[[-0.1, -0.2, -0.3], [-0.4], [-0.5, -0.6], []],
-        finish_reasons=["stop", "length", "stop", "length"],
-        policy_version=3,
-        k=2,
-    )
-
-
-def test_generations_are_padded_prompts_left_responses_right_each_prompt_k_times():
-    batch = build_rollout_batch(two_prompts(), PAD)
+def test_generations_are_padded_prompts_left_responses_right_each_prompt_k_times(two_prompts):
+    batch = build_rollout_batch(two_prompts, PAD)
     assert len(batch) == 4 and batch.prompt_length == 2
     assert batch.input_ids.tolist() == [
         [5, 6, 1, 2, 3],
@@ -44,8 +32,8 @@ def test_responses_that_are_all_empty_still_get_one_padded_column():
     assert batch.input_ids.tolist() == [[5, PAD]] and batch.prompt_length == 1
 
 
-def test_indexing_a_batch_takes_the_same_rows_of_every_field():
-    batch = build_rollout_batch(two_prompts(), PAD)
+def test_indexing_a_batch_takes_the_same_rows_of_every_field(two_prompts):
+    batch = build_rollout_batch(two_prompts, PAD)
     picked = batch[torch.tensor([2, 0])].to(torch.device("cpu"))
     assert picked.input_ids.tolist() == [[PAD, 7, 8, 9, PAD], [5, 6, 1, 2, 3]]
     assert picked.response_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
@@ -60,8 +48,8 @@ def test_micro_batches_are_consecutive_chunks_of_at_most_size():
     assert [c.tolist() for c in micro_batches(indices, None)] == [[0, 1, 2, 3, 4]]
 
 
-def test_a_row_by_row_function_in_micro_batches_gives_the_whole_batch_s_rows_in_order():
-    batch = build_rollout_batch(two_prompts(), PAD)
+def test_a_row_by_row_function_in_micro_batches_gives_the_whole_batch_s_rows_in_order(two_prompts):
+    batch = build_rollout_batch(two_prompts, PAD)
     sizes = []
 
     def response_sums(rollouts):

@@ -11,18 +11,6 @@ from lightning_rlhf.rollout_forwards import critic_values
 PAD = 0
 
 
-def two_prompts() -> Generations:
-    """2 prompts of 2 and 1 tokens, k=2: completions of 3, 1, 2 and 0 tokens; the first and third ended with eos."""
-    return Generations(
-        prompt_ids=[[5, 6], [7]],
-        completion_ids=[[1, 2, 3], [4], [8, 9], []],
-        behavior_logprobs=[[-0.1, -0.2, -0.3], [-0.4], [-0.5, -0.6], []],
-        finish_reasons=["stop", "length", "stop", "length"],
-        policy_version=3,
-        k=2,
-    )
-
-
 def test_the_critic_s_value_of_each_response_token_is_its_score_of_the_sequence_before_that_token(tiny_model_dir):
     critic = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).eval()
     generations = Generations([[5, 6, 7]], [[8, 9, 10]], [[0.0] * 3], ["stop"], 0, 1)
@@ -38,9 +26,9 @@ def test_the_critic_s_value_of_each_response_token_is_its_score_of_the_sequence_
         assert torch.allclose(critic_values(critic, batch), (by_prefix - 0.25) / 2.0, atol=1e-5)
 
 
-def test_the_critic_gives_padding_no_value(tiny_model_dir):
+def test_the_critic_gives_padding_no_value(tiny_model_dir, two_prompts):
     critic = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).eval()
-    batch = build_rollout_batch(two_prompts(), PAD)
+    batch = build_rollout_batch(two_prompts, PAD)
     with torch.no_grad():
         values = critic_values(critic, batch)
     assert values.shape == (4, 3)

@@ -7,18 +7,6 @@ from lightning_rlhf.rewards import RewardFunction
 from lightning_rlhf.scoring import RewardScorer, raw_scores, score_rollouts
 
 
-def two_prompts() -> Generations:
-    """2 prompts of 2 and 1 tokens, k=2: completions of 3, 1, 2 and 0 tokens; the first and third ended with eos."""
-    return Generations(
-        prompt_ids=[[5, 6], [7]],
-        completion_ids=[[1, 2, 3], [4], [8, 9], []],
-        behavior_logprobs=[[-0.1, -0.2, -0.3], [-0.4], [-0.5, -0.6], []],
-        finish_reasons=["stop", "length", "stop", "length"],
-        policy_version=3,
-        k=2,
-    )
-
-
 class Lengths(RewardFunction):
     """Scores a completion by its length in characters; keeps what it was asked."""
 
@@ -62,8 +50,8 @@ def test_the_generator_scores_the_first_share_of_the_prompts_with_all_their_samp
     assert scorer(rows, generations, share=0.0) == [None] * 8 and scorer.reward.asked == []
 
 
-def test_score_rollouts_keeps_the_generator_s_scores_and_penalizes_what_did_not_end():
-    generations = two_prompts()
+def test_score_rollouts_keeps_the_generator_s_scores_and_penalizes_what_did_not_end(two_prompts):
+    generations = two_prompts
     generations.scores = [10.0, None, None, None]
     scores, raw, completions = score_rollouts(
         Lengths(), Digits(), generations, [{"prompt": "a"}, {"prompt": "b"}], -1.0
