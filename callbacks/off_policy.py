@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from lightning_rlhf.contracts import RLModule
 from lightning_rlhf.errors import ConfigError
-from lightning_rlhf.generation.in_process import InProcessSource, SnapshotSource
+from lightning_rlhf.generation.in_process import SnapshotSource
 from lightning_rlhf.models import stop_token_ids
 
 
@@ -43,17 +43,18 @@ class OffPolicySimulation(Callback):
             raise ConfigError(
                 f"OffPolicySimulation needs an RL module (OnlineDPO, RLOO, PPO), not {type(pl_module).__name__}."
             )
-        if type(pl_module.rollout_source) is not InProcessSource:
+        source = pl_module.rollout_source
+        if source is None or not source.samples_in_process:
             raise ConfigError(
                 "OffPolicySimulation simulates staleness in one process; "
                 "drop it or use a synchronous strategy instead of an asynchronous one."
             )
         tokenizer = pl_module.tokenizer
-        source = SnapshotSource(
+        snapshot = SnapshotSource(
             pl_module.policy,
             stop_token_ids(tokenizer, pl_module.policy),
             tokenizer.pad_token_id,
             self.num_batches,
             seed=pl_module.generation_seed,
         )
-        pl_module.use_rollout_source(source)
+        pl_module.use_rollout_source(snapshot)

@@ -12,8 +12,7 @@ Who reads and writes what, in one direction:
 * A **strategy** reads an :class:`RLModule`'s ``policy``, ``policy_source`` and
   ``generation_seed`` to start a generator with the same architecture, weights
   and sampling streams, its ``reward`` to score on the generator
-  (``score_on_generator``), and its trainer's datamodule's ``max_prompt_tokens``
-  (a length check), and hands the module its rollout source once, with
+  (``score_on_generator``), and hands the module its rollout source once, with
   :meth:`RLModule.use_rollout_source`. It never reads anything else of the module.
 * The **module** asks its source for rollouts (:meth:`RolloutSource.step`),
   tells it when it made a new policy version (:meth:`RolloutSource.after_update`),
@@ -32,7 +31,6 @@ from __future__ import annotations
 
 from typing import Any, Protocol, TypedDict, runtime_checkable
 
-import lightning as L
 import torch
 
 from lightning_rlhf.generation.base import Generations, SamplingConfig
@@ -61,10 +59,6 @@ class RLModule(Protocol):
     policy_version: int  # generated batches trained on; what staleness is counted in
     generation_seed: int  # base seed of the sampling streams
     reward: RewardFunction  # what scores the rollouts (a copy, unloaded, scores on the generator)
-
-    @property
-    def trainer(self) -> L.Trainer:
-        """The Lightning trainer the module is attached to (``LightningModule.trainer``)."""
 
     @property
     def rollout_source(self) -> RolloutSource | None:

@@ -19,6 +19,8 @@ from lightning_rlhf.generation.transformers_backend import TransformersBackend
 class InProcessSource:
     """Synchronous: sample with the current weights, in this process."""
 
+    samples_in_process = True
+
     def __init__(self, backend: GenerationBackend) -> None:
         self.backend = backend
         self.refreshes: list[Refresh] = []  # the backend samples from the training weights themselves: nothing to send

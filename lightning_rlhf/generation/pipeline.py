@@ -120,6 +120,8 @@ class PipelinedSource:
             ``None``: the generator's scorer, if any, scores its fixed share.
     """
 
+    samples_in_process = False
+
     def __init__(
         self,
         generator: GeneratorHandle,

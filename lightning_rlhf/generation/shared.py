@@ -45,6 +45,8 @@ class SharedSource:
         weights: This rank's weight stream, read at every refresh (rank 0's is ``inner``'s).
     """
 
+    samples_in_process = False
+
     def __init__(
         self,
         inner: PipelinedSource | None,

@@ -47,6 +47,10 @@ class RolloutSource(Protocol):
     def refreshes(self) -> list[Refresh]:
         """Every refresh so far, in order; empty where the weights are shared in-process."""
 
+    @property
+    def samples_in_process(self) -> bool:
+        """Whether rollouts are sampled in the training process itself (no generator process)."""
+
     def step(
         self, rows: list[Row], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int
     ) -> tuple[list[Row], Generations] | None:

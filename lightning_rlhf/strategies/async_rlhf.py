@@ -153,7 +153,8 @@ class _AsyncGeneration(_StrategyBase):
         """Start this rank's generator(s) (or take part in the shared one) and hand the module its rollout source."""
         config, module = self.generation, self._rl_module()
         context = config.vllm_kwargs.get("max_model_len") if config.backend == "vllm" else None
-        max_prompt_tokens = getattr(module.trainer.datamodule, "max_prompt_tokens", None)
+        # the trainer's datamodule, read through the strategy's own handle on the module (not the RLModule contract)
+        max_prompt_tokens = getattr(self.lightning_module.trainer.datamodule, "max_prompt_tokens", None)
         check_context_length(max_prompt_tokens, module.sampling.max_new_tokens, context, "vllm_kwargs.max_model_len")
         owner = not config.shared_generator or self.global_rank == 0
         generator = self._new_generator() if owner else None

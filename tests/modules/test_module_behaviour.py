@@ -246,6 +246,21 @@ def test_off_policy_simulation_trains_on_data_zero_to_n_minus_one_versions_old(b
     assert staleness == [0.0, 1.0, 2.0, 0.0, 1.0, 2.0]  # each round of 3 batches sampled by one snapshot
 
 
+def test_off_policy_simulation_refuses_a_source_that_samples_in_another_process(quiet_trainer):
+    """OffPolicySimulation asks the source (the contract's samples_in_process), not its class."""
+    from lightning_rlhf.generation.pipeline import PipelinedSource
+
+    module = OnlineDPO(beta=0.5, k=2, max_new_tokens=4)
+    module.trainer = quiet_trainer()
+    module.configure_model()
+    simulation = OffPolicySimulation(num_batches=2)
+    simulation.on_fit_start(module.trainer, module)  # its own in-process source: replaced by a snapshot
+    assert module.rollout_source is not None and module.rollout_source.samples_in_process
+    module.use_rollout_source(PipelinedSource(SimpleNamespace(close=lambda: None), 1, 1, weights=lambda: None))
+    with pytest.raises(ConfigError, match="simulates staleness in one process"):
+        simulation.on_fit_start(module.trainer, module)
+
+
 @pytest.mark.parametrize(
     "make, message",
     [
