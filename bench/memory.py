@@ -65,7 +65,7 @@ def one_row(sequences: int, micro: int | None, checkpointing: bool, prompt_token
     class FixedShape:
         """Rollouts of ``prompt_tokens`` + ``response_tokens`` seeded random tokens, none ending with a stop."""
 
-        def step(self, rows, prompt_ids, sampling, version):
+        def next_rollouts(self, rows, prompt_ids, sampling, version):
             g = torch.Generator().manual_seed(0)
             prompts = [torch.randint(100, 20000, (prompt_tokens,), generator=g).tolist() for _ in prompt_ids]
             completions = [

@@ -14,7 +14,7 @@ Who reads and writes what, in one direction:
   and sampling streams, its ``reward`` to score on the generator
   (``score_on_generator``), and hands the module its rollout source once, with
   :meth:`RLModule.use_rollout_source`. It never reads anything else of the module.
-* The **module** asks its source for rollouts (:meth:`RolloutSource.step`),
+* The **module** asks its source for rollouts (:meth:`RolloutSource.next_rollouts`),
   tells it when it made a new policy version (:meth:`RolloutSource.after_update`),
   and keeps the prompts in flight in its checkpoints (``pending_rows`` / ``resubmit``).
 * The **source** alone decides when the generator's weights are refreshed:

@@ -282,7 +282,7 @@ class RolloutLoop:
         while True:
             for rows in self.loader:
                 prompt_ids = prompt_token_ids(self.tokenizer, [r["prompt"] for r in rows])
-                ready = self.source.step(rows, prompt_ids, sampling, version)
+                ready = self.source.next_rollouts(rows, prompt_ids, sampling, version)
                 if ready is None:
                     continue  # asynchronous: the generator is filling the pipeline
                 rows, generations = ready

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from lightning_rlhf.generation.weights import Refit
+    from lightning_rlhf.generation.weights import RefreshManifest
 
 Probe = tuple[list[int], list[int], float]
 """A sequence to check a refresh with: prompt ids, completion ids, and the temperature of its logprobs."""
@@ -170,8 +170,8 @@ class GenerationBackend(ABC):
         (generator-process backends only)."""
         raise NotImplementedError(f"{type(self).__name__} cannot run in a generator process.")
 
-    def receive_weights(self, refit: Refit, version: int) -> None:
-        """Receive the weights described by ``refit`` (a :class:`~lightning_rlhf.generation.weights.Refit`)
+    def receive_weights(self, refit: RefreshManifest, version: int) -> None:
+        """Receive the weights described by ``refit`` (a :class:`~lightning_rlhf.generation.weights.RefreshManifest`)
         and load them."""
         raise NotImplementedError(f"{type(self).__name__} cannot run in a generator process.")
 

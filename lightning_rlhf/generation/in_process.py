@@ -25,7 +25,7 @@ class InProcessSource:
         self.backend = backend
         self.refreshes: list[Refresh] = []  # the backend samples from the training weights themselves: nothing to send
 
-    def step(
+    def next_rollouts(
         self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int
     ) -> tuple[list[dict], Generations]:
         if self.backend.share_weights:
@@ -98,7 +98,7 @@ class SnapshotSource(InProcessSource):
         self.snapshot_version = version
         self.refreshes.append(Refresh(version, time.perf_counter() - start, "period"))
 
-    def step(
+    def next_rollouts(
         self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int
     ) -> tuple[list[dict], Generations]:
         round_start = version - version % self.every  # the version this round's mini-batches are sampled with

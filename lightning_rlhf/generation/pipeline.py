@@ -1,6 +1,6 @@
 """The asynchronous rollout source: a generator process samples ahead of the trainer, within a staleness bound.
 
-Follows :class:`lightning_rlhf.generation.source.RolloutSource`: ``step`` takes
+Follows :class:`lightning_rlhf.generation.source.RolloutSource`: ``next_rollouts`` takes
 this step's prompts and returns the ``(rows, generations)`` to train on now, or
 ``None`` while the pipeline is filling up.
 
@@ -241,7 +241,7 @@ class PipelinedSource:
     def _submit(self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig) -> None:
         self.pending.append((self._send(prompt_ids, sampling, rows), rows, prompt_ids, sampling))
 
-    def step(
+    def next_rollouts(
         self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int
     ) -> tuple[list[dict], Generations] | None:
         trained_at = version + len(self.pending)  # the version that will train on this request

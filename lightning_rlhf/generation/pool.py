@@ -16,7 +16,7 @@ import time
 
 from lightning_rlhf.generation.base import Generations, Probe, SamplingConfig
 from lightning_rlhf.generation.process import GeneratorProcess
-from lightning_rlhf.generation.weights import Refit, WeightStream, pack_device, pack_stream
+from lightning_rlhf.generation.weights import RefreshManifest, WeightStream, pack_device, pack_stream
 
 
 def split_sizes(n: int, parts: int) -> list[int]:
@@ -89,7 +89,7 @@ class GeneratorPool:
         start = time.perf_counter()
         spec = self.generators[0].spec
         buffers = pack_stream(stream, spec.bucket_bytes, pack_device(spec.transport))
-        refit = Refit(stream.meta, spec.bucket_bytes)
+        refit = RefreshManifest(stream.meta, spec.bucket_bytes)
         for i, generator in enumerate(self.generators):
             generator.push_packed(refit, buffers, version, probe if i == 0 else None)
         return time.perf_counter() - start

@@ -28,7 +28,7 @@ import torch
 
 from lightning_rlhf.generation.base import Generations, Probe, SamplingConfig
 from lightning_rlhf.generation.weights import (
-    Refit,
+    RefreshManifest,
     Transfer,
     WeightStream,
     host_store,
@@ -217,10 +217,12 @@ class GeneratorProcess:
         start = time.perf_counter()
         self._check_alive()
         buffers = pack_stream(stream, self.spec.bucket_bytes, pack_device(self.spec.transport))
-        self.push_packed(Refit(stream.meta, self.spec.bucket_bytes), buffers, version, probe)
+        self.push_packed(RefreshManifest(stream.meta, self.spec.bucket_bytes), buffers, version, probe)
         return time.perf_counter() - start
 
-    def push_packed(self, refit: Refit, buffers: list[torch.Tensor], version: int, probe: Probe | None = None) -> None:
+    def push_packed(
+        self, refit: RefreshManifest, buffers: list[torch.Tensor], version: int, probe: Probe | None = None
+    ) -> None:
         """Send weights already packed into ``refit``'s buckets (several generators share one packing).
 
         The generator takes them before any request made after this call
@@ -243,7 +245,7 @@ class GeneratorProcess:
         after = self._outstanding[-1] if self._outstanding else None  # the generator reaches the refresh after it
         try:
             if self.spec.transport == "cuda_ipc":
-                refit = Refit(refit.meta, refit.bucket_bytes, ipc_handles(buffers))
+                refit = RefreshManifest(refit.meta, refit.bucket_bytes, ipc_handles(buffers))
             self.requests.put(("weights", refit, version, probe))
             self.version = version
             if self.spec.transport in SENT_WHEN_REACHED or self.spec.transport == "cuda_ipc":

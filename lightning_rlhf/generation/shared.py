@@ -174,13 +174,13 @@ class SharedSource:
             raise GeneratorError(f"The shared generator on rank 0 failed: {value}")
         return value
 
-    def step(
+    def next_rollouts(
         self, rows: list[dict], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int
     ) -> tuple[list[dict], Generations] | None:
         def work(per_rank: list[tuple[list[dict], list[list[int]]]]) -> list:
             inner = self._owner()
             self._sizes.append([len(rank_rows) for rank_rows, _ in per_rank])
-            ready = inner.step(
+            ready = inner.next_rollouts(
                 [row for rank_rows, _ in per_rank for row in rank_rows],
                 [ids for _, rank_ids in per_rank for ids in rank_ids],
                 sampling,

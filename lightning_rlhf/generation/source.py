@@ -51,7 +51,7 @@ class RolloutSource(Protocol):
     def samples_in_process(self) -> bool:
         """Whether rollouts are sampled in the training process itself (no generator process)."""
 
-    def step(
+    def next_rollouts(
         self, rows: list[Row], prompt_ids: list[list[int]], sampling: SamplingConfig, version: int
     ) -> tuple[list[Row], Generations] | None:
         """Take this step's prompts; return the ``(rows, generations)`` to train on now,

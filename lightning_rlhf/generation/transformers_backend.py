@@ -22,7 +22,7 @@ import torch
 
 from lightning_rlhf.forwards import cache_name, last_logits
 from lightning_rlhf.generation.base import GenerationBackend, Generations, SamplingConfig, call_seed, truncate_at_stop
-from lightning_rlhf.generation.weights import Refit, join_group, receive_buckets
+from lightning_rlhf.generation.weights import RefreshManifest, join_group, receive_buckets
 from lightning_rlhf.losses import token_logprobs
 from lightning_rlhf.tokens import left_pad, real_token_positions
 
@@ -191,7 +191,7 @@ class TransformersBackend(GenerationBackend):
         self._group = join_group(port, prefix, 1, world_size, timeout_s=timeout_s, transport=transport)
 
     @torch.no_grad()
-    def receive_weights(self, refit: Refit, version: int) -> None:
+    def receive_weights(self, refit: RefreshManifest, version: int) -> None:
         """Copy each bucket into the parameters as it arrives (cast to this model's dtype and device)."""
         params = dict(self.model.named_parameters())
         unset = set(params)

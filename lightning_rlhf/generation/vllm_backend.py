@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from lightning_rlhf.generation.base import GenerationBackend, Generations, SamplingConfig, call_seed, truncate_at_stop
-from lightning_rlhf.generation.weights import Refit, join_group, receive_buckets
+from lightning_rlhf.generation.weights import RefreshManifest, join_group, receive_buckets
 
 # Fraction of a GPU's memory vLLM takes (weights + KV cache): a GPU of its own, or one shared with
 # the trainer, whose weights, gradients, optimizer state and activations need the rest.
@@ -108,7 +108,7 @@ class WeightReceiver:
         self._weight_group = join_group(port, prefix, rank, world_size, timeout_s=timeout_s, transport=transport)
 
     def receive_weights(self, meta: list, bucket_bytes: int, handles: list[bytes] | None) -> None:
-        refit = Refit(meta, bucket_bytes, handles)  # sent as plain fields: vLLM's RPC carries no dataclasses
+        refit = RefreshManifest(meta, bucket_bytes, handles)  # sent as plain fields: vLLM's RPC carries no dataclasses
         load_buckets(self, receive_buckets(self._weight_group, refit, self._weight_transport))
         model = self.model_runner.get_model()
         if next(model.parameters()).device.type == "cuda":
@@ -207,7 +207,7 @@ class VLLMBackend(GenerationBackend):
     ) -> None:
         self.llm.collective_rpc("join_weight_group", args=(port, prefix, transport, world_size, timeout_s))
 
-    def receive_weights(self, refit: Refit, version: int) -> None:
+    def receive_weights(self, refit: RefreshManifest, version: int) -> None:
         self.llm.collective_rpc("receive_weights", args=(refit.meta, refit.bucket_bytes, refit.handles))
         self.llm.reset_prefix_cache()  # or KV computed with the old weights is reused
         self.policy_version = version

@@ -1,7 +1,7 @@
 """Weight transfer from the trainer to a generator, streamed in packed buckets.
 
 The trainer describes the weights once per refresh (names, shapes, dtypes:
-the :class:`Refit` that travels through the request queue), then packs them
+the :class:`RefreshManifest` that travels through the request queue), then packs them
 into buckets of about ``bucket_bytes`` each (one flat ``uint8`` buffer per
 bucket, every tensor cast to the generator's dtype as it is copied in) and
 sends bucket after bucket. The receiver takes one bucket at a time, loads it
@@ -212,8 +212,9 @@ class WeightStream:
 
 
 @dataclass
-class Refit:
-    """What a generator is told of one refresh, through the request queue.
+class RefreshManifest:
+    """What a generator is told of one refresh, through the request queue: the tensors it will receive
+    (name, shape, dtype each, in order), how they are cut into buckets, and where to find them.
 
     Plain data only (vLLM's RPC carries lists, ints and bytes, not objects):
     ``handles`` are the buckets' pickled CUDA IPC handles (``cuda_ipc`` only).
@@ -444,7 +445,7 @@ def open_ipc_handle(handle: bytes, device_index: int) -> torch.Tensor:
 
 
 def receive_buckets(
-    group: dist.ProcessGroup | None, refit: Refit, transport: str = "gloo", reuse: bool = False
+    group: dist.ProcessGroup | None, refit: RefreshManifest, transport: str = "gloo", reuse: bool = False
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """The refresh's tensors, one bucket at a time, as views of the bucket's buffer.
 

@@ -340,9 +340,9 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
 
     @override
     def training_step(self, batch: list[dict], batch_idx: int) -> TrainedOn | None:
-        self.draw_batch()
+        self.on_batch_drawn()
         start = time.perf_counter()
-        ready = self._rollouts().step(batch, self.prompt_ids(batch), self.sampling, self.policy_version)
+        ready = self._rollouts().next_rollouts(batch, self.prompt_ids(batch), self.sampling, self.policy_version)
         if ready is None:
             return None  # asynchronous: the pipeline is still filling up
         rows, generations = ready

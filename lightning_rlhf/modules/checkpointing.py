@@ -52,7 +52,7 @@ class RolloutCheckpointing(_LightningModule):
                 category=PossibleUserWarning,
             )
 
-    def draw_batch(self) -> None:
+    def on_batch_drawn(self) -> None:
         """Count a batch drawn from the loader; after a resume, first ask again for the checkpoint's
         prompts in flight."""
         self.batches_drawn += 1

@@ -20,7 +20,7 @@ def test_each_round_of_n_batches_is_sampled_by_the_policy_of_its_first_version(t
     sampling = SamplingConfig(k=2, temperature=1.0, max_new_tokens=4)
     sampled_with, round_weights = [], None
     for version in range(7):  # one "update" per batch, as in the paper's definition
-        _, generations = source.step([{}], prompts, sampling, version)
+        _, generations = source.next_rollouts([{}], prompts, sampling, version)
         sampled_with.append(generations.policy_version)
         if version % 3 == 0:
             round_weights = [p.detach().clone() for p in policy.parameters()]
@@ -39,8 +39,8 @@ def test_every_1_samples_exactly_what_on_policy_generation_samples(tiny_model_di
     prompts = prompt_token_ids(tokenizer, ["copy 1 2 3 =", "copy 4 5 ="])
     sampling = SamplingConfig(k=2, temperature=1.0, max_new_tokens=5)
     for version in range(3):
-        _, from_snapshot = snapshot.step([{}], prompts, sampling, version)
-        _, from_local = local.step([{}], prompts, sampling, version)
+        _, from_snapshot = snapshot.next_rollouts([{}], prompts, sampling, version)
+        _, from_local = local.next_rollouts([{}], prompts, sampling, version)
         assert from_snapshot.completion_ids == from_local.completion_ids
         torch.manual_seed(version)
         _nudge(a)
@@ -99,7 +99,7 @@ def test_each_snapshot_is_recorded_as_a_periodic_refresh(tiny_model_dir):
     source = SnapshotSource(policy, [tokenizer.eos_token_id], tokenizer.pad_token_id, every=2, seed=0)
     sampling = SamplingConfig(k=1, temperature=1.0, max_new_tokens=2)
     for version in range(5):
-        source.step([{}], prompt_token_ids(tokenizer, ["copy 1 ="]), sampling, version)
+        source.next_rollouts([{}], prompt_token_ids(tokenizer, ["copy 1 ="]), sampling, version)
         source.after_update(version + 1)  # nothing is sent after an update: the next round's step copies the weights
     assert [(r.version, r.reason) for r in source.refreshes] == [(0, "period"), (2, "period"), (4, "period")]
     assert source.pending_rows() == [] and source.probe_logprobs(5) is None

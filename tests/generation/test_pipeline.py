@@ -23,7 +23,7 @@ def run(
     Returns the prompts trained and their staleness."""
     trained, staleness, version = [], [], policy.version
     for prompt in range(batches):
-        ready = source.step([{"prompt": prompt}], [[prompt]], SAMPLING, version)
+        ready = source.next_rollouts([{"prompt": prompt}], [[prompt]], SAMPLING, version)
         if ready is None:
             continue
         rows, generations = ready
@@ -132,14 +132,14 @@ def test_a_resume_asks_again_for_the_checkpoint_s_prompts_first_with_the_current
         [{"prompt": 10}],
         [{"prompt": 11}],
     ]
-    ready = source.step([{"prompt": 12}], [[12]], SAMPLING, 5)
+    ready = source.next_rollouts([{"prompt": 12}], [[12]], SAMPLING, 5)
     assert ready[0] == [{"prompt": 10}] and ready[1].policy_version == 5
 
 
 def test_an_evaluation_sees_the_current_weights_and_leaves_the_pipeline_as_it_was():
     policy = Policy()
     source = PipelinedSource(FakeGenerator(), max_staleness=1, sync_every=2, weights=policy.weights)
-    source.step([{"prompt": 0}], [[0]], SAMPLING, 0)  # in flight, sampled with version 0
+    source.next_rollouts([{"prompt": 0}], [[0]], SAMPLING, 0)  # in flight, sampled with version 0
     policy.version = 1
     source.after_update(1)  # sync_every 2: the generator still holds version 0
     evaluated = source.evaluate([[5], [6]], SAMPLING, 1)
@@ -153,13 +153,13 @@ def test_an_evaluation_sees_the_current_weights_and_leaves_the_pipeline_as_it_wa
 def test_training_requests_carry_their_rows_to_be_scored_and_evaluations_do_not():
     generator = FakeGenerator()
     source, policy, started = restarting(generator, FakeGenerator())
-    source.step([{"prompt": 0}], [[0]], SAMPLING, 0)
-    source.step([{"prompt": 1}, {"prompt": 2}], [[1], [2]], SAMPLING, 0)  # one row per prompt (a SharedSource's too)
+    source.next_rollouts([{"prompt": 0}], [[0]], SAMPLING, 0)
+    source.next_rollouts([{"prompt": 1}, {"prompt": 2}], [[1], [2]], SAMPLING, 0)  # a row per prompt, shared too
     source.evaluate([[5]], SAMPLING, 0)
     assert list(generator.rows.values()) == [[{"prompt": 0}], [{"prompt": 1}, {"prompt": 2}], None]
     generator.dead = True  # the replacement is asked again for the request in flight, with its rows
     policy.version = 1
-    source.step([{"prompt": 3}], [[3]], SAMPLING, 1)
+    source.next_rollouts([{"prompt": 3}], [[3]], SAMPLING, 1)
     assert list(started[1].rows.values())[:2] == [[{"prompt": 1}, {"prompt": 2}], [{"prompt": 3}]]
 
 

@@ -85,7 +85,7 @@ def drive(
     """Step, train ``policy``, after_update, as an RL module does. Returns the prompts trained and their staleness."""
     trained, staleness, version = [], [], 0
     for prompt in range(first_prompt, first_prompt + batches):
-        ready = source.step([{"prompt": prompt}], [[prompt]], SAMPLING, version)
+        ready = source.next_rollouts([{"prompt": prompt}], [[prompt]], SAMPLING, version)
         if ready is None:
             assert source.pending_rows()[-1] == [{"prompt": prompt}]  # in flight, kept for a checkpoint
             continue

@@ -9,7 +9,7 @@ import torch
 
 from lightning_rlhf.generation import weights
 from lightning_rlhf.generation.weights import (
-    Refit,
+    RefreshManifest,
     WeightStream,
     host_store,
     join_group,
@@ -132,7 +132,7 @@ def test_buckets_stream_over_gloo_and_the_receiver_holds_one_at_a_time(reuse):
     store, sender, receiver = _pair()
     named = [(f"w{i}", torch.full((MiB // 4,), float(i))) for i in range(4)]  # 1 MiB each
     expected = [(n, t.clone()) for n, t in named]
-    refit = Refit(stream_of(named).meta, bucket_bytes=2 * MiB)
+    refit = RefreshManifest(stream_of(named).meta, bucket_bytes=2 * MiB)
     buffers = pack_stream(stream_of(named), refit.bucket_bytes, torch.device("cpu"))
     for _, t in named:  # the trainer's next optimizer step changes the weights in place right away
         t.add_(100.0)
@@ -165,7 +165,7 @@ def test_a_send_gives_up_when_the_receiver_dies_instead_of_waiting():
     with pytest.raises(RuntimeError, match="died during the weight transfer"):
         transfer.wait()
     assert time.monotonic() - died_at < 1.0  # noticed at the next poll, not at the group's timeout
-    list(receive_buckets(receiver, Refit([("w", (64 * MiB,), "uint8")], 64 * MiB)))  # let it finish
+    list(receive_buckets(receiver, RefreshManifest([("w", (64 * MiB,), "uint8")], 64 * MiB)))  # let it finish
 
 
 def test_a_peer_that_dies_before_joining_stops_the_wait_at_once():
@@ -196,7 +196,7 @@ def test_the_side_group_has_one_rank_per_tensor_parallel_worker():
     for t in threads:
         t.join(30)
     named = [("w", torch.arange(10.0))]
-    refit = Refit(stream_of(named).meta, MiB)
+    refit = RefreshManifest(stream_of(named).meta, MiB)
     got = {}
     receivers = [
         threading.Thread(target=lambda r=r: got.__setitem__(r, list(receive_buckets(groups[r], refit)))) for r in (1, 2)
@@ -248,7 +248,7 @@ def test_a_send_from_the_callers_thread_streams_through_two_reused_buffers():
     staged in turn in two buffers of one bucket each."""
     store, sender, receiver = _pair()
     named = [(f"w{i}", torch.full((MiB // 4,), float(i))) for i in range(5)]  # 1 MiB each, a bucket each
-    refit = Refit(stream_of(named).meta, bucket_bytes=MiB)
+    refit = RefreshManifest(stream_of(named).meta, bucket_bytes=MiB)
     buffers = pack_stream(stream_of(named), refit.bucket_bytes, torch.device("cpu"))
     staging = weights.staging_buffers(MiB, torch.device("cpu"))
     threads, staged = set(), []

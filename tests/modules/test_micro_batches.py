@@ -31,7 +31,7 @@ class RandomRollouts:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
 
-    def step(self, rows, prompt_ids, sampling, version):
+    def next_rollouts(self, rows, prompt_ids, sampling, version):
         generator = torch.Generator().manual_seed(0)
         completions, reasons = [], []
         for j in range(len(prompt_ids) * sampling.k):

@@ -41,7 +41,7 @@ class FixedRollouts:
         self.tokenizer, self.reasons = tokenizer, reasons
         self.refreshes, self.resubmitted = [], []
 
-    def step(self, rows, prompt_ids, sampling, version):
+    def next_rollouts(self, rows, prompt_ids, sampling, version):
         word = self.tokenizer.convert_tokens_to_ids("1")
         completions = [
             [word, word, self.tokenizer.eos_token_id] if r == "stop" else [word] * sampling.max_new_tokens
@@ -96,7 +96,7 @@ def test_score_rollouts_replaces_the_score_of_a_completion_without_eos():
     from lightning_rlhf.tasks.copy import make_tokenizer
 
     tokenizer = make_tokenizer()
-    generations = FixedRollouts(tokenizer, ["stop", "length", "stop", "length"]).step(
+    generations = FixedRollouts(tokenizer, ["stop", "length", "stop", "length"]).next_rollouts(
         [{"prompt": "a"}, {"prompt": "b"}], [[5], [6]], SimpleNamespace(k=2, max_new_tokens=4), 0
     )[1]
     scores, raw, _ = score_rollouts(
@@ -187,7 +187,7 @@ def test_the_trainer_scores_only_what_the_generator_left_unscored():
 
     tokenizer = make_tokenizer()
     rows = [{"prompt": p} for p in "abcd"]
-    generations = FixedRollouts(tokenizer, ["stop"] * 8).step(
+    generations = FixedRollouts(tokenizer, ["stop"] * 8).next_rollouts(
         rows, [[5], [6], [7], [8]], SimpleNamespace(k=2, max_new_tokens=4), 0
     )[1]
     on_generator = RewardScorer(Recording(5.0), "builtin:sft", fraction=0.5)
@@ -327,7 +327,7 @@ def test_resume_on_another_number_of_ranks_is_refused():
     module._trainer = SimpleNamespace(global_rank=1, world_size=2)  # the same layout: each rank takes back its own
     module.on_load_checkpoint(checkpoint)
     module.use_rollout_source(source := FixedRollouts(None, []))
-    module.draw_batch()  # the first batch after the resume asks again for this rank's prompts in flight
+    module.on_batch_drawn()  # the first batch after the resume asks again for this rank's prompts in flight
     assert source.resubmitted == [([[{"prompt": "b"}]], 3)] and module.batches_drawn == 5
 
 

@@ -32,8 +32,8 @@ class OlderBehaviour(InProcessSource):
         super().__init__(backend)
         self.ratio, self.per_token = ratio, per_token
 
-    def step(self, rows, prompt_ids, sampling, version):
-        rows, generations = super().step(rows, prompt_ids, sampling, version)
+    def next_rollouts(self, rows, prompt_ids, sampling, version):
+        rows, generations = super().next_rollouts(rows, prompt_ids, sampling, version)
         shifted = []
         for logprobs in generations.behavior_logprobs:
             shift = math.log(self.ratio) / (1 if self.per_token else len(logprobs))
