@@ -53,10 +53,11 @@ trainer:
   strategy:
     class_path: lightning_rlhf.strategies.AsyncRLHFDDPStrategy
     init_args:
-      backend: transformers
-      max_staleness: 1
-      sync_every: 1
-      shared_generator: {shared}
+      generation:
+        backend: transformers
+        max_staleness: 1
+        sync_every: 1
+        shared_generator: {shared}
 model:
   class_path: lightning_rlhf.modules.OnlineDPO
   init_args:
