@@ -50,12 +50,10 @@ class RLHFCLI(LightningCLI):
             root = config.get("default_root_dir") or os.getcwd()
             kwargs.setdefault("logger", [CSVLogger(root, name="csv"), TensorBoardLogger(root, name="tensorboard")])
         trainer = super().instantiate_trainer(**kwargs)
-        if isinstance(trainer.strategy, ASYNC_STRATEGIES) and not any(
-            isinstance(c, WeightSync) for c in trainer.callbacks
-        ):
-            trainer.callbacks.append(
-                WeightSync()
-            )  # every refresh logged and probed (strategies never import callbacks)
+        syncs = [c for c in trainer.callbacks if isinstance(c, WeightSync)]
+        if isinstance(trainer.strategy, ASYNC_STRATEGIES) and not syncs:
+            # every refresh logged and probed; added here because strategies never import callbacks
+            trainer.callbacks.append(WeightSync())
         return trainer
 
 
