@@ -14,6 +14,7 @@ import torch
 
 from lightning_rlhf.forwards import activation_checkpointing, forward_after_prompts, forward_shared_prompts, last_logits
 from lightning_rlhf.losses import token_logprobs
+from lightning_rlhf.models import load_reward_model
 from lightning_rlhf.rollout_batch import RolloutBatch
 from lightning_rlhf.tokens import real_token_positions
 
@@ -115,3 +116,32 @@ def critic_values(critic: torch.nn.Module, rollouts: RolloutBatch) -> torch.Tens
     if getattr(config, "reward_mean", None) is not None:
         values = (values - config.reward_mean) / config.reward_std
     return values * rollouts.response_mask
+
+
+def value_model(critic: str | None, policy: torch.nn.Module) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
+    """``(critic, value_head)``, one of them ``None``: the critic loaded from ``critic`` (a reward model source),
+    or for ``None`` a linear value head on ``policy``'s last hidden state that starts at 0 (no value before it learns
+    one)."""
+    if critic is not None:
+        return load_reward_model(critic).train(), None
+    head = torch.nn.Linear(policy.config.hidden_size, 1)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    return None, head
+
+
+def logprobs_and_values(
+    policy: torch.nn.Module,
+    critic: torch.nn.Module | None,
+    value_head: torch.nn.Module | None,
+    rollouts: RolloutBatch,
+    temperature: float,
+    share_prompts: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy's response logprobs and the values of the critic or of the value head on the policy, both (b, t),
+    0 on padding; a value head reads the hidden states of the policy's forward, so it costs no second forward."""
+    if critic is not None:
+        return response_logprobs(policy, rollouts, temperature, share_prompts), critic_values(critic, rollouts)
+    assert value_head is not None, "a PPO module has a critic or a value head"
+    logprobs, hidden = response_logprobs_and_hidden(policy, rollouts, temperature)
+    return logprobs, value_head(hidden).squeeze(-1).float() * rollouts.response_mask

@@ -31,9 +31,16 @@ def _offline_and_cached(tmp_path_factory):
     if os.environ.get("PYTEST_XDIST_WORKER"):
         session = session.parent  # each worker's folder is inside the session's
     os.environ.setdefault("LIGHTNING_RLHF_CACHE", str(session / "lightning_rlhf_cache"))
+    import torch
+
     from lightning_rlhf.tasks.copy import prepare
 
-    prepare()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # the other worker sleeps on the lock meanwhile: use both cores
+    try:
+        prepare()
+    finally:
+        torch.set_num_threads(threads)
     yield
 
 

@@ -19,6 +19,7 @@ import contextlib
 import gc
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,13 +34,14 @@ from lightning_rlhf.data import PromptDataModule, check_context_length
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.generation import RolloutSource, SamplingConfig, TransformersBackend
 from lightning_rlhf.generation.in_process import InProcessSource
-from lightning_rlhf.losses import ISStats
+from lightning_rlhf.losses import truncated_importance_weights
 from lightning_rlhf.metrics.cadence import logger_writes_now
 from lightning_rlhf.models import freeze, load_policy, load_tokenizer, loaded, resolve_source, stop_token_ids
 from lightning_rlhf.modules.accumulation import GradientAccumulation, check_micro_batch_size
 from lightning_rlhf.modules.checkpointing import RolloutCheckpointing
 from lightning_rlhf.rewards import RewardFunction, RewardModelScore
-from lightning_rlhf.rollout_batch import RolloutBatch, build_rollout_batch
+from lightning_rlhf.rollout_batch import RolloutBatch, build_rollout_batch, in_micro_batches
+from lightning_rlhf.rollout_forwards import response_logprobs
 from lightning_rlhf.scoring import score_rollouts
 from lightning_rlhf.tokens import prompt_token_ids
 
@@ -62,13 +64,22 @@ def check_importance_sampling_cap(cap: float | None) -> None:
         )
 
 
-def importance_sampling_metrics(stats: ISStats) -> dict[str, torch.Tensor]:
-    """The logged statistics of the truncated importance weights."""
-    return {
+def importance_weights(
+    cap: float | None, old_logprobs: torch.Tensor, rollouts: RolloutBatch, level: Literal["token", "sequence"]
+) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The truncated importance weights ``min(pi_old / pi_behaviour, cap)`` of ``rollouts`` at ``level`` and their
+    logged statistics; ``(None, {})`` when ``cap`` is ``None`` (the correction off)."""
+    if cap is None:
+        return None, {}
+    weights, stats = truncated_importance_weights(
+        old_logprobs, rollouts.behavior_logprobs, rollouts.response_mask, cap, level
+    )  # (b, t) or (b, 1)
+    metrics = {
         "offpolicy/is_ratio_mean": stats.ratio_mean,
         "offpolicy/is_ratio_max": stats.ratio_max,
         "offpolicy/is_clipfrac": stats.clipfrac,
     }
+    return weights, metrics
 
 
 def linear_schedule(
@@ -190,6 +201,8 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
         super().__init__()
         if lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}.")
+        if k < 1:
+            raise ConfigError(f"k is the number of completions per prompt and must be at least 1, got {k}.")
         if temperature <= 0:
             raise ConfigError(f"temperature must be positive (sampling is stochastic), got {temperature}.")
         if max_new_tokens < 1:
@@ -380,6 +393,18 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
         """The algorithm: update the policy on ``rollouts`` (b = n * k, prompt-major) scored ``scores`` (b,);
         return metrics."""
         raise NotImplementedError
+
+    def token_logprobs(self, rollouts: RolloutBatch, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """Response-token logprobs under ``model`` (default: the policy) at the sampling temperature, (b, t), 0 on
+        padding; the k samples of a prompt share its forward."""
+        policy = self.policy if model is None else model
+        return response_logprobs(policy, rollouts, self.sampling.temperature, self.sampling.k > 1)
+
+    @torch.no_grad()
+    def logprobs_without_grad(self, rollouts: RolloutBatch, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """:meth:`token_logprobs` of a whole generated batch without gradient (old policy, reference), in
+        micro-batches of ``micro_batch_size``, (b, t)."""
+        return in_micro_batches(partial(self.token_logprobs, model=model), rollouts, self.micro_batch_size)
 
     @override
     def on_train_start(self) -> None:

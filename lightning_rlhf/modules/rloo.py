@@ -30,11 +30,10 @@ import torch
 from typing_extensions import override
 
 from lightning_rlhf.errors import ConfigError
-from lightning_rlhf.losses import kl_k1, ppo_policy_loss, rloo_advantages, truncated_importance_weights
+from lightning_rlhf.losses import kl_k1, ppo_policy_loss, rloo_advantages
 from lightning_rlhf.modules.accumulation import WeightedSum
-from lightning_rlhf.modules.base import RLModuleBase, check_importance_sampling_cap, importance_sampling_metrics
-from lightning_rlhf.rollout_batch import RolloutBatch, in_micro_batches, micro_batches, minibatches
-from lightning_rlhf.rollout_forwards import response_logprobs
+from lightning_rlhf.modules.base import RLModuleBase, check_importance_sampling_cap, importance_weights
+from lightning_rlhf.rollout_batch import RolloutBatch, micro_batches, minibatches
 
 
 class RLOO(RLModuleBase):
@@ -79,24 +78,15 @@ class RLOO(RLModuleBase):
     def learn(self, rollouts: RolloutBatch, scores: torch.Tensor) -> dict[str, torch.Tensor]:
         k, size = self.sampling.k, self.micro_batch_size
         with torch.no_grad():
-            old_token_logps = in_micro_batches(self.token_logprobs, rollouts, size)  # (b, t)
+            old_token_logps = self.logprobs_without_grad(rollouts)  # (b, t)
             old_logps = old_token_logps.sum(-1)  # (b,)
-            ref_logps = in_micro_batches(partial(self.token_logprobs, model=self.ref_policy), rollouts, size).sum(-1)
+            ref_logps = self.logprobs_without_grad(rollouts, self.ref_policy).sum(-1)  # (b,)
             kl = kl_k1(old_logps, ref_logps)  # (b,) sequence KL, k1 summed over tokens
             rewards = scores - self.kl_coef * kl  # (b,)
             advantages = rloo_advantages(rewards.view(-1, k)).flatten()  # (b,)
             if self.normalize_advantages:
                 advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        weights, offpolicy = None, {}
-        if self.importance_sampling_cap is not None:
-            weights, is_stats = truncated_importance_weights(
-                old_token_logps,
-                rollouts.behavior_logprobs,
-                rollouts.response_mask,
-                self.importance_sampling_cap,
-                "sequence",
-            )  # (b, 1)
-            offpolicy = importance_sampling_metrics(is_stats)
+        weights, offpolicy = importance_weights(self.importance_sampling_cap, old_token_logps, rollouts, "sequence")
 
         for _ in range(self.num_epochs):
             for mb in minibatches(len(rollouts), self.num_mini_batches):
@@ -114,10 +104,6 @@ class RLOO(RLModuleBase):
             "objective/advantage_std": advantages.std(),
             **offpolicy,
         }
-
-    def token_logprobs(self, rollouts: RolloutBatch, model: torch.nn.Module | None = None) -> torch.Tensor:
-        """Response-token logprobs under ``model`` (default: the policy) at the sampling temperature, (b, t)."""
-        return response_logprobs(self.policy if model is None else model, rollouts, self.sampling.temperature)
 
     def _loss(self, batch: _Update, chunk: torch.Tensor) -> torch.Tensor:
         """The clipped sequence-level loss of the rollouts ``chunk``, weighted by their share of the mini-batch."""
