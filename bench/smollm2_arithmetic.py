@@ -1,6 +1,8 @@
-"""A real model learning on CPU: configs/smollm2/arithmetic.yaml, run per seed from an empty cache, timed.
+"""A real model learning on CPU: configs/smollm2/arithmetic.yaml (or another recipe), per seed from an empty cache.
 
     python bench/smollm2_arithmetic.py --seeds 0 1          # runs the recipe once per seed, one after the other
+    python bench/smollm2_arithmetic.py --configs configs/smollm2/grpo.yaml --seeds 0 1   # GRPO instead
+    python bench/smollm2_arithmetic.py --configs configs/smollm2/arithmetic.yaml configs/smollm2/lora.yaml
     python bench/smollm2_arithmetic.py --report              # re-renders from docs/results/smollm2_arithmetic.json
     python bench/smollm2_arithmetic.py --record 0 runs/x 1100 # adds a run made by hand with the same command
 
@@ -12,7 +14,8 @@ log it keeps ``eval/accuracy`` (greedy, 256 held-out problems) and ``eval/format
 the *format* part is what the accuracy would have gained if the new ``####`` answers were
 right as often as the old ones, the *correctness* part the rest.
 
-Writes ``docs/results/smollm2_arithmetic.{json,md,png}``.
+Writes ``docs/results/<name>.{json,md,png}``: ``smollm2_arithmetic`` for the default recipe, else
+``smollm2_`` and the recipes' file names (``smollm2_grpo``, ``smollm2_arithmetic_lora``).
 """
 
 from __future__ import annotations
@@ -44,11 +47,11 @@ def curve(run_dir: str) -> list[dict]:
     ]
 
 
-def run(seed: int, workdir: str, timeout_s: float) -> dict:
+def run(configs: list[str], seed: int, workdir: str, timeout_s: float) -> dict:
     """Run the recipe once from an empty cache; its wall time and learning curve."""
     run_dir = os.path.join(workdir, f"seed{seed}")
     env = {**os.environ, "LIGHTNING_RLHF_CACHE": os.path.join(workdir, f"cache{seed}"), "HF_HUB_OFFLINE": "1"}
-    command = ["lightning-rlhf", "fit", "--config", CONFIG, "--seed_everything", str(seed)]
+    command = ["lightning-rlhf", "fit", *[a for c in configs for a in ("--config", c)], "--seed_everything", str(seed)]
     start = time.perf_counter()
     out = subprocess.run(
         [*command, "--trainer.default_root_dir", run_dir],
@@ -72,7 +75,13 @@ def split_gain(before: dict, after: dict) -> dict:
     return {"gain": gain, "format_part": format_part, "correctness_part": gain - format_part}
 
 
+def results_name(configs: list[str]) -> str:
+    """``smollm2_arithmetic`` for the default recipe, else ``smollm2_`` and the recipes' file names."""
+    return "smollm2_" + "_".join(os.path.splitext(os.path.basename(c))[0] for c in configs)
+
+
 def report(payload: dict) -> None:
+    name = results_name(payload.get("configs", [payload["config"]]))
     lines = [
         "| seed | CPU kernels | wall time (min, preparation included) | eval/accuracy before -> after | gain "
         "| of which format | of which correctness | answers with #### before -> after |",
@@ -94,7 +103,7 @@ def report(payload: dict) -> None:
     for step in steps:
         cells = [next((f"{p['accuracy']:.3f}" for p in r["curve"] if p["step"] == step), "") for r in payload["runs"]]
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
-    write_markdown(os.path.join(RESULTS, "smollm2_arithmetic.md"), lines)
+    write_markdown(os.path.join(RESULTS, f"{name}.md"), lines)
     plt = pyplot()
     if plt is not None:
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -107,21 +116,22 @@ def report(payload: dict) -> None:
             )
         ax.set_xlabel("optimizer updates (one per generated batch)")
         ax.set_ylabel("eval/accuracy (greedy, 256 held-out)")
-        ax.set_title("SmolLM2-135M, async online DPO, 2 CPU cores")
+        ax.set_title(f"SmolLM2-135M, {' + '.join(payload.get('configs', [payload['config']]))}", fontsize=8)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(os.path.join(RESULTS, "smollm2_arithmetic.png"), dpi=120)
+        fig.savefig(os.path.join(RESULTS, f"{name}.png"), dpi=120)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=[CONFIG], help="recipe, then overlays, as --config takes them")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--report", action="store_true", help="re-render the table and plot from the JSON")
     parser.add_argument("--record", nargs=3, metavar=("SEED", "RUN_DIR", "WALL_SECONDS"), help="add a run made by hand")
     parser.add_argument("--append", action="store_true", help="keep the runs already in the JSON")
     parser.add_argument("--timeout_s", type=float, default=3600)
     args = parser.parse_args()
-    path = os.path.join(RESULTS, "smollm2_arithmetic.json")
+    path = os.path.join(RESULTS, f"{results_name(args.configs)}.json")
     if args.report:
         report(json.load(open(path)))
         return
@@ -132,12 +142,12 @@ def main() -> None:
         import torch
 
         with tempfile.TemporaryDirectory() as workdir:
-            runs = [run(seed, workdir, args.timeout_s) for seed in args.seeds]
+            runs = [run(args.configs, seed, workdir, args.timeout_s) for seed in args.seeds]
         for r in runs:  # float results differ with the CPU's instruction set
             r["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     kept = json.load(open(path))["runs"] if (args.append or args.record) and os.path.exists(path) else []
     runs = sorted([r for r in kept if r["seed"] not in {n["seed"] for n in runs}] + runs, key=lambda r: r["seed"])
-    payload = {"config": CONFIG, "machine": f"{os.cpu_count()} CPU cores", "runs": runs}
+    payload = {"configs": args.configs, "machine": f"{os.cpu_count()} CPU cores", "runs": runs}
     write_json(path, payload)
     report(payload)
 

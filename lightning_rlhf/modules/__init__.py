@@ -12,10 +12,11 @@ warnings.filterwarnings(
 # ruff: noqa: E402 (the filter must be in place before the modules below import Lightning)
 
 from lightning_rlhf.modules.base import RLModuleBase
+from lightning_rlhf.modules.grpo import GRPO
 from lightning_rlhf.modules.online_dpo import OnlineDPO
 from lightning_rlhf.modules.ppo import PPO
 from lightning_rlhf.modules.reward_model import RewardModel
 from lightning_rlhf.modules.rloo import RLOO
 from lightning_rlhf.modules.sft import SFT
 
-__all__ = ["OnlineDPO", "PPO", "RLModuleBase", "RLOO", "RewardModel", "SFT"]
+__all__ = ["GRPO", "OnlineDPO", "PPO", "RLModuleBase", "RLOO", "RewardModel", "SFT"]

@@ -14,7 +14,7 @@ import torch
 from lightning_rlhf.data import DemonstrationDataModule, PreferenceDataModule, PromptDataModule
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.generation import Generations
-from lightning_rlhf.modules import PPO, RLOO, SFT, OnlineDPO, RewardModel
+from lightning_rlhf.modules import GRPO, PPO, RLOO, SFT, OnlineDPO, RewardModel
 from lightning_rlhf.rewards import RewardFunction
 
 
@@ -57,11 +57,20 @@ RL_CASES = {  # rollouts per mini-batch: 4 prompts x k, in one mini-batch; two e
     "online_dpo": lambda **kw: OnlineDPO(beta=0.5, k=3, num_epochs=2, **kw),
     "rloo": lambda **kw: RLOO(k=2, num_epochs=2, clip_eps=0.01, **kw),
     "ppo": lambda **kw: PPO(k=2, num_epochs=2, clip_eps=0.01, value_clip_eps=0.01, **kw),
+    # GRPO in each aggregation: a micro-batch weighted by its share of responses, or of tokens for token_mean
+    "grpo": lambda **kw: GRPO(k=2, num_epochs=2, clip_eps=0.01, kl_coef=0.1, **kw),
+    "grpo_token_mean": lambda **kw: GRPO(k=2, num_epochs=2, clip_eps=0.01, loss_aggregation="token_mean", **kw),
+    "grpo_dr": lambda **kw: GRPO(
+        k=2, num_epochs=2, clip_eps=0.01, loss_aggregation="sequence_sum_constant", scale_rewards=False, **kw
+    ),
 }
 LOGGED = {
     "online_dpo": ["train/loss", "train/accuracy", "train/chosen_rewards", "train/rejected_rewards", "objective/kl"],
     "rloo": ["train/loss", "train/clipfrac", "train/approx_kl", "train/ratio", "objective/kl"],
     "ppo": ["train/loss", "train/policy_loss", "train/value_loss", "train/clipfrac", "train/value_clipfrac"],
+    "grpo": ["train/loss", "train/clipfrac", "train/approx_kl", "train/ratio", "train/kl"],
+    "grpo_token_mean": ["train/loss", "train/clipfrac", "train/approx_kl", "train/ratio"],
+    "grpo_dr": ["train/loss", "train/clipfrac", "train/approx_kl", "train/ratio"],
 }
 
 

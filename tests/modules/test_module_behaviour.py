@@ -18,7 +18,7 @@ from lightning_rlhf.data import PromptDataModule
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.generation import Generations
 from lightning_rlhf.generation.source import Refresh
-from lightning_rlhf.modules import PPO, RLOO, OnlineDPO
+from lightning_rlhf.modules import GRPO, PPO, RLOO, OnlineDPO
 from lightning_rlhf.rewards import RewardFunction, RewardModelScore
 from lightning_rlhf.scoring import score_rollouts
 from lightning_rlhf.tasks.copy import CopyGoldReward
@@ -88,6 +88,7 @@ def fit_one_step(module, reasons: list[str], batch_size: int = 2) -> dict[str, f
 MODULES = {
     "online_dpo": lambda **kw: OnlineDPO(beta=0.5, **kw),
     "rloo": lambda **kw: RLOO(**kw),
+    "grpo": lambda **kw: GRPO(**kw),
     "ppo": lambda **kw: PPO(critic=None, **kw),
 }
 

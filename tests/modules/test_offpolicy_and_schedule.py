@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning_rlhf.data import PromptDataModule
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.generation.in_process import InProcessSource
-from lightning_rlhf.modules import PPO, RLOO, OnlineDPO
+from lightning_rlhf.modules import GRPO, PPO, RLOO, OnlineDPO
 
 
 class OlderBehaviour(InProcessSource):
@@ -72,6 +72,7 @@ def _one_update(cls, kwargs, builtin_models, tmp_path, ratio=None, per_token=Fal
 
 CASES = {
     "rloo": (RLOO, dict(k=4), False),  # sequence-level weights
+    "grpo": (GRPO, dict(k=4, kl_coef=0.0), True),  # token-level weights; the KL term is not weighted, so off
     "ppo": (PPO, dict(k=2, num_epochs=1), True),  # token-level weights; a separate critic, so the policy's
     # gradient is the policy loss's alone
 }
@@ -101,7 +102,7 @@ def test_correction_scales_the_update_by_the_truncated_ratio(name, builtin_model
     assert float(metrics["offpolicy/is_ratio_mean"]) == pytest.approx(1.0, abs=1e-3)
 
 
-@pytest.mark.parametrize("cls", [RLOO, PPO])
+@pytest.mark.parametrize("cls", [RLOO, PPO, GRPO])
 def test_non_positive_cap_is_refused(cls):
     with pytest.raises(ConfigError, match="importance_sampling_cap must be positive"):
         cls(policy="builtin:sft", importance_sampling_cap=0.0)

@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning_rlhf.data import PromptDataModule, load_rows
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.generation import SamplingConfig, TransformersBackend
-from lightning_rlhf.modules import PPO, RLOO, OnlineDPO
+from lightning_rlhf.modules import GRPO, PPO, RLOO, OnlineDPO
 from lightning_rlhf.rewards import RewardModelScore
 from lightning_rlhf.scoring import score_rollouts
 from lightning_rlhf.tokens import prompt_token_ids
@@ -25,6 +25,7 @@ def _read_metric(log_dir: str, key: str) -> list[float]:
 CASES = {
     "online_dpo": (OnlineDPO, dict(beta=0.5, k=4), 40),
     "rloo": (RLOO, dict(k=4, kl_coef=0.05), 40),
+    "grpo": (GRPO, dict(k=4, kl_coef=0.05), 40),
     "ppo": (PPO, dict(k=1, num_epochs=2), 120),  # critic from the reward model, as in the paper; 2 updates per batch
 }
 
@@ -97,7 +98,7 @@ def test_module_changes_parameters_and_raises_the_proxy_reward(name, builtin_mod
     assert _read_metric(logger.log_dir, "rollout/staleness") == [0.0] * len(scores)  # synchronous: always on-policy
 
 
-@pytest.mark.parametrize("cls", [OnlineDPO, RLOO])
+@pytest.mark.parametrize("cls", [OnlineDPO, RLOO, GRPO])
 def test_k_below_two_is_refused_before_any_loading(cls):
     with pytest.raises(ConfigError, match="set k >= 2"):
         cls(policy="builtin:sft", k=1)
