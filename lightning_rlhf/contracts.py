@@ -35,6 +35,7 @@ import torch
 
 from lightning_rlhf.generation.base import Generations, SamplingConfig
 from lightning_rlhf.generation.source import Refresh, RolloutSource, Row
+from lightning_rlhf.lora import LoRA
 from lightning_rlhf.rewards.base import RewardFunction
 
 __all__ = ["RLModule", "Refresh", "RolloutSource", "TrainedOn"]
@@ -59,6 +60,7 @@ class RLModule(Protocol):
     policy_version: int  # generated batches trained on; what staleness is counted in
     generation_seed: int  # base seed of the sampling streams
     reward: RewardFunction  # what scores the rollouts (a copy, unloaded, scores on the generator)
+    lora: LoRA | None  # a LoRA policy's adapter (what a refresh sends), or None for full weights
 
     @property
     def rollout_source(self) -> RolloutSource | None:

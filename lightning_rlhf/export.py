@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from lightning_rlhf.errors import ConfigError
+from lightning_rlhf.lora import LoRA, check_peft, is_lora, wrap
 from lightning_rlhf.models import load_policy, load_reward_model, load_tokenizer
 
 
@@ -47,6 +48,8 @@ def read_checkpoint(checkpoint: str | os.PathLike) -> dict:
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write the policy (or reward model) of ``checkpoint`` and its tokenizer to ``out_dir`` in Hugging Face format.
 
+    A LoRA policy is written merged, with its adapter alone (PEFT's format) in ``out_dir/adapter``.
+
     Raises:
         ConfigError: If the checkpoint does not exist, holds no policy or reward model, or its weights
             do not fit the architecture its module was built from.
@@ -63,6 +66,10 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike)
             f"(hyperparameters: {', '.join(hparams) or 'none'}); pass a checkpoint of an RL module, SFT or RewardModel."
         )
     model = load(source)  # the architecture (and initial weights), then the trained weights
+    lora = hparams.get("lora")
+    if lora is not None:  # a LoRA policy: the same adapter on the base model, then its trained tensors
+        check_peft()
+        model = wrap(model, lora if isinstance(lora, LoRA) else LoRA(**lora))
     weights = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [key for key in missing if key not in _tied(model)]
@@ -72,6 +79,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike)
             "export with the model the run trained."
         )
     out = Path(out_dir)
+    if is_lora(model):  # the adapter alone in adapter/, the merged model beside it
+        model.save_pretrained(out / "adapter")
+        model = model.merge_and_unload()
     model.save_pretrained(out)
     load_tokenizer(source).save_pretrained(out)
     return out

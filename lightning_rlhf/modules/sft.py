@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from typing_extensions import override
 
+from lightning_rlhf.lora import LoRA, check_peft, save_policy, wrap
 from lightning_rlhf.models import load_policy, load_tokenizer, loaded, resolve_source
 from lightning_rlhf.modules.accumulation import GradientAccumulation, WeightedSum, check_micro_batch_size
 from lightning_rlhf.modules.base import enable_gradient_checkpointing
@@ -35,6 +36,7 @@ class SFT(GradientAccumulation, L.LightningModule):
         gradient_checkpointing: Recompute activations in the backward instead of keeping them.
         gradient_clip_val: Max gradient norm; ``None`` (default) disables clipping. (The module
             steps its optimizer itself, so ``Trainer(gradient_clip_val=...)`` does not apply.)
+        lora: Train a LoRA adapter instead of the weights (:class:`~lightning_rlhf.lora.LoRA`; needs ``peft``).
 
     Raises:
         ConfigError: If ``micro_batch_size`` is below 1 or the model path does not exist.
@@ -48,11 +50,14 @@ class SFT(GradientAccumulation, L.LightningModule):
         micro_batch_size: int | None = None,
         gradient_checkpointing: bool = False,
         gradient_clip_val: float | None = None,
+        lora: LoRA | None = None,
     ) -> None:
         super().__init__()
         if not policy.startswith("builtin:"):
             resolve_source(policy, "policy model")
         check_micro_batch_size(micro_batch_size)
+        if lora is not None:
+            check_peft()
         self.save_hyperparameters(ignore=["optimizer"])
         self.automatic_optimization = False  # micro-batches accumulate into one step (GradientAccumulation)
         self.policy_source = policy
@@ -60,6 +65,7 @@ class SFT(GradientAccumulation, L.LightningModule):
         self.max_length = max_length
         self.micro_batch_size, self.gradient_checkpointing = micro_batch_size, gradient_checkpointing
         self.gradient_clip_val = gradient_clip_val
+        self.lora = lora
         self.policy: torch.nn.Module | None = None
 
     @override
@@ -67,12 +73,14 @@ class SFT(GradientAccumulation, L.LightningModule):
         if self.policy is None:
             self.tokenizer = load_tokenizer(self.policy_source)
             self.policy = load_policy(self.policy_source).train()
+            if self.lora is not None:
+                self.policy = wrap(self.policy, self.lora)
             if self.gradient_checkpointing:
                 enable_gradient_checkpointing(self.policy)
 
     @override
     def configure_optimizers(self):
-        return self.optimizer_factory(loaded(self.policy, self).parameters())
+        return self.optimizer_factory([p for p in loaded(self.policy, self).parameters() if p.requires_grad])
 
     def encode(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 outside completions), each (b, s)."""
@@ -111,6 +119,6 @@ class SFT(GradientAccumulation, L.LightningModule):
         return out.loss * share
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write the policy and tokenizer in Hugging Face format."""
-        loaded(self.policy, self).save_pretrained(path)
+        """Write the policy and tokenizer in Hugging Face format (a LoRA policy merged, its adapter in ``adapter/``)."""
+        save_policy(loaded(self.policy, self), path)
         self.tokenizer.save_pretrained(path)

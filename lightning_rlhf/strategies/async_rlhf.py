@@ -34,6 +34,7 @@ from lightning.pytorch.strategies import (
     SingleDeviceStrategy,
     StrategyRegistry,
 )
+from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_rlhf.contracts import RLModule, RolloutSource
@@ -46,6 +47,7 @@ from lightning_rlhf.generation.process import GeneratorHandle, GeneratorProcess
 from lightning_rlhf.generation.shared import SharedSource
 from lightning_rlhf.generation.weights import DEFAULT_TIMEOUT_S, WeightStream, policy_state, stream_of
 from lightning_rlhf.generation.worker import GeneratorSpec, gpu_indices
+from lightning_rlhf.lora import lora_dict
 from lightning_rlhf.models import resolve_source
 from lightning_rlhf.scoring import RewardScorer
 from lightning_rlhf.strategies.config import DEFAULT_GENERATION, GenerationConfig
@@ -119,6 +121,7 @@ class _AsyncGeneration(_StrategyBase):
             and self.root_device.type == "cuda"
             and (self.root_device.index or 0) in gpu_indices(device),
             scorer=self._scorer(model),
+            lora=lora_dict(module.lora) if module.lora is not None and module.lora.refresh == "adapter" else None,
         )
 
     def _scorer(self, model: str) -> RewardScorer | None:
@@ -185,10 +188,21 @@ class _AsyncGeneration(_StrategyBase):
 
     def policy_weights(self) -> WeightStream:
         """The policy's weights to send, cast to the generator's dtype (subclasses gather sharded parameters)."""
-        return stream_of(policy_state(self._rl_module().policy, self._tied_head()), self._generator_dtype())
+        module = self._rl_module()
+        return stream_of(policy_state(module.policy, self._tied_head(), self._lora_refresh()), self._generator_dtype())
 
     def _generator_dtype(self) -> torch.dtype:
         return torch_dtype(resolve_dtype(self.generation.dtype, self._layout()[0]))
+
+    def _lora_refresh(self) -> str:
+        """What a LoRA policy's refresh sends (``"adapter"`` or ``"merged"``); said once in the log."""
+        lora = self._rl_module().lora
+        refresh = lora.refresh if lora is not None else "full"
+        if lora is not None and not getattr(self, "_said_lora_refresh", False):
+            self._said_lora_refresh = True
+            what = "its adapter alone" if refresh == "adapter" else "its weights merged, under the base model's names"
+            rank_zero_info(f"lightning-rlhf: a refresh sends the LoRA policy's {what} (lora.refresh: {refresh})")
+        return refresh
 
     def _tied_head(self) -> bool:
         """vLLM on CPU needs a tied ``lm_head.weight`` sent; its GPU loaders skip it (see ``policy_state``)."""
@@ -337,7 +351,7 @@ class AsyncRLHFDeepSpeedStrategy(_AsyncGeneration, DeepSpeedStrategy):
             return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
 
         policy = self._rl_module().policy
-        return stream_of(policy_state(policy, self._tied_head()), self._generator_dtype(), gather)
+        return stream_of(policy_state(policy, self._tied_head(), self._lora_refresh()), self._generator_dtype(), gather)
 
 
 def check_transport(transport: str, trainer_device: torch.device, generator_device: str, backend: str = "vllm") -> None:

@@ -183,7 +183,7 @@ def test_tldr_synchronous_variant_and_the_sft_and_reward_model_stages(stand_ins,
     _fit("configs/tldr/reward_model.yaml", tmp_path / "rm", *rm, "--data.init_args.batch_size", "2")
 
 
-@pytest.mark.parametrize("recipe", ["online_dpo", "rloo", "ppo", "async_online_dpo"])
+@pytest.mark.parametrize("recipe", ["online_dpo", "rloo", "ppo", "async_online_dpo", "grpo"])
 def test_gsm8k_recipe_runs_with_stand_ins(recipe, stand_ins, tmp_path):
     extra = ["--model.init_args.critic", stand_ins["policy"]] if recipe == "ppo" else []
     summary = _fit(

@@ -20,7 +20,8 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_rlhf.callbacks import WeightSync
 from lightning_rlhf.data import PromptDataModule
-from lightning_rlhf.modules import PPO, RLOO, OnlineDPO
+from lightning_rlhf.lora import LoRA
+from lightning_rlhf.modules import GRPO, PPO, RLOO, OnlineDPO
 from lightning_rlhf.rewards import RewardModelScore
 from lightning_rlhf.strategies import (
     AsyncRLHFDDPStrategy,
@@ -101,6 +102,7 @@ ALGOS = {
     "online_dpo": (OnlineDPO, dict(beta=0.5, k=4)),
     "rloo": (RLOO, dict(k=4)),
     "ppo": (PPO, dict(k=2, num_epochs=2, critic=None)),
+    "grpo": (GRPO, dict(k=4)),
 }
 
 
@@ -184,6 +186,8 @@ def main() -> None:
         help="the generator scores its samples (or this fraction of each batch's prompts, or 'auto')",
     )
     parser.add_argument("--micro_batch_size", type=int, default=None, help="sequences per forward and backward")
+    parser.add_argument("--lora", type=int, default=None, help="train a LoRA adapter of this rank")
+    parser.add_argument("--lora_refresh", default="adapter", help="what a LoRA refresh sends: adapter or merged")
     parser.add_argument("--slow_update_s", type=float, default=0.0, help="each update takes this much longer")
     parser.add_argument("--dataset", default="builtin:prompts")
     parser.add_argument("--shuffle", action="store_true")
@@ -208,6 +212,7 @@ def main() -> None:
         temperature=0.7,
         max_new_tokens=10,
         micro_batch_size=args.micro_batch_size,
+        **({"lora": LoRA(rank=args.lora, alpha=2.0 * args.lora, refresh=args.lora_refresh)} if args.lora else {}),
         **kwargs,
     )
     deferred = count_deferred_reductions(deepspeed=args.mode.startswith("deepspeed"))
@@ -282,6 +287,8 @@ def main() -> None:
                 "metrics": series,
                 "policy_version": module.policy_version,
                 "param_norm": params.norm().item(),
+                # a LoRA policy's B matrices start at 0: their norm is what the adapter has learnt
+                "lora_b_norm": sum(p.norm().item() for n, p in module.policy.named_parameters() if ".lora_B." in n),
                 "pid": os.getpid(),
                 "trained_prompts": record.prompts,
                 "scored_by_generator": record.scored_by_generator,

@@ -165,6 +165,20 @@ def test_staleness_zero_reproduces_the_synchronous_run_step_for_step(algo, tmp_p
     assert asynchronous["metrics"]["rollout/staleness"] == [0.0] * 6
 
 
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft not installed")
+def test_a_lora_grpo_run_at_staleness_zero_reproduces_the_synchronous_one_refreshing_the_adapter_alone(tmp_path):
+    # GRPO on a LoRA policy: the generator process is a PEFT model that receives each version's adapter; with the
+    # same seeded streams it samples what the in-process policy samples, so the two runs train alike
+    common = ("--algo", "grpo", "--lora", "8", "--steps", "4")
+    sync = train(tmp_path / "sync", "--mode", "sync", *common)
+    asynchronous = train(tmp_path / "async", "--mode", "async", "--max_staleness", "0", *common)
+    assert asynchronous["metrics"]["train/loss"] == pytest.approx(sync["metrics"]["train/loss"], abs=1e-5)
+    assert asynchronous["metrics"]["objective/scores"] == pytest.approx(sync["metrics"]["objective/scores"], abs=1e-5)
+    assert asynchronous["param_norm"] == pytest.approx(sync["param_norm"], rel=1e-6)
+    assert asynchronous["lora_b_norm"] == pytest.approx(sync["lora_b_norm"], rel=1e-5) and sync["lora_b_norm"] > 0
+    assert max(asynchronous["metrics"]["sync/logprob_max_diff"]) < 1e-3
+
+
 @pytest.mark.parametrize("fraction", [1.0, 0.25])
 def test_scoring_on_the_generator_gives_the_same_scores_and_training(tmp_path, fraction):
     # the generator scores (all, or the first quarter of each batch's prompts) with its own copy of the reward
