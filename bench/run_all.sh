@@ -16,3 +16,7 @@ python bench/scaling.py              # model size and batch size
 python bench/async_speedup.py        # episodes/s per generation backend
 python bench/weight_transfer.py --buckets 64 256 1024   # refresh time and generator memory per bucket size
 python bench/smollm2_arithmetic.py --seeds 0 1 2  # SmolLM2-135M learning sums with async online DPO, from an empty cache
+python bench/smollm2_arithmetic.py --configs configs/smollm2/grpo.yaml --seeds 0 1  # the same task with GRPO
+python bench/smollm2_arithmetic.py --configs configs/smollm2/arithmetic.yaml configs/smollm2/lora.yaml --seeds 0 1  # LoRA
+python bench/weight_transfer.py --lora 0 16 --buckets 64 --out docs/results/weight_transfer_lora  # adapter-only refresh
+python bench/lora_memory.py          # what a LoRA policy does not hold: the reference copy, most optimizer state

@@ -81,7 +81,8 @@ def results_name(configs: list[str]) -> str:
 
 
 def report(payload: dict) -> None:
-    name = results_name(payload.get("configs", [payload["config"]]))
+    configs = payload["configs"] if "configs" in payload else [payload["config"]]
+    name = results_name(configs)
     lines = [
         "| seed | CPU kernels | wall time (min, preparation included) | eval/accuracy before -> after | gain "
         "| of which format | of which correctness | answers with #### before -> after |",
@@ -116,7 +117,7 @@ def report(payload: dict) -> None:
             )
         ax.set_xlabel("optimizer updates (one per generated batch)")
         ax.set_ylabel("eval/accuracy (greedy, 256 held-out)")
-        ax.set_title(f"SmolLM2-135M, {' + '.join(payload.get('configs', [payload['config']]))}", fontsize=8)
+        ax.set_title(f"SmolLM2-135M, {' + '.join(configs)}", fontsize=8)
         ax.legend()
         fig.tight_layout()
         fig.savefig(os.path.join(RESULTS, f"{name}.png"), dpi=120)

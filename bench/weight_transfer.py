@@ -223,6 +223,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.shapes, args.buckets, args.backends, args.refreshes = ["tiny"], [1], ["transformers"], 1
+        args.lora = [0, 8] if importlib.util.find_spec("peft") else [0]  # full weights, then an adapter alone
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return

@@ -91,3 +91,31 @@ def test_vllm_serves_the_export_with_the_trainer_s_logprobs_and_independent_repr
     first, repeat = served["samples"]
     assert len({tuple(map(tuple, first[2 * i : 2 * i + 2])) for i in range(8)}) == 8
     assert first == repeat
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft not installed")
+def test_a_lora_checkpoint_exports_the_merged_policy_and_its_adapter(tiny_model_dir, tmp_path, quiet_trainer):
+    from peft import PeftModel
+
+    from lightning_rlhf.export import export_checkpoint
+    from lightning_rlhf.lora import LoRA
+
+    L.seed_everything(0)
+    module = OnlineDPO(
+        policy=tiny_model_dir,
+        reward=CharacterCount(),
+        optimizer=lambda p: torch.optim.SGD(p, lr=1.0),
+        max_new_tokens=6,
+        lora=LoRA(rank=4, alpha=8),
+    )
+    trainer = quiet_trainer(2)
+    trainer.fit(module, PromptDataModule(batch_size=4))
+    trainer.save_checkpoint(tmp_path / "lora.ckpt")
+    with torch.no_grad():
+        logprobs = response_logprobs(module.policy, probe(), 1.0)
+    out = export_checkpoint(tmp_path / "lora.ckpt", tmp_path / "out")
+    torch.testing.assert_close(exported_logprobs(out), logprobs, rtol=1e-5, atol=1e-5)  # merged
+    assert not torch.allclose(exported_logprobs(tiny_model_dir), logprobs)  # the adapter did train
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out / "adapter"))
+    with torch.no_grad():
+        torch.testing.assert_close(response_logprobs(adapter, probe(), 1.0), logprobs, rtol=1e-5, atol=1e-5)

@@ -143,3 +143,42 @@ def test_bad_lora_settings_are_refused_in_one_sentence(kwargs, message):
 def test_a_target_the_model_does_not_have_is_named(tiny_model_dir):
     with pytest.raises(ConfigError, match="names 'qkv', which LlamaForCausalLM does not have"):
         wrap(load_policy(tiny_model_dir), LoRA(target_modules=["qkv"]))
+
+
+def test_gradient_checkpointing_gives_a_lora_policy_the_same_update(tiny_model_dir, quiet_trainer):
+    # non-reentrant checkpointing: the adapter inside a recomputed block still gets its gradient
+    adapters = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        module = GRPO(
+            policy=tiny_model_dir,
+            reward=Length(),
+            k=2,
+            max_new_tokens=4,
+            kl_coef=0.0,
+            optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
+            gradient_checkpointing=checkpointing,
+            lora=LoRA(rank=4, alpha=8),
+        )
+        module.configure_model()
+        quiet_trainer(1).fit(module, PromptDataModule(batch_size=2, shuffle=False))
+        adapters.append({n: p.detach().clone() for n, p in adapter_state(module.policy)})
+    assert any(p.abs().sum() > 0 for n, p in adapters[0].items() if ".lora_B." in n)  # B moved from 0
+    for name, tensor in adapters[0].items():
+        torch.testing.assert_close(adapters[1][name], tensor, rtol=1e-4, atol=1e-6)
+
+
+def test_sft_trains_a_lora_adapter_and_saves_it_beside_the_merged_model(tiny_model_dir, quiet_trainer, tmp_path):
+    from lightning_rlhf.data import DemonstrationDataModule
+    from lightning_rlhf.modules import SFT
+
+    module = SFT(policy=tiny_model_dir, lora=LoRA(rank=4, alpha=8))
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
+    quiet_trainer(2).fit(module, DemonstrationDataModule(batch_size=8))
+    moved = {n for n, p in module.policy.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(".lora_" in n for n in moved)
+    module.save_pretrained(tmp_path / "sft")
+    assert (tmp_path / "sft" / "adapter" / "adapter_model.safetensors").exists()
+    merged = load_policy(str(tmp_path / "sft"))
+    torch.testing.assert_close(_logits(merged, IDS), _logits(module.policy, IDS), rtol=1e-5, atol=1e-5)

@@ -133,8 +133,11 @@ def test_weight_transfer_quick_smoke(tmp_path):
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
+    row, *lora = json.loads(out.with_suffix(".json").read_text())["rows"]
     keys = {"transport", "backend", "params", "bytes", "bucket_bytes", "seconds", "trainer_hold_seconds"}
     assert keys | {"generator_peak_extra_bytes", "note"} <= row.keys()
     assert row["transport"] == "gloo" and row["buckets"] > 1 and row["seconds"] > 0
-    assert "| tiny | gloo | transformers |" in out.with_suffix(".md").read_text()
+    assert "| tiny | gloo | transformers | no (full) |" in out.with_suffix(".md").read_text()
+    if importlib.util.find_spec("peft"):  # a rank-8 adapter alone, beside the full refresh
+        (adapter,) = lora
+        assert adapter["lora"] == 8 and 0 < adapter["bytes"] < row["bytes"] / 10 and adapter["seconds"] > 0

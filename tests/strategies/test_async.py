@@ -587,6 +587,37 @@ def test_resume_loses_no_prompt_and_uses_none_twice(tmp_path):
         assert second["policy_version"] == 8
 
 
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft not installed")
+def test_a_lora_run_resumes_and_survives_a_generator_restart_losing_no_prompt(tmp_path):
+    # a LoRA policy checkpointed after 3 updates, resumed, and its generator killed as the resumed run's second
+    # adapter arrives: the replacement starts from the base model and is sent the adapter before it samples
+    dataset, rows = prompts_file(tmp_path)
+    common = ["--mode", "async", "--lora", "8", "--batch_size", "8", "--dataset", dataset, "--shuffle"]
+    whole = train(tmp_path / "whole", *common, "--steps", "6")
+    first = train(tmp_path / "first", *common, "--steps", "3", "--save_ckpt", str(tmp_path / "at3.ckpt"))
+    second = train(
+        tmp_path / "second",
+        *common,
+        *("--steps", "6", "--ckpt_path", str(tmp_path / "at3.ckpt")),
+        *("--restart_on_failure", "--kill_generator", "weights:2"),
+    )
+    assert second["deaths"] == ["death0-weights"] and second["restarts"] == 1
+    assert first["trained_prompts"] + second["trained_prompts"] == whole["trained_prompts"] == seeded_order(rows, 8, 6)
+    assert second["policy_version"] == 6 and second["lora_b_norm"] > first["lora_b_norm"] > 0
+    assert max(second["metrics"]["sync/logprob_max_diff"]) < 1e-3  # the replacement holds the adapter
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("peft") is None or importlib.util.find_spec("deepspeed") is None,
+    reason="peft and deepspeed needed",
+)
+def test_a_lora_policy_trains_under_zero2_on_two_ranks(tmp_path):
+    run = train(tmp_path, "--mode", "deepspeed2", "--lora", "8", "--max_staleness", "1", "--steps", "3", timeout=600)
+    assert run["policy_version"] == 3 and run["generator_per_rank"] == [True, True]
+    assert run["lora_b_norm"] > 0  # the adapter trained (its B matrices start at 0)
+    assert max(run["metrics"]["sync/logprob_max_diff"]) < 1e-3  # each rank's generator holds its adapter
+
+
 @pytest.mark.parametrize("generators", ["one per rank", "one shared"])
 def test_ddp_two_ranks_refresh_and_resume_with_their_own_prompts(generators, tmp_path):
     from lightning_rlhf.data.datamodules import ResumableSampler
