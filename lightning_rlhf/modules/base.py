@@ -34,7 +34,7 @@ from lightning_rlhf.data import PromptDataModule, check_context_length
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.generation import RolloutSource, SamplingConfig, TransformersBackend
 from lightning_rlhf.generation.in_process import InProcessSource
-from lightning_rlhf.lora import LoRA, WithoutAdapter, check_peft, save_policy, wrap
+from lightning_rlhf.lora import LoRA, WithoutAdapter, check_peft, lora_dict, save_policy, wrap
 from lightning_rlhf.losses import truncated_importance_weights
 from lightning_rlhf.metrics.cadence import logger_writes_now
 from lightning_rlhf.models import freeze, load_policy, load_tokenizer, loaded, resolve_source, stop_token_ids
@@ -228,6 +228,7 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
         self.save_hyperparameters(
             ignore=["reward", "optimizer"]
         )  # with the subclass's arguments (Lightning reads every __init__ frame)
+        self.hparams["lora"] = lora_dict(lora)  # plain data: a checkpoint loads with torch.load(weights_only=True)
         self.automatic_optimization = False
         self.policy_source, self.ref_source = policy, ref_policy or policy
         self.reward = reward if reward is not None else RewardModelScore()

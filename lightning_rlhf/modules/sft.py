@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from typing_extensions import override
 
-from lightning_rlhf.lora import LoRA, check_peft, save_policy, wrap
+from lightning_rlhf.lora import LoRA, check_peft, lora_dict, save_policy, wrap
 from lightning_rlhf.models import load_policy, load_tokenizer, loaded, resolve_source
 from lightning_rlhf.modules.accumulation import GradientAccumulation, WeightedSum, check_micro_batch_size
 from lightning_rlhf.modules.base import enable_gradient_checkpointing
@@ -59,6 +59,7 @@ class SFT(GradientAccumulation, L.LightningModule):
         if lora is not None:
             check_peft()
         self.save_hyperparameters(ignore=["optimizer"])
+        self.hparams["lora"] = lora_dict(lora)  # plain data: a checkpoint loads with torch.load(weights_only=True)
         self.automatic_optimization = False  # micro-batches accumulate into one step (GradientAccumulation)
         self.policy_source = policy
         self.optimizer_factory = optimizer

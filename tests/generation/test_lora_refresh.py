@@ -45,7 +45,7 @@ def test_each_refresh_sends_the_adapter_alone_and_the_generator_samples_with_exa
     base = load_policy(tiny_model_dir, "float32")
     policy = wrap(load_policy(tiny_model_dir, "float32"), LORA)
     spec = GeneratorSpec(
-        backend=backend, model=tiny_model_dir, seed=3, lora=lora_dict(LORA), vllm_kwargs={"max_model_len": 128}
+        backend=backend, model=tiny_model_dir, seed=3, lora=lora_dict(LORA), vllm_kwargs={"max_model_len": 64}
     )
     generator = GeneratorProcess(spec, poll_s=0.05)
     generator.start()
