@@ -1,4 +1,4 @@
-"""Adapter-only refreshes to a real generator process, per backend: each version's adapter, and only it, samples.
+"""LoRA refreshes to a real generator process, per backend: each version's adapter, and only it, samples.
 
 The trainer's LoRA policy gets adapter values far from 0 (so the adapter changes every logprob), sends the
 adapter alone, and the post-refresh probe must equal the trainer's logprobs with that adapter, not the base
@@ -38,14 +38,24 @@ def _answer(generator: GeneratorProcess, version: int) -> list[float]:
 
 
 @pytest.mark.parametrize(
-    "backend",
-    ["transformers", pytest.param("vllm", marks=pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed"))],
+    ("backend", "refresh"),
+    [
+        ("transformers", "adapter"),
+        ("transformers", "merged"),  # a plain generator, sent the merged weights under the base model's names
+        pytest.param("vllm", "adapter", marks=pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed")),
+    ],
 )
-def test_each_refresh_sends_the_adapter_alone_and_the_generator_samples_with_exactly_it(backend, tiny_model_dir):
+def test_each_refresh_sends_the_adapter_alone_and_the_generator_samples_with_exactly_it(
+    backend, refresh, tiny_model_dir
+):
     base = load_policy(tiny_model_dir, "float32")
     policy = wrap(load_policy(tiny_model_dir, "float32"), LORA)
     spec = GeneratorSpec(
-        backend=backend, model=tiny_model_dir, seed=3, lora=lora_dict(LORA), vllm_kwargs={"max_model_len": 64}
+        backend=backend,
+        model=tiny_model_dir,
+        seed=3,
+        lora=lora_dict(LORA) if refresh == "adapter" else None,
+        vllm_kwargs={"max_model_len": 64},
     )
     generator = GeneratorProcess(spec, poll_s=0.05)
     generator.start()
@@ -57,8 +67,9 @@ def test_each_refresh_sends_the_adapter_alone_and_the_generator_samples_with_exa
                 generator_seed = torch.Generator().manual_seed(seed)
                 for _, p in adapter_state(policy):
                     p.copy_(torch.randn(p.shape, generator=generator_seed) * 0.1)
-            sent = policy_state(policy)
-            assert all(".lora_" in name for name, _ in sent)  # the adapter alone travels
+            sent = policy_state(policy, lora_refresh=refresh)
+            adapter_only = all(".lora_" in name for name, _ in sent)
+            assert adapter_only == (refresh == "adapter")  # the adapter alone travels, or the merged weights
             generator.push_weights(stream_of(sent), version=version, probe=probe)
             generator.submit(version - 1, [prompt], SamplingConfig(k=2, temperature=1.0, max_new_tokens=4))
             assert generator.result(version - 1).policy_version == version  # sampled after the refresh
