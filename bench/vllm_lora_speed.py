@@ -28,6 +28,7 @@ from common import RESULTS, run_worker, write_json, write_markdown  # noqa: E402
 
 def worker(spec: dict) -> dict:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ["VLLM_LOGGING_LEVEL"] = "WARNING"  # stdout's last line is the result: no shutdown messages after it
     from vllm import LLM, SamplingParams
 
     from lightning_rlhf.builtin import builtin_path
@@ -60,6 +61,7 @@ def worker(spec: dict) -> dict:
         start = time.perf_counter()
         llm.generate(prompts, params, use_tqdm=False, lora_request=request)
         seconds.append(time.perf_counter() - start)
+    llm.llm_engine.engine_core.shutdown()  # its processes end before the result is printed
     return {"rank": spec["rank"], "seconds": seconds}
 
 
