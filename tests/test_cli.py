@@ -12,7 +12,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
 PAPER = ("tldr", "gsm8k", "chat")  # hub models and data, GPU layouts: parsed here, run with stand-ins in tests/recipes
-OVERLAYS = ["configs/tldr/synchronous.yaml"]  # added after a recipe, not run alone
+OVERLAYS = ["configs/tldr/synchronous.yaml", "configs/smollm2/lora.yaml"]  # added after a recipe, not run alone
 RECIPES = [c for c in CONFIGS if os.path.relpath(c, ROOT) not in OVERLAYS]
 RUNNABLE = [c for c in RECIPES if os.path.relpath(c, os.path.join(ROOT, "configs")).split(os.sep)[0] not in PAPER]
 
@@ -148,3 +148,14 @@ def test_unknown_key_in_a_yaml_file(tmp_path):
     bad.write_text("model:\n  init_args:\n    betta: 0.3\n")
     out = run_cli("fit", "--config", "configs/quickstart.yaml", "--config", str(bad), timeout=120)
     assert out.returncode == 2 and "Unknown key 'betta'" in out.stderr
+
+
+def test_the_lora_overlay_instantiates_on_its_recipe(tmp_path):
+    recipe, overlay = (os.path.join(ROOT, "configs", "smollm2", name) for name in ("arithmetic.yaml", "lora.yaml"))
+    with open(overlay) as f:
+        assert f.readline().startswith(
+            "# lightning-rlhf fit --config configs/smollm2/arithmetic.yaml --config " + OVERLAYS[1]
+        )
+    cli = _cli("--config", recipe, "--config", overlay, "--trainer.default_root_dir", str(tmp_path))
+    assert cli.model.lora is not None and (cli.model.lora.rank, cli.model.lora.refresh) == (16, "merged")
+    assert cli.model.hparams["lora"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]

@@ -593,7 +593,6 @@ def test_a_lora_run_resumes_and_survives_a_generator_restart_losing_no_prompt(tm
     # adapter arrives: the replacement starts from the base model and is sent the adapter before it samples
     dataset, rows = prompts_file(tmp_path)
     common = ["--mode", "async", "--lora", "8", "--batch_size", "8", "--dataset", dataset, "--shuffle"]
-    whole = train(tmp_path / "whole", *common, "--steps", "6")
     first = train(tmp_path / "first", *common, "--steps", "3", "--save_ckpt", str(tmp_path / "at3.ckpt"))
     second = train(
         tmp_path / "second",
@@ -602,7 +601,8 @@ def test_a_lora_run_resumes_and_survives_a_generator_restart_losing_no_prompt(tm
         *("--restart_on_failure", "--kill_generator", "weights:2"),
     )
     assert second["deaths"] == ["death0-weights"] and second["restarts"] == 1
-    assert first["trained_prompts"] + second["trained_prompts"] == whole["trained_prompts"] == seeded_order(rows, 8, 6)
+    # an uninterrupted run trains the seeded order (test_restarted_generators_lose_no_prompt_and_train_none_twice)
+    assert first["trained_prompts"] + second["trained_prompts"] == seeded_order(rows, 8, 6)
     assert second["policy_version"] == 6 and second["lora_b_norm"] > first["lora_b_norm"] > 0
     assert max(second["metrics"]["sync/logprob_max_diff"]) < 1e-3  # the replacement holds the adapter
 

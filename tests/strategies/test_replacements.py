@@ -32,7 +32,7 @@ def test_a_replacement_that_fails_to_start_is_closed_and_the_next_continues_the_
     StandInGenerator.made = []
     monkeypatch.setattr(async_rlhf, "GeneratorProcess", StandInGenerator)
     strategy = AsyncRLHFStrategy(generation=GenerationConfig(backend="transformers"))
-    module = SimpleNamespace(generation_seed=7, policy_source=tiny_model_dir)
+    module = SimpleNamespace(generation_seed=7, policy_source=tiny_model_dir, lora=None)  # a full-weight policy
     monkeypatch.setattr(strategy, "_rl_module", lambda: module)
 
     first = strategy._new_generator()  # the run's generator
