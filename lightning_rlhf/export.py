@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from lightning_rlhf.errors import ConfigError
-from lightning_rlhf.lora import LoRA, check_peft, is_lora, wrap
+from lightning_rlhf.lora import LoRA, check_peft, save_policy, wrap
 from lightning_rlhf.models import load_policy, load_reward_model, load_tokenizer
 
 
@@ -79,10 +79,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike)
             "export with the model the run trained."
         )
     out = Path(out_dir)
-    if is_lora(model):  # the adapter alone in adapter/, the merged model beside it
-        model.save_pretrained(out / "adapter")
-        model = model.merge_and_unload()
-    model.save_pretrained(out)
+    save_policy(model, out, keep=False)
     load_tokenizer(source).save_pretrained(out)
     return out
 

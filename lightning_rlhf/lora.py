@@ -186,12 +186,13 @@ def write_adapter(directory: Path, config: dict[str, Any], tensors: dict[str, to
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=1))
 
 
-def save_policy(policy: torch.nn.Module, path: str | Path) -> None:
-    """``policy.save_pretrained(path)``; a LoRA policy is written merged (a merged copy: the policy keeps training
-    as it was) with its adapter alone, in PEFT's format, in ``path/adapter``."""
+def save_policy(policy: torch.nn.Module, path: str | Path, keep: bool = True) -> None:
+    """``policy.save_pretrained(path)``; a LoRA policy is written merged with its adapter alone, in PEFT's format,
+    in ``path/adapter``. ``keep`` merges a copy (the policy keeps training as it was); without it the policy itself
+    is merged (an export's throwaway model: no second copy in memory)."""
     if is_lora(policy):
         policy.save_pretrained(Path(path) / "adapter")
-        policy = copy.deepcopy(policy).merge_and_unload()
+        policy = (copy.deepcopy(policy) if keep else policy).merge_and_unload()
     policy.save_pretrained(path)
 
 

@@ -28,20 +28,26 @@ def probe() -> RolloutBatch:
     return RolloutBatch(ids, ones, ids[:, 6:], ones[:, 6:], torch.zeros(1, 4), torch.tensor([True]), torch.zeros(1))
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_model_dir, tmp_path_factory, quiet_trainer):
-    """A tiny policy after three online DPO updates, its checkpoint, and what export_dir wrote at the end of fit."""
-    root = tmp_path_factory.mktemp("export")
+def train_online_dpo(tiny_model_dir, quiet_trainer, steps: int, **kwargs):
+    """A tiny policy after ``steps`` online DPO updates (seeded, plain SGD); the module and its trainer."""
     L.seed_everything(0)
     module = OnlineDPO(
         policy=tiny_model_dir,
         reward=CharacterCount(),
         optimizer=lambda p: torch.optim.SGD(p, lr=1.0),
         max_new_tokens=6,
-        export_dir=str(root / "at_end"),
+        **kwargs,
     )
-    trainer = quiet_trainer(3)
+    trainer = quiet_trainer(steps)
     trainer.fit(module, PromptDataModule(batch_size=4))
+    return module, trainer
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory, quiet_trainer):
+    """A tiny policy after three online DPO updates, its checkpoint, and what export_dir wrote at the end of fit."""
+    root = tmp_path_factory.mktemp("export")
+    module, trainer = train_online_dpo(tiny_model_dir, quiet_trainer, 3, export_dir=str(root / "at_end"))
     trainer.save_checkpoint(root / "last.ckpt")
     with torch.no_grad():
         logprobs = response_logprobs(module.policy, probe(), 1.0)
@@ -100,16 +106,7 @@ def test_a_lora_checkpoint_exports_the_merged_policy_and_its_adapter(tiny_model_
     from lightning_rlhf.export import export_checkpoint
     from lightning_rlhf.lora import LoRA
 
-    L.seed_everything(0)
-    module = OnlineDPO(
-        policy=tiny_model_dir,
-        reward=CharacterCount(),
-        optimizer=lambda p: torch.optim.SGD(p, lr=1.0),
-        max_new_tokens=6,
-        lora=LoRA(rank=4, alpha=8),
-    )
-    trainer = quiet_trainer(2)
-    trainer.fit(module, PromptDataModule(batch_size=4))
+    module, trainer = train_online_dpo(tiny_model_dir, quiet_trainer, 2, lora=LoRA(rank=4, alpha=8))
     trainer.save_checkpoint(tmp_path / "lora.ckpt")
     with torch.no_grad():
         logprobs = response_logprobs(module.policy, probe(), 1.0)

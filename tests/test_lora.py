@@ -8,6 +8,7 @@ import torch
 from lightning_rlhf.data import PromptDataModule
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.generation import TransformersBackend
+from lightning_rlhf.generation.vllm_backend import vllm_lora_rank
 from lightning_rlhf.generation.weights import policy_state
 from lightning_rlhf.lora import LoRA, WithoutAdapter, adapter_state, is_lora, merged_state, wrap
 from lightning_rlhf.models import load_policy
@@ -140,6 +141,12 @@ def test_export_writes_the_adapter_and_the_merged_model(tiny_model_dir, tmp_path
 def test_bad_lora_settings_are_refused_in_one_sentence(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         LoRA(**kwargs)
+
+
+def test_vllm_gets_the_smallest_lora_rank_that_holds_the_adapter_and_a_larger_one_is_refused():
+    assert [vllm_lora_rank(rank) for rank in (1, 2, 16, 17, 512)] == [1, 8, 16, 32, 512]
+    with pytest.raises(ConfigError, match="up to rank 512, got lora.rank=513; lower the rank or set lora.refresh"):
+        vllm_lora_rank(513)
 
 
 def test_a_target_the_model_does_not_have_is_named(tiny_model_dir):

@@ -191,18 +191,10 @@ class TransformersBackend(GenerationBackend):
         self._transport = transport
         self._group = join_group(port, prefix, 1, world_size, timeout_s=timeout_s, transport=transport)
 
-    @torch.no_grad()
     def receive_weights(self, refit: RefreshManifest, version: int) -> None:
         """Copy each bucket into the parameters as it arrives (cast to this model's dtype and device)."""
-        params = adapter_parameters(self.model) if is_lora(self.model) else dict(self.model.named_parameters())
-        unset = set(params)
-        for bucket in receive_buckets(self._group, refit, self._transport, reuse=True):  # copied out below
-            for name, tensor in bucket:
-                if name in params:
-                    params[name].copy_(tensor)
-                    unset.discard(name)
-        if unset:
-            raise RuntimeError(f"Weight refresh left {len(unset)} parameters unset, e.g. {sorted(unset)[0]}.")
+        buckets = receive_buckets(self._group, refit, self._transport, reuse=True)  # copied out below
+        self._copy_in(pair for bucket in buckets for pair in bucket)
         if next(self.model.parameters()).device.type == "cuda":
             torch.cuda.synchronize()  # the last bucket is loaded before the acknowledgement (cuda_ipc frees it then)
         self.policy_version = version
@@ -211,14 +203,19 @@ class TransformersBackend(GenerationBackend):
         return sequence_logprobs(self.model, prompt_ids, completion_ids, temperature).tolist()
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        if not self.share_weights and is_lora(self.model):  # an adapter, under PEFT's saved names
-            params = adapter_parameters(self.model)
-            with torch.no_grad():
-                for name, tensor in named_tensors:
-                    params[name].copy_(tensor)
-        elif not self.share_weights:
-            state = dict(named_tensors)
-            missing, _ = self.model.load_state_dict(state, strict=False)
-            if missing and any(not name.endswith("lm_head.weight") for name in missing):
-                raise RuntimeError(f"Weight refresh left {len(missing)} parameters unset, e.g. {missing[0]}.")
+        if not self.share_weights:
+            self._copy_in(named_tensors)
         self.policy_version = version
+
+    @torch.no_grad()
+    def _copy_in(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy the tensors into the parameters of the same name (the adapter's alone, under PEFT's saved names, for a
+        LoRA model); a tied head is one parameter. Raises if a parameter got no tensor."""
+        params = adapter_parameters(self.model) if is_lora(self.model) else dict(self.model.named_parameters())
+        unset = set(params)
+        for name, tensor in named_tensors:
+            if name in params:
+                params[name].copy_(tensor)
+                unset.discard(name)
+        if unset:
+            raise RuntimeError(f"Weight refresh left {len(unset)} parameters unset, e.g. {sorted(unset)[0]}.")

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.generation.base import GenerationBackend, Generations, SamplingConfig, call_seed, truncate_at_stop
 from lightning_rlhf.generation.weights import RefreshManifest, join_group, receive_buckets
 from lightning_rlhf.lora import LoRA, write_adapter
@@ -44,6 +45,21 @@ from lightning_rlhf.lora import LoRA, write_adapter
 DEDICATED_GPU_MEMORY = 0.9
 SHARED_GPU_MEMORY = 0.3
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm/config/lora.py, MaxLoRARanks
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds an adapter of ``rank``.
+
+    Raises:
+        ConfigError: For a rank above vLLM's largest.
+    """
+    fits = [size for size in VLLM_LORA_RANKS if size >= rank]
+    if not fits:
+        raise ConfigError(
+            f"vLLM serves LoRA adapters up to rank {VLLM_LORA_RANKS[-1]}, got lora.rank={rank}; "
+            "lower the rank or set lora.refresh: merged."
+        )
+    return fits[0]
 
 
 def vllm_arguments(on_gpu: bool, shares_gpu: bool, tensor_parallel_size: int, user: dict) -> dict:
@@ -192,7 +208,7 @@ class VLLMBackend(GenerationBackend):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         self.lora = LoRA(**lora) if lora is not None else None
         if self.lora is not None:  # vllm/config/lora.py: max_lora_rank is one of a few sizes
-            rank = next(r for r in VLLM_LORA_RANKS if r >= self.lora.rank)
+            rank = vllm_lora_rank(self.lora.rank)
             llm_kwargs = {"enable_lora": True, "max_lora_rank": rank, "max_loras": 1, **llm_kwargs}
             self._adapters = Path(tempfile.mkdtemp(prefix="lightning_rlhf_adapters_"))
         self.lora_request = None  # the adapter every request names (none before the first refresh: B = 0)

@@ -45,6 +45,7 @@ from lightning_rlhf.generation.pipeline import PipelinedSource, ScoringBalance, 
 from lightning_rlhf.generation.pool import GeneratorPool
 from lightning_rlhf.generation.process import GeneratorHandle, GeneratorProcess
 from lightning_rlhf.generation.shared import SharedSource
+from lightning_rlhf.generation.vllm_backend import vllm_lora_rank
 from lightning_rlhf.generation.weights import DEFAULT_TIMEOUT_S, WeightStream, policy_state, stream_of
 from lightning_rlhf.generation.worker import GeneratorSpec, gpu_indices
 from lightning_rlhf.lora import lora_dict
@@ -104,6 +105,9 @@ class _AsyncGeneration(_StrategyBase):
                 "(most of it by default); leave it room with vllm_kwargs.gpu_memory_utilization (e.g. 0.6) "
                 "or kv_cache_memory_bytes."
             )
+        lora = module.lora if module.lora is not None and module.lora.refresh == "adapter" else None
+        if lora is not None and config.backend == "vllm":
+            vllm_lora_rank(lora.rank)  # a rank vLLM cannot serve is refused before any process starts
         model = resolve_source(module.policy_source, "policy model")
         return GeneratorSpec(
             backend=config.backend,
@@ -121,7 +125,7 @@ class _AsyncGeneration(_StrategyBase):
             and self.root_device.type == "cuda"
             and (self.root_device.index or 0) in gpu_indices(device),
             scorer=self._scorer(model),
-            lora=lora_dict(module.lora) if module.lora is not None and module.lora.refresh == "adapter" else None,
+            lora=lora_dict(lora),
         )
 
     def _scorer(self, model: str) -> RewardScorer | None:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from stand_in_source import StandInSource
 
 from lightning_rlhf.data import PromptDataModule
 from lightning_rlhf.errors import ConfigError
@@ -20,7 +21,7 @@ class Length(RewardFunction):
         return torch.tensor([1.0 if self.equal else float(len(c)) for c in completions])
 
 
-class StandIn:
+class StandIn(StandInSource):
     """Completions of 1 to 4 tokens, each token reported by the 'generator' with logprob -1."""
 
     def __init__(self, tokenizer) -> None:
@@ -31,15 +32,6 @@ class StandIn:
         completions = [[word] * (1 + j % 3) + [self.tokenizer.eos_token_id] for j in range(len(rows) * sampling.k)]
         logprobs = [[-1.0] * len(c) for c in completions]
         return rows, Generations(prompt_ids, completions, logprobs, ["stop"] * len(completions), version, sampling.k)
-
-    def after_update(self, version):
-        pass
-
-    def pending_rows(self):
-        return []
-
-    def close(self):
-        pass
 
 
 def one_update(tiny_model_dir, quiet_trainer, reward=None, **kwargs) -> tuple[GRPO, dict[str, float]]:

@@ -10,6 +10,7 @@ A mean of micro-batch means instead of the mini-batch's token-weighted mean fail
 import lightning as L
 import pytest
 import torch
+from stand_in_source import StandInSource
 
 from lightning_rlhf.data import DemonstrationDataModule, PreferenceDataModule, PromptDataModule
 from lightning_rlhf.errors import ConfigError
@@ -25,7 +26,7 @@ class CharacterCount(RewardFunction):
         return torch.tensor([float(len(c)) for c in completions])
 
 
-class RandomRollouts:
+class RandomRollouts(StandInSource):
     """A rollout source whose completions are seeded random tokens of random lengths, a third ending with eos."""
 
     def __init__(self, tokenizer) -> None:
@@ -42,15 +43,6 @@ class RandomRollouts:
             reasons.append("stop" if stops else "length")
         logprobs = [[-2.0] * len(c) for c in completions]
         return rows, Generations(prompt_ids, completions, logprobs, reasons, version, sampling.k)
-
-    def after_update(self, version):
-        pass
-
-    def pending_rows(self):
-        return []
-
-    def close(self):
-        pass
 
 
 RL_CASES = {  # rollouts per mini-batch: 4 prompts x k, in one mini-batch; two epochs so the second clips

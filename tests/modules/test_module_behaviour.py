@@ -12,6 +12,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from stand_in_source import StandInSource
 
 from lightning_rlhf.callbacks import GoldEvaluation, OffPolicySimulation, WeightSync
 from lightning_rlhf.data import PromptDataModule
@@ -34,7 +35,7 @@ class Constant(RewardFunction):
         return torch.full((len(completions),), self.value)
 
 
-class FixedRollouts:
+class FixedRollouts(StandInSource):
     """A rollout source whose completions are always the same tokens; ``reasons`` says which ended with eos."""
 
     def __init__(self, tokenizer, reasons: list[str]) -> None:
@@ -50,12 +51,6 @@ class FixedRollouts:
         logprobs = [[-1.0] * len(c) for c in completions]
         return rows, Generations(prompt_ids, completions, logprobs, list(self.reasons), version, sampling.k)
 
-    def after_update(self, version):
-        pass
-
-    def pending_rows(self):
-        return []
-
     def resubmit(self, batches, prompt_ids, sampling, version):
         self.resubmitted.append((batches, version))
 
@@ -64,9 +59,6 @@ class FixedRollouts:
 
     def probe_logprobs(self, version):
         return None
-
-    def close(self):
-        pass
 
 
 def fit_one_step(module, reasons: list[str], batch_size: int = 2) -> dict[str, float]:
