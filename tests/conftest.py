@@ -20,6 +20,12 @@ def pytest_configure(config):
     )
 
 
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first (each keeps its order): under ``-n 2`` the long runs start early and the quick tests
+    fill the gaps at the end, instead of one worker finishing a long run alone while the other idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _offline_and_cached(tmp_path_factory):
     """The built-in task, prepared once into a cache shared by the whole session (and its subprocesses).
