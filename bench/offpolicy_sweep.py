@@ -294,7 +294,7 @@ def main() -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke test: one grid cell, N in {1, 2}, one seed, the small policy, 4 updates",
+        help="a smoke test: one grid cell, N in {1, 2}, one seed, the small policy, 2 updates",
     )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
@@ -323,7 +323,7 @@ def main() -> None:
     prepare()  # the built-in task's datasets and models, once
     lrs, strengths = GRID_LRS, GRID_STRENGTHS
     if args.quick:
-        args.ns, args.seeds, args.grid_seeds, args.steps, args.eval_prompts = [1, 2], [0], [0], 4, 32
+        args.ns, args.seeds, args.grid_seeds, args.steps, args.eval_prompts = [1, 2], [0], [0], 2, 32
         args.policies, lrs, strengths = ["small"], GRID_LRS[:1], {a: v[:1] for a, v in GRID_STRENGTHS.items()}
     start = time.perf_counter()
     if args.stage in ("all", "grid"):

@@ -50,7 +50,7 @@ def test_offpolicy_sweep_quick_smoke(builtin_models, tmp_path):
     for r in records:
         assert (
             {"algo", "n", "seed", "policy_params", "is_correction", "gold_win_rate", "kl"} <= r.keys()
-            and r["updates"] == 4
+            and r["updates"] == 2
             and 0.0 <= r["gold_win_rate"] <= 1.0
             and r["policy_params"] > 0
             and r["lr"] == next(g["lr"] for g in grid if g["algo"] == r["algo"])  # the grid's choice

@@ -516,19 +516,13 @@ def test_restarted_shared_generator_loses_no_rank_s_prompts(tmp_path):
 
 
 # a normal end with vLLM is covered by test_restarted_generators_lose_no_prompt_and_train_none_twice[vllm]
-@pytest.mark.parametrize(
-    "how, backend",
-    [("normal end", "transformers"), ("ctrl-c", "transformers"), pytest.param("ctrl-c", "vllm", marks=VLLM.marks)],
-)
-def test_no_process_is_left_behind(how, backend, tmp_path):
-    steps = "3" if how == "normal end" else "100000"
-    run = Watched(tmp_path, "--mode", "async", "--backend", backend, "--max_staleness", "1", "--steps", steps)
-    if how == "ctrl-c":
-        run.generator()
-        run.popen.send_signal(signal.SIGINT)
-    code, stderr = run.wait(timeout=180)
-    if how == "normal end":
-        assert code == 0, stderr[-3000:]
+@pytest.mark.parametrize("backend", ["transformers", VLLM])
+def test_no_process_is_left_behind_a_ctrl_c(backend, tmp_path):
+    # after a normal end the restart tests assert the same (every generator seen, none left)
+    run = Watched(tmp_path, "--mode", "async", "--backend", backend, "--max_staleness", "1", "--steps", "100000")
+    run.generator()
+    run.popen.send_signal(signal.SIGINT)
+    run.wait(timeout=180)
     # seen while it ran: the generator, and for vLLM its engine core and worker
     expected = (
         {"generator": 1, "engine core": 0, "worker": 0}
