@@ -515,10 +515,10 @@ def test_restarted_shared_generator_loses_no_rank_s_prompts(tmp_path):
     assert run.leftovers() == []
 
 
-# a normal end with vLLM is covered by test_restarted_generators_lose_no_prompt_and_train_none_twice[vllm]
 @pytest.mark.parametrize("backend", ["transformers", VLLM])
 def test_no_process_is_left_behind_a_ctrl_c(backend, tmp_path):
-    # after a normal end the restart tests assert the same (every generator seen, none left)
+    # after a normal end test_restarted_generators_lose_no_prompt_and_train_none_twice (both backends) asserts the
+    # same: every generator seen, with vLLM its engine core and worker, none left
     run = Watched(tmp_path, "--mode", "async", "--backend", backend, "--max_staleness", "1", "--steps", "100000")
     run.generator()
     run.popen.send_signal(signal.SIGINT)
