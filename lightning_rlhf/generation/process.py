@@ -25,6 +25,7 @@ from typing import NamedTuple, Protocol
 
 import psutil
 import torch
+import torch.distributed as dist
 
 from lightning_rlhf.generation.base import Generations, Probe, SamplingConfig
 from lightning_rlhf.generation.weights import (
@@ -130,16 +131,18 @@ class GeneratorProcess:
         self._inbox: dict[tuple, object] = {}
         self._last_error = ""  # the generator's last reported error, for the death message
         self._descendants: list[psutil.Process] = []
+        self._store: dist.TCPStore | None = None  # hosts the side group's rendezvous
+        self.group: dist.ProcessGroup | None = None  # the side group weights travel over (None for cuda_ipc)
 
     def start(self) -> None:
         context = mp.get_context("spawn")
-        self._store = host_store(self.spec.timeout_s)
+        self._store = store = host_store(self.spec.timeout_s)
         prefix = f"lightning_rlhf/{os.getpid()}/{next(_PREFIXES)}"
         self.requests, self.results = context.Queue(), context.Queue()
         # not a daemon: vLLM's engine starts processes of its own
         self.process = process = context.Process(
             target=generator_main,
-            args=(self.spec, self.requests, self.results, self._store.port, prefix),
+            args=(self.spec, self.requests, self.results, store.port, prefix),
             name="lightning-rlhf-generator",
             daemon=False,
         )
@@ -154,11 +157,11 @@ class GeneratorProcess:
         try:
             self.group = join_watching(
                 lambda: join_group(
-                    self._store.port,
+                    store.port,
                     prefix,
                     0,
                     world_size,
-                    self._store,
+                    store,
                     self.spec.timeout_s,
                     self.spec.transport,
                     device,
@@ -410,3 +413,6 @@ class GeneratorProcess:
         for q in (self.requests, self.results):
             q.cancel_join_thread()
             q.close()
+        # the side group and its store go now, while the interpreter lives: a gloo group's worker threads
+        # destroyed during interpreter shutdown can abort the process (pytorch/pytorch#190489)
+        self.group = self._store = None

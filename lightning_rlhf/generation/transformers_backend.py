@@ -191,6 +191,9 @@ class TransformersBackend(GenerationBackend):
         self._transport = transport
         self._group = join_group(port, prefix, 1, world_size, timeout_s=timeout_s, transport=transport)
 
+    def close(self) -> None:
+        self._group = None  # now, not in interpreter shutdown, where a gloo group can abort (pytorch/pytorch#190489)
+
     def receive_weights(self, refit: RefreshManifest, version: int) -> None:
         """Copy each bucket into the parameters as it arrives (cast to this model's dtype and device)."""
         buckets = receive_buckets(self._group, refit, self._transport, reuse=True)  # copied out below

@@ -225,6 +225,12 @@ class _AsyncGeneration(_StrategyBase):
 
     def setup(self, trainer) -> None:
         super().setup(trainer)
+        if dist.is_initialized() and dist.get_backend() == "gloo":
+            # Lightning destroys an NCCL world at exit, not a gloo one (fabric/utilities/distributed.py,
+            # _init_dist_connection), and DeepSpeed neither; a gloo group left to interpreter shutdown can abort
+            # the process after a finished run (pytorch/pytorch#190489). Registered once per process.
+            atexit.unregister(_destroy_process_groups)
+            atexit.register(_destroy_process_groups)
         self.start_generator()
 
     def on_exception(self, exception: BaseException) -> None:
@@ -234,6 +240,11 @@ class _AsyncGeneration(_StrategyBase):
     def teardown(self) -> None:
         self.stop_generator()
         super().teardown()
+
+
+def _destroy_process_groups() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()  # every group: the world and a shared generator's own
 
 
 class AsyncRLHFStrategy(_AsyncGeneration, SingleDeviceStrategy):

@@ -4,6 +4,7 @@ python tests/strategies/run_training.py --out run.json --algo online_dpo --mode 
 """
 
 import argparse
+import atexit
 import csv
 import faulthandler
 import glob
@@ -153,6 +154,13 @@ def count_deferred_reductions(deepspeed: bool) -> list[int]:
     return count
 
 
+def record_groups_left_at_exit(log_dir: str) -> None:
+    """Rank 0, at exit after the strategy's handlers: whether a process group was left to interpreter shutdown."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        with open(os.path.join(log_dir, "groups_left_at_exit.json"), "w") as f:
+            json.dump(torch.distributed.is_initialized(), f)
+
+
 def main() -> None:
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # a test that sees a hang asks for the stacks
     # Ctrl-C must raise KeyboardInterrupt even when the test suite itself was started in the background
@@ -203,6 +211,8 @@ def main() -> None:
         os.environ["KILL_GENERATOR_MARKS"] = os.path.join(os.path.dirname(os.path.abspath(args.out)), "deaths")
         os.makedirs(os.environ["KILL_GENERATOR_MARKS"], exist_ok=True)
 
+    # registered before fit, so it runs after the handlers the strategy registers (atexit runs them in reverse)
+    atexit.register(record_groups_left_at_exit, os.path.dirname(os.path.abspath(args.out)))
     L.seed_everything(0)
     cls, kwargs = ALGOS[args.algo]
     module = cls(

@@ -25,7 +25,9 @@ def train(tmp_path, *args: str, timeout: int = 300) -> dict:
         [sys.executable, SCRIPT, "--out", str(out), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.load(open(out))
+    run = json.load(open(out))
+    run["groups_left_at_exit"] = json.load(open(tmp_path / "groups_left_at_exit.json"))  # rank 0's, at its exit
+    return run
 
 
 class Watched:
@@ -317,6 +319,8 @@ def test_deepspeed_two_ranks_with_a_generator_each(stage, tmp_path):
         assert sum(zero["master_weights_held"] for zero in run["zero_per_rank"]) >= run["zero_per_rank"][0]["whole"]
     assert run["metrics"]["rollout/staleness"] == [0.0, 1.0, 1.0, 1.0]
     assert max(run["metrics"]["sync/logprob_max_diff"]) < 1e-3  # the sent weights were whole (gathered under ZeRO-3)
+    # DeepSpeed's gloo world, destroyed by the strategy before interpreter shutdown, where it can abort the process
+    assert run["groups_left_at_exit"] is False
 
 
 def test_micro_batches_on_two_ranks_train_as_the_whole_batch_and_reduce_once_per_step(tmp_path):
@@ -644,6 +648,7 @@ def test_ddp_two_ranks_refresh_and_resume_with_their_own_prompts(generators, tmp
     assert first["generators"] == second["generators"] == (1 if generators == "one shared" else 2)
     assert max(first["metrics"]["rollout/staleness"] + second["metrics"]["rollout/staleness"]) <= 1.0
     assert max(first["metrics"]["sync/logprob_max_diff"] + second["metrics"]["sync/logprob_max_diff"]) < 1e-3
+    assert first["groups_left_at_exit"] is second["groups_left_at_exit"] is False  # the gloo world (and shared group)
     for rank in (0, 1):
         # what an uninterrupted run feeds this rank: its shard of each epoch's seeded order, in order
         sampler = ResumableSampler(len(rows), 4, shuffle=True, seed=0, num_replicas=2, rank=rank)
