@@ -28,38 +28,32 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
+@pytest.fixture(scope="session")
+def shared_tmp_path(tmp_path_factory):
+    """The session's folder, shared by its workers under pytest-xdist (``-n 2``): each worker's own is inside it."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
 @pytest.fixture(scope="session", autouse=True)
-def _offline_and_cached(tmp_path_factory):
-    """One cache for the built-in task, shared by the whole session (and its subprocesses).
+def _offline_and_cached(shared_tmp_path):
+    """The built-in task, prepared once into a cache shared by the whole session (and its subprocesses).
 
     Set ``LIGHTNING_RLHF_CACHE`` to a folder of your own to keep it between sessions (about 2 minutes to prepare).
-    Under pytest-xdist (``-n 2``) the workers share the session's folder.
+    Under pytest-xdist (``-n 2``) the workers share it; the first prepares, the other waits.
     """
-    session = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        session = session.parent  # each worker's folder is inside the session's
-    os.environ.setdefault("LIGHTNING_RLHF_CACHE", str(session / "lightning_rlhf_cache"))
+    os.environ.setdefault("LIGHTNING_RLHF_CACHE", str(shared_tmp_path / "lightning_rlhf_cache"))
+    import torch
 
-
-@pytest.fixture(scope="session")
-def builtin_models():
-    """Paths of the built-in SFT policy and proxy reward model, the whole built-in task prepared at first use.
-
-    Under ``-n 2`` the first worker to need it prepares, on its one thread; the other runs the tests that do not need
-    it meanwhile and waits on the lock only when it needs it too (every slow test does, through the fixture below).
-    """
-    from lightning_rlhf.builtin import builtin_path
     from lightning_rlhf.tasks.copy import prepare
 
-    prepare()
-    return {"sft": builtin_path("builtin:sft"), "reward_model": builtin_path("builtin:reward_model")}
-
-
-@pytest.fixture(autouse=True)
-def _builtin_task_for_slow_tests(request):
-    """Every slow test may start processes that read ``builtin:`` artifacts: they are prepared before it starts."""
-    if request.node.get_closest_marker("slow"):
-        request.getfixturevalue("builtin_models")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # the other worker sleeps on the lock meanwhile: use both cores
+    try:
+        prepare()
+    finally:
+        torch.set_num_threads(threads)
+    yield
 
 
 @pytest.fixture(scope="session")
@@ -72,6 +66,14 @@ def tiny_model_dir(tmp_path_factory):
     make_base_model(tokenizer, seed=1).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def builtin_models():
+    """Paths of the built-in SFT policy and proxy reward model (trained once per test session)."""
+    from lightning_rlhf.builtin import builtin_path
+
+    return {"sft": builtin_path("builtin:sft"), "reward_model": builtin_path("builtin:reward_model")}
 
 
 @pytest.fixture(scope="session")

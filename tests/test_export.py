@@ -15,8 +15,6 @@ from lightning_rlhf.rewards import RewardFunction
 from lightning_rlhf.rollout_batch import RolloutBatch
 from lightning_rlhf.rollout_forwards import response_logprobs
 
-pytestmark = pytest.mark.usefixtures("builtin_models")  # the built-in prompts
-
 
 class CharacterCount(RewardFunction):
     def __call__(self, prompts, completions, rows=None):

@@ -16,7 +16,6 @@ from lightning_rlhf.modules import GRPO, OnlineDPO
 from lightning_rlhf.rewards import RewardFunction
 
 peft = pytest.importorskip("peft")
-pytestmark = pytest.mark.usefixtures("builtin_models")  # the built-in prompts
 
 
 def _trained_adapter(model: torch.nn.Module, seed: int = 0) -> None:

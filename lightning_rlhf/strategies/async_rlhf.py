@@ -105,7 +105,7 @@ class _AsyncGeneration(_StrategyBase):
                 "(most of it by default); leave it room with vllm_kwargs.gpu_memory_utilization (e.g. 0.6) "
                 "or kv_cache_memory_bytes."
             )
-        lora = module.lora if module.lora is not None and module.lora.refresh == "adapter" else None
+        lora = module.lora if self._lora_refresh() == "adapter" else None  # the generator holds the adapter apart
         if lora is not None and config.backend == "vllm":
             vllm_lora_rank(lora.rank)  # a rank vLLM cannot serve is refused before any process starts
         model = resolve_source(module.policy_source, "policy model")

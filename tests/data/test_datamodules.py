@@ -39,7 +39,7 @@ def test_missing_dataset_path(tmp_path):
         PromptDataModule(str(tmp_path / "missing.jsonl"))
 
 
-def test_builtin_datasets_have_their_columns(builtin_models):
+def test_builtin_datasets_have_their_columns():
     assert next(iter(DemonstrationDataModule(batch_size=2).train_dataloader()))[0].keys() >= {"prompt", "completion"}
     assert next(iter(PreferenceDataModule(batch_size=2).train_dataloader()))[0].keys() >= {
         "prompt",

@@ -10,8 +10,6 @@ from lightning_rlhf.generation import Generations
 from lightning_rlhf.modules import GRPO
 from lightning_rlhf.rewards import RewardFunction
 
-pytestmark = pytest.mark.usefixtures("builtin_models")  # the built-in prompts
-
 
 class Length(RewardFunction):
     """A completion scores its number of characters; ``equal=True``: every completion scores 1."""

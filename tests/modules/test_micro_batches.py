@@ -18,8 +18,6 @@ from lightning_rlhf.generation import Generations
 from lightning_rlhf.modules import GRPO, PPO, RLOO, SFT, OnlineDPO, RewardModel
 from lightning_rlhf.rewards import RewardFunction
 
-pytestmark = pytest.mark.usefixtures("builtin_models")  # the built-in datasets
-
 
 class CharacterCount(RewardFunction):
     """A completion scores its number of characters: different lengths, different scores."""

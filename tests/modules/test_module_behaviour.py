@@ -239,7 +239,7 @@ def test_off_policy_simulation_trains_on_data_zero_to_n_minus_one_versions_old(b
     assert staleness == [0.0, 1.0, 2.0, 0.0, 1.0, 2.0]  # each round of 3 batches sampled by one snapshot
 
 
-def test_off_policy_simulation_refuses_a_source_that_samples_in_another_process(quiet_trainer, builtin_models):
+def test_off_policy_simulation_refuses_a_source_that_samples_in_another_process(quiet_trainer):
     """OffPolicySimulation asks the source (the contract's samples_in_process), not its class."""
     from lightning_rlhf.generation.pipeline import PipelinedSource
 
@@ -324,7 +324,7 @@ def test_resume_on_another_number_of_ranks_is_refused():
     assert source.resubmitted == [([[{"prompt": "b"}]], 3)] and module.batches_drawn == 5
 
 
-def test_gold_evaluation_counts_a_tie_as_half_a_win_and_keeps_its_history(tmp_path, capsys, builtin_models):
+def test_gold_evaluation_counts_a_tie_as_half_a_win_and_keeps_its_history(tmp_path, capsys):
     from lightning_rlhf.metrics import GoldWinRate
 
     metric = GoldWinRate()

@@ -80,9 +80,7 @@ def one_update(shared, fabric, policy, ref_policy, micro_batch_size, k, update, 
         ("ppo", 2, 4, {"num_epochs": 1, "kl_coef": 0.05, "clip_eps": 0.2, "vf_coef": 0.1, "lam": 0.95}),  # 4 + 2
     ],
 )
-def test_micro_batches_give_the_whole_batch_update(
-    recipes, fabric, recipe, k, micro_batch_size, hyper_parameters, builtin_models
-):
+def test_micro_batches_give_the_whole_batch_update(recipes, fabric, recipe, k, micro_batch_size, hyper_parameters):
     shared, module = recipes["shared"], recipes[recipe]
     tokenizer, policy, ref_policy = shared.load_models(fabric, shared.RunArgs())
     batch = scored_batch(shared, tokenizer, n=3, k=k)

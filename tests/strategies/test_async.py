@@ -132,13 +132,12 @@ class Watched:
 
 
 @pytest.fixture(scope="session")
-def sync_run(tmp_path_factory):
+def sync_run(shared_tmp_path):
     """The synchronous online DPO run of 6 steps that several asynchronous runs must reproduce: run once per
     session (under ``-n 2`` the other worker waits for it and reads the same result)."""
     from lightning_rlhf.tasks.copy.artifacts import lock
 
-    root = tmp_path_factory.getbasetemp()
-    folder = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "sync_online_dpo"
+    folder = shared_tmp_path / "sync_online_dpo"
     with lock(folder):
         if not (folder / "run.json").exists():
             train(folder, "--mode", "sync", "--steps", "6")
