@@ -631,12 +631,8 @@ def test_a_lora_policy_trains_under_zero2_on_two_ranks(tmp_path):
 
 @pytest.mark.parametrize("generators", ["one per rank", "one shared"])
 def test_ddp_two_ranks_refresh_and_resume_with_their_own_prompts(generators, tmp_path):
-    from lightning_rlhf.data.datamodules import ResumableSampler
-
-    dataset = tmp_path / "prompts.jsonl"  # 2 ranks x 4 prompts: 3 batches per rank and epoch, so the runs cross epochs
-    rows = [{"prompt": f"copy {i % 10} {i // 10} 1 2 ="} for i in range(24)]
-    dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = ["--mode", "ddp", "--max_staleness", "1", "--batch_size", "4", "--dataset", str(dataset), "--shuffle"]
+    dataset, rows = prompts_file(tmp_path)  # 2 ranks x 4 prompts: 3 batches per rank and epoch, so runs cross epochs
+    common = ["--mode", "ddp", "--max_staleness", "1", "--batch_size", "4", "--dataset", dataset, "--shuffle"]
     if generators == "one shared":  # the paper's layout: rank 0's generator samples both ranks' prompts
         common.append("--shared_generator")
     first = train(tmp_path / "first", *common, "--steps", "4", "--save_ckpt", str(tmp_path / "half.ckpt"), timeout=400)
@@ -649,10 +645,8 @@ def test_ddp_two_ranks_refresh_and_resume_with_their_own_prompts(generators, tmp
     assert max(first["metrics"]["sync/logprob_max_diff"] + second["metrics"]["sync/logprob_max_diff"]) < 1e-3
     assert first["groups_left_at_exit"] is second["groups_left_at_exit"] is False  # the gloo world (and shared group)
     for rank in (0, 1):
-        # what an uninterrupted run feeds this rank: its shard of each epoch's seeded order, in order
-        sampler = ResumableSampler(len(rows), 4, shuffle=True, seed=0, num_replicas=2, rank=rank)
-        shard = [rows[i]["prompt"] for _ in range(2) for i in sampler]  # 2 epochs of 3 batches
-        expected = [shard[4 * b : 4 * b + 4] for b in range(6)]
+        # what an uninterrupted run feeds this rank: its shard of each epoch's seeded order, in order (2 epochs)
+        expected = seeded_order(rows, 4, 6, num_replicas=2, rank=rank)
         # each rank trained its own in-flight batch first after resuming, then its loader went on
         assert first["trained_prompts_per_rank"][rank] + second["trained_prompts_per_rank"][rank] == expected
 
