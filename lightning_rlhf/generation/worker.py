@@ -250,3 +250,4 @@ def generator_main(spec: GeneratorSpec, requests, results, port: int, prefix: st
     finally:
         if backend is not None:
             backend.close()
+        gc.unfreeze()  # frozen objects outlive interpreter shutdown: triton's nanobind types would be reported leaked
