@@ -20,3 +20,4 @@ python bench/smollm2_arithmetic.py --configs configs/smollm2/grpo.yaml --seeds 0
 python bench/smollm2_arithmetic.py --configs configs/smollm2/arithmetic.yaml configs/smollm2/lora.yaml --seeds 0 1  # LoRA
 python bench/weight_transfer.py --lora 0 16 --buckets 64 --out docs/results/weight_transfer_lora  # adapter-only refresh
 python bench/lora_memory.py          # what a LoRA policy does not hold: the reference copy, most optimizer state
+python bench/generator_start.py --repeats 10  # a generator start with and without spawn running the script again

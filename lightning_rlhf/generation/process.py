@@ -18,8 +18,12 @@ import contextlib
 import itertools
 import multiprocessing as mp
 import os
+import pickle
 import queue
+import sys
+import threading
 import time
+from collections.abc import Iterator
 from multiprocessing.process import BaseProcess
 from typing import NamedTuple, Protocol
 
@@ -49,6 +53,38 @@ _PREFIXES = itertools.count()
 # Transports whose buckets the trainer broadcasts from its own thread, once the generator has reached
 # the refresh in its queue (see weights.send_now); gloo sends from a background thread at once.
 SENT_WHEN_REACHED = frozenset({"nccl"})
+
+
+@contextlib.contextmanager
+def main_not_rerun_unless_needed(payload: object) -> Iterator[None]:
+    """Processes spawned inside skip running the parent's ``__main__`` again, unless ``payload`` refers to it.
+
+    ``spawn`` runs the parent's main module once more in the child (as ``__mp_main__``), so that what was
+    pickled from it can be found: CPython's ``Lib/multiprocessing/spawn.py`` records ``__main__.__spec__``
+    or ``__file__`` in ``get_preparation_data`` and the child runs it in ``prepare``; a main module with
+    neither is left alone. The generator's target and spec live in this package, so that run only costs:
+    the ``lightning-rlhf`` command and training scripts import Lightning again (seconds per generator
+    start, ``docs/results.md``), and a script without an ``if __name__ == "__main__":`` guard would run its
+    top level again in the generator. Only when ``payload`` pickles something defined in ``__main__``
+    (a reward class written in the training script, say) does the child run it, as before.
+    """
+    if b"__main__" in pickle.dumps(payload):
+        yield
+        return
+    main = sys.modules["__main__"]
+    with _EDITING_MAIN:  # one start at a time
+        hidden: dict[str, object] = {
+            key: main.__dict__.pop(key) for key in ("__spec__", "__file__") if key in main.__dict__
+        }
+        main.__spec__ = None
+        try:
+            yield
+        finally:
+            del main.__spec__
+            main.__dict__.update(hidden)
+
+
+_EDITING_MAIN = threading.Lock()
 
 
 class GeneratorError(RuntimeError):
@@ -146,7 +182,8 @@ class GeneratorProcess:
             name="lightning-rlhf-generator",
             daemon=False,
         )
-        process.start()
+        with main_not_rerun_unless_needed(self.spec):
+            process.start()
         self._wait(("ready",), self.start_timeout_s)
         # vLLM's engine core and workers, recorded while their parent lives: once it dies they are
         # re-parented, and close() could no longer find them among its children

@@ -73,3 +73,26 @@ def test_a_generator_process_takes_refreshes_in_order_without_stalling_the_train
     finally:
         generator.close()
     assert generator.process is None
+
+
+@pytest.mark.parametrize("spec_name", [None, "train"], ids=["a script run by path", "a module run with -m"])
+def test_a_generator_started_from_a_script_runs_it_again_only_when_its_spec_needs_it(spec_name, monkeypatch):
+    import importlib.machinery
+    import multiprocessing.spawn as spawn
+    import sys
+    import types
+
+    script = types.ModuleType("__main__")  # the training script, as the interpreter runs it
+    script.__file__ = "/runs/train.py"
+    script.__spec__ = importlib.machinery.ModuleSpec(spec_name, None) if spec_name else None
+    monkeypatch.setitem(sys.modules, "__main__", script)
+    ran_again = ("init_main_from_path", "init_main_from_name")  # what spawn's child runs before the target
+    assert any(key in spawn.get_preparation_data("generator") for key in ran_again)  # spawn's default
+
+    with process.main_not_rerun_unless_needed(GeneratorSpec(model="policy")):
+        assert not any(key in spawn.get_preparation_data("generator") for key in ran_again)
+    assert script.__file__ == "/runs/train.py" and getattr(script.__spec__, "name", None) == spec_name  # restored
+
+    script.Reward = type("Reward", (), {"__module__": "__main__"})  # a reward class written in the script
+    with process.main_not_rerun_unless_needed(GeneratorSpec(model="policy", scorer=script.Reward())):
+        assert any(key in spawn.get_preparation_data("generator") for key in ran_again)  # it must be found

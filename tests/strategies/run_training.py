@@ -5,6 +5,7 @@ python tests/strategies/run_training.py --out run.json --algo online_dpo --mode 
 
 import argparse
 import atexit
+import contextlib
 import csv
 import faulthandler
 import glob
@@ -21,6 +22,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_rlhf.callbacks import WeightSync
 from lightning_rlhf.data import PromptDataModule
+from lightning_rlhf.generation import process
 from lightning_rlhf.lora import LoRA
 from lightning_rlhf.modules import GRPO, PPO, RLOO, OnlineDPO
 from lightning_rlhf.rewards import RewardModelScore
@@ -39,7 +41,8 @@ def die_on_schedule(schedule: str, marks: str) -> None:
     generator a second into its 3rd generate request (while the trainer waits for it), its
     replacement when its 2nd weight refresh arrives (while the trainer sends).
 
-    Runs in the spawned generator process, which imports this script as ``__mp_main__``. Each death
+    Runs in the spawned generator process, which imports this script as ``__mp_main__`` (only in runs
+    with ``--kill_generator``: the others' generators skip it). Each death
     leaves a file in ``marks``; a generator counts them at start to know which entry is its own.
     """
     from lightning_rlhf.generation import worker
@@ -207,6 +210,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.kill_generator:  # read by the spawned generators, which inherit the environment
+        # the generators arm the schedule when they import this script: keep spawn's re-run of __main__
+        process.main_not_rerun_unless_needed = lambda payload: contextlib.nullcontext()
         os.environ["KILL_GENERATOR"] = args.kill_generator
         os.environ["KILL_GENERATOR_MARKS"] = os.path.join(os.path.dirname(os.path.abspath(args.out)), "deaths")
         os.makedirs(os.environ["KILL_GENERATOR_MARKS"], exist_ok=True)
