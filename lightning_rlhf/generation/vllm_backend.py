@@ -27,6 +27,7 @@ the same distribution the trainer scores with.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import shutil
 import tempfile
@@ -115,6 +116,21 @@ def _pairs(buckets):
         del bucket
 
 
+def _not_a_rotary_cache_kept(record: logging.LogRecord) -> bool:
+    """False for vLLM's "RotaryEmbedding: Failed to load weights", said at every refresh.
+
+    vLLM's layerwise reload warns for each layer that the new weights held nothing for, and puts the layer's
+    old tensors back (``vllm/model_executor/model_loader/reload/layerwise.py``). A rotary embedding's cache
+    is computed from the config, in no checkpoint and in no refresh, so keeping it is right; other layers
+    still warn.
+    """
+    return not (
+        record.msg == "%s: Failed to load weights"
+        and isinstance(record.args, tuple)
+        and str(record.args[0]).endswith("RotaryEmbedding")
+    )
+
+
 class WeightReceiver:
     """vLLM worker extension (``LLM(worker_extension_cls=...)``): receives refreshed weights, bucket by bucket."""
 
@@ -122,6 +138,8 @@ class WeightReceiver:
 
     def join_weight_group(self, port: int, prefix: str, transport: str, world_size: int, timeout_s: float) -> None:
         from vllm.distributed.parallel_state import get_world_group
+
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_not_a_rotary_cache_kept)
 
         # trainer at rank 0, this worker at 1 + its rank in vLLM's world (as vLLM's rlhf_utils.py does)
         rank = 1 + get_world_group().rank
@@ -203,6 +221,8 @@ class VLLMBackend(GenerationBackend):
         lora: dict | None = None,
         **llm_kwargs,
     ) -> None:
+        # vLLM's engine logs ~70 INFO lines per start: warnings and errors only, unless the user asks for more
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
