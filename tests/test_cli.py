@@ -108,46 +108,61 @@ def test_quickstart_runs_and_reports_gold_win_rate(builtin_models, tmp_path):
     assert glob.glob(str(tmp_path / "tensorboard" / "version_*" / "events.*"))
 
 
-@pytest.mark.parametrize(
-    "args, sentence",
-    [
-        (["--model.init_args.betta", "0.3"], "Unknown key 'betta' under model.init_args"),
-        (["--trainer.max_stepz", "3"], "Unknown key 'trainer.max_stepz'"),
-        (["--model.init_args.k", "1"], "set k >= 2"),
-        (["--model.init_args.policy", "./no/such/model"], "The policy model path './no/such/model' does not exist"),
-        (
-            ["--data.init_args.prompt_column", "question"],
-            "has no column 'question' (columns: prompt); set `prompt_column`",
-        ),
-        # raised inside constructors that jsonargparse reports as a union of choices: still one sentence
-        (["--data.init_args.dataset", "{tmp}/broken.jsonl"], "broken.jsonl' (JSON parse error"),
-        (
-            ["--trainer.strategy.init_args.generation.max_staleness", "-1"],
-            "AsyncRLHFStrategy: max_staleness must be 0 (synchronous) or more, got -1.",
-        ),
-    ],
-)
-@pytest.mark.slow  # a CLI subprocess each
-def test_bad_input_is_one_sentence_before_training(args, sentence, tmp_path):
-    (tmp_path / "broken.jsonl").write_text(
-        '{"prompt": "copy 1 2 ="}\n{"prompt": "copy 3\n'
-    )  # the second line is cut off
-    args = [a.format(tmp=tmp_path) for a in args]
-    out = run_cli(
-        "fit", "--config", "configs/quickstart.yaml", "--trainer.default_root_dir", str(tmp_path), *args, timeout=120
+BAD_INPUTS = [  # (arguments after the quickstart's config, the sentence the one error line must hold)
+    (["--model.init_args.betta", "0.3"], "Unknown key 'betta' under model.init_args"),
+    (["--trainer.max_stepz", "3"], "Unknown key 'trainer.max_stepz'"),
+    (["--model.init_args.k", "1"], "set k >= 2"),
+    (["--model.init_args.policy", "./no/such/model"], "The policy model path './no/such/model' does not exist"),
+    (["--data.init_args.prompt_column", "question"], "has no column 'question' (columns: prompt); set `prompt_column`"),
+    # raised inside constructors that jsonargparse reports as a union of choices: still one sentence
+    (["--data.init_args.dataset", "{tmp}/broken.jsonl"], "broken.jsonl' (JSON parse error"),
+    (
+        ["--trainer.strategy.init_args.generation.max_staleness", "-1"],
+        "AsyncRLHFStrategy: max_staleness must be 0 (synchronous) or more, got -1.",
+    ),
+    (["--config", "{tmp}/bad.yaml"], "Unknown key 'betta'"),  # in a YAML file, not on the command line
+]
+# every case in one subprocess (each process spends seconds importing), each as `lightning-rlhf fit ...` would run
+EACH_CASE = """
+import contextlib, io, json, sys, traceback
+from lightning_rlhf.cli import main
+cases, sys.argv[1:] = json.loads(sys.argv[1]), []  # LightningCLI warns when given args beside sys.argv's
+results = []
+for args in cases:
+    stderr, code = io.StringIO(), 0
+    with contextlib.redirect_stderr(stderr):
+        try:
+            main(args)
+        except SystemExit as exit:
+            code = exit.code
+        except BaseException:
+            code = "raised"
+            traceback.print_exc()
+    results.append({"code": code, "stderr": stderr.getvalue()})
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.slow  # a CLI subprocess
+def test_bad_input_is_one_sentence_before_training(tmp_path):
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "copy 1 2 ="}\n{"prompt": "copy 3\n')  # the 2nd line is cut off
+    (tmp_path / "bad.yaml").write_text("model:\n  init_args:\n    betta: 0.3\n")
+    cases = [
+        ["fit", "--config", "configs/quickstart.yaml", "--trainer.default_root_dir", str(tmp_path / f"run{i}")]
+        + [a.format(tmp=tmp_path) for a in args]
+        for i, (args, _) in enumerate(BAD_INPUTS)
+    ]
+    out = subprocess.run(
+        [sys.executable, "-c", EACH_CASE, json.dumps(cases)], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
-    assert out.returncode == 2
-    error_lines = [line for line in out.stderr.splitlines() if line.startswith("lightning-rlhf: error:")]
-    assert len(error_lines) == 1 and sentence in error_lines[0], out.stderr[-2000:]
-    assert "Traceback" not in out.stderr
-    assert not glob.glob(str(tmp_path / "csv" / "version_*" / "metrics.csv"))  # nothing trained
-
-
-def test_unknown_key_in_a_yaml_file(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("model:\n  init_args:\n    betta: 0.3\n")
-    out = run_cli("fit", "--config", "configs/quickstart.yaml", "--config", str(bad), timeout=120)
-    assert out.returncode == 2 and "Unknown key 'betta'" in out.stderr
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout.splitlines()[-1])
+    for i, ((args, sentence), result) in enumerate(zip(BAD_INPUTS, results, strict=True)):
+        error_lines = [line for line in result["stderr"].splitlines() if line.startswith("lightning-rlhf: error:")]
+        assert result["code"] == 2, (args, result["stderr"][-2000:])
+        assert len(error_lines) == 1 and sentence in error_lines[0], (args, result["stderr"][-2000:])
+        assert "Traceback" not in result["stderr"], args
+        assert not glob.glob(str(tmp_path / f"run{i}" / "csv" / "version_*" / "metrics.csv")), args  # nothing trained
 
 
 def test_the_lora_overlay_instantiates_on_its_recipe(tmp_path):
