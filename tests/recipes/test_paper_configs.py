@@ -5,8 +5,9 @@ replace the hub ids on the command line; everything else is the recipe's own:
 its module and hyperparameters, data adapter (columns, GSM8k's prompt
 template, No Robots' conversations), reward, evaluation callback and
 asynchronous strategy (ZeRO-2/3 and the shared generator included), on CPU,
-with the transformers backend and one rank. Each run is a subprocess with a
-timeout.
+with the transformers backend and one rank. The runs of a dataset share one
+subprocess, with a timeout (each process spends seconds importing), one after
+the other as `lightning-rlhf fit` runs them; each reports its own failure.
 """
 
 import glob
@@ -77,36 +78,70 @@ def stand_ins(tmp_path_factory):
     return paths
 
 
-def _fit(config: str, tmp_path, *overrides: str) -> dict:
-    """Run one recipe for 2 steps on CPU; return its eval summary (or the run's folder listing)."""
-    root = str(tmp_path / "run")
-    args = [
-        sys.executable,
-        "-m",
-        "lightning_rlhf.cli",
-        "fit",
-        "--config",
-        config,
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.devices",
-        "1",
-        "--trainer.precision",
-        "32-true",
-        "--trainer.max_steps",
-        "2",
-        "--trainer.log_every_n_steps",
-        "1",
-        "--trainer.default_root_dir",
-        root,
-        *overrides,
-    ]
-    out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+# each run as `lightning-rlhf fit ...` would make it, one after the other in this process; a run that fails
+# leaves its traceback in its folder and the next one goes on
+EACH_FIT = """
+import json, os, sys, traceback
+from lightning_rlhf.cli import main
+runs, sys.argv[1:] = json.loads(sys.argv[1]), []  # LightningCLI warns when given args beside sys.argv's
+for root, args in runs:
+    try:
+        main(args)
+        error = None
+    except BaseException:
+        error = traceback.format_exc()
+    with open(os.path.join(root, "outcome.json"), "w") as f:
+        json.dump({"error": error}, f)
+"""
+
+
+def _fit_each(runs: list[tuple[str, object, list[str]]]) -> list[dict]:
+    """Run each recipe ``(config, folder, overrides)`` for 2 steps on CPU, all in one subprocess; return each
+    one's eval summary (``{}`` for a stage without one)."""
+    roots, commands = [], []
+    for config, tmp_path, overrides in runs:
+        root = str(tmp_path / "run")
+        os.makedirs(root, exist_ok=True)
+        roots.append(root)
+        commands.append(
+            [
+                root,
+                [
+                    "fit",
+                    "--config",
+                    config,
+                    "--trainer.accelerator",
+                    "cpu",
+                    "--trainer.devices",
+                    "1",
+                    "--trainer.precision",
+                    "32-true",
+                    "--trainer.max_steps",
+                    "2",
+                    "--trainer.log_every_n_steps",
+                    "1",
+                    "--trainer.default_root_dir",
+                    root,
+                    *overrides,
+                ],
+            ]
+        )
+    out = subprocess.run(
+        [sys.executable, "-c", EACH_FIT, json.dumps(commands)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=150 * len(runs),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
-    metrics = glob.glob(os.path.join(root, "csv", "version_*", "metrics.csv"))
-    assert metrics, f"no metrics logged under {root}"
-    summaries = glob.glob(os.path.join(root, "csv", "version_*", "eval_summary.json"))
-    return json.load(open(summaries[0])) if summaries else {}
+    summaries = []
+    for (config, _, _), root in zip(runs, roots, strict=True):
+        outcome = json.load(open(os.path.join(root, "outcome.json")))
+        assert outcome["error"] is None, f"{config}:\n{outcome['error'][-3000:]}"
+        assert glob.glob(os.path.join(root, "csv", "version_*", "metrics.csv")), f"{config}: no metrics under {root}"
+        found = glob.glob(os.path.join(root, "csv", "version_*", "eval_summary.json"))
+        summaries.append(json.load(open(found[0])) if found else {})
+    return summaries
 
 
 def _async_cpu() -> list[str]:
@@ -130,36 +165,8 @@ def _policy(policy: str, reward: str | None, max_new_tokens: int = 6) -> list[st
 STAND_IN_PROMPT_LIMIT = ("--data.init_args.max_prompt_tokens", "48")
 
 
-@pytest.mark.parametrize("algorithm", ["online_dpo", "rloo", "ppo"])
-def test_tldr_recipe_runs_with_stand_ins(algorithm, stand_ins, tmp_path):
-    extra = ["--model.init_args.critic", stand_ins["policy"]] if algorithm == "ppo" else []
-    summary = _fit(
-        f"configs/tldr/{algorithm}.yaml",
-        tmp_path,
-        *_async_cpu(),
-        *_policy(stand_ins["policy"], stand_ins["policy"]),
-        *extra,
-        "--data.init_args.dataset",
-        stand_ins["tldr"],
-        "--data.init_args.batch_size",
-        "2",
-        *STAND_IN_PROMPT_LIMIT,
-        "--trainer.callbacks.init_args.gold.init_args.model",
-        stand_ins["policy"],
-        "--trainer.callbacks.init_args.dataset",
-        stand_ins["tldr"],
-        "--trainer.callbacks.init_args.num_prompts",
-        "2",
-    )
-    assert summary["after"]["step"] == 2 and 0.0 <= summary["after"]["eval/gold_win_rate"] <= 1.0
-
-
-def test_tldr_synchronous_variant_and_the_sft_and_reward_model_stages(stand_ins, tmp_path):
-    summary = _fit(
-        "configs/tldr/online_dpo.yaml",
-        tmp_path / "sync",
-        "--config",
-        "configs/tldr/synchronous.yaml",
+def _tldr_rl(stand_ins) -> list[str]:
+    return [
         *_async_cpu(),
         *_policy(stand_ins["policy"], stand_ins["policy"]),
         "--data.init_args.dataset",
@@ -173,25 +180,41 @@ def test_tldr_synchronous_variant_and_the_sft_and_reward_model_stages(stand_ins,
         stand_ins["tldr"],
         "--trainer.callbacks.init_args.num_prompts",
         "2",
+    ]
+
+
+def test_tldr_recipes_their_synchronous_variant_and_the_sft_and_reward_model_stages(stand_ins, tmp_path):
+    critic = ["--model.init_args.critic", stand_ins["policy"]]
+    sft = ["--model.init_args.policy", stand_ins["policy"], "--data.init_args.dataset", stand_ins["tldr"]]
+    rm = ["--model.init_args.model", stand_ins["policy"], "--data.init_args.dataset", stand_ins["tldr_preferences"]]
+    *algorithms, synchronous, _, _ = _fit_each(
+        [
+            ("configs/tldr/online_dpo.yaml", tmp_path / "online_dpo", _tldr_rl(stand_ins)),
+            ("configs/tldr/rloo.yaml", tmp_path / "rloo", _tldr_rl(stand_ins)),
+            ("configs/tldr/ppo.yaml", tmp_path / "ppo", _tldr_rl(stand_ins) + critic),
+            (
+                "configs/tldr/online_dpo.yaml",
+                tmp_path / "sync",
+                ["--config", "configs/tldr/synchronous.yaml", *_tldr_rl(stand_ins)],
+            ),
+            ("configs/tldr/sft.yaml", tmp_path / "sft", [*sft, "--data.init_args.batch_size", "2"]),
+            ("configs/tldr/reward_model.yaml", tmp_path / "rm", [*rm, "--data.init_args.batch_size", "2"]),
+        ]
     )
-    assert summary["after"]["step"] == 2
+    for summary in algorithms:
+        assert summary["after"]["step"] == 2 and 0.0 <= summary["after"]["eval/gold_win_rate"] <= 1.0
+    assert synchronous["after"]["step"] == 2
     config = open(glob.glob(str(tmp_path / "sync" / "run" / "csv" / "version_*" / "config.yaml"))[0]).read()
     assert "max_staleness: 0" in config
-    sft = ["--model.init_args.policy", stand_ins["policy"], "--data.init_args.dataset", stand_ins["tldr"]]
-    _fit("configs/tldr/sft.yaml", tmp_path / "sft", *sft, "--data.init_args.batch_size", "2")
-    rm = ["--model.init_args.model", stand_ins["policy"], "--data.init_args.dataset", stand_ins["tldr_preferences"]]
-    _fit("configs/tldr/reward_model.yaml", tmp_path / "rm", *rm, "--data.init_args.batch_size", "2")
 
 
-@pytest.mark.parametrize("recipe", ["online_dpo", "rloo", "ppo", "async_online_dpo", "grpo"])
-def test_gsm8k_recipe_runs_with_stand_ins(recipe, stand_ins, tmp_path):
-    extra = ["--model.init_args.critic", stand_ins["policy"]] if recipe == "ppo" else []
-    summary = _fit(
-        f"configs/gsm8k/{recipe}.yaml",
-        tmp_path,
+GSM8K_RECIPES = ["online_dpo", "rloo", "ppo", "async_online_dpo", "grpo"]
+
+
+def test_gsm8k_recipes_run_with_stand_ins(stand_ins, tmp_path):
+    common = [
         *_async_cpu(),
         *_policy(stand_ins["policy"], None),
-        *extra,
         "--data.init_args.dataset",
         stand_ins["gsm8k"],
         "--data.init_args.batch_size",
@@ -202,15 +225,22 @@ def test_gsm8k_recipe_runs_with_stand_ins(recipe, stand_ins, tmp_path):
         "3",
         "--trainer.callbacks.init_args.max_new_tokens",
         "6",
+    ]
+    critic = ["--model.init_args.critic", stand_ins["policy"]]
+    summaries = _fit_each(
+        [
+            (f"configs/gsm8k/{recipe}.yaml", tmp_path / recipe, common + (critic if recipe == "ppo" else []))
+            for recipe in GSM8K_RECIPES
+        ]
     )
-    after = summary["after"]
-    assert after["step"] == 2 and {"eval/accuracy", "eval/format_rate", "eval/accuracy_sampled"} <= set(after)
+    for recipe, summary in zip(GSM8K_RECIPES, summaries, strict=True):
+        after = summary["after"]
+        assert after["step"] == 2, recipe
+        assert {"eval/accuracy", "eval/format_rate", "eval/accuracy_sampled"} <= set(after), recipe
 
 
 def test_chat_recipe_runs_with_stand_ins(stand_ins, tmp_path):
-    summary = _fit(
-        "configs/chat/online_dpo.yaml",
-        tmp_path,
+    chat = [
         *_async_cpu(),
         *_policy(stand_ins["chat_policy"], stand_ins["chat_policy"]),
         "--data.init_args.dataset",
@@ -226,6 +256,7 @@ def test_chat_recipe_runs_with_stand_ins(stand_ins, tmp_path):
         stand_ins["no_robots"],
         "--trainer.callbacks.init_args.num_prompts",
         "2",
-    )
+    ]
+    (summary,) = _fit_each([("configs/chat/online_dpo.yaml", tmp_path, chat)])
     after = summary["after"]
     assert after["step"] == 2 and 0.0 <= after["eval/gold_win_rate"] <= 1.0 and after["eval/response_length"] > 0
