@@ -63,7 +63,7 @@ def main_not_rerun_unless_needed(payload: object) -> Iterator[None]:
     pickled from it can be found: CPython's ``Lib/multiprocessing/spawn.py`` records ``__main__.__spec__``
     or ``__file__`` in ``get_preparation_data`` and the child runs it in ``prepare``; a main module with
     neither is left alone. The generator's target and spec live in this package, so that run only costs:
-    the ``lightning-rlhf`` command and training scripts import Lightning again (seconds per generator
+    the ``lightning-rlhf`` command and training scripts import Lightning again (about a second per generator
     start, ``docs/results.md``), and a script without an ``if __name__ == "__main__":`` guard would run its
     top level again in the generator. Only when ``payload`` pickles something defined in ``__main__``
     (a reward class written in the training script, say) does the child run it, as before.
