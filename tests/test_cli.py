@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_in_one_process import run_each
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
@@ -122,25 +123,6 @@ BAD_INPUTS = [  # (arguments after the quickstart's config, the sentence the one
     ),
     (["--config", "{tmp}/bad.yaml"], "Unknown key 'betta'"),  # in a YAML file, not on the command line
 ]
-# every case in one subprocess (each process spends seconds importing), each as `lightning-rlhf fit ...` would run
-EACH_CASE = """
-import contextlib, io, json, sys, traceback
-from lightning_rlhf.cli import main
-cases, sys.argv[1:] = json.loads(sys.argv[1]), []  # LightningCLI warns when given args beside sys.argv's
-results = []
-for args in cases:
-    stderr, code = io.StringIO(), 0
-    with contextlib.redirect_stderr(stderr):
-        try:
-            main(args)
-        except SystemExit as exit:
-            code = exit.code
-        except BaseException:
-            code = "raised"
-            traceback.print_exc()
-    results.append({"code": code, "stderr": stderr.getvalue()})
-print(json.dumps(results))
-"""
 
 
 @pytest.mark.slow  # a CLI subprocess
@@ -152,11 +134,7 @@ def test_bad_input_is_one_sentence_before_training(tmp_path):
         + [a.format(tmp=tmp_path) for a in args]
         for i, (args, _) in enumerate(BAD_INPUTS)
     ]
-    out = subprocess.run(
-        [sys.executable, "-c", EACH_CASE, json.dumps(cases)], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    results = json.loads(out.stdout.splitlines()[-1])
+    results = run_each(cases, timeout=300)  # every case in one subprocess
     for i, ((args, sentence), result) in enumerate(zip(BAD_INPUTS, results, strict=True)):
         error_lines = [line for line in result["stderr"].splitlines() if line.startswith("lightning-rlhf: error:")]
         assert result["code"] == 2, (args, result["stderr"][-2000:])

@@ -13,10 +13,9 @@ the other as `lightning-rlhf fit` runs them; each reports its own failure.
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from cli_in_one_process import run_each
 
 pytestmark = pytest.mark.slow  # each test runs the CLI
 
@@ -78,66 +77,36 @@ def stand_ins(tmp_path_factory):
     return paths
 
 
-# each run as `lightning-rlhf fit ...` would make it, one after the other in this process; a run that fails
-# leaves its traceback in its folder and the next one goes on
-EACH_FIT = """
-import json, os, sys, traceback
-from lightning_rlhf.cli import main
-runs, sys.argv[1:] = json.loads(sys.argv[1]), []  # LightningCLI warns when given args beside sys.argv's
-for root, args in runs:
-    try:
-        main(args)
-        error = None
-    except BaseException:
-        error = traceback.format_exc()
-    with open(os.path.join(root, "outcome.json"), "w") as f:
-        json.dump({"error": error}, f)
-"""
-
-
 def _fit_each(runs: list[tuple[str, object, list[str]]]) -> list[dict]:
     """Run each recipe ``(config, folder, overrides)`` for 2 steps on CPU, all in one subprocess; return each
     one's eval summary (``{}`` for a stage without one)."""
     roots, commands = [], []
     for config, tmp_path, overrides in runs:
         root = str(tmp_path / "run")
-        os.makedirs(root, exist_ok=True)
         roots.append(root)
         commands.append(
             [
+                "fit",
+                "--config",
+                config,
+                "--trainer.accelerator",
+                "cpu",
+                "--trainer.devices",
+                "1",
+                "--trainer.precision",
+                "32-true",
+                "--trainer.max_steps",
+                "2",
+                "--trainer.log_every_n_steps",
+                "1",
+                "--trainer.default_root_dir",
                 root,
-                [
-                    "fit",
-                    "--config",
-                    config,
-                    "--trainer.accelerator",
-                    "cpu",
-                    "--trainer.devices",
-                    "1",
-                    "--trainer.precision",
-                    "32-true",
-                    "--trainer.max_steps",
-                    "2",
-                    "--trainer.log_every_n_steps",
-                    "1",
-                    "--trainer.default_root_dir",
-                    root,
-                    *overrides,
-                ],
+                *overrides,
             ]
         )
-    out = subprocess.run(
-        [sys.executable, "-c", EACH_FIT, json.dumps(commands)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=150 * len(runs),
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
     summaries = []
-    for (config, _, _), root in zip(runs, roots, strict=True):
-        outcome = json.load(open(os.path.join(root, "outcome.json")))
-        assert outcome["error"] is None, f"{config}:\n{outcome['error'][-3000:]}"
+    for (config, _, _), root, result in zip(runs, roots, run_each(commands, timeout=150 * len(runs)), strict=True):
+        assert result["code"] == 0, f"{config}:\n{result['stderr'][-3000:]}"
         assert glob.glob(os.path.join(root, "csv", "version_*", "metrics.csv")), f"{config}: no metrics under {root}"
         found = glob.glob(os.path.join(root, "csv", "version_*", "eval_summary.json"))
         summaries.append(json.load(open(found[0])) if found else {})
