@@ -1,7 +1,8 @@
 """The generator process itself: what runs inside it, from its entry point (:func:`generator_main`) to its backend.
 
 The trainer starts it through :class:`~lightning_rlhf.generation.process.GeneratorProcess` with a
-:class:`GeneratorSpec`. Inside, the process first makes sure it will not outlive the trainer, sees only
+:class:`GeneratorSpec`. Inside, the process first leaves the terminal's Ctrl-C to the trainer
+(:func:`_leave_ctrl_c_to_the_trainer`), makes sure it will not outlive the trainer, sees only
 its own GPU(s) (:func:`isolate_cuda_device`), pins itself to its CPU cores, builds its backend (and
 scorer), joins the weight-transfer group, and then handles requests strictly in order, so a weight
 refresh sent before a generate request is always in place when that request is sampled.
@@ -179,6 +180,22 @@ def _exit_with_trainer() -> None:
     threading.Thread(target=watch, name="lightning-rlhf-follow-trainer", daemon=True).start()
 
 
+def _leave_ctrl_c_to_the_trainer() -> None:
+    """Move this process (and what it will start) out of the terminal's process group.
+
+    Ctrl-C in a terminal sends SIGINT to every process of its foreground group. The trainer
+    handles it (Lightning's "graceful shutdown") and stops its generator in order; this process
+    would instead die mid-request with a traceback, and vLLM's engine core and workers, which shut
+    down on SIGINT by handlers of their own (``EngineCoreProc.run_engine_core`` in
+    ``vllm/v1/engine/core.py``, ``WorkerProc.worker_main`` in ``vllm/v1/executor/multiproc_executor.py``),
+    would fail the request they were serving with a page of errors. A session of its own
+    (``setsid(2)``) takes the generator and its children out of that group;
+    :func:`_exit_with_trainer` still ends them when the trainer goes.
+    """
+    with contextlib.suppress(PermissionError):  # already leads a group: started by something else than spawn
+        os.setsid()
+
+
 def host_clock() -> float:
     """Seconds on the host's monotonic clock, which every process on this machine shares (Linux ``CLOCK_MONOTONIC``).
 
@@ -203,6 +220,7 @@ def own_vllm_port(base: str | None, slot: int) -> str | None:
 
 def generator_main(spec: GeneratorSpec, requests, results, port: int, prefix: str) -> None:
     """Entry point of the generator process."""
+    _leave_ctrl_c_to_the_trainer()
     _exit_with_trainer()
     if (vllm_port := own_vllm_port(os.environ.get("VLLM_PORT"), spec.slot)) is not None:
         os.environ["VLLM_PORT"] = vllm_port

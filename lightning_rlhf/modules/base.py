@@ -15,6 +15,7 @@ and callbacks see. Its checkpoints keep the prompts in flight
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import math
@@ -437,6 +438,10 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
         """
         gc.collect()
         gc.freeze()
+        # Lightning skips `teardown` after Ctrl-C or an error; objects still frozen at interpreter exit are
+        # never freed, and triton's bindings then print a page of "nanobind: leaked ..." lines
+        atexit.unregister(gc.unfreeze)
+        atexit.register(gc.unfreeze)
         if self.lr_schedule == "constant":
             return
         schedule = self.lr_schedulers()
@@ -469,7 +474,7 @@ class RLModuleBase(RolloutCheckpointing, GradientAccumulation, L.LightningModule
 
     @override
     def teardown(self, stage: str) -> None:
-        gc.unfreeze()  # what on_train_start froze is the collector's again (also after a failed run)
+        gc.unfreeze()  # what on_train_start froze is the collector's again (after a failed run: at exit)
 
     def prompt_ids(self, rows: list[dict]) -> list[list[int]]:
         return prompt_token_ids(self.tokenizer, [r["prompt"] for r in rows])

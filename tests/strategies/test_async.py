@@ -36,13 +36,14 @@ class Watched:
 
     def __init__(self, tmp_path, *args: str) -> None:
         self.out = tmp_path / "run.json"
-        self.log = open(tmp_path / "stderr.log", "w+")  # a file, not a pipe: a full pipe would block the child
+        self.log = open(tmp_path / "output.log", "w+")  # a file, not a pipe: a full pipe would block the child
         self.popen = subprocess.Popen(
             [sys.executable, SCRIPT, "--out", str(self.out), *args],
-            stdout=subprocess.DEVNULL,
+            stdout=self.log,  # vLLM logs to stdout
             stderr=self.log,
             text=True,
             cwd=ROOT,
+            start_new_session=True,  # a process group of its own, as a command started in a terminal has
         )
         self.seen: dict[int, psutil.Process] = {}
         self.titles: dict[int, str] = {}  # the latest command line of each: vLLM renames its processes after they start
@@ -120,8 +121,13 @@ class Watched:
         return self.popen.returncode, self.stderr()
 
     def stderr(self) -> str:
+        """What the run printed (stdout and stderr)."""
         self.log.seek(0)
         return self.log.read()
+
+    def ctrl_c(self) -> None:
+        """SIGINT to the run's whole process group, as a terminal's Ctrl-C sends it."""
+        os.killpg(self.popen.pid, signal.SIGINT)
 
     def leftovers(self) -> list[str]:
         time.sleep(1.0)
@@ -398,8 +404,9 @@ STOP_BOUND_S = 2.0
 @pytest.mark.parametrize(
     "layout, args, killed_rank, also_says",
     [
+        # the death is noticed by the trainer alike for both backends; that vLLM's engine core and worker do not
+        # outlive a killed generator is test_restarted_generators_lose_no_prompt_and_train_none_twice[vllm]'s
         ("one device, transformers", ("--mode", "async"), 0, None),
-        pytest.param("one device, vllm", ("--mode", "async", "--backend", "vllm"), 0, None, marks=VLLM.marks),
         # rank 1's generator dies: rank 1 stops, and rank 0 with it instead of waiting in DDP's all-reduce
         ("ddp, a generator per rank", ("--mode", "ddp"), 1, None),
         # rank 1 hears of rank 0's failure instead of waiting for its share
@@ -523,13 +530,17 @@ def test_restarted_shared_generator_loses_no_rank_s_prompts(tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["transformers", VLLM])
-def test_no_process_is_left_behind_a_ctrl_c(backend, tmp_path):
+def test_a_ctrl_c_stops_the_run_quietly_and_leaves_no_process_behind(backend, tmp_path):
     # after a normal end test_restarted_generators_lose_no_prompt_and_train_none_twice (both backends) asserts the
     # same: every generator seen, with vLLM its engine core and worker, none left
     run = Watched(tmp_path, "--mode", "async", "--backend", backend, "--max_staleness", "1", "--steps", "100000")
     run.generator()
-    run.popen.send_signal(signal.SIGINT)
-    run.wait(timeout=180)
+    run.ctrl_c()  # every process in the terminal's group hears it: the trainer alone should act on it
+    code, output = run.wait(timeout=180)
+    assert code != 0 and "Detected KeyboardInterrupt" in output, output[-3000:]  # Lightning's graceful shutdown
+    # no process died under the trainer (a generator's KeyboardInterrupt, vLLM's failed request), and no
+    # "nanobind: leaked ..." page from objects left frozen out of the garbage collector at exit
+    assert not re.search(r"Traceback|ERROR|died|leaked", output), output[-3000:]
     # seen while it ran: the generator, and for vLLM its engine core and worker
     expected = (
         {"generator": 1, "engine core": 0, "worker": 0}
@@ -659,4 +670,5 @@ def test_exception_in_training_stops_the_generator(tmp_path):
     run = Watched(tmp_path, "--mode", "async", "--max_staleness", "1", "--steps", "50", "--fail_at_version", "3")
     code, stderr = run.wait(timeout=120)
     assert code != 0 and "failing on purpose" in stderr
+    assert "leaked" not in stderr  # nothing left frozen out of the garbage collector (base.py, on_train_start)
     assert run.seen and run.leftovers() == []
