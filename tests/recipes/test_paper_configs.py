@@ -19,7 +19,6 @@ from cli_in_one_process import run_each
 
 pytestmark = pytest.mark.slow  # each test runs the CLI
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
